@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11, gcc; nvcc optional):
+#   make demo   the main job: the RHD hand-pose example on its built-in data
+#   make test   the test suite (the same command CI runs)
+# Both create the virtualenv $(VENV) and build the kernels first when needed.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.14.1 torchvision==0.29.1
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+OUT ?= runs/demo
+
+.PHONY: install demo compare test test-slow bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet wheel
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+demo: install
+	$(PY) examples/handpose_rhd.py --out $(OUT)
+
+compare: install
+	$(PY) examples/handpose_rhd.py --compare --out runs/compare
+
+test: install
+	GPOE_FUSION_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	GPOE_FUSION_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) benchmarks/bench_fusion.py --quick
+
+clean:
+	rm -rf build gpoe_fusion/_C*.so *.egg-info

@@ -1,0 +1,1 @@
+"""What both example pipelines share: networks, training loop, checkpoints, distributed set-up, plots."""

@@ -1,0 +1,78 @@
+"""Choice between the fused kernel and the pure-PyTorch path, and the reshaping the kernel needs.
+
+The kernel ops see flat tensors: mu, logvar [M, N, D]; logits [M, N or 1, D or 1]; mask [M, N].
+The pure-PyTorch path (``_reference.fuse``) takes any batch shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _reference, ops
+
+__all__ = ["BACKENDS", "fuse", "kernel_supports"]
+
+BACKENDS = ("auto", "kernel", "torch")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def kernel_supports(mu: Tensor) -> str | None:
+    """None if the fused kernel can take experts like ``mu``, else the reason it cannot."""
+    if not ops.available():
+        return f"the compiled extension is not available ({ops.load_error()})"
+    if mu.dtype not in _KERNEL_DTYPES:
+        return f"dtype {mu.dtype} is not one of {_KERNEL_DTYPES}"
+    if not ops.supports_device(mu.device):
+        return f"the extension has no kernel for device {mu.device}"
+    return None
+
+
+def _flat_logits(logits: Tensor, batch_shape: torch.Size, n: int) -> Tensor:
+    """[M?, *batch?, D?] broadcastable logits -> [M, N or 1, D or 1] for the kernel."""
+    m, d = logits.shape[0], logits.shape[-1]
+    batch = logits.shape[1:-1]
+    if all(b == 1 for b in batch):
+        return logits.reshape(m, 1, d)
+    if tuple(batch) != tuple(batch_shape):
+        # Partly broadcast over the batch: the kernel only knows "per row" or "shared".
+        logits = logits.expand((m,) + tuple(batch_shape) + (d,))
+    return logits.reshape(m, n, d)
+
+
+def fuse(
+    mu: Tensor,
+    logvar: Tensor,
+    logits: Tensor | None,
+    mask: Tensor | None,
+    prior_expert: bool,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Joint ``(mu, logvar)`` [*batch, D] of checked experts mu, logvar [M, *batch, D]."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return _reference.fuse(mu, logvar, logits, mask, prior_expert)
+    reason = kernel_supports(mu)
+    if reason is not None:
+        if backend == "kernel":
+            raise RuntimeError(f"backend='kernel' was requested but {reason}")
+        return _reference.fuse(mu, logvar, logits, mask, prior_expert)
+
+    m, d = mu.shape[0], mu.shape[-1]
+    batch_shape = mu.shape[1:-1]
+    n = math.prod(batch_shape)
+    out_dtype = mu.dtype
+    if logits is not None:
+        if logits.shape[0] != m:
+            logits = logits.expand((m,) + tuple(logits.shape[1:]))
+        # One scalar type per kernel call: promote rather than round float32 logits to bfloat16.
+        common = torch.promote_types(mu.dtype, logits.dtype)
+        mu, logvar = mu.to(common), logvar.to(common)
+        logits = _flat_logits(logits, batch_shape, n).to(common)
+    flat_mask = None if mask is None else mask.reshape(m, n)
+    joint_mu, joint_logvar = ops.fuse(mu.reshape(m, n, d), logvar.reshape(m, n, d), logits, flat_mask, prior_expert)
+    out_shape = tuple(batch_shape) + (d,)
+    return joint_mu.reshape(out_shape).to(out_dtype), joint_logvar.reshape(out_shape).to(out_dtype)

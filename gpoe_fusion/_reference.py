@@ -1,0 +1,93 @@
+"""The exact pure-PyTorch fusion math: the ``"torch"`` backend and the kernels' oracle.
+
+Everything here works on already validated, stacked tensors:
+
+    mu, logvar: [M, *batch, D]   one Gaussian expert per row of the leading axis
+    logits:     broadcastable to [M, *batch, D], or None (plain PoE)
+    mask:       bool [M, *batch], True = expert present, or None (all present)
+
+With ``l_i = log alpha_i`` (PoE: ``l_i = 0``) and ``s_i = l_i - logvar_i`` over the present
+experts, the weighted product of Gaussians is Gaussian with
+
+    joint_logvar = -logsumexp_i(s_i)
+    joint_mu     = sum_i softmax_i(s) * mu_i
+
+which never forms a precision ``exp(-logvar)`` and so is exact wherever ``logvar`` is finite
+(see docs/math.md). float16/bfloat16 inputs are computed in float32 and returned in their dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_dtype", "credibility", "fuse"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fusion is computed in: float32 for 16-bit floats, else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _expand_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if mask is None else mask.unsqueeze(-1).expand_as(like)
+
+
+def credibility(logits: Tensor, mask: Tensor | None, shape: torch.Size) -> Tensor:
+    """alpha = softmax of ``logits`` over the expert axis, masked experts excluded.
+
+    logits: broadcastable to ``shape`` = [M, *batch, D]; mask: bool [M, *batch] or None.
+    Returns log(alpha): [M, *batch, D] in the logits' dtype; masked experts get -inf.
+    A row with every expert masked gets -inf everywhere (its gradient is zero, not NaN).
+    """
+    logits = logits.expand(shape)
+    present = _expand_mask(mask, logits)
+    if present is None:
+        return torch.log_softmax(logits, dim=0)
+    masked = logits.masked_fill(~present, float("-inf"))
+    norm = torch.logsumexp(masked, dim=0, keepdim=True)
+    # Rows with no expert present would give -inf - -inf = NaN; zero the normaliser there so
+    # the row stays -inf and contributes nothing (and its gradient is exactly zero).
+    norm = torch.where(torch.isinf(norm), torch.zeros_like(norm), norm)
+    return masked - norm
+
+
+def fuse(
+    mu: Tensor,
+    logvar: Tensor,
+    logits: Tensor | None = None,
+    mask: Tensor | None = None,
+    prior_expert: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Exact weighted product of diagonal Gaussian experts.
+
+    mu, logvar: [M, *batch, D]; logits: broadcastable to [M, *batch, D] or None;
+    mask: bool [M, *batch] or None; prior_expert: add N(0, I) as an expert with alpha = 1.
+    Returns ``(joint_mu, joint_logvar)``, each [*batch, D] in the dtype of ``mu``, computed in
+    float32 or float64 (whichever the inputs need; float64 if any of them is float64).
+    """
+    out_dtype = mu.dtype
+    dtype = compute_dtype(out_dtype if logits is None else torch.promote_types(out_dtype, logits.dtype))
+    mu = mu.to(dtype)
+    s = -logvar.to(dtype)
+    if logits is not None:
+        s = s + credibility(logits.to(dtype), mask, s.shape)
+    present = _expand_mask(mask, s)
+    if present is not None:
+        s = s.masked_fill(~present, float("-inf"))
+        # A masked expert's mu may be anything (even NaN); keep it out of the weighted sum.
+        mu = mu.masked_fill(~present, 0.0)
+    if prior_expert:
+        # N(0, I) enters outside the softmax: l = 0, logvar = 0, so s = 0 and mu = 0.
+        s = torch.cat([s, s.new_zeros((1,) + s.shape[1:])])
+        mu = torch.cat([mu, mu.new_zeros((1,) + mu.shape[1:])])
+    # Shift by the largest s (the result does not depend on the shift, so it carries no
+    # gradient): every exp is then <= 1, and mu = sum(e * mu) / sum(e) divides two sums formed
+    # from the same rounded e, which is more accurate than forming softmax(s) through logsumexp.
+    shift = s.amax(dim=0).detach()
+    shift = shift.masked_fill(torch.isinf(shift), 0.0)
+    e = torch.exp(s - shift)
+    total = e.sum(dim=0)
+    joint_mu = (e * mu).sum(dim=0) / total
+    joint_logvar = -(shift + torch.log(total))
+    return joint_mu.to(out_dtype), joint_logvar.to(out_dtype)

@@ -1,0 +1,113 @@
+"""The fusion functions: check the arguments, then make one call into a backend.
+
+Shapes (M experts, any batch shape, D latent dimensions):
+    mu, logvar: [M, *batch, D], or a sequence of M tensors [*batch, D]
+    logits:     broadcastable to [M, *batch, D]: [M, *batch, D] per sample and dimension,
+                [M, 1, D] global per dimension, [M, *batch, 1] per sample
+    mask:       bool [M, *batch], True = expert present; None = all present
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, _reference
+from ._validation import as_experts, check_logits, check_mask, check_values, validation_enabled
+from .distributions import Gaussian, GaussianMixture
+
+__all__ = ["credibility_weights", "gpoe", "moe", "poe"]
+
+Experts = Tensor | Sequence[Tensor]
+
+
+def poe(
+    mu: Experts,
+    logvar: Experts,
+    mask: Tensor | None = None,
+    prior_expert: bool = False,
+    *,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> Gaussian:
+    """Product of Gaussian experts: precision-weighted, computed exactly in log space.
+
+    ``prior_expert=True`` multiplies in N(0, I) as one more expert (MVAE's choice), which also
+    makes rows with every expert masked well defined (they return the prior).
+    ``backend``: "auto" (the fused kernel when built and applicable), "kernel" or "torch".
+    ``validate``: run the value checks (NaN, fully masked rows); None = the global setting
+    (``gpoe_fusion.set_validation``). Returns a :class:`Gaussian` [*batch, D].
+    """
+    mu, logvar = as_experts(mu, logvar)
+    mask = check_mask(mask, mu)
+    if validation_enabled(validate):
+        check_values(mu, logvar, None, mask, prior_expert)
+    return Gaussian(*_backend.fuse(mu, logvar, None, mask, prior_expert, backend))
+
+
+def gpoe(
+    mu: Experts,
+    logvar: Experts,
+    logits: Tensor | Sequence[Tensor],
+    mask: Tensor | None = None,
+    prior_expert: bool = False,
+    *,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> Gaussian:
+    """Generalized product of experts: expert i's density raised to alpha_i (paper Eq. 7-9).
+
+    alpha = softmax of ``logits`` over the expert axis, masked experts excluded, so the present
+    experts' alphas sum to 1 in every row and dimension. With uniform logits the joint mean is
+    PoE's and the joint log-variance PoE's + log(M_present).
+
+    ``prior_expert=True`` multiplies in N(0, I) with weight 1, outside the softmax: the alphas
+    share out the modalities' credibility among themselves, while the prior is a fixed fallback
+    (a row with every expert masked returns the prior). Equivalently: gPoE of the modalities,
+    then PoE of that result with N(0, I). Returns a :class:`Gaussian` [*batch, D].
+    """
+    mu, logvar = as_experts(mu, logvar)
+    logits = check_logits(logits, mu)
+    mask = check_mask(mask, mu)
+    if validation_enabled(validate):
+        check_values(mu, logvar, logits, mask, prior_expert)
+    return Gaussian(*_backend.fuse(mu, logvar, logits, mask, prior_expert, backend))
+
+
+def moe(mu: Experts, logvar: Experts, mask: Tensor | None = None, *, validate: bool | None = None) -> GaussianMixture:
+    """Mixture of experts with uniform weights over the present experts (MMVAE).
+
+    Returns a :class:`GaussianMixture`; train it with its stratified ``rsample(k)`` as in
+    ``gpoe_fusion.objectives``.
+    """
+    mu, logvar = as_experts(mu, logvar)
+    mask = check_mask(mask, mu)
+    if validation_enabled(validate):
+        check_values(mu, logvar, None, mask, prior_expert=False)
+    return GaussianMixture(mu, logvar, mask)
+
+
+def credibility_weights(logits: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """alpha: softmax of ``logits`` over the expert axis with masked experts excluded (weight 0).
+
+    logits: [M, *batch, D] (or broadcastable, see the module docstring); mask: bool [M, *batch].
+    Returns alpha with the broadcast shape of logits and mask, in the logits' dtype.
+    """
+    if not isinstance(logits, Tensor):
+        logits = torch.stack(list(logits))
+    if not logits.is_floating_point():
+        raise TypeError(f"logits: expected a floating-point dtype, got {logits.dtype}")
+    shape = logits.shape
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+        try:
+            shape = torch.broadcast_shapes(logits.shape, mask.unsqueeze(-1).shape)
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not match logits shape {tuple(logits.shape)} "
+                             "(expected [M, *batch] against logits [M, *batch, D])") from None
+        mask = mask.expand(shape[:-1])
+    dtype = _reference.compute_dtype(logits.dtype)
+    return _reference.credibility(logits.to(dtype), mask, shape).exp().to(logits.dtype)

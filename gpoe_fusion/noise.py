@@ -1,0 +1,128 @@
+"""Noise simulation of the paper (Section 4.3), reproducible from a seed.
+
+- Pixel corruption: exactly round(p * H * W) pixels of an image replaced by uniform random values.
+- Point-cloud noise: i.i.d. Gaussian noise added to every coordinate.
+- ``CorruptedDataset``: a fixed, seeded subset of a dataset's samples has one modality corrupted;
+  sample i's corruption depends only on (seed, i), so it does not change with worker count,
+  epoch or access order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["CorruptedDataset", "GaussianPointNoise", "PixelCorruption", "gaussian_point_noise", "pixel_corruption"]
+
+
+def pixel_corruption(image: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Replace a fraction ``p`` of the pixels of each image by uniform random values.
+
+    image: [..., C, H, W], float in [0, 1] or uint8 (random values then span 0..255).
+    Exactly round(p * H * W) pixels of every image are replaced, all channels of a pixel at once.
+    Returns a new tensor of the same shape and dtype.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: expected a fraction in [0, 1], got {p}")
+    if image.dim() < 3:
+        raise ValueError(f"image: expected [..., C, H, W], got shape {tuple(image.shape)}")
+    *lead, c, h, w = image.shape
+    count = round(p * h * w)
+    out = image.clone()
+    if count == 0 or out.numel() == 0:
+        return out
+    flat = out.reshape(-1, c, h * w)
+    n = flat.shape[0]
+    # The first `count` entries of a random permutation: an exact, uniformly chosen pixel set.
+    chosen = torch.rand((n, h * w), generator=generator, device=image.device).argsort(dim=1)[:, :count]
+    if image.dtype == torch.uint8:
+        values = torch.randint(0, 256, (n, c, count), generator=generator, device=image.device, dtype=torch.uint8)
+    elif image.is_floating_point():
+        values = torch.rand((n, c, count), generator=generator, device=image.device).to(image.dtype)
+    else:
+        raise TypeError(f"image: expected a float tensor in [0, 1] or uint8, got {image.dtype}")
+    flat.scatter_(2, chosen.unsqueeze(1).expand(n, c, count), values)
+    return flat.reshape(image.shape)
+
+
+def gaussian_point_noise(points: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """points + N(0, sigma^2) on every coordinate. points: [..., P, 3] float -> same shape."""
+    if sigma < 0:
+        raise ValueError(f"sigma: expected >= 0, got {sigma}")
+    if not points.is_floating_point():
+        raise TypeError(f"points: expected a float tensor, got {points.dtype}")
+    noise = torch.randn(points.shape, generator=generator, device=points.device, dtype=points.dtype)
+    return points + sigma * noise
+
+
+class PixelCorruption:
+    """``pixel_corruption`` with a fixed fraction, as a corruption for ``CorruptedDataset``."""
+
+    def __init__(self, p: float):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: expected a fraction in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return pixel_corruption(image, self.p, generator)
+
+    def __repr__(self) -> str:
+        return f"PixelCorruption(p={self.p})"
+
+
+class GaussianPointNoise:
+    """``gaussian_point_noise`` with a fixed sigma, as a corruption for ``CorruptedDataset``."""
+
+    def __init__(self, sigma: float):
+        if sigma < 0:
+            raise ValueError(f"sigma: expected >= 0, got {sigma}")
+        self.sigma = sigma
+
+    def __call__(self, points: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return gaussian_point_noise(points, self.sigma, generator)
+
+    def __repr__(self) -> str:
+        return f"GaussianPointNoise(sigma={self.sigma})"
+
+
+class CorruptedDataset(Dataset):
+    """Corrupts modality ``key`` in a seeded fraction of the samples of ``dataset``.
+
+    dataset: items are mappings of name -> tensor; key: the modality to corrupt;
+    fraction: share of samples corrupted (exactly round(fraction * len) of them);
+    corruption: ``f(tensor, generator) -> tensor`` (e.g. ``PixelCorruption(0.5)``); seed: fixes both
+    which samples are corrupted and how. Each item gains ``"corrupted_<key>"``: a bool tensor.
+    """
+
+    def __init__(self, dataset: Dataset, key: str, fraction: float, corruption: Callable[[Tensor, torch.Generator], Tensor],
+                 seed: int = 0):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction: expected a fraction in [0, 1], got {fraction}")
+        self.dataset = dataset
+        self.key = key
+        self.fraction = fraction
+        self.corruption = corruption
+        self.seed = seed
+        n = len(dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        self.corrupted = torch.zeros(n, dtype=torch.bool)
+        self.corrupted[order[: round(fraction * n)]] = True
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        sample = self.dataset[index]
+        if not isinstance(sample, Mapping) or self.key not in sample:
+            raise KeyError(f"key: dataset items must be mappings holding {self.key!r}")
+        sample = dict(sample)
+        flag = bool(self.corrupted[index])
+        if flag:
+            # A generator per sample, seeded by (seed, index): reproducible in any worker and order.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index) + 1)
+            sample[self.key] = self.corruption(sample[self.key], generator)
+        sample[f"corrupted_{self.key}"] = torch.tensor(flag)
+        return sample

@@ -1,0 +1,58 @@
+"""Noise simulation: exact corrupted fractions, seeded reproducibility."""
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption, gaussian_point_noise, pixel_corruption
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 0.7, 1.0])
+def test_pixel_corruption_replaces_exactly_p_of_the_pixels(p):
+    image = torch.full((2, 3, 20, 30), -1.0)  # outside [0, 1]: every replaced value shows
+    out = pixel_corruption(image, p, torch.Generator().manual_seed(0))
+    changed = (out != -1.0)
+    assert (changed.all(dim=1) == changed.any(dim=1)).all()  # all channels of a pixel together
+    per_image = changed.any(dim=1).flatten(1).sum(1)
+    assert per_image.tolist() == [round(p * 600)] * 2
+    assert ((out[changed] >= 0) & (out[changed] <= 1)).all()
+    assert (image == -1.0).all()  # the input is untouched
+
+
+def test_pixel_corruption_uint8_and_seeds():
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    a = pixel_corruption(image, 0.5, torch.Generator().manual_seed(3))
+    b = pixel_corruption(image, 0.5, torch.Generator().manual_seed(3))
+    c = pixel_corruption(image, 0.5, torch.Generator().manual_seed(4))
+    assert a.dtype == torch.uint8 and torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="p: expected a fraction"):
+        pixel_corruption(image, 1.5)
+
+
+def test_gaussian_point_noise_statistics():
+    points = torch.zeros(50000, 3)
+    noisy = gaussian_point_noise(points, 0.1, torch.Generator().manual_seed(0))
+    assert abs(noisy.std().item() - 0.1) < 2e-3 and abs(noisy.mean().item()) < 2e-3
+    torch.testing.assert_close(GaussianPointNoise(0.1)(points, torch.Generator().manual_seed(0)), noisy)
+
+
+class Toy(Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return {"rgb": torch.full((3, 8, 8), -1.0), "index": torch.tensor(i)}
+
+
+def test_corrupted_dataset_fraction_and_reproducibility():
+    data = CorruptedDataset(Toy(), "rgb", 0.25, PixelCorruption(0.5), seed=7)
+    flags = torch.stack([data[i]["corrupted_rgb"] for i in range(40)])
+    assert int(flags.sum()) == 10
+    again = CorruptedDataset(Toy(), "rgb", 0.25, PixelCorruption(0.5), seed=7)
+    for i in reversed(range(40)):  # any access order gives the same samples
+        torch.testing.assert_close(again[i]["rgb"], data[i]["rgb"])
+    for i in range(40):
+        changed = (data[i]["rgb"] != -1.0).any(0).sum().item()
+        assert changed == (32 if flags[i] else 0)
+    other = CorruptedDataset(Toy(), "rgb", 0.25, PixelCorruption(0.5), seed=8)
+    assert not torch.equal(other.corrupted, data.corrupted)

@@ -1,0 +1,135 @@
+"""The cross-modal objective (paper Eq. 12-16) trains a tiny two-modality problem with each fusion."""
+
+import pytest
+import torch
+from torch import nn
+
+import gpoe_fusion as gf
+from gpoe_fusion.likelihoods import chamfer_distance, cross_entropy, squared_error
+
+D = 4
+
+
+class Encoder(nn.Module):
+    def __init__(self, d_in):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, 32), nn.ReLU())
+        self.mu, self.logvar = nn.Linear(32, D), nn.Linear(32, D)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.mu(h), self.logvar(h), h
+
+
+def toy_data(n=256, seed=0):
+    """A shared 2-d cause seen by two noisy 'sensors'; the target is a function of the cause."""
+    g = torch.Generator().manual_seed(seed)
+    cause = torch.randn(n, 2, generator=g)
+    x = torch.cat([cause, cause.sin()], 1) + 0.05 * torch.randn(n, 4, generator=g)
+    aux = cause @ torch.randn(2, 6, generator=g) + 0.05 * torch.randn(n, 6, generator=g)
+    y = torch.stack([cause[:, 0] * cause[:, 1], cause[:, 0] - cause[:, 1]], 1)
+    return x, aux, y
+
+
+def make(fusion_name):
+    torch.manual_seed(0)
+    encoders = nn.ModuleDict({"x": Encoder(4), "aux": Encoder(6)})
+    fusion = {"poe": gf.PoE(), "gpoe": gf.GPoE(2, D, [32, 32], hidden=(16,)), "moe": gf.MoE()}[fusion_name]
+    decoders = {"y": nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 2)),
+                "aux": nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 6))}
+    objective = gf.CrossModalObjective(fusion, decoders, {"y": squared_error, "aux": squared_error}, beta=0.01)
+    return encoders, objective
+
+
+def step(encoders, objective, x, aux, y, mask=None):
+    mx, lx, hx = encoders["x"](x)
+    ma, la, ha = encoders["aux"](aux)
+    return objective({"x": (mx, lx), "aux": (ma, la)}, {"y": y, "aux": aux}, mask=mask, features={"x": hx, "aux": ha})
+
+
+@pytest.mark.parametrize("fusion_name", ["poe", "gpoe", "moe"])
+def test_tiny_problem_trains(fusion_name):
+    x, aux, y = toy_data()
+    encoders, objective = make(fusion_name)
+    params = list(encoders.parameters()) + list(objective.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for _ in range(150):
+        out = step(encoders, objective, x, aux, y)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.4 * first, (first, last)
+    assert all(torch.isfinite(v) for v in out.terms.values())
+
+
+def test_product_objective_terms_follow_eq_12_to_15():
+    x, aux, y = toy_data(8)
+    encoders, objective = make("gpoe")
+    out = step(encoders, objective, x, aux, y)
+    expected = {f"rec/{s}->{d}" for s in ("joint", "x", "aux") for d in ("y", "aux")} | {"kl/x", "kl/aux", "loss"}
+    assert set(out.terms) == expected
+    rec = sum(v for k, v in out.terms.items() if k.startswith("rec/"))
+    kl = out.terms["kl/x"] + out.terms["kl/aux"]
+    torch.testing.assert_close(out.loss.detach(), rec + 0.01 * kl)
+    assert out.alpha.shape == (2, 8, D)
+    mx, lx, _ = encoders["x"](x)
+    torch.testing.assert_close(out.terms["kl/x"], gf.Gaussian(mx, lx).kl_standard_normal().mean().detach())
+
+
+def test_mixture_objective_terms_follow_eq_16():
+    x, aux, y = toy_data(8)
+    encoders, objective = make("moe")
+    out = step(encoders, objective, x, aux, y)
+    assert set(out.terms) == {f"rec/{s}->{d}" for s in ("x", "aux") for d in ("y", "aux")} | {"kl/mixture", "loss"}
+    assert isinstance(out.joint, gf.GaussianMixture) and out.alpha is None
+    objective.kl = "components"
+    torch.manual_seed(1)
+    out = step(encoders, objective, x, aux, y)
+    mx, lx, _ = encoders["x"](x)
+    ma, la, _ = encoders["aux"](aux)
+    expected = 0.5 * (gf.Gaussian(mx, lx).kl_standard_normal() + gf.Gaussian(ma, la).kl_standard_normal()).mean()
+    torch.testing.assert_close(out.terms["kl/mixture"], expected.detach())
+
+
+@pytest.mark.parametrize("fusion_name", ["poe", "gpoe", "moe"])
+def test_missing_modality_contributes_nothing(fusion_name):
+    x, aux, y = toy_data(6)
+    encoders, objective = make(fusion_name)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :3] = False
+    torch.manual_seed(5)
+    a = step(encoders, objective, x, aux, y, mask)
+    garbage = aux.clone()
+    garbage[:3] = 1e6  # what the aux encoder makes of it must not matter for the masked rows
+    mx, lx, hx = encoders["x"](x)
+    ma, la, ha = encoders["aux"](garbage)
+    torch.manual_seed(5)
+    b = objective({"x": (mx, lx), "aux": (ma, la)}, {"y": y, "aux": aux}, mask=mask, features={"x": hx, "aux": ha})
+    # gPoE too: a row with one present expert gives it alpha = 1 whatever the credibility net says.
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_objective_rejects_mismatched_configuration():
+    with pytest.raises(ValueError, match="likelihoods: keys"):
+        gf.CrossModalObjective(gf.PoE(), {"y": nn.Identity()}, {"z": squared_error})
+    with pytest.raises(ValueError, match="weights:"):
+        gf.CrossModalObjective(gf.PoE(), {"y": nn.Identity()}, {"y": squared_error}, weights={"q": 1.0})
+    objective = gf.CrossModalObjective(gf.PoE(), {"y": nn.Identity()}, {"y": squared_error})
+    with pytest.raises(ValueError, match=r"targets: missing \['y'\]"):
+        objective({"x": (torch.zeros(2, 3), torch.zeros(2, 3))}, {})
+
+
+def test_likelihoods():
+    pred = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    target = torch.tensor([[[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    # pred -> target nearest: 0, 0 ; target -> pred nearest: 0, 4, 0
+    torch.testing.assert_close(chamfer_distance(pred, target), torch.tensor([0.0 + 4.0 / 3.0]))
+    torch.testing.assert_close(squared_error(torch.ones(2, 3), torch.zeros(2, 3)), torch.tensor([3.0, 3.0]))
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[0, 1, 0, 0] = 10.0
+    target = torch.tensor([[[1, 255]]])
+    expected = torch.nn.functional.cross_entropy(logits[..., :1], target[..., :1])
+    torch.testing.assert_close(cross_entropy(logits, target, ignore_index=255), expected.reshape(1))
