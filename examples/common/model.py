@@ -1,0 +1,61 @@
+"""The cross-modal VAE both pipelines train: per-modality encoders around the library's objective."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from gpoe_fusion import CrossModalObjective, GPoE, ObjectiveOutput
+
+__all__ = ["CrossModalVAE"]
+
+
+class CrossModalVAE(nn.Module):
+    """encoders: encoded modality name -> module giving (mu, logvar, features); the first one is
+    the input modality used alone at test time. objective: the library's CrossModalObjective,
+    whose decoders name the decoded modalities. Batches are mappings of modality name -> tensor.
+    """
+
+    def __init__(self, encoders: Mapping[str, nn.Module], objective: CrossModalObjective):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.objective = objective
+        self.input_modality = next(iter(encoders))
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def encode(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        posteriors, features = {}, {}
+        for name, encoder in self.encoders.items():
+            mu, logvar, feats = encoder(batch[name])
+            posteriors[name] = (mu, logvar)
+            features[name] = feats
+        return posteriors, features
+
+    def forward(self, batch: Mapping[str, Tensor], mask: Tensor | None = None) -> ObjectiveOutput:
+        """The training loss of a batch. mask: bool [M, B] of present modalities, or None."""
+        posteriors, features = self.encode(batch)
+        targets = {name: batch[name] for name in self.objective.decoders}
+        return self.objective(posteriors, targets, mask=mask, features=features)
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor, decoded: str) -> Tensor:
+        """Unimodal inference (paper Section 5): z = the input modality's posterior mean, decoded."""
+        mu, _, _ = self.encoders[self.input_modality](inputs)
+        return self.objective.decoders[decoded](mu)
+
+    @torch.no_grad()
+    def credibility(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """gPoE's alpha [M, B, D] for a batch (None for PoE and MoE)."""
+        fusion = self.objective.fusion
+        if not isinstance(fusion, GPoE):
+            return None
+        posteriors, features = self.encode(batch)
+        mu = torch.stack([posteriors[n][0] for n in self.modalities])
+        logvar = torch.stack([posteriors[n][1] for n in self.modalities])
+        _, alpha = fusion(mu, logvar, features=[features[n] for n in self.modalities], return_alpha=True)
+        return alpha

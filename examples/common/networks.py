@@ -1,0 +1,185 @@
+"""The networks of the paper (Section 4.5), shared by both pipelines.
+
+Encoders return ``(mu, logvar, features)``: the Gaussian posterior [B, D] and the features [B, F]
+it was computed from, which gPoE's credibility network reads (paper Fig. 2).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+__all__ = ["DCGANDecoder", "FoldingNetDecoder", "KeypointDecoder", "ResNet18Encoder", "ResPELEncoder"]
+
+
+class GaussianHead(nn.Module):
+    """features [B, F] -> (mu, logvar) [B, D]; logvar starts near 0 so early KLs are tame."""
+
+    def __init__(self, in_dim: int, latent_dim: int):
+        super().__init__()
+        self.mu = nn.Linear(in_dim, latent_dim)
+        self.logvar = nn.Linear(in_dim, latent_dim)
+        nn.init.zeros_(self.logvar.bias)
+        nn.init.normal_(self.logvar.weight, std=1e-3)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mu(features), self.logvar(features)
+
+
+class ResNet18Encoder(nn.Module):
+    """RGB encoder: torchvision ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1].
+
+    weights: a local torchvision ResNet-18 state-dict file (e.g. ImageNet weights saved with
+    ``torch.save(resnet18(weights=...).state_dict(), path)`` on a machine with network); default
+    random init. Nothing is ever downloaded.
+    """
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, latent_dim: int, weights: str | Path | None = None):
+        super().__init__()
+        trunk = torchvision.models.resnet18(weights=None)
+        if weights is not None:
+            path = Path(weights)
+            if not path.is_file():
+                raise FileNotFoundError(f"weights: no ResNet-18 state dict at {path}")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            trunk.load_state_dict(state)
+        trunk.fc = nn.Identity()
+        self.trunk = trunk
+        self.feature_dim = 512
+        self.head = GaussianHead(self.feature_dim, latent_dim)
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, rgb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        features = self.trunk((rgb - self.mean) / self.std)
+        return (*self.head(features), features)
+
+
+class PermutationEquivariant(nn.Module):
+    """DeepSets layer on points [B, P, C]: Gamma(x) - Lambda(max over points of x), per point."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.gamma = nn.Linear(in_dim, out_dim)
+        self.lam = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gamma(x) - self.lam(x.amax(dim=1, keepdim=True))
+
+
+class ResPELBlock(nn.Module):
+    """Residual block of two permutation-equivariant layers (Li & Lee, CVPR 2019)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.pe1 = PermutationEquivariant(width, width)
+        self.pe2 = PermutationEquivariant(width, width)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pe1(torch.relu(self.norm1(x)))
+        h = self.pe2(torch.relu(self.norm2(h)))
+        return x + h
+
+
+class ResPELEncoder(nn.Module):
+    """Point-cloud encoder: residual permutation-equivariant blocks, max-pooled to a global code.
+
+    points: [B, P, 3] -> (mu, logvar) [B, D], features [B, width]. Invariant to point order.
+    """
+
+    def __init__(self, latent_dim: int, width: int = 128, blocks: int = 2):
+        super().__init__()
+        self.lift = nn.Linear(3, width)
+        self.blocks = nn.Sequential(*(ResPELBlock(width) for _ in range(blocks)))
+        self.norm = nn.LayerNorm(width)
+        self.feature_dim = width
+        self.head = GaussianHead(width, latent_dim)
+
+    def forward(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.blocks(self.lift(points))
+        features = torch.relu(self.norm(h)).amax(dim=1)
+        return (*self.head(features), features)
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*layers)
+
+
+class FoldingNetDecoder(nn.Module):
+    """FoldingNet (Yang et al., CVPR 2018): two folds of a fixed 2-D grid, conditioned on z.
+
+    z: [B, D] -> points [B, grid_size**2, 3]. The paper's sizes are grid 32 (1024 points) and
+    hidden 512.
+    """
+
+    def __init__(self, latent_dim: int, grid_size: int = 32, hidden: int = 512):
+        super().__init__()
+        axis = torch.linspace(-1.0, 1.0, grid_size)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+        self.register_buffer("grid", grid, persistent=False)
+        self.fold1 = _mlp([latent_dim + 2, hidden, hidden, 3])
+        self.fold2 = _mlp([latent_dim + 3, hidden, hidden, 3])
+
+    @property
+    def num_points(self) -> int:
+        return self.grid.shape[0]
+
+    def forward(self, z: Tensor) -> Tensor:
+        b, p = z.shape[0], self.grid.shape[0]
+        code = z.unsqueeze(1).expand(b, p, z.shape[1])
+        folded = self.fold1(torch.cat([code, self.grid.to(z.dtype).expand(b, p, 2)], dim=-1))
+        return self.fold2(torch.cat([code, folded], dim=-1))
+
+
+class KeypointDecoder(nn.Module):
+    """Linear layers from z [B, D] to normalised keypoints [B, K, 3]."""
+
+    def __init__(self, latent_dim: int, hidden: int = 256, num_keypoints: int = 21):
+        super().__init__()
+        self.num_keypoints = num_keypoints
+        self.net = _mlp([latent_dim, hidden, hidden, num_keypoints * 3])
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z).view(z.shape[0], self.num_keypoints, 3)
+
+
+class DCGANDecoder(nn.Module):
+    """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S].
+
+    z is projected to a 4x4 map, then transposed convolutions (stride 2, BN + ReLU) double the
+    size up to out_size (a power of two >= 8), halving the channels from ``base`` down to 32 at
+    least; a final 3x3 convolution gives the class logits.
+    """
+
+    def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256):
+        super().__init__()
+        ups = int(math.log2(out_size)) - 2
+        if 2 ** (ups + 2) != out_size or ups < 1:
+            raise ValueError(f"out_size: expected a power of two >= 8, got {out_size}")
+        self.base = base
+        self.project = nn.Sequential(nn.Linear(latent_dim, base * 16), nn.ReLU())
+        layers: list[nn.Module] = []
+        channels = base
+        for _ in range(ups):
+            nxt = max(32, channels // 2)
+            layers += [nn.ConvTranspose2d(channels, nxt, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(nxt), nn.ReLU()]
+            channels = nxt
+        layers.append(nn.Conv2d(channels, num_classes, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(self.project(z).view(z.shape[0], self.base, 4, 4))

@@ -1,0 +1,92 @@
+"""The RHD hand-pose pipeline end to end, at tiny sizes, on generated data in the real format."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import handpose_rhd
+from common import training
+from rhd.synthetic import generate_rhd
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-train", "8", "--num-eval", "4", "--epochs", "2", "--batch-size", "4", "--crop-size", "32",
+        "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def rhd_root(tmp_path_factory):
+    return generate_rhd(tmp_path_factory.mktemp("rhd"), num_training=8, num_evaluation=4, seed=0, progress=False)
+
+
+def tiny_args(rhd_root, out, *extra):
+    return ["--data-root", str(rhd_root), "--out", str(out)] + TINY + list(extra)
+
+
+@pytest.mark.parametrize("fusion", ["moe", "poe", "gpoe"])
+def test_one_training_step_per_fusion(rhd_root, tmp_path, fusion):
+    args = handpose_rhd.parse_args(tiny_args(rhd_root, tmp_path, "--fusion", fusion))
+    args.grid_size, args.fold_hidden, args.pel_width, args.keypoint_hidden = 4, 16, 16, 16
+    env = handpose_rhd.distributed.setup("cpu")
+    train_set, _ = handpose_rhd.load_data(args, env)
+    model = handpose_rhd.build_model(args, fusion)
+    batch = {k: v[:4] for k, v in train_set.tensors.items()}
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name in ("rgb", "points"):
+        grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert (out.alpha is not None) == (fusion == "gpoe")
+
+
+def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):
+    handpose_rhd.main(tiny_args(rhd_root, tmp_path, "--fusion", "gpoe", "--epochs", "1"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    metrics = results["fusions"]["gpoe"]["metrics"]
+    assert set(metrics) == {"0.0", "0.5"}
+    for m in metrics.values():
+        assert m["mean_epe_mm"] > 0 and 0 <= m["auc_20_50"] <= 1 and m["num_samples"] == 4
+    assert results["seed"] == 0 and results["config"]["epochs"] == 1
+    assert set(results["fusions"]["gpoe"]["alpha"]["0.5"]) == {"rgb", "points"}
+    for name in ("results.md", "epe_vs_corruption.png", "pck_gpoe.png", "alpha_gpoe.png", "qualitative.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(rhd_root, tmp_path, monkeypatch):
+    handpose_rhd.main(tiny_args(rhd_root, tmp_path / "full", "--fusion", "gpoe"))
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+
+    original = training.train_one_epoch
+
+    def killed_in_second_epoch(*args, **kwargs):
+        if args[5] == 1:  # the epoch argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        handpose_rhd.main(tiny_args(rhd_root, tmp_path / "killed", "--fusion", "gpoe"))
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(training, "train_one_epoch", original)
+    handpose_rhd.main(tiny_args(rhd_root, tmp_path / "killed", "--fusion", "gpoe", "--resume"))
+    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert resumed["epoch"] == full["epoch"] == 1
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+
+
+def test_two_process_torchrun_on_cpu(rhd_root, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "examples" / "handpose_rhd.py")] + tiny_args(rhd_root, tmp_path, "--fusion", "poe", "--epochs", "1",
+                                                                   "--device", "cpu")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["fusions"]["poe"]["history"][0]["epoch"] == 1
