@@ -1,0 +1,291 @@
+"""Reading RHD (Rendered Hand Pose Dataset, Zimmermann & Brox 2017) from its on-disk format.
+
+``root`` is the ``RHD_published_v2`` folder::
+
+    root/<split>/color/%05d.png          RGB, 320x320
+    root/<split>/depth/%05d.png          depth: metres = (R * 256 + G) / 65535 * 5
+    root/<split>/mask/%05d.png           8-bit ids: 0 background, 1 person, 2..17 left hand, 18..33 right hand
+    root/<split>/anno_<split>.pickle     sample_id -> {'xyz', 'uv_vis', 'K'}
+
+with ``split`` "training" or "evaluation". ``read_frame`` decodes one raw frame; ``RHDDataset`` turns frames into
+the network's inputs and targets (crop, point cloud, normalised pose) with the conventions documented there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from common.pointcloud import backproject, resample_points
+from rhd.annotations import load_annotations
+
+__all__ = [
+    "SPLITS",
+    "ROOT_KEYPOINT",
+    "SCALE_KEYPOINTS",
+    "CROP_PAD_VALUE",
+    "Frame",
+    "read_frame",
+    "decode_depth",
+    "choose_hand",
+    "crop_box",
+    "crop_intrinsics",
+    "RHDDataset",
+]
+
+SPLITS = ("training", "evaluation")
+ROOT_KEYPOINT = 12  # middle-finger MCP (Yang et al. lineage)
+SCALE_KEYPOINTS = (12, 11)  # scale = ||kp12 - kp11||, the middle finger's proximal bone
+CROP_PAD_VALUE = 127
+CROP_MARGIN = 1.3
+MIN_CROP_HALF_SIZE = 8.0  # pixels; keeps the crop finite when the visible keypoints all sit on the root
+POINT_RADIUS_M = 0.2
+DEPTH_RANGE_M = 5.0
+LEFT_IDS = (2, 17)  # inclusive mask-id ranges of each hand
+RIGHT_IDS = (18, 33)
+
+
+@dataclass
+class Frame:
+    """One raw RHD frame.
+
+    color: uint8 [H, W, 3]; depth: float32 [H, W] metres; mask: uint8 [H, W] ids;
+    xyz: float64 [42, 3] metres, camera frame; uv_vis: float64 [42, 3]; K: float64 [3, 3]
+    (keypoints 0..20 left hand, 21..41 right hand).
+    """
+
+    color: np.ndarray
+    depth: np.ndarray
+    mask: np.ndarray
+    xyz: np.ndarray
+    uv_vis: np.ndarray
+    K: np.ndarray
+
+
+def _open_png(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"RHD image not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's ways of saying "not a readable PNG"
+        raise ValueError(f"{path}: cannot decode image ({error})") from error
+    return image
+
+
+def decode_depth(encoded: np.ndarray) -> np.ndarray:
+    """RHD depth PNG pixels -> metres: ``(R * 256 + G) / 65535 * 5``.
+
+    encoded: uint8 [H, W, >=2]; returns float32 [H, W]."""
+    code = encoded[..., 0].astype(np.float64) * 256.0 + encoded[..., 1].astype(np.float64)
+    return (code / 65535.0 * DEPTH_RANGE_M).astype(np.float32)
+
+
+def _read_color(path: Path) -> np.ndarray:
+    image = _open_png(path)
+    if image.mode not in ("RGB", "RGBA"):
+        raise ValueError(f"{path}: expected an RGB colour image, got mode {image.mode}")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _read_depth(path: Path) -> np.ndarray:
+    image = _open_png(path)
+    if image.mode not in ("RGB", "RGBA"):
+        raise ValueError(
+            f"{path}: expected an RGB depth image (top byte in R, bottom byte in G), got mode {image.mode}")
+    return decode_depth(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    image = _open_png(path)
+    # Palette images store the ids as indices; converting them to "L" would map ids to grey levels instead.
+    if image.mode not in ("L", "P"):
+        raise ValueError(f"{path}: expected an 8-bit label image (mode L or P), got mode {image.mode}")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _split_dir(root: str | os.PathLike, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    folder = root / split
+    if not folder.is_dir():
+        hint = ""
+        if (root / "RHD_published_v2" / split).is_dir():
+            hint = f" (did you mean root={root / 'RHD_published_v2'}?)"
+        raise FileNotFoundError(f"RHD split folder not found: {folder}; root must be the RHD_published_v2 folder{hint}")
+    return folder
+
+
+def _annotation_path(root: str | os.PathLike, split: str) -> Path:
+    return _split_dir(root, split) / f"anno_{split}.pickle"
+
+
+def read_frame(root: str | os.PathLike, split: str, index: int,
+               annotations: dict[int, dict[str, np.ndarray]] | None = None) -> Frame:
+    """Decode frame ``index`` of ``split`` at full resolution.
+
+    ``annotations`` (from :func:`rhd.annotations.load_annotations`) avoids re-reading the pickle for every
+    frame; without it the split's pickle is loaded. Missing or undecodable files raise errors naming the file.
+    """
+    folder = _split_dir(root, split)
+    if annotations is None:
+        annotations = load_annotations(_annotation_path(root, split))
+    if index not in annotations:
+        raise KeyError(f"sample {index} is not in the annotations of {folder}")
+    name = f"{index:05d}.png"
+    color = _read_color(folder / "color" / name)
+    depth = _read_depth(folder / "depth" / name)
+    mask = _read_mask(folder / "mask" / name)
+    if not (color.shape[:2] == depth.shape == mask.shape):
+        raise ValueError(f"{folder}/*/{name}: colour {color.shape[:2]}, depth {depth.shape} "
+                         f"and mask {mask.shape} sizes differ")
+    entry = annotations[index]
+    return Frame(color, depth, mask, entry["xyz"], entry["uv_vis"], entry["K"])
+
+
+def _hand_pixels(mask: np.ndarray, hand: int) -> np.ndarray:
+    low, high = RIGHT_IDS if hand == 1 else LEFT_IDS
+    return (mask >= low) & (mask <= high)
+
+
+def choose_hand(mask: np.ndarray) -> int:
+    """The hand with more mask pixels: 0 left (ids 2..17), 1 right (ids 18..33). A tie goes to the right hand,
+    as in the reference RHD code (left is kept only when it has strictly more pixels)."""
+    return 0 if _hand_pixels(mask, 0).sum() > _hand_pixels(mask, 1).sum() else 1
+
+
+def crop_box(uv: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, float]:
+    """Square crop around the root keypoint: centre = uv of keypoint 12, half-size = 1.3 x the largest
+    Euclidean distance of a visible keypoint from the centre (all keypoints when none is visible), at least
+    ``MIN_CROP_HALF_SIZE`` pixels. uv: [21, 2]; visible: bool [21]. Returns (centre [2], half_size)."""
+    centre = uv[ROOT_KEYPOINT].astype(np.float64)
+    counted = uv[visible] if visible.any() else uv
+    reach = np.linalg.norm(counted - centre, axis=1).max()
+    return centre, max(CROP_MARGIN * float(reach), MIN_CROP_HALF_SIZE)
+
+
+def crop_intrinsics(K: np.ndarray, centre: np.ndarray, half_size: float, crop_size: int) -> np.ndarray:
+    """Intrinsics of the crop: with pixel centres at integer coordinates, the box [centre - h, centre + h]
+    (edges of the output's outer pixels) maps to [-0.5, S - 0.5], i.e. ``u' = s (u - c_u + h) - 0.5`` with
+    ``s = S / 2h``; returns ``A @ K`` for that affine map A. K: [3, 3]; returns float64 [3, 3]."""
+    s = crop_size / (2.0 * half_size)
+    affine = np.array([[s, 0.0, s * (half_size - centre[0]) - 0.5],
+                       [0.0, s, s * (half_size - centre[1]) - 0.5],
+                       [0.0, 0.0, 1.0]])
+    return affine @ np.asarray(K, dtype=np.float64)
+
+
+def _crop_image(color: np.ndarray, centre: np.ndarray, half_size: float, crop_size: int) -> np.ndarray:
+    """Resample the square box of :func:`crop_intrinsics` to [S, S, 3] with Pillow's bilinear filter (which
+    widens its support when shrinking, i.e. antialiases); outside the image is CROP_PAD_VALUE."""
+    height, width = color.shape[:2]
+    # Pillow's coordinates put pixel centres at +0.5; pad by whole pixels so the box lies inside the image.
+    left, top = centre[0] - half_size + 0.5, centre[1] - half_size + 0.5
+    right, bottom = centre[0] + half_size + 0.5, centre[1] + half_size + 0.5
+    pad = int(np.ceil(max(0.0, -left, -top, right - width, bottom - height))) + 1
+    padded = np.full((height + 2 * pad, width + 2 * pad, 3), CROP_PAD_VALUE, dtype=np.uint8)
+    padded[pad:pad + height, pad:pad + width] = color
+    box = (left + pad, top + pad, right + pad, bottom + pad)
+    resized = Image.fromarray(padded).resize((crop_size, crop_size), Image.BILINEAR, box=box)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+class RHDDataset(Dataset):
+    """RHD samples as network inputs and targets.
+
+    root: the ``RHD_published_v2`` folder (holding ``training/`` and ``evaluation/``); split: "training" or
+    "evaluation"; crop_size: S, the side of the RGB crop; num_points: P, the size of the point cloud;
+    indices: the sample ids to use (default: every id in the split's pickle, ascending); seed: with the sample
+    id, fixes the point-cloud resampling, so an item is the same every time it is read.
+
+    Each item is a dict of tensors:
+
+    - "rgb": float32 [3, S, S] in [0, 1], the crop;
+    - "points": float32 [P, 3], the hand's point cloud, normalised;
+    - "keypoints": float32 [21, 3], the hand's 3-D keypoints, normalised (RHD order; keypoint 12 at the origin);
+    - "scale": float32 [] metres; "root": float32 [3] metres, camera frame;
+    - "uv": float32 [21, 2], keypoints in crop pixels (annotated uv mapped into the crop; integer = pixel centre);
+    - "visible": bool [21], the annotation's flag (uv_vis[:, 2] == 1);
+    - "K": float32 [3, 3], the crop's intrinsics: K @ (keypoints * scale + root) projects onto "uv";
+    - "hand": int64 [], 0 left, 1 right; "index": int64 [], the sample id.
+
+    Conventions:
+
+    - hand: the one with more mask pixels (left ids 2..17, right ids 18..33; a tie keeps the right hand);
+      its 21 keypoints are kept and the other hand's dropped. Left hands are not mirrored.
+    - root = keypoint 12 (middle MCP), as in Yang et al., whose set-up the paper follows; scale =
+      ||kp12 - kp11||; normalised = (xyz - root) / scale (for keypoints and points alike).
+    - crop: centred on the uv of keypoint 12, half-size 1.3 x the largest distance of a visible keypoint from
+      that centre (see :func:`crop_box`), padded with RGB 127 and resized to S x S with Pillow's bilinear
+      filter; "K" is the frame's K composed exactly with that scale-and-shift (:func:`crop_intrinsics`).
+    - points: the chosen hand's mask pixels back-projected with the frame's (uncropped) K and depth, those
+      within 0.2 m of the root kept, normalised, then resampled to P points (random subset, or all plus random
+      repeats); a hand with no such pixel gives P copies of the root (the origin).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "training", crop_size: int = 256, num_points: int = 1024,
+                 indices: list[int] | np.ndarray | None = None, seed: int = 0):
+        for name, value in (("crop_size", crop_size), ("num_points", num_points)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.root = Path(root)
+        self.split = split
+        self.crop_size = int(crop_size)
+        self.num_points = int(num_points)
+        self.seed = int(seed)
+        self.annotations = load_annotations(_annotation_path(root, split))
+        if indices is None:
+            self.indices = list(self.annotations)
+        else:
+            self.indices = [int(i) for i in indices]
+            missing = [i for i in self.indices if i not in self.annotations]
+            if missing:
+                raise ValueError(f"indices not in {_annotation_path(root, split)}: {missing[:10]}"
+                                 + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        index = self.indices[item]
+        frame = read_frame(self.root, self.split, index, self.annotations)
+        hand = choose_hand(frame.mask)
+        keypoints = frame.xyz[21 * hand:21 * hand + 21]
+        uv = frame.uv_vis[21 * hand:21 * hand + 21, :2]
+        visible = frame.uv_vis[21 * hand:21 * hand + 21, 2] == 1
+        root = keypoints[ROOT_KEYPOINT]
+        scale = float(np.linalg.norm(keypoints[SCALE_KEYPOINTS[0]] - keypoints[SCALE_KEYPOINTS[1]]))
+        if not scale > 0:
+            raise ValueError(
+                f"{self.root / self.split}: sample {index}: keypoints 12 and 11 coincide, so the scale is 0")
+
+        centre, half_size = crop_box(uv, visible)
+        crop = _crop_image(frame.color, centre, half_size, self.crop_size)
+        crop_K = crop_intrinsics(frame.K, centre, half_size, self.crop_size)
+        crop_uv = (uv - centre + half_size) * (self.crop_size / (2.0 * half_size)) - 0.5
+
+        points = backproject(frame.depth, frame.K, _hand_pixels(frame.mask, hand)).astype(np.float64)
+        points = points[np.linalg.norm(points - root, axis=1) < POINT_RADIUS_M]
+        points = resample_points((points - root) / scale, self.num_points, np.random.default_rng([self.seed, index]))
+
+        return {
+            "rgb": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0),
+            "points": torch.from_numpy(points.astype(np.float32)),
+            "keypoints": torch.from_numpy(((keypoints - root) / scale).astype(np.float32)),
+            "scale": torch.tensor(scale, dtype=torch.float32),
+            "root": torch.from_numpy(root.astype(np.float32)),
+            "uv": torch.from_numpy(crop_uv.astype(np.float32)),
+            "visible": torch.from_numpy(visible),
+            "K": torch.from_numpy(crop_K.astype(np.float32)),
+            "hand": torch.tensor(hand, dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }

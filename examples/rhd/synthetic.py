@@ -1,0 +1,458 @@
+"""The built-in hand-pose data: procedural articulated hands written in exactly the RHD on-disk format.
+
+``generate_rhd(root, ...)`` writes ``root/RHD_published_v2/{training,evaluation}/{color,depth,mask}/%05d.png``
+and ``anno_<split>.pickle``, so :class:`rhd.dataset.RHDDataset` reads it with the very code that reads the real
+release. ``ensure_builtin_rhd(cache_dir, ...)`` generates once and caches.
+
+Each frame (``synthesize_frame``) holds two hands in the pickle (left keypoints 0..20, right 21..41, RHD order:
+0 wrist, then tip..MCP for thumb, index, middle, ring, pinky). One hand, left or right at random, is dominant:
+its middle MCP (keypoint 12) sits near the image centre 0.3-0.8 m from the camera; the other is farther and
+off towards or beyond the image border, so "the hand with more mask pixels" picks either side across frames.
+A hand is a kinematic skeleton (per-frame size and per-bone length variation; MCP/PIP/DIP flexion, MCP
+abduction and thumb opposition within joint limits; a palm/back flip, +-50 degree tilts and a +-90 degree
+roll about the viewing axis) drawn as Lambert-shaded capsules that are intersected with each pixel's ray
+exactly and z-buffered, with a forearm (mask id 1). So that pose is learnable from small crops, every finger
+has its own hue blended into a per-frame skin tone, segments get lighter towards the tip, and the palm side
+of the hand is lighter than the back. Backgrounds are low-frequency colour textures plus a gradient, with a
+slanted far plane (1-5 m) in the depth map.
+
+Frame ``i`` of a split depends only on ``(seed, split, i)``, so equal arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from rhd.annotations import save_annotations
+
+__all__ = [
+    "IMAGE_SIZE",
+    "DATASET_DIRNAME",
+    "GENERATOR_VERSION",
+    "SyntheticFrame",
+    "encode_depth",
+    "synthesize_frame",
+    "generate_rhd",
+    "ensure_builtin_rhd",
+]
+
+IMAGE_SIZE = 320
+DATASET_DIRNAME = "RHD_published_v2"
+SPLITS = ("training", "evaluation")
+# Bump whenever the frames change, so that cached built-in datasets are regenerated.
+GENERATOR_VERSION = 1
+DEPTH_RANGE_M = 5.0
+PNG_COMPRESS_LEVEL = 1
+
+# Right hand at rest, metres, wrist at the origin: +y along the fingers, +z out of the palm, thumb towards +x
+# (a left hand is its mirror image in x). Rows: index, middle, ring, pinky MCP joints.
+_FINGER_MCP_REST = np.array([[0.022, 0.088, 0.0], [0.0, 0.092, 0.0], [-0.020, 0.085, 0.0], [-0.038, 0.076, 0.0]])
+_FINGER_PHALANGES = np.array([[0.040, 0.023, 0.019], [0.045, 0.027, 0.020],
+                              [0.042, 0.026, 0.020], [0.033, 0.019, 0.018]])
+# Resting spread of each finger away from the middle finger (degrees, towards +x is positive).
+_FINGER_SPREAD_DEG = np.array([9.0, 0.0, -8.0, -17.0])
+_THUMB_CMC_REST = np.array([0.020, 0.025, 0.008])
+_THUMB_BONES = np.array([0.042, 0.032, 0.026])  # CMC->MCP, MCP->IP, IP->tip
+_FINGER_RADIUS = np.array([0.0085, 0.0088, 0.0083, 0.0074])
+_THUMB_RADIUS = 0.0100
+_PALM_RADIUS = 0.0150
+_FOREARM_RADIUS = 0.026
+_FOREARM_LENGTH = 0.22
+
+# Per-finger hues (thumb, index, middle, ring, pinky) blended into the skin tone.
+_FINGER_HUES = np.array([[0.95, 0.15, 0.10], [0.95, 0.85, 0.10], [0.15, 0.80, 0.20],
+                         [0.10, 0.45, 0.95], [0.80, 0.20, 0.85]])
+_SKIN_TONES = np.array([[0.98, 0.84, 0.72], [0.90, 0.72, 0.58], [0.78, 0.57, 0.42],
+                        [0.60, 0.42, 0.30], [0.42, 0.29, 0.20]])
+
+# Palm capsules between RHD keypoints: wrist to the thumb CMC and to each MCP, across the knuckles, and two
+# diagonals from the thumb CMC that fill the middle of the palm.
+_PALM_BONES = ((0, 4), (0, 8), (0, 12), (0, 16), (0, 20), (4, 8), (8, 12), (12, 16), (16, 20), (4, 16), (4, 20))
+
+
+@dataclass
+class SyntheticFrame:
+    """One rendered frame in RHD's conventions.
+
+    color: uint8 [320, 320, 3]; depth: float32 [320, 320] z-depth in metres (hands, forearms, far plane);
+    mask: uint8 [320, 320] RHD ids (0 background, 1 person, 2..17 left hand, 18..33 right hand);
+    xyz: float32 [42, 3] metres, camera frame; uv_vis: float32 [42, 3]; K: float32 [3, 3];
+    dominant: 0 (left) or 1 (right), the hand placed in front (the mask decides which one the loader keeps).
+    """
+
+    color: np.ndarray
+    depth: np.ndarray
+    mask: np.ndarray
+    xyz: np.ndarray
+    uv_vis: np.ndarray
+    K: np.ndarray
+    dominant: int
+
+
+def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    skew = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.eye(3) + np.sin(angle) * skew + (1.0 - np.cos(angle)) * skew @ skew
+
+
+def _finger_chain(base: np.ndarray, forward: np.ndarray, bend: np.ndarray, lengths: np.ndarray,
+                  angles: np.ndarray) -> np.ndarray:
+    """Joints after ``base`` of a planar chain: bone k points along cos(phi_k) forward + sin(phi_k) bend,
+    phi_k the cumulative flexion. Returns [len(lengths), 3], from the base outwards."""
+    phi = np.cumsum(angles)
+    directions = np.cos(phi)[:, None] * forward + np.sin(phi)[:, None] * bend
+    return base + np.cumsum(lengths[:, None] * directions, axis=0)
+
+
+def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """A right hand in its own frame (see ``_FINGER_MCP_REST``): keypoints [21, 3] in RHD order,
+    per-keypoint radii [21] and the size factor applied to it."""
+    size = rng.uniform(0.85, 1.15)
+
+    def jitter(count: int) -> np.ndarray:  # per-bone (and per-joint-position) variation of +-5 %
+        return rng.uniform(0.95, 1.05, size=count)
+
+    keypoints = np.zeros((21, 3))
+    radii = np.zeros(21)
+    palm_normal = np.array([0.0, 0.0, 1.0])
+    grip = rng.uniform(0.0, 1.0)
+    spread = rng.uniform(0.0, 1.0)
+    for finger in range(4):
+        mcp = _FINGER_MCP_REST[finger] * size * jitter(3)
+        curl = np.clip(grip + rng.uniform(-0.4, 0.4), 0.0, 1.0)
+        spread_deg = _FINGER_SPREAD_DEG[finger] * spread * (1.0 - curl)  # curled fingers close up
+        abduction = np.deg2rad(np.clip(spread_deg + rng.normal(0.0, 4.0), -20.0, 20.0))
+        flex_mcp = np.clip(-15.0 + 100.0 * curl + rng.normal(0.0, 8.0), -20.0, 90.0)
+        flex_pip = np.clip(105.0 * curl + rng.normal(0.0, 10.0), 0.0, 110.0)
+        flex_dip = np.clip(0.67 * flex_pip + rng.normal(0.0, 8.0), 0.0, 80.0)
+        rest = mcp / np.linalg.norm(mcp)
+        forward = _rotation(palm_normal, -abduction) @ rest
+        joints = _finger_chain(mcp, forward, palm_normal, _FINGER_PHALANGES[finger] * size * jitter(3),
+                               np.deg2rad([flex_mcp, flex_pip, flex_dip]))
+        first = 5 + 4 * finger
+        keypoints[first:first + 4] = np.concatenate([joints[::-1], mcp[None]])  # tip, DIP, PIP, MCP
+        radii[first:first + 3] = _FINGER_RADIUS[finger] * size
+        radii[first + 3] = _PALM_RADIUS * size
+    # Thumb: the metacarpal leaves the CMC joint abducted in the palm plane and opposed towards the palm;
+    # the MCP and IP joints bend it across the palm (towards the pinky side and out of the palm).
+    cmc = _THUMB_CMC_REST * size * jitter(3)
+    abduction = np.deg2rad(rng.uniform(15.0, 60.0))
+    opposition = np.deg2rad(rng.uniform(0.0, 50.0))
+    in_plane = np.array([np.sin(abduction), np.cos(abduction), 0.0])
+    forward = np.cos(opposition) * in_plane + np.sin(opposition) * palm_normal
+    bend = palm_normal - 0.6 * np.array([1.0, 0.0, 0.0])
+    bend -= (bend @ forward) * forward
+    bend /= np.linalg.norm(bend)
+    flex = np.deg2rad([0.0, rng.uniform(0.0, 50.0), rng.uniform(0.0, 80.0)])
+    joints = _finger_chain(cmc, forward, bend, _THUMB_BONES * size * jitter(3), flex)
+    keypoints[1:5] = np.concatenate([joints[::-1], cmc[None]])  # tip, IP, MCP, CMC
+    radii[1:4] = _THUMB_RADIUS * size
+    radii[4] = _PALM_RADIUS * size
+    radii[0] = _PALM_RADIUS * size
+    return keypoints, radii, size
+
+
+def _sample_orientation(rng: np.random.Generator) -> np.ndarray:
+    """Rotation from the hand frame to the camera frame (x right, y down, z forward)."""
+    palm_to_camera = np.diag([1.0, -1.0, -1.0])  # fingers up in the image, palm towards the camera
+    flip = _rotation([0.0, 1.0, 0.0], np.pi) if rng.random() < 0.5 else np.eye(3)  # back of the hand instead
+    tilt = _rotation([1.0, 0.0, 0.0], np.deg2rad(rng.uniform(-50.0, 50.0))) @ _rotation(
+        [0.0, 1.0, 0.0], np.deg2rad(rng.uniform(-50.0, 50.0)))
+    roll = _rotation([0.0, 0.0, 1.0], np.deg2rad(rng.uniform(-90.0, 90.0)))
+    return roll @ tilt @ palm_to_camera @ flip
+
+
+@dataclass
+class _Capsule:
+    a: np.ndarray  # [3] endpoint, camera frame
+    b: np.ndarray  # [3]
+    radius: float
+    mask_id: int
+    color: np.ndarray  # [3] albedo in [0, 1]
+
+
+class _Canvas:
+    """Colour/depth/mask buffers with exact ray-capsule intersection and a z-buffer.
+
+    color: uint8 [320, 320, 3]; depth: float32 [320, 320] metres (both start as the background)."""
+
+    def __init__(self, focal: float, center: float, color: np.ndarray, depth: np.ndarray, light: np.ndarray,
+                 ambient: float):
+        # Ray through pixel (u, v) (integer coordinates are pixel centres): d = (x[u], x[v], 1), so t is the z-depth.
+        self.x = ((np.arange(IMAGE_SIZE) - center) / focal).astype(np.float32)
+        self.focal, self.center = focal, center
+        self.color, self.depth = color, depth
+        self.mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        self.light, self.ambient = light, ambient
+
+    def _bounds(self, a: tuple[float, ...], b: tuple[float, ...], r: float) -> tuple[int, int, int, int] | None:
+        if min(a[2], b[2]) - r <= 1e-3:
+            return 0, IMAGE_SIZE, 0, IMAGE_SIZE
+        # x/z over the box [x +- r] x [z +- r] is extreme at its corners, and the projection of a capsule lies in
+        # the hull of its end spheres' projections.
+        us, vs = [], []
+        for x, y, z in (a, b):
+            for depth in (z - r, z + r):
+                us += [(x - r) / depth, (x + r) / depth]
+                vs += [(y - r) / depth, (y + r) / depth]
+        u0 = max(int(np.floor(self.focal * min(us) + self.center)) - 1, 0)
+        u1 = min(int(np.ceil(self.focal * max(us) + self.center)) + 2, IMAGE_SIZE)
+        v0 = max(int(np.floor(self.focal * min(vs) + self.center)) - 1, 0)
+        v1 = min(int(np.ceil(self.focal * max(vs) + self.center)) + 2, IMAGE_SIZE)
+        if u0 >= u1 or v0 >= v1:
+            return None
+        return u0, u1, v0, v1
+
+    def draw(self, capsule: _Capsule, palm_normal: np.ndarray | None) -> None:
+        """Z-buffer one capsule; ``palm_normal`` (camera frame) lightens surface facing the palm side."""
+        # Python floats keep the per-pixel arithmetic in float32 (numpy scalars would promote it).
+        a, b, r = tuple(map(float, capsule.a)), tuple(map(float, capsule.b)), float(capsule.radius)
+        box = self._bounds(a, b, r)
+        if box is None:
+            return
+        u0, u1, v0, v1 = box
+        window = (slice(v0, v1), slice(u0, u1))
+        x, y = self.x[None, u0:u1], self.x[v0:v1, None]  # broadcast to the window [v1 - v0, u1 - u0]
+        dd = 1.0 + x * x + y * y
+        ba = (b[0] - a[0], b[1] - a[1], b[2] - a[2])
+        baba = ba[0] * ba[0] + ba[1] * ba[1] + ba[2] * ba[2]
+        baoa = -(ba[0] * a[0] + ba[1] * a[1] + ba[2] * a[2])
+        aa = a[0] * a[0] + a[1] * a[1] + a[2] * a[2]
+        bb = b[0] * b[0] + b[1] * b[1] + b[2] * b[2]
+        r2 = r * r
+        bard = ba[0] * x + ba[1] * y + ba[2]  # d . (b - a)
+        da = a[0] * x + a[1] * y + a[2]  # d . a
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # Body: the infinite cylinder around the axis, hit between the end planes.
+            qa = baba * dd - bard * bard
+            qb = -baba * da - baoa * bard
+            qh = qb * qb - qa * (baba * aa - baoa * baoa - r2 * baba)
+            t_body = (-qb - np.sqrt(qh)) / qa
+            along = baoa + t_body * bard
+            t = np.where((qh > 0) & (along > 0) & (along < baba) & (t_body > 0), t_body, np.float32(np.inf))
+            # Caps: the end spheres, |t d - c|^2 = r^2 (d . b = d . a + d . (b - a)).
+            for dc, cc in ((da, aa), (da + bard, bb)):
+                sh = dc * dc - dd * (cc - r2)
+                t_cap = (dc - np.sqrt(sh)) / dd
+                t = np.where((sh > 0) & (t_cap > 0) & (t_cap < t), t_cap, t)
+        wins = t < self.depth[window]
+        if not wins.any():
+            return
+        rows, cols = np.nonzero(wins)
+        tw, bardw, xw, yw = t[rows, cols], bard[rows, cols], x[0, cols], y[rows, 0]
+        # The outward normal is (p - q) / r with q the closest axis point to the hit p = t d.
+        s = np.clip((tw * bardw + baoa) / baba, 0.0, 1.0)
+        hit = tw[:, None] * np.stack([xw, yw, np.ones_like(xw)], axis=1)
+        normal = (hit - capsule.a.astype(np.float32) - s[:, None] * np.asarray(ba, dtype=np.float32)) / r
+        shade = self.ambient + (1.0 - self.ambient) * np.clip(normal @ self.light.astype(np.float32), 0.0, None)
+        albedo = np.broadcast_to(capsule.color.astype(np.float32), (len(tw), 3))
+        if palm_normal is not None:
+            palm_side = normal @ palm_normal.astype(np.float32) > 0.0
+            albedo = np.where(palm_side[:, None], albedo + 0.3 * (1.0 - albedo), albedo)
+        self.depth[window][rows, cols] = tw
+        self.mask[window][rows, cols] = capsule.mask_id
+        self.color[window][rows, cols] = np.clip(np.rint(albedo * (255.0 * shade[:, None])), 0, 255).astype(np.uint8)
+
+
+def _hand_capsules(keypoints: np.ndarray, radii: np.ndarray, side: int, skin: np.ndarray,
+                   hue_weight: float) -> list[_Capsule]:
+    """Capsules of one hand: three per finger (mask ids tip to palm, as the keypoints run) and the palm."""
+    id_base = 2 + 16 * side
+    capsules = []
+    for finger in range(5):
+        first = 1 + 4 * finger
+        finger_color = (1.0 - hue_weight) * skin + hue_weight * _FINGER_HUES[finger]
+        for segment in range(3):
+            tint = 1.12 - 0.1 * segment  # lighter towards the tip, so the joints show in the image
+            capsules.append(_Capsule(keypoints[first + segment], keypoints[first + segment + 1],
+                                     float(min(radii[first + segment], radii[first + segment + 1])),
+                                     id_base + 3 * finger + segment, np.clip(finger_color * tint, 0.0, 1.0)))
+    palm_radius = float(radii[0])
+    for i, j in _PALM_BONES:
+        capsules.append(_Capsule(keypoints[i], keypoints[j], palm_radius, id_base + 15, skin))
+    return capsules
+
+
+def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Colour uint8 [320, 320, 3]: a coarse grid of random colours mixed with a linear two-colour gradient,
+    upsampled bicubically (low-frequency texture); depth float32 [320, 320]: a slanted far plane in metres."""
+    cells = int(rng.integers(3, 8))
+    ramp = np.linspace(-1.0, 1.0, cells)
+    angle = rng.uniform(0.0, 2 * np.pi)
+    mix = (0.5 + 0.5 * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]))[..., None]
+    colour_a, colour_b = rng.uniform(0.0, 1.0, size=(2, 3))
+    coarse = 0.6 * rng.uniform(0.0, 1.0, size=(cells, cells, 3)) + 0.4 * ((1 - mix) * colour_a + mix * colour_b)
+    coarse_u8 = np.rint(coarse * 255).astype(np.uint8)
+    color = np.array(Image.fromarray(coarse_u8).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+    z0 = rng.uniform(1.5, 4.0)
+    slope = rng.uniform(-0.25, 0.25, size=2)
+    pixel_ramp = np.linspace(-1.0, 1.0, IMAGE_SIZE, dtype=np.float32)
+    depth = np.float32(z0) * (1.0 + float(slope[0]) * pixel_ramp[None, :] + float(slope[1]) * pixel_ramp[:, None])
+    return color, np.clip(depth, 1.0, DEPTH_RANGE_M - 0.05)
+
+
+def synthesize_frame(rng: np.random.Generator) -> SyntheticFrame:
+    """Render one random frame (see the module docstring for what varies)."""
+    focal = rng.uniform(263.0, 306.0)
+    center = IMAGE_SIZE / 2
+    K = np.array([[focal, 0.0, center], [0.0, focal, center], [0.0, 0.0, 1.0]], dtype=np.float32)
+    dominant = int(rng.integers(2))
+    color, depth = _background(rng)
+    light = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0), -rng.uniform(0.6, 1.6)])
+    canvas = _Canvas(focal, center, color, depth, light / np.linalg.norm(light), rng.uniform(0.25, 0.4))
+    skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.9, 1.1, size=3)
+    hue_weight = rng.uniform(0.45, 0.75)
+    sleeve = rng.uniform(0.1, 0.9, size=3)
+
+    xyz = np.zeros((42, 3))
+    joint_radius = np.zeros(42)
+    dominant_depth = rng.uniform(0.3, 0.8)
+    for role in ("dominant", "other"):
+        side = dominant if role == "dominant" else 1 - dominant
+        local, radii, size = _sample_hand(rng)
+        if side == 0:
+            local = local * np.array([-1.0, 1.0, 1.0])
+        rotation = _sample_orientation(rng)
+        if role == "dominant":
+            z = dominant_depth
+            u, v = center + rng.uniform(-50.0, 50.0, size=2)
+        else:
+            z = min(dominant_depth + rng.uniform(0.1, 0.4), 1.2)
+            angle, radius = rng.uniform(0.0, 2 * np.pi), rng.uniform(130.0, 260.0)
+            u, v = center + radius * np.cos(angle), center + radius * np.sin(angle)
+        root = z * np.array([(u - center) / focal, (v - center) / focal, 1.0])
+        keypoints = (local - local[12]) @ rotation.T + root
+        xyz[21 * side:21 * side + 21] = keypoints
+        joint_radius[21 * side:21 * side + 21] = radii
+        palm_normal = rotation @ np.array([0.0, 0.0, 1.0])
+        for capsule in _hand_capsules(keypoints, radii, side, skin, hue_weight):
+            canvas.draw(capsule, palm_normal)
+        # The forearm leaves the wrist away from the fingers, starting just outside the wrist joint.
+        arm = keypoints[0] - keypoints[12]
+        arm /= np.linalg.norm(arm)
+        start = keypoints[0] + 0.035 * size * arm
+        canvas.draw(_Capsule(start, start + _FOREARM_LENGTH * size * arm, _FOREARM_RADIUS * size, 1, sleeve), None)
+
+    xyz = xyz.astype(np.float32)
+    projected = xyz.astype(np.float64) @ K.astype(np.float64).T
+    uv = projected[:, :2] / projected[:, 2:]
+    pixel = np.rint(uv).astype(np.int64)
+    inside = np.all((pixel >= 0) & (pixel < IMAGE_SIZE), axis=1)
+    # A keypoint is visible when nothing lies in front of its own surface: at its pixel the z-buffer is not
+    # closer than the joint's radius (plus 5 mm of slack).
+    surface = np.full(42, -np.inf)
+    surface[inside] = canvas.depth[pixel[inside, 1], pixel[inside, 0]]
+    visible = inside & (surface >= xyz[:, 2] - joint_radius - 0.005)
+    uv_vis = np.concatenate([uv, visible[:, None].astype(np.float64)], axis=1).astype(np.float32)
+    return SyntheticFrame(canvas.color, canvas.depth, canvas.mask, xyz, uv_vis, K, dominant)
+
+
+def encode_depth(depth: np.ndarray) -> np.ndarray:
+    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R,
+    the bottom byte in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
+    code = np.rint(np.clip(depth, 0.0, DEPTH_RANGE_M) / DEPTH_RANGE_M * 65535.0).astype(np.uint16)
+    encoded = np.zeros(depth.shape + (3,), dtype=np.uint8)
+    encoded[..., 0] = code >> 8
+    encoded[..., 1] = code & 0xFF
+    return encoded
+
+
+def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm) -> None:
+    for folder in ("color", "depth", "mask"):
+        (split_dir / folder).mkdir(parents=True)
+    annotations = {}
+    for index in range(count):
+        frame = synthesize_frame(np.random.default_rng([seed, split_code, index]))
+        name = f"{index:05d}.png"
+        Image.fromarray(frame.color).save(split_dir / "color" / name, compress_level=PNG_COMPRESS_LEVEL)
+        Image.fromarray(encode_depth(frame.depth)).save(split_dir / "depth" / name, compress_level=PNG_COMPRESS_LEVEL)
+        Image.fromarray(frame.mask).save(split_dir / "mask" / name, compress_level=PNG_COMPRESS_LEVEL)
+        annotations[index] = {"xyz": frame.xyz, "uv_vis": frame.uv_vis, "K": frame.K}
+        bar.update(1)
+    save_annotations(split_dir / f"anno_{split_dir.name}.pickle", annotations)
+
+
+def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
+                 progress: bool = True) -> Path:
+    """Write a synthetic dataset in the RHD layout under ``root`` and return ``root/RHD_published_v2`` (the
+    folder :class:`rhd.dataset.RHDDataset` takes). Sample ids run 0..n-1 in each split. Refuses to write
+    into an existing ``RHD_published_v2`` so that frames of different runs never mix."""
+    for name, value in (("num_training", num_training), ("num_evaluation", num_evaluation)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    dataset = Path(root) / DATASET_DIRNAME
+    if dataset.exists():
+        raise FileExistsError(f"{dataset} already exists; generate_rhd writes a fresh dataset only")
+    with tqdm(total=num_training + num_evaluation, desc="built-in RHD", unit="frame", disable=not progress) as bar:
+        for split_code, (split, count) in enumerate(zip(SPLITS, (num_training, num_evaluation))):
+            _write_split(dataset / split, split_code, int(count), seed, bar)
+    return dataset
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
+    """Serialise processes (e.g. torchrun ranks) building the same cache; a no-op where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
+                       progress: bool = True) -> Path:
+    """The built-in dataset under ``cache_dir/rhd_builtin``, generated on first use; returns its
+    ``RHD_published_v2`` folder.
+
+    A finished dataset carries ``manifest.json`` (generator version, sizes, seed); one whose manifest differs
+    from the request is replaced. Generation happens in a temporary sibling folder that is renamed into place
+    only when complete, so an interrupted run is never taken for a finished one (its leftovers are removed by
+    the next call). Concurrent callers wait on a lock file and then reuse the finished result.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / "rhd_builtin"
+    wanted = {"generator_version": GENERATOR_VERSION, "num_training": int(num_training),
+              "num_evaluation": int(num_evaluation), "seed": int(seed)}
+    with _exclusive_lock(cache_dir / ".rhd_builtin.lock"):
+        if _read_manifest(final) == wanted:
+            return final / DATASET_DIRNAME
+        for leftover in cache_dir.glob(".rhd_builtin-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".rhd_builtin-", dir=cache_dir))
+        try:
+            generate_rhd(staging, num_training, num_evaluation, seed=seed, progress=progress)
+            (staging / "manifest.json").write_text(json.dumps(wanted, indent=2) + "\n")
+            if final.exists():
+                stale = cache_dir / f".rhd_builtin-stale-{uuid.uuid4().hex}"
+                os.rename(final, stale)
+                shutil.rmtree(stale)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final / DATASET_DIRNAME
