@@ -17,7 +17,6 @@ See docs/handpose.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -28,14 +27,12 @@ from torch.utils.data import DataLoader
 
 import gpoe_fusion as gf
 from common import distributed
-from common.checkpoint import write_json
 from common.data import materialize
-from common.experiment import (FUSIONS, add_common_arguments, alpha_by_corruption, apply_preset, make_fusion,
-                               test_corruption, train_config, training_noise)
+from common.experiment import (add_common_arguments, apply_preset, make_fusion, run_fusions, test_corruption,
+                               write_summary)
 from common.model import CrossModalVAE
 from common.networks import FoldingNetDecoder, KeypointDecoder, ResNet18Encoder, ResPELEncoder
-from common.report import image_grid, line_plot, markdown_table
-from common.training import fit
+from common.report import FUSION_LABELS, alpha_plots, corruption_plot, fusion_table, image_grid, line_plot
 from gpoe_fusion.likelihoods import chamfer_distance, squared_error
 from rhd.dataset import RHDDataset
 from rhd.metrics import KeypointEvaluator
@@ -56,7 +53,6 @@ PRESETS = {
 # Skeleton of one RHD hand: the wrist to each finger's MCP, then MCP -> PIP -> DIP -> tip.
 BONES = [(0, 4), (4, 3), (3, 2), (2, 1), (0, 8), (8, 7), (7, 6), (6, 5), (0, 12), (12, 11), (11, 10), (10, 9),
          (0, 16), (16, 15), (15, 14), (14, 13), (0, 20), (20, 19), (19, 18), (18, 17)]
-LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE"}
 COLOURS = {"moe": (40, 160, 40), "poe": (220, 40, 40), "gpoe": (40, 80, 230)}
 
 
@@ -116,29 +112,9 @@ def evaluate(model: CrossModalVAE, dataset, level: float, args: argparse.Namespa
     return evaluator.compute()
 
 
-def train_and_evaluate(args: argparse.Namespace, fusion: str, train_set, eval_set, env: distributed.DistEnv,
-                       out_dir: Path) -> tuple[CrossModalVAE, dict | None]:
-    model = build_model(args, fusion)
-    began = time.perf_counter()
-    history = fit(model, training_noise(train_set, args), train_config(args), env, out_dir, resume=args.resume,
-                  log=print if env.is_main else (lambda _: None))
-    if not env.is_main:
-        return model, None
-    metrics = {str(level): evaluate(model, eval_set, level, args, env.device) for level in args.test_corruption}
-    result = {"fusion": fusion, "metrics": metrics,
-              "alpha": alpha_by_corruption(model, eval_set, args.test_corruption, args.seed, env.device),
-              "train_seconds": time.perf_counter() - began, "history": history}
-    write_json(out_dir / "results.json", result)
-    return model, result
-
-
 def results_table(results: dict) -> str:
     """Paper Table 3 layout: a row per fusion, mean EPE (mm) and AUC (20-50 mm) per corruption level."""
-    levels = next(iter(results.values()))["metrics"].keys()
-    header = ["Fusion"] + [f"{h} @ {float(lv):.0%}" for lv in levels for h in ("mean EPE (mm)", "AUC")]
-    rows = [[LABELS[f]] + [v for lv in levels for v in (r["metrics"][lv]["mean_epe_mm"], r["metrics"][lv]["auc_20_50"])]
-            for f, r in results.items()]
-    return markdown_table(header, rows, floatfmt=".3f")
+    return fusion_table(results, [("mean EPE (mm)", "mean_epe_mm"), ("AUC", "auc_20_50")], floatfmt=".3f")
 
 
 def project(keypoints: torch.Tensor, scale: torch.Tensor, root: torch.Tensor, K: torch.Tensor) -> np.ndarray:
@@ -177,35 +153,23 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set, args: argpars
                 per_model[name].append(np.asarray(image))
         for name, images in per_model.items():
             rows.append(images)
-            labels.append(f"#{i} " + ("input + GT" if name == "input" else LABELS[name]))
+            labels.append(f"#{i} " + ("input + GT" if name == "input" else FUSION_LABELS[name]))
     image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption])
 
 
 def write_report(args: argparse.Namespace, results: dict, models: dict[str, CrossModalVAE], eval_set, seconds: float) -> str:
     out = Path(args.out)
     table = results_table(results)
-    summary = {"task": "handpose_rhd", "preset": args.preset, "seed": args.seed,
-               "data": args.data_root or "built-in synthetic RHD", "seconds": seconds,
-               "machine": platform.platform(), "torch": torch.__version__,
-               "kernel_extension": gf.extension_available(), "config": vars(args),
-               "fusions": results}
-    write_json(out / "results.json", summary)
+    summary = write_summary(args, "handpose_rhd", args.data_root or "built-in synthetic RHD", results, seconds)
     (out / "results.md").write_text(f"# Hand pose on RHD ({summary['data']}, preset {args.preset}, seed {args.seed})\n\n"
                                     f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm "
                                     f"(higher is better).\n\n{table}")
-    levels = [float(lv) for lv in next(iter(results.values()))["metrics"]]
-    line_plot([100 * lv for lv in levels], {LABELS[f]: [r["metrics"][str(lv)]["mean_epe_mm"] for lv in levels]
-                                            for f, r in results.items()},
-              out / "epe_vs_corruption.png", "test pixel corruption (%)", "mean EPE (mm)", "Pose from RGB (Fig. 4)")
+    corruption_plot(results, "mean_epe_mm", out / "epe_vs_corruption.png", "mean EPE (mm)", "Pose from RGB (Fig. 4)")
     for f, r in results.items():
         curves = {f"{float(lv):.0%}": m["pck_curve"] for lv, m in r["metrics"].items()}
-        line_plot(r["metrics"][str(levels[0])]["pck_thresholds_mm"], curves, out / f"pck_{f}.png", "error threshold (mm)",
-                  "3D PCK", f"{LABELS[f]}: PCK under pixel corruption", markers=False)
-        if r.get("alpha"):
-            modalities = list(next(iter(r["alpha"].values())))
-            line_plot([100 * lv for lv in levels], {m: [r["alpha"][str(lv)][m] for lv in levels] for m in modalities},
-                      out / f"alpha_{f}.png", "test pixel corruption of RGB (%)", "mean alpha",
-                      f"{LABELS[f]}: credibility per modality")
+        line_plot(next(iter(r["metrics"].values()))["pck_thresholds_mm"], curves, out / f"pck_{f}.png",
+                  "error threshold (mm)", "3D PCK", f"{FUSION_LABELS[f]}: PCK under pixel corruption", markers=False)
+    alpha_plots(results, out)
     qualitative_figure(models, eval_set, args, out / "qualitative.png")
     return table
 
@@ -215,14 +179,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     env = distributed.setup(args.device)
     began = time.perf_counter()
     train_set, eval_set = load_data(args, env)
-    fusions = FUSIONS if args.compare else (args.fusion,)
-    results, models = {}, {}
-    for fusion in fusions:
-        run_dir = Path(args.out) / fusion if args.compare else Path(args.out)
-        if env.is_main:
-            print(f"== {LABELS[fusion]}: {len(train_set)} training samples, {args.epochs} epochs, on {env.device}"
-                  f" x{env.world_size} (kernels: {'on' if gf.extension_available() else 'off'})")
-        models[fusion], results[fusion] = train_and_evaluate(args, fusion, train_set, eval_set, env, run_dir)
+    results, models = run_fusions(args, env, build_model, evaluate, train_set, eval_set)
     summary = None
     if env.is_main:
         table = write_report(args, results, models, eval_set, time.perf_counter() - began)

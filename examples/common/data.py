@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -27,9 +29,17 @@ class TensorDictDataset(Dataset):
         return {name: t[index] for name, t in self.tensors.items()}
 
 
-def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True) -> TensorDictDataset:
-    """Read every item of ``dataset`` (dicts of tensors) once and stack them."""
+def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
+                keys: Sequence[str] | None = None) -> TensorDictDataset:
+    """Read every item of ``dataset`` (dicts of tensors) once and stack them.
+
+    keys: the entries kept (default: all); items may hold other, non-tensor entries that are dropped.
+    """
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False)]
-    return TensorDictDataset({name: torch.stack([item[name] for item in items]) for name in items[0]})
+    names = list(items[0]) if keys is None else list(keys)
+    missing = [name for name in names if name not in items[0]]
+    if missing:
+        raise KeyError(f"keys: {missing} are not in the dataset's items (they have {sorted(items[0])})")
+    return TensorDictDataset({name: torch.stack([item[name] for item in items]) for name in names})

@@ -1,10 +1,14 @@
 """What both pipelines' experiments share: command-line options, presets, the fusion choice, the
-training noise (Section 4.3), test-time corruption levels, and gPoE's alpha analysis."""
+training noise (Section 4.3), test-time corruption levels, gPoE's alpha analysis, and the run of
+one fusion or the comparison of all three with its results.json."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -13,10 +17,19 @@ from torch.utils.data import DataLoader, Dataset
 import gpoe_fusion as gf
 from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption
 
-from .training import TrainConfig
+from .checkpoint import write_json
+from .distributed import DistEnv
+from .model import CrossModalVAE
+from .report import FUSION_LABELS
+from .training import TrainConfig, fit
 
 __all__ = ["FUSIONS", "TEST_CORRUPTION", "add_common_arguments", "alpha_by_corruption", "apply_preset",
-           "make_fusion", "test_corruption", "train_config", "training_noise"]
+           "make_fusion", "run_fusions", "test_corruption", "train_and_evaluate", "train_config", "training_noise",
+           "write_summary"]
+
+BuildModel = Callable[[argparse.Namespace, str], CrossModalVAE]
+# evaluate(model, dataset, level, args, device) -> the metrics of one test-corruption level.
+Evaluate = Callable[[CrossModalVAE, Dataset, float, argparse.Namespace, torch.device], dict]
 
 FUSIONS = ("moe", "poe", "gpoe")
 TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)
@@ -132,3 +145,52 @@ def alpha_by_corruption(model: nn.Module, dataset: Dataset, levels: Sequence[flo
             count += alpha.shape[1]
         out[str(level)] = {name: float(s / count) for name, s in zip(model.modalities, sums)}
     return out
+
+
+def train_and_evaluate(args: argparse.Namespace, fusion: str, build_model: BuildModel, evaluate: Evaluate,
+                       train_set: Dataset, eval_set: Dataset, env: DistEnv,
+                       out_dir: Path) -> tuple[CrossModalVAE, dict | None]:
+    """Train ``build_model(args, fusion)`` on the noisy ``train_set`` (checkpoints in ``out_dir``),
+    then, on the main process, evaluate it at every ``args.test_corruption`` level and write
+    ``out_dir/results.json``. Returns the model and its result (None on the other ranks):
+    ``{"fusion", "metrics": {str(level): evaluate(...)}, "alpha", "train_seconds", "history"}``.
+    """
+    model = build_model(args, fusion)
+    began = time.perf_counter()
+    history = fit(model, training_noise(train_set, args), train_config(args), env, out_dir, resume=args.resume,
+                  log=print if env.is_main else (lambda _: None))
+    if not env.is_main:
+        return model, None
+    metrics = {str(level): evaluate(model, eval_set, level, args, env.device) for level in args.test_corruption}
+    result = {"fusion": fusion, "metrics": metrics,
+              "alpha": alpha_by_corruption(model, eval_set, args.test_corruption, args.seed, env.device),
+              "train_seconds": time.perf_counter() - began, "history": history}
+    write_json(out_dir / "results.json", result)
+    return model, result
+
+
+def run_fusions(args: argparse.Namespace, env: DistEnv, build_model: BuildModel, evaluate: Evaluate,
+                train_set: Dataset, eval_set: Dataset) -> tuple[dict[str, dict | None], dict[str, CrossModalVAE]]:
+    """``args.fusion`` trained into ``args.out``, or with ``--compare`` MoE, PoE and gPoE trained alike,
+    each into ``args.out/<fusion>``. Returns ({fusion: result}, {fusion: model})."""
+    fusions = FUSIONS if args.compare else (args.fusion,)
+    results, models = {}, {}
+    for fusion in fusions:
+        run_dir = Path(args.out) / fusion if args.compare else Path(args.out)
+        if env.is_main:
+            print(f"== {FUSION_LABELS[fusion]}: {len(train_set)} training samples, {args.epochs} epochs, "
+                  f"on {env.device} x{env.world_size} (kernels: {'on' if gf.extension_available() else 'off'})")
+        models[fusion], results[fusion] = train_and_evaluate(args, fusion, build_model, evaluate, train_set, eval_set,
+                                                             env, run_dir)
+    return results, models
+
+
+def write_summary(args: argparse.Namespace, task: str, data: str, results: Mapping[str, dict], seconds: float,
+                  **extra: object) -> dict:
+    """Write ``args.out/results.json``: the task, preset, seed, data, time, machine, the full config,
+    any ``extra`` entries, and the results of every fusion. Returns what was written."""
+    summary = {"task": task, "preset": args.preset, "seed": args.seed, "data": data, "seconds": seconds,
+               "machine": platform.platform(), "torch": torch.__version__,
+               "kernel_extension": gf.extension_available(), "config": vars(args), **extra, "fusions": dict(results)}
+    write_json(Path(args.out) / "results.json", summary)
+    return summary

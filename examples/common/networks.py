@@ -160,21 +160,24 @@ class DCGANDecoder(nn.Module):
     """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S].
 
     z is projected to a 4x4 map, then transposed convolutions (stride 2, BN + ReLU) double the
-    size up to out_size (a power of two >= 8), halving the channels from ``base`` down to 32 at
-    least; a final 3x3 convolution gives the class logits.
+    size up to out_size (a power of two >= 8), halving the channels from ``base`` down to
+    ``min_channels`` at least; a final 3x3 convolution gives the class logits.
     """
 
-    def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256):
+    def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256,
+                 min_channels: int = 32):
         super().__init__()
         ups = int(math.log2(out_size)) - 2
         if 2 ** (ups + 2) != out_size or ups < 1:
             raise ValueError(f"out_size: expected a power of two >= 8, got {out_size}")
+        if min_channels < 1:
+            raise ValueError(f"min_channels: expected a positive count, got {min_channels}")
         self.base = base
         self.project = nn.Sequential(nn.Linear(latent_dim, base * 16), nn.ReLU())
         layers: list[nn.Module] = []
         channels = base
         for _ in range(ups):
-            nxt = max(32, channels // 2)
+            nxt = max(min_channels, channels // 2)
             layers += [nn.ConvTranspose2d(channels, nxt, 4, stride=2, padding=1, bias=False),
                        nn.BatchNorm2d(nxt), nn.ReLU()]
             channels = nxt

@@ -1,0 +1,158 @@
+"""The surgical segmentation pipeline end to end, at tiny sizes, on generated data in the real format."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import surgical_seg
+from common import training
+from common.networks import DCGANDecoder
+from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
+from sim2real.synthetic import generate_sim2real
+
+ROOT = Path(__file__).resolve().parents[1]
+# 7 scenes x 2 views: 8 training views (scenes 1-4) and 2 test views (scene 7).
+TINY = ["--num-train", "8", "--num-eval", "2", "--epochs", "2", "--batch-size", "4", "--image-size", "16",
+        "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def sim2real_root(tmp_path_factory):
+    return generate_sim2real(tmp_path_factory.mktemp("sim2real"), scenes=7, views_per_scene=2, progress=False)
+
+
+def tiny_args(root, out, *extra):
+    return ["--data-root", str(root), "--out", str(out)] + TINY + list(extra)
+
+
+@pytest.mark.parametrize("fusion", ["moe", "poe", "gpoe"])
+def test_one_training_step_per_fusion(sim2real_root, tmp_path, fusion):
+    args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--fusion", fusion))
+    args.grid_size, args.fold_hidden, args.pel_width, args.seg_base = 4, 16, 16, 32
+    env = surgical_seg.distributed.setup("cpu")
+    train_set, eval_set = surgical_seg.load_data(args, env)
+    assert len(train_set) == 8 and len(eval_set) == 2
+    model = surgical_seg.build_model(args, fusion)
+    batch = {k: v[:4] for k, v in train_set.tensors.items()}
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name in ("rgb", "points"):
+        grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert (out.alpha is not None) == (fusion == "gpoe")
+    assert any(key.endswith("->mask") for key in out.terms) and any(key.endswith("->points") for key in out.terms)
+    model.eval()
+    assert model.predict(batch["rgb"], "mask").shape == (4, NUM_CLASSES, 16, 16)
+
+
+def test_tiny_compare_run_writes_results_and_tables(sim2real_root, tmp_path):
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path, "--compare", "--epochs", "1",
+                                "--test-corruption", "0", "0.25", "0.7"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seed"] == 0 and results["config"]["epochs"] == 1 and results["task"] == "surgical_seg"
+    assert set(results["fusions"]) == {"moe", "poe", "gpoe"}
+    for fusion, result in results["fusions"].items():
+        assert set(result["metrics"]) == {"0.0", "0.25", "0.7"}
+        for m in result["metrics"].values():
+            assert 0 <= m["iou"] <= m["f1"] <= 1 and m["num_samples"] == 2 and m["pixels"] == 2 * 16 * 16
+            present = [v for v in m["iou_per_class"] if v is not None]
+            assert len(m["iou_per_class"]) == NUM_CLASSES and math.isclose(m["iou"], sum(present) / len(present))
+        assert (result["alpha"] is not None) == (fusion == "gpoe")
+        assert (tmp_path / fusion / "checkpoint.pt").is_file()
+    assert set(results["fusions"]["gpoe"]["alpha"]["0.7"]) == {"rgb", "points"}
+    table4 = json.loads((tmp_path / "table4.json").read_text())["rows"]
+    assert len(table4) == 3 * 3
+    for row in table4:
+        assert row["iou"] == results["fusions"][row["fusion"]]["metrics"][str(row["corruption"])]["iou"]
+    table1 = json.loads((tmp_path / "table1.json").read_text())["rows"]
+    expected = [(0.0, "poe"), (0.0, "gpoe"), (0.7, "poe"), (0.7, "gpoe")]  # 25 % is no Table 1 level
+    assert [(r["corruption"], r["fusion"]) for r in table1] == expected
+    assert "| 70% | PoE |" in (tmp_path / "table1.md").read_text()
+    for name in ("results.md", "table4.md", "iou_vs_corruption.png", "f1_vs_corruption.png", "alpha_gpoe.png",
+                 "qualitative.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(sim2real_root, tmp_path, monkeypatch):
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path / "full", "--fusion", "gpoe"))
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+
+    original = training.train_one_epoch
+
+    def killed_in_second_epoch(*args, **kwargs):
+        if args[5] == 1:  # the epoch argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        surgical_seg.main(tiny_args(sim2real_root, tmp_path / "killed", "--fusion", "gpoe"))
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(training, "train_one_epoch", original)
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path / "killed", "--fusion", "gpoe", "--resume"))
+    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert resumed["epoch"] == full["epoch"] == 1
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    full_metrics = json.loads((tmp_path / "full" / "results.json").read_text())["fusions"]["gpoe"]["metrics"]
+    resumed_metrics = json.loads((tmp_path / "killed" / "results.json").read_text())["fusions"]["gpoe"]["metrics"]
+    assert resumed_metrics == full_metrics
+
+
+def test_more_views_than_the_split_has_is_a_clear_error(sim2real_root, tmp_path):
+    args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--num-train", "9"))
+    with pytest.raises(SystemExit, match=r"--num-train: 9 views requested, but the train split \(scenes 1, 2, 3, 4\)"):
+        surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+
+
+def test_image_size_must_suit_the_segmentation_decoder(sim2real_root, tmp_path):
+    with pytest.raises(SystemExit, match="--image-size: expected a power of two >= 8"):
+        surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--image-size", "48"))
+
+
+def test_fewer_views_are_spread_over_the_split(sim2real_root, tmp_path):
+    args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--num-train", "4"))
+    train_set, _ = surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+    full = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32)
+    # Views 0, 2, 5, 7 of the 8: one of every scene, not the first two scenes.
+    for i, j in enumerate([0, 2, 5, 7]):
+        assert torch.equal(train_set.tensors["mask"][i], full[j]["mask"])
+
+
+def test_intrinsics_option_reaches_the_point_clouds(sim2real_root, tmp_path):
+    args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--intrinsics", "300", "310", "250", "120"))
+    K = np.array([[300.0, 0, 250], [0, 310, 120], [0, 0, 1]])
+    assert np.array_equal(surgical_seg.intrinsics_matrix(args), K)
+    train_set, _ = surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+    expected = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32, intrinsics=K)[0]["points"]
+    default = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32)[0]["points"]
+    assert torch.equal(train_set.tensors["points"][0], expected) and not torch.equal(expected, default)
+
+
+def test_segmentation_decoder_shapes_and_channel_floor():
+    decoder = DCGANDecoder(8, NUM_CLASSES, out_size=32, base=64, min_channels=16)
+    convs = [m for m in decoder.net if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [c.out_channels for c in convs] == [32, 16, 16]
+    assert decoder(torch.randn(2, 8)).shape == (2, NUM_CLASSES, 32, 32)
+    with pytest.raises(ValueError, match="out_size: expected a power of two"):
+        DCGANDecoder(8, NUM_CLASSES, out_size=48)
+
+
+def test_two_process_torchrun_on_cpu(sim2real_root, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           str(ROOT / "examples" / "surgical_seg.py")] + tiny_args(sim2real_root, tmp_path, "--fusion", "poe",
+                                                                   "--epochs", "1", "--device", "cpu")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["fusions"]["poe"]["history"][0]["epoch"] == 1
