@@ -1,0 +1,285 @@
+"""Benchmark of the fused kernels against the pure-PyTorch path, eager and torch.compile'd.
+
+For every configuration (device, dtype, M experts, batch B, D dimensions; logits [M, B, D], no
+mask) it times three implementations of the gPoE fusion:
+
+    kernel   gpoe_fusion.ops.fuse (the C++/CUDA extension)
+    eager    gpoe_fusion._reference.fuse (pure PyTorch)
+    compile  torch.compile(gpoe_fusion._reference.fuse)
+
+over three passes: forward, forward+backward and backward (of a retained graph; all three
+gradients). Timings are medians after warm-up; the implementations are measured in
+alternating rounds, so load from other processes hits them alike. Throughput is reported against
+the minimum bytes a pass must move (each input read once, each output written once), and
+
+    GPU: against the measured device-to-device copy bandwidth;
+    CPU: against the exp floor, the time torch.exp needs for the pass's exp/log count
+         (on this kind of machine the CPU pass is bound by transcendentals, not memory).
+
+    python benchmarks/bench_fusion.py                    # full table, CPU and (if present) CUDA
+    python benchmarks/bench_fusion.py --quick            # the target configurations only
+    python benchmarks/bench_fusion.py --devices cuda --json runs/bench/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch._functorch.config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpoe_fusion import _reference, ops  # noqa: E402
+
+METHODS = ("kernel", "eager", "compile")
+# Backward last: its retained graphs (the eager one holds ~9 [M, B, D] temporaries) then never
+# coexist with another pass's allocations.
+PASSES = ("forward", "forward+backward", "backward")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Config:
+    device: str
+    dtype: str
+    m: int
+    batch: int
+    d: int
+
+
+@dataclass
+class Row:
+    config: Config
+    pass_name: str
+    ms: dict[str, float]  # method -> median milliseconds
+    min_bytes: int
+    transcendentals: int  # exp + log evaluations the fused pass needs
+    kernel_gbps: float = 0.0
+    fraction_of_copy: float | None = None  # GPU: kernel GB/s / copy GB/s
+    exp_floor_ms: float | None = None  # CPU: transcendentals / torch.exp rate
+    speedup: dict[str, float] = field(default_factory=dict)  # kernel vs eager / compile
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def clock(device: str, fn) -> float:
+    """Seconds one call of fn takes (CUDA: between events on the current stream)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: str, nbytes: int) -> float:
+    """GB/s of a device-to-device copy into a preallocated buffer (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    seconds = statistics.median(clock(device, lambda: dst.copy_(src)) for _ in range(10))
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def exp_rate(numel: int) -> float:
+    """Elements per second of torch.exp on the CPU, into a preallocated output."""
+    x = torch.rand(numel) * -10.0  # the arguments the fusion exponentiates are <= 0
+    y = torch.empty_like(x)
+    for _ in range(2):
+        torch.exp(x, out=y)
+    return numel / statistics.median(clock("cpu", lambda: torch.exp(x, out=y)) for _ in range(7))
+
+
+def pass_cost(c: Config, element_bytes: int) -> dict[str, tuple[int, int]]:
+    """(minimum bytes, exp + log count) per pass for logits [M, B, D], no mask, no prior.
+
+    Forward: reads mu, logvar, logits, writes joint mu and logvar; M exps for the credibility
+    softmax, M for the weights, one log. Backward: reads the three inputs and the two incoming
+    gradients, writes three gradients; the same 2M exps, no log (docs/kernels.md)."""
+    expert = c.m * c.batch * c.d  # elements of one [M, B, D] tensor
+    joint = c.batch * c.d
+    forward = ((3 * expert + 2 * joint) * element_bytes, joint * (2 * c.m + 1))
+    backward = ((3 * expert + 2 * joint + 3 * expert) * element_bytes, joint * 2 * c.m)
+    both = (forward[0] + backward[0], forward[1] + backward[1])
+    return {"forward": forward, "backward": backward, "forward+backward": both}
+
+
+def make_runners(c: Config, compiled_fuse):
+    """Callables per (method, pass) on fresh inputs of configuration c."""
+    g = torch.Generator(device=c.device).manual_seed(0)
+    dtype = DTYPES[c.dtype]
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=c.device) * scale).to(dtype)
+
+    mu, logvar, logits = rand(c.m, c.batch, c.d), rand(c.m, c.batch, c.d, scale=2.0), rand(c.m, c.batch, c.d)
+    grads = (rand(c.batch, c.d), rand(c.batch, c.d))
+    leaves = [t.requires_grad_() for t in (mu, logvar, logits)]
+    impls = {"kernel": ops.fuse, "eager": _reference.fuse, "compile": compiled_fuse}
+    runners = {}
+    for method, fuse in impls.items():
+        def forward(fuse=fuse):
+            with torch.no_grad():
+                return fuse(*leaves, None, False)
+
+        def both(fuse=fuse):
+            out = fuse(*leaves, None, False)
+            return torch.autograd.grad(out, leaves, grads)
+
+        graph = {}
+
+        def backward(fuse=fuse, graph=graph):
+            if "out" not in graph:
+                graph["out"] = fuse(*leaves, None, False)
+            return torch.autograd.grad(graph["out"], leaves, grads, retain_graph=True)
+
+        runners[method] = {"forward": forward, "backward": backward, "forward+backward": both}
+    return runners
+
+
+def measure(c: Config, warmup: int, reps: int, copy_gbps: float | None, exps_per_s: float | None) -> list[Row]:
+    torch._dynamo.reset()  # every configuration compiles afresh (no recompile limit, no stale graphs)
+    # The backward pass is timed on a retained graph, which compiled graphs with donated buffers
+    # (torch >= 2.11) refuse; donation only saves memory, not time.
+    torch._functorch.config.donated_buffer = False
+    runners = make_runners(c, torch.compile(_reference.fuse))
+    element_bytes = torch.empty((), dtype=DTYPES[c.dtype]).element_size()
+    costs = pass_cost(c, element_bytes)
+    rows = []
+    for pass_name in PASSES:
+        for method in METHODS:  # warm-up (and compilation)
+            for _ in range(warmup):
+                runners[method][pass_name]()
+        synchronize(c.device)
+        times = {method: [] for method in METHODS}
+        for _ in range(reps):
+            for method in METHODS:
+                times[method].append(clock(c.device, runners[method][pass_name]))
+        ms = {method: statistics.median(t) * 1e3 for method, t in times.items()}
+        min_bytes, transcendentals = costs[pass_name]
+        row = Row(c, pass_name, ms, min_bytes, transcendentals)
+        row.kernel_gbps = min_bytes / (ms["kernel"] / 1e3) / 1e9
+        row.speedup = {m: ms[m] / ms["kernel"] for m in ("eager", "compile")}
+        if copy_gbps:
+            row.fraction_of_copy = row.kernel_gbps / copy_gbps
+        if exps_per_s:
+            row.exp_floor_ms = transcendentals / exps_per_s * 1e3
+        rows.append(row)
+    del runners
+    if c.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def configs(device: str, quick: bool) -> list[Config]:
+    """The target configurations first (the issue's performance targets), then the rest."""
+    targets = ([Config("cuda", dt, 4, 65536, 1024) for dt in DTYPES] if device == "cuda"
+               else [Config("cpu", "float32", 4, 16384, 256)])
+    if quick:
+        return targets
+    out = list(targets)
+    for dtype in DTYPES:
+        for m in (2, 4, 8):
+            for d in (64, 256, 1024):
+                # CPU: 16384 rows, fewer for D = 1024 to keep one pass near the D = 256 cost.
+                batch = 65536 if device == "cuda" else (16384 if d <= 256 else 4096)
+                config = Config(device, dtype, m, batch, d)
+                if config not in out:
+                    out.append(config)
+    return out
+
+
+def print_table(rows: list[Row], env: dict) -> None:
+    print(f"\ngpoe_fusion benchmark: torch {env['torch']}, {env['cpu_threads']} CPU threads"
+          + (f", {env['gpu']}" if env.get("gpu") else ""))
+    if env.get("copy_gbps"):
+        for device, gbps in env["copy_gbps"].items():
+            print(f"  {device} copy bandwidth: {gbps:.1f} GB/s")
+    if env.get("exp_per_s"):
+        print(f"  CPU torch.exp: {env['exp_per_s'] / 1e9:.2f} G elements/s")
+    header = (f"{'dev':4} {'dtype':8} {'M':>2} {'B':>6} {'D':>5} {'pass':16} {'kernel ms':>10} {'eager ms':>10} "
+              f"{'compile ms':>10} {'x eager':>8} {'x compile':>9} {'GB/s':>7} {'copy%':>6} {'exp floor':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        c = r.config
+        copy = f"{100 * r.fraction_of_copy:5.0f}%" if r.fraction_of_copy is not None else "     -"
+        floor = f"{r.ms['kernel'] / r.exp_floor_ms:8.2f}x" if r.exp_floor_ms else "        -"
+        print(f"{c.device:4} {c.dtype:8} {c.m:>2} {c.batch:>6} {c.d:>5} {r.pass_name:16} {r.ms['kernel']:10.3f} "
+              f"{r.ms['eager']:10.3f} {r.ms['compile']:10.3f} {r.speedup['eager']:8.2f} {r.speedup['compile']:9.2f} "
+              f"{r.kernel_gbps:7.1f} {copy} {floor}")
+    print("x eager / x compile: their time over the kernel's. exp floor: kernel time over the time torch.exp "
+          "takes for the pass's exp+log count (CPU).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the target configurations (under a minute on CPU)")
+    parser.add_argument("--devices", default="auto", help="comma-separated cpu,cuda (default: cpu and, if present, cuda)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds per pass (default 5 CPU / 20 CUDA)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="start no new configuration after this many seconds (the targets come first)")
+    args = parser.parse_args(argv)
+
+    if not ops.available():
+        print(f"the extension is not available: {ops.load_error()}", file=sys.stderr)
+        return 1
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
+        else [d.strip() for d in args.devices.split(",")]
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("--devices cuda: no CUDA device", file=sys.stderr)
+        return 1
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+           "cpu_capability": ops.cpu_capability(), "machine": platform.machine(), "quick": args.quick,
+           "copy_gbps": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if "cuda" in devices:
+        env["gpu"] = torch.cuda.get_device_name()
+        env["copy_gbps"]["cuda"] = copy_bandwidth("cuda", 1 << 30)
+    if "cpu" in devices:
+        env["copy_gbps"]["cpu"] = copy_bandwidth("cpu", 1 << 28)
+        env["exp_per_s"] = exp_rate(1 << 24)
+
+    rows: list[Row] = []
+    start = time.perf_counter()
+    for device in devices:
+        warmup = 2 if device == "cpu" else 3
+        reps = args.reps or (5 if device == "cpu" else 20)
+        for c in configs(device, args.quick):
+            if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
+                print(f"  --time-limit reached: skipping {c} and later configurations", file=sys.stderr)
+                env["truncated"] = True
+                break
+            rows += measure(c, warmup, reps, env["copy_gbps"].get("cuda") if device == "cuda" else None,
+                            env.get("exp_per_s") if device == "cpu" else None)
+            print(f"  measured {c} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    env["seconds"] = time.perf_counter() - start
+    print_table(rows, env)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        records = [{**asdict(r.config), **{k: v for k, v in asdict(r).items() if k != "config"}} for r in rows]
+        args.json.write_text(json.dumps({"environment": env, "rows": records}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+// The vectorised CPU kernels, compiled once per instruction set with -DCPU_CAPABILITY=<set>
+// (see ../fusion_cpu_kernels.h). One row at a time, the latent dimensions are walked in SIMD
+// vectors of at::vec::Vectorized<acc_t>; the experts of one vector are held in a small array
+// (compile-time sized for M <= 8) and the math is gpoe::forward_point / backward_point.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/fusion_cpu_kernels.h"
+#include "fusion_math.h"
+
+#ifndef CPU_CAPABILITY
+#error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (setup.py does)"
+#endif
+
+namespace gpoe::cpu::CPU_CAPABILITY {
+namespace {
+
+template <class T>
+using Vec = at::vec::Vectorized<T>;
+
+// float16/bfloat16 are computed in float32; float32 and float64 in themselves.
+template <class scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// exp and log for float vectors, inlined (ATen's Vectorized<float>::exp()/log() are Sleef calls
+// which, on x86, spill every vector register around each use; inlined, the forward runs about
+// 1.4x faster here). Both are within ~1.5 ulp of the exact value on the arguments the fusion
+// produces: exp on x <= 88.3 (here always x <= 0), log on x >= 0.
+
+// exp: x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two so k ln2 is exact), exp(r) by its
+// Taylor series to r^7 (truncation error < 6e-9, under half an ulp), times 2^k built in the
+// exponent bits. Results below 2^-126 flush to zero: every exp here is a term of a sum that
+// holds a 1 (the largest term), so a subnormal one is below the sum's resolution.
+inline Vec<float> exp_f32(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V clamped = at::vec::maximum(x, V(-88.0f));  // keeps k >= -127 (2^-127 -> the bits of 0)
+  const V k = (clamped * V(1.44269504088896341f)).round();
+  V r = at::vec::fmadd(k, V(-0.693145751953125f), clamped);
+  r = at::vec::fmadd(k, V(-1.428606820309417232e-06f), r);
+  V p(1.0f / 5040.0f);
+  p = at::vec::fmadd(p, r, V(1.0f / 720.0f));
+  p = at::vec::fmadd(p, r, V(1.0f / 120.0f));
+  p = at::vec::fmadd(p, r, V(1.0f / 24.0f));
+  p = at::vec::fmadd(p, r, V(1.0f / 6.0f));
+  p = at::vec::fmadd(p, r, V(0.5f));
+  p = at::vec::fmadd(p, r, V(1.0f));
+  p = at::vec::fmadd(p, r, V(1.0f));
+  const auto bits = (at::vec::convert_to_int_of_same_size(k) + Vec<int32_t>(127)) << Vec<int32_t>(23);
+  return p * at::vec::cast<float>(bits);
+}
+
+// log: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(z), z = (m - 1) / (m + 1),
+// |z| <= 0.172, by its series to z^9 (truncation < 1e-9 relative); log x = e ln2 + log m.
+// Subnormal x are scaled by 2^23 first; log(0) = -inf, log(inf) = inf, log(x < 0) = NaN.
+inline Vec<float> log_f32(const Vec<float>& x) {
+  using V = Vec<float>;
+  using I = Vec<int32_t>;
+  const V subnormal = x < V(1.17549435e-38f);
+  const V scaled = V::blendv(x, x * V(8388608.0f), subnormal);
+  const I bits = at::vec::cast<int32_t>(scaled);
+  V e = at::vec::convert_to_fp_of_same_size<float>((bits >> I(23)) - I(127));
+  e = V::blendv(e, e - V(23.0f), subnormal);
+  V m = at::vec::cast<float>((bits & I(0x007fffff)) | I(0x3f800000));  // in [1, 2)
+  const V big = m > V(1.41421356f);
+  m = V::blendv(m, m * V(0.5f), big);
+  e = V::blendv(e, e + V(1.0f), big);
+  const V z = (m - V(1.0f)) / (m + V(1.0f));
+  const V z2 = z * z;
+  V p(1.0f / 9.0f);
+  p = at::vec::fmadd(p, z2, V(1.0f / 7.0f));
+  p = at::vec::fmadd(p, z2, V(1.0f / 5.0f));
+  p = at::vec::fmadd(p, z2, V(1.0f / 3.0f));
+  p = at::vec::fmadd(p, z2, V(1.0f));
+  const V log_m = (z + z) * p;
+  V result = at::vec::fmadd(e, V(0.693145751953125f), at::vec::fmadd(e, V(1.428606820309417232e-06f), log_m));
+  result = V::blendv(result, V(-std::numeric_limits<float>::infinity()), x == V(0.0f));
+  result = V::blendv(result, x, x == V(std::numeric_limits<float>::infinity()));
+  return V::blendv(result, V(std::numeric_limits<float>::quiet_NaN()), (x < V(0.0f)) | x.isnan());
+}
+
+template <class T>
+struct VecOps;
+
+template <>
+struct VecOps<float> {
+  using V = Vec<float>;
+  static V zero() { return V(0.0f); }
+  static V one() { return V(1.0f); }
+  static V neg_inf() { return V(-std::numeric_limits<float>::infinity()); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  static V exp(const V& x) { return exp_f32(x); }
+  static V log(const V& x) { return log_f32(x); }
+};
+
+template <>
+struct VecOps<double> {
+  using V = Vec<double>;
+  static V zero() { return V(0.0); }
+  static V one() { return V(1.0); }
+  static V neg_inf() { return V(-std::numeric_limits<double>::infinity()); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  static V exp(const V& x) { return x.exp(); }
+  static V log(const V& x) { return x.log(); }
+};
+
+// `count` (<= the vector width) elements from p with stride 0 or 1, as a vector of acc_t;
+// lanes past `count` are zero.
+template <class scalar_t, class acc_t = acc_type<scalar_t>>
+inline Vec<acc_t> load_vec(const scalar_t* p, int64_t stride_d, int64_t count) {
+  using V = Vec<acc_t>;
+  if (stride_d == 0) return V(static_cast<acc_t>(*p));
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return V::loadu(p, count);
+  } else {
+    acc_t buffer[V::size()] = {};
+    for (int64_t j = 0; j < count; ++j) buffer[j] = static_cast<acc_t>(p[j]);
+    return V::loadu(buffer);
+  }
+}
+
+template <class scalar_t, class acc_t>
+inline void store_vec(scalar_t* p, const Vec<acc_t>& v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p, count);
+  } else {
+    acc_t buffer[Vec<acc_t>::size()];
+    v.store(buffer);
+    for (int64_t j = 0; j < count; ++j) p[j] = static_cast<scalar_t>(buffer[j]);
+  }
+}
+
+// Per-expert storage: a fixed array when M is a compile-time constant (kM > 0), which the
+// compiler can keep in registers, else a heap array allocated once per chunk of rows.
+template <class T, int kM>
+struct Slots {
+  explicit Slots(int /*m*/) {}
+  T& operator[](int i) { return values[i]; }
+  const T& operator[](int i) const { return values[i]; }
+  T values[kM];
+};
+
+template <class T>
+struct Slots<T, 0> {
+  explicit Slots(int m) : values(static_cast<size_t>(m)) {}
+  T& operator[](int i) { return values[i]; }
+  const T& operator[](int i) const { return values[i]; }
+  std::vector<T> values;
+};
+
+// The experts of one vector of positions, as gpoe::forward_point / backward_point read them.
+template <class V, int kM>
+struct Experts {
+  using value_type = V;
+  static constexpr bool kScratch = true;
+  explicit Experts(int m)
+      : m_(kM > 0 ? kM : m), present_(m), mu_(m), logvar_(m), logit_(m), w_(m), gs_(m), alpha_(m) {}
+  int count() const { return kM > 0 ? kM : m_; }
+  bool present(int i) const { return present_[i] != 0; }
+  V mu(int i) const { return mu_[i]; }
+  V logvar(int i) const { return logvar_[i]; }
+  V logit(int i) const { return logit_[i]; }
+  V& w(int i) { return w_[i]; }
+  V& gs(int i) { return gs_[i]; }
+  V& alpha(int i) { return alpha_[i]; }
+
+  int m_;
+  Slots<uint8_t, kM> present_;
+  Slots<V, kM> mu_, logvar_, logit_, w_, gs_, alpha_;
+};
+
+// Pointers into one row n of the inputs, and the loads of one vector of it.
+template <class scalar_t>
+struct RowInputs {
+  const FuseArgs& a;
+  int64_t n = 0;
+
+  template <class E>
+  void load_presence(E& e) const {
+    for (int i = 0; i < e.count(); ++i) {
+      e.present_[i] = a.mask == nullptr || a.mask[i * a.mask_stride_m + n * a.mask_stride_n];
+    }
+  }
+
+  template <bool kLogits, class E>
+  void load(E& e, int64_t d0, int64_t count) const {
+    const auto* mu = static_cast<const scalar_t*>(a.mu.data);
+    const auto* logvar = static_cast<const scalar_t*>(a.logvar.data);
+    const auto* logits = static_cast<const scalar_t*>(a.logits.data);
+    for (int i = 0; i < e.count(); ++i) {
+      // Masked experts are not read: they may hold anything, NaN included.
+      if (!e.present(i)) continue;
+      e.mu_[i] = load_vec(mu + i * a.mu.stride_m + n * a.mu.stride_n + d0, 1, count);
+      e.logvar_[i] = load_vec(logvar + i * a.logvar.stride_m + n * a.logvar.stride_n + d0, 1, count);
+      if constexpr (kLogits) {
+        e.logit_[i] = load_vec(logits + i * a.logits.stride_m + n * a.logits.stride_n + d0 * a.logits.stride_d,
+                              a.logits.stride_d, count);
+      }
+    }
+  }
+};
+
+template <class scalar_t, int kM, bool kLogits>
+void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t kWidth = V::size();
+  Experts<V, kM> e(static_cast<int>(a.m));
+  auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
+  auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const RowInputs<scalar_t> row{a, n};
+    row.load_presence(e);
+    for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
+      const int64_t count = std::min(kWidth, a.d - d0);
+      row.template load<kLogits>(e, d0, count);
+      V mu, logvar;
+      forward_point<VecOps<acc_t>, kLogits>(e, a.prior, mu, logvar);
+      store_vec(joint_mu + n * a.d + d0, mu, count);
+      store_vec(joint_logvar + n * a.d + d0, logvar, count);
+    }
+  }
+}
+
+// Receives the per-expert gradients of one vector of positions (see fusion_math.h).
+template <class scalar_t, int kM>
+struct GradSink {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  const FuseArgs& a;
+  const BackwardArgs& g;
+  int64_t chunk = 0;
+  int64_t n = 0;
+  int64_t d0 = 0;
+  int64_t count = 0;
+  // kDims: this row's sums; kAll: this chunk's sums (one vector per expert).
+  Slots<V, kM>& sums;
+
+  int64_t offset(int i) const { return (i * a.n + n) * a.d + d0; }
+  void mu(int i, const V& v) {
+    if (g.grad_mu != nullptr) store_vec(static_cast<scalar_t*>(g.grad_mu) + offset(i), v, count);
+  }
+  void logvar(int i, const V& v) {
+    if (g.grad_logvar != nullptr) store_vec(static_cast<scalar_t*>(g.grad_logvar) + offset(i), v, count);
+  }
+  void logit(int i, const V& v) {
+    if (g.grad_logits == nullptr) return;
+    switch (a.logit_reduce) {
+      case LogitReduce::kNone:
+        store_vec(static_cast<scalar_t*>(g.grad_logits) + offset(i), v, count);
+        break;
+      case LogitReduce::kRows: {
+        acc_t* p = static_cast<acc_t*>(g.grad_logits) + (chunk * a.m + i) * a.d + d0;
+        (V::loadu(p, count) + v).store(p, count);
+        break;
+      }
+      case LogitReduce::kDims:
+      case LogitReduce::kAll:
+        // Lanes past `count` hold gradients of padding positions: keep them out of the sum.
+        sums[i] = sums[i] + V::set(V(acc_t(0)), v, count);
+        break;
+    }
+  }
+};
+
+template <class V>
+typename V::value_type horizontal_sum(const V& v) {
+  typename V::value_type lanes[V::size()];
+  v.store(lanes);
+  typename V::value_type total = 0;
+  for (int j = 0; j < V::size(); ++j) total += lanes[j];
+  return total;
+}
+
+template <class scalar_t, int kM, bool kLogits>
+void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int64_t row_begin, int64_t row_end) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t kWidth = V::size();
+  const int m = static_cast<int>(a.m);
+  Experts<V, kM> e(m);
+  Slots<V, kM> sums(m);
+  for (int i = 0; i < m; ++i) sums[i] = V(acc_t(0));
+  const auto* grad_mu = static_cast<const scalar_t*>(g.grad_joint_mu.data);
+  const auto* grad_logvar = static_cast<const scalar_t*>(g.grad_joint_logvar.data);
+  GradSink<scalar_t, kM> sink{a, g, chunk, 0, 0, 0, sums};
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const RowInputs<scalar_t> row{a, n};
+    row.load_presence(e);
+    sink.n = n;
+    for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
+      const int64_t count = std::min(kWidth, a.d - d0);
+      row.template load<kLogits>(e, d0, count);
+      const V g_mu = grad_mu == nullptr
+          ? V(acc_t(0))
+          : load_vec(grad_mu + n * g.grad_joint_mu.stride_n + d0 * g.grad_joint_mu.stride_d,
+                 g.grad_joint_mu.stride_d, count);
+      const V g_logvar = grad_logvar == nullptr
+          ? V(acc_t(0))
+          : load_vec(grad_logvar + n * g.grad_joint_logvar.stride_n + d0 * g.grad_joint_logvar.stride_d,
+                 g.grad_joint_logvar.stride_d, count);
+      sink.d0 = d0;
+      sink.count = count;
+      backward_point<VecOps<acc_t>, kLogits>(e, a.prior, g_mu, g_logvar, sink);
+    }
+    if (kLogits && g.grad_logits != nullptr && a.logit_reduce == LogitReduce::kDims) {
+      for (int i = 0; i < m; ++i) {
+        static_cast<acc_t*>(g.grad_logits)[i * a.n + n] = horizontal_sum(sums[i]);
+        sums[i] = V(acc_t(0));
+      }
+    }
+  }
+  if (kLogits && g.grad_logits != nullptr && a.logit_reduce == LogitReduce::kAll) {
+    for (int i = 0; i < m; ++i) static_cast<acc_t*>(g.grad_logits)[chunk * a.m + i] = horizontal_sum(sums[i]);
+  }
+}
+
+// Calls f(scalar_t{}, std::integral_constant<int, kM>{}, std::bool_constant<kLogits>{}).
+template <class F>
+void dispatch(const FuseArgs& a, F&& f) {
+  auto with_logits = [&](auto scalar, auto experts) {
+    if (a.logits.data != nullptr) {
+      f(scalar, experts, std::true_type{});
+    } else {
+      f(scalar, experts, std::false_type{});
+    }
+  };
+  auto with_experts = [&](auto scalar) {
+    switch (a.m) {
+      case 1: return with_logits(scalar, std::integral_constant<int, 1>{});
+      case 2: return with_logits(scalar, std::integral_constant<int, 2>{});
+      case 3: return with_logits(scalar, std::integral_constant<int, 3>{});
+      case 4: return with_logits(scalar, std::integral_constant<int, 4>{});
+      case 8: return with_logits(scalar, std::integral_constant<int, 8>{});
+      default: return with_logits(scalar, std::integral_constant<int, 0>{});
+    }
+  };
+  switch (a.dtype) {
+    case Dtype::kFloat32: return with_experts(float{});
+    case Dtype::kFloat64: return with_experts(double{});
+    case Dtype::kFloat16: return with_experts(c10::Half{});
+    case Dtype::kBFloat16: return with_experts(c10::BFloat16{});
+  }
+}
+
+}  // namespace
+
+void fuse_forward_rows(const FuseArgs& args, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
+  dispatch(args, [&](auto scalar, auto experts, auto logits) {
+    forward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value>(args, out, row_begin, row_end);
+  });
+}
+
+void fuse_backward_rows(const FuseArgs& args, const BackwardArgs& grads, int64_t chunk, int64_t row_begin,
+                        int64_t row_end) {
+  dispatch(args, [&](auto scalar, auto experts, auto logits) {
+    backward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value>(args, grads, chunk, row_begin,
+                                                                                        row_end);
+  });
+}
+
+}  // namespace gpoe::cpu::CPU_CAPABILITY

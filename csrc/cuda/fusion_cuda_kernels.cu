@@ -1,0 +1,562 @@
+// CUDA kernels of the weighted Gaussian product, forward and backward.
+//
+// Each thread owns `kVec` consecutive dimensions of one row at a time (128-bit loads and stores
+// where the operands are aligned) and loops over rows. For M in kStaticExperts the experts'
+// values live in registers (arrays indexed by compile-time constants after unrolling); any
+// other M takes the general path: one dimension per thread, experts re-read from memory (L1)
+// in each pass of the math. The math itself is gpoe::forward_point / backward_point, shared
+// with the CPU kernels. float16/bfloat16 are computed in float32, float64 in float64.
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda/fusion_cuda_kernels.h"
+#include "fusion_math.h"
+
+namespace gpoe::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // per block
+// Resident blocks per multiprocessor the register allocation must allow (<= 128 registers a
+// thread): 16 warps keep enough loads in flight to saturate memory bandwidth.
+constexpr int kMinBlocks = 2;
+constexpr int kBlocksPerSm = 16;  // grid size, in blocks per multiprocessor (several waves)
+
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T>
+__device__ __forceinline__ T from_acc(acc_t<T> x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+template <class A>
+struct DeviceOps;
+
+template <>
+struct DeviceOps<float> {
+  static __device__ __forceinline__ float zero() { return 0.0f; }
+  static __device__ __forceinline__ float one() { return 1.0f; }
+  static __device__ __forceinline__ float neg_inf() { return -INFINITY; }
+  static __device__ __forceinline__ float max(float a, float b) { return fmaxf(a, b); }
+  static __device__ __forceinline__ float fma(float a, float b, float c) { return fmaf(a, b, c); }
+  // The accurate expf/logf (no fast-math intrinsics): results stay within float32 rounding.
+  static __device__ __forceinline__ float exp(float x) { return expf(x); }
+  static __device__ __forceinline__ float log(float x) { return logf(x); }
+};
+
+template <>
+struct DeviceOps<double> {
+  static __device__ __forceinline__ double zero() { return 0.0; }
+  static __device__ __forceinline__ double one() { return 1.0; }
+  static __device__ __forceinline__ double neg_inf() { return -INFINITY; }
+  static __device__ __forceinline__ double max(double a, double b) { return fmax(a, b); }
+  static __device__ __forceinline__ double fma(double a, double b, double c) { return ::fma(a, b, c); }
+  static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
+  static __device__ __forceinline__ double log(double x) { return ::log(x); }
+};
+
+// ---- Loads and stores of kVec consecutive elements ------------------------------------------
+
+template <int kBytes>
+struct RawVector;
+template <>
+struct RawVector<2> { using type = uint16_t; };
+template <>
+struct RawVector<4> { using type = uint32_t; };
+template <>
+struct RawVector<8> { using type = uint2; };
+template <>
+struct RawVector<16> { using type = uint4; };
+
+// kVec elements starting at p (stride_d 0: one broadcast element), in their storage type.
+// `aligned`: p is aligned to the whole group, so it is one 64/128-bit load; `valid` elements
+// exist (fewer at the row's tail; the rest are zero).
+template <class T, int kVec>
+__device__ __forceinline__ void load_raw(const T* p, int64_t stride_d, bool aligned, int64_t valid, T (&out)[kVec]) {
+  if (stride_d == 0) {
+    const T x = p[0];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = x;
+  } else if (aligned && valid >= kVec) {
+    using Raw = typename RawVector<sizeof(T) * kVec>::type;
+    const Raw raw = *reinterpret_cast<const Raw*>(p);
+    memcpy(out, &raw, sizeof(raw));
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = j < valid ? p[j] : T(from_acc<T>(0));
+  }
+}
+
+// The same, converted to the accumulation type.
+template <class T, int kVec>
+__device__ __forceinline__ void load_group(const T* p, int64_t stride_d, bool aligned, int64_t valid,
+                                           acc_t<T> (&out)[kVec]) {
+  T values[kVec];
+  load_raw<T, kVec>(p, stride_d, aligned, valid, values);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[j] = to_acc(values[j]);
+}
+
+template <class T, int kVec>
+__device__ __forceinline__ void store_raw(T* p, bool aligned, int64_t valid, const T (&in)[kVec]) {
+  if (aligned && valid >= kVec) {
+    using Raw = typename RawVector<sizeof(T) * kVec>::type;
+    Raw raw;
+    memcpy(&raw, in, sizeof(raw));
+    *reinterpret_cast<Raw*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (j < valid) p[j] = in[j];
+    }
+  }
+}
+
+template <class T, int kVec>
+__device__ __forceinline__ void store_group(T* p, bool aligned, int64_t valid, const acc_t<T> (&in)[kVec]) {
+  T values[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) values[j] = from_acc<T>(in[j]);
+  store_raw<T, kVec>(p, aligned, valid, values);
+}
+
+// Whether every group of an operand starts on a vector boundary: base and strides.
+bool aligned(const Operand& o, int vec, size_t element_bytes) {
+  if (o.data == nullptr) return false;
+  const auto bytes = static_cast<uintptr_t>(vec) * element_bytes;
+  return reinterpret_cast<uintptr_t>(o.data) % bytes == 0 && o.stride_m % vec == 0 && o.stride_n % vec == 0;
+}
+
+struct Alignment {
+  bool mu = false, logvar = false, logits = false, grad_mu = false, grad_logvar = false;
+  bool out = false;  // the contiguous outputs ([N, D] or [M, N, D]): D % vec == 0
+};
+
+// ---- The experts of one thread ---------------------------------------------------------------
+
+// Static path: kM experts x kVec dimensions, in registers, in their storage type (16-bit
+// values take half the registers; each is converted where the math reads it).
+template <class T, int kM, int kVec>
+struct Registers {
+  bool present[kM];
+  T mu[kM][kVec];
+  T logvar[kM][kVec];
+  T logit[kM][kVec];
+};
+
+// One lane (dimension) j of Registers, as fusion_math.h reads experts.
+template <class T, int kM, int kVec>
+struct Lane {
+  using value_type = acc_t<T>;
+  using A = value_type;
+  static constexpr bool kScratch = true;
+  const Registers<T, kM, kVec>& r;
+  int j;
+  A w_[kM];
+  A gs_[kM];
+  A alpha_[kM];
+  __device__ __forceinline__ int count() const { return kM; }
+  __device__ __forceinline__ bool present(int i) const { return r.present[i]; }
+  __device__ __forceinline__ A mu(int i) const { return to_acc(r.mu[i][j]); }
+  __device__ __forceinline__ A logvar(int i) const { return to_acc(r.logvar[i][j]); }
+  __device__ __forceinline__ A logit(int i) const { return to_acc(r.logit[i][j]); }
+  __device__ __forceinline__ A& w(int i) { return w_[i]; }
+  __device__ __forceinline__ A& gs(int i) { return gs_[i]; }
+  __device__ __forceinline__ A& alpha(int i) { return alpha_[i]; }
+};
+
+// The static path's gradients for lane j. They overwrite the inputs they replace in Registers
+// (fusion_math.h reads an input for the last time before it hands out that input's gradient
+// when kScratch is true), and are stored from there; with kReduce the logits' gradient is
+// added, unrounded, into the thread's sums of the broadcast axes instead.
+template <class T, int kM, int kVec, bool kReduce>
+struct InPlaceSink {
+  using A = acc_t<T>;
+  static constexpr int kSums = kReduce ? kM : 1;
+  Registers<T, kM, kVec>& r;
+  int j;
+  bool valid;  // lane j is inside the row (not padding past D)
+  LogitReduce reduce;
+  A (&row_sums)[kSums][kReduce ? kVec : 1];
+  A (&dim_sums)[kSums];
+  A (&all_sums)[kSums];
+  __device__ __forceinline__ void mu(int i, A v) { r.mu[i][j] = from_acc<T>(v); }
+  __device__ __forceinline__ void logvar(int i, A v) { r.logvar[i][j] = from_acc<T>(v); }
+  __device__ __forceinline__ void logit(int i, A v) {
+    if constexpr (kReduce) {
+      if (!valid) return;
+      if (reduce == LogitReduce::kRows) row_sums[i][j] += v;
+      if (reduce == LogitReduce::kDims) dim_sums[i] += v;
+      if (reduce == LogitReduce::kAll) all_sums[i] += v;
+    } else {
+      r.logit[i][j] = from_acc<T>(v);
+    }
+  }
+};
+
+__device__ __forceinline__ bool is_present(const FuseArgs& a, int i, int64_t n) {
+  return a.mask == nullptr || a.mask[i * a.mask_stride_m + n * a.mask_stride_n];
+}
+
+template <class T, bool kLogits, int kM, int kVec>
+__device__ __forceinline__ void load_registers(const FuseArgs& a, const Alignment& al, int64_t n, int64_t d0,
+                                               int64_t valid, Registers<T, kM, kVec>& r) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
+    r.present[i] = is_present(a, i, n);
+    // Masked experts are not read: they may hold anything, NaN included.
+    if (!r.present[i]) continue;
+    load_raw<T, kVec>(static_cast<const T*>(a.mu.data) + i * a.mu.stride_m + n * a.mu.stride_n + d0, 1, al.mu, valid,
+                      r.mu[i]);
+    load_raw<T, kVec>(static_cast<const T*>(a.logvar.data) + i * a.logvar.stride_m + n * a.logvar.stride_n + d0, 1,
+                      al.logvar, valid, r.logvar[i]);
+    if constexpr (kLogits) {
+      load_raw<T, kVec>(static_cast<const T*>(a.logits.data) + i * a.logits.stride_m + n * a.logits.stride_n +
+                            d0 * a.logits.stride_d,
+                        a.logits.stride_d, al.logits, valid, r.logit[i]);
+    }
+  }
+}
+
+// General path: any M, one dimension, experts read from memory on each use.
+template <class T>
+struct GlobalExperts {
+  using value_type = acc_t<T>;
+  static constexpr bool kScratch = false;
+  const FuseArgs& a;
+  int64_t n, d;
+  __device__ __forceinline__ int count() const { return static_cast<int>(a.m); }
+  __device__ __forceinline__ bool present(int i) const { return is_present(a, i, n); }
+  __device__ __forceinline__ value_type mu(int i) const {
+    return to_acc(static_cast<const T*>(a.mu.data)[i * a.mu.stride_m + n * a.mu.stride_n + d]);
+  }
+  __device__ __forceinline__ value_type logvar(int i) const {
+    return to_acc(static_cast<const T*>(a.logvar.data)[i * a.logvar.stride_m + n * a.logvar.stride_n + d]);
+  }
+  __device__ __forceinline__ value_type logit(int i) const {
+    return to_acc(
+        static_cast<const T*>(a.logits.data)[i * a.logits.stride_m + n * a.logits.stride_n + d * a.logits.stride_d]);
+  }
+};
+
+// General path's gradients: stored directly; broadcast logits' gradients added into the
+// partial sums (a slot per thread for kRows / kAll; atomics for kDims).
+template <class T>
+struct GlobalSink {
+  using A = acc_t<T>;
+  const FuseArgs& a;
+  const BackwardArgs& g;
+  A* partial;
+  int64_t n, d, row_slot, column_slot, columns;
+  __device__ __forceinline__ int64_t offset(int i) const { return (i * a.n + n) * a.d + d; }
+  __device__ __forceinline__ void mu(int i, A v) {
+    if (g.grad_mu != nullptr) static_cast<T*>(g.grad_mu)[offset(i)] = from_acc<T>(v);
+  }
+  __device__ __forceinline__ void logvar(int i, A v) {
+    if (g.grad_logvar != nullptr) static_cast<T*>(g.grad_logvar)[offset(i)] = from_acc<T>(v);
+  }
+  __device__ __forceinline__ void logit(int i, A v) {
+    if (a.logit_reduce == LogitReduce::kNone) {
+      if (g.grad_logits != nullptr) static_cast<T*>(g.grad_logits)[offset(i)] = from_acc<T>(v);
+      return;
+    }
+    if (partial == nullptr) return;
+    switch (a.logit_reduce) {
+      case LogitReduce::kNone: break;
+      case LogitReduce::kRows: partial[(row_slot * a.m + i) * a.d + d] += v; break;
+      case LogitReduce::kDims: atomicAdd(partial + i * a.n + n, v); break;
+      case LogitReduce::kAll: partial[(row_slot * a.m + i) * columns + column_slot] += v; break;
+    }
+  }
+};
+
+// ---- Kernels ---------------------------------------------------------------------------------
+
+template <class T, int kM, bool kLogits, int kVec>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const FuseArgs a, const ForwardOut out, const Alignment al) {
+  using A = acc_t<T>;
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t d0 = group * kVec;
+  if (d0 >= a.d) return;
+  const int64_t valid = a.d - d0;
+  for (int64_t n = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; n < a.n;
+       n += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    A joint_mu[kVec], joint_logvar[kVec];
+    if constexpr (kM > 0) {
+      Registers<T, kM, kVec> r;
+      load_registers<T, kLogits>(a, al, n, d0, valid, r);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        Lane<T, kM, kVec> lane{r, j};
+        forward_point<DeviceOps<A>, kLogits>(lane, a.prior, joint_mu[j], joint_logvar[j]);
+      }
+    } else {
+      GlobalExperts<T> experts{a, n, d0};
+      forward_point<DeviceOps<A>, kLogits>(experts, a.prior, joint_mu[0], joint_logvar[0]);
+    }
+    store_group<T, kVec>(static_cast<T*>(out.joint_mu) + n * a.d + d0, al.out, valid, joint_mu);
+    store_group<T, kVec>(static_cast<T*>(out.joint_logvar) + n * a.d + d0, al.out, valid, joint_logvar);
+  }
+}
+
+// Sum of v over the `width` (a power of two <= 32) lanes of this thread's segment of the warp.
+template <class A>
+__device__ __forceinline__ A segment_sum(A v, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// kReduce: the logits are broadcast and their gradient is wanted, so it is summed into
+// `partial` (else it is stored per element, or not at all); a template parameter so that the
+// common kernels carry no accumulator registers.
+template <class T, int kM, bool kLogits, bool kReduce, int kVec>
+__global__ void __launch_bounds__(kThreads, kReduce ? 1 : kMinBlocks)
+    backward_kernel(const FuseArgs a, const BackwardArgs g, const Alignment al, acc_t<T>* partial) {
+  using A = acc_t<T>;
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t columns = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t row_slot = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  const int64_t d0 = column * kVec;
+  const bool in_row = d0 < a.d;
+  const int64_t valid = a.d - d0;
+  const LogitReduce reduce = kReduce ? a.logit_reduce : LogitReduce::kNone;
+  const auto* grad_joint_mu = static_cast<const T*>(g.grad_joint_mu.data);
+  const auto* grad_joint_logvar = static_cast<const T*>(g.grad_joint_logvar.data);
+
+  constexpr int kSums = kReduce && kM > 0 ? kM : 1;
+  [[maybe_unused]] A row_sums[kSums][kReduce ? kVec : 1] = {};  // kRows, static path
+  [[maybe_unused]] A all_sums[kSums] = {};                      // kAll, static path
+  // Uniform trip count across the block, so that the kDims warp reduction has every lane.
+  for (int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.y; first < a.n;
+       first += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const int64_t n = first + threadIdx.y;
+    const bool active = in_row && n < a.n;
+    A g_mu[kVec] = {}, g_logvar[kVec] = {};
+    if (active && grad_joint_mu != nullptr) {
+      load_group<T, kVec>(grad_joint_mu + n * g.grad_joint_mu.stride_n + d0 * g.grad_joint_mu.stride_d,
+                          g.grad_joint_mu.stride_d, al.grad_mu, valid, g_mu);
+    }
+    if (active && grad_joint_logvar != nullptr) {
+      load_group<T, kVec>(grad_joint_logvar + n * g.grad_joint_logvar.stride_n + d0 * g.grad_joint_logvar.stride_d,
+                          g.grad_joint_logvar.stride_d, al.grad_logvar, valid, g_logvar);
+    }
+    if constexpr (kM > 0) {
+      [[maybe_unused]] A dim_sums[kSums] = {};  // kDims
+      if (active) {
+        Registers<T, kM, kVec> r;
+        load_registers<T, kLogits>(a, al, n, d0, valid, r);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          Lane<T, kM, kVec> lane{r, j};
+          InPlaceSink<T, kM, kVec, kReduce> sink{r, j, j < valid, reduce, row_sums, dim_sums, all_sums};
+          backward_point<DeviceOps<A>, kLogits>(lane, a.prior, g_mu[j], g_logvar[j], sink);
+        }
+#pragma unroll
+        for (int i = 0; i < kM; ++i) {
+          const int64_t offset = (i * a.n + n) * a.d + d0;
+          if (g.grad_mu != nullptr) store_raw<T, kVec>(static_cast<T*>(g.grad_mu) + offset, al.out, valid, r.mu[i]);
+          if (g.grad_logvar != nullptr) {
+            store_raw<T, kVec>(static_cast<T*>(g.grad_logvar) + offset, al.out, valid, r.logvar[i]);
+          }
+          if constexpr (kLogits && !kReduce) {
+            if (g.grad_logits != nullptr) {
+              store_raw<T, kVec>(static_cast<T*>(g.grad_logits) + offset, al.out, valid, r.logit[i]);
+            }
+          }
+        }
+      }
+      if constexpr (kReduce) {
+        if (reduce == LogitReduce::kDims) {
+          const int width = blockDim.x < 32 ? static_cast<int>(blockDim.x) : 32;
+          const int64_t slice = column / width;
+#pragma unroll
+          for (int i = 0; i < kM; ++i) {
+            const A total = segment_sum(dim_sums[i], width);
+            if (threadIdx.x % width == 0 && n < a.n) partial[(slice * a.m + i) * a.n + n] = total;
+          }
+        }
+      }
+    } else if (active) {
+      GlobalExperts<T> experts{a, n, d0};
+      GlobalSink<T> sink{a, g, partial, n, d0, row_slot, column, columns};
+      backward_point<DeviceOps<A>, kLogits>(experts, a.prior, g_mu[0], g_logvar[0], sink);
+    }
+  }
+  if constexpr (kM > 0 && kReduce) {
+    if (reduce == LogitReduce::kRows && in_row) {
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (j < valid) partial[(row_slot * a.m + i) * a.d + d0 + j] += row_sums[i][j];
+        }
+      }
+    }
+    if (reduce == LogitReduce::kAll) {
+#pragma unroll
+      for (int i = 0; i < kM; ++i) partial[(row_slot * a.m + i) * columns + column] += all_sums[i];
+    }
+  }
+}
+
+// ---- Dispatch --------------------------------------------------------------------------------
+
+// M with a register-resident kernel; any other M takes the general path.
+constexpr int kStaticExperts[] = {1, 2, 3, 4, 8};
+
+bool is_static(int64_t m) {
+  for (int s : kStaticExperts) {
+    if (m == s) return true;
+  }
+  return false;
+}
+
+size_t element_bytes(Dtype dtype) {
+  switch (dtype) {
+    case Dtype::kFloat64: return 8;
+    case Dtype::kFloat32: return 4;
+    default: return 2;
+  }
+}
+
+// Elements per thread: 16 bytes of each operand (one 128-bit access) for M <= 4, 8 bytes for
+// M = 8 so that the experts' registers stay within the 255 a thread has.
+int vector_width(const FuseArgs& a) {
+  if (!is_static(a.m)) return 1;
+  return static_cast<int>(std::max<size_t>(1, (a.m > 4 ? 8 : 16) / element_bytes(a.dtype)));
+}
+
+// Calls f(T{}, integral_constant<kM>, bool_constant<kLogits>, integral_constant<kVec>).
+template <class F>
+void dispatch(const FuseArgs& a, F&& f) {
+  const bool logits = a.logits.data != nullptr;
+  auto with_logits = [&](auto scalar, auto experts, auto width) {
+    if (logits) {
+      f(scalar, experts, std::true_type{}, width);
+    } else {
+      f(scalar, experts, std::false_type{}, width);
+    }
+  };
+  auto with_experts = [&](auto scalar) {
+    using T = decltype(scalar);
+    constexpr int kWide = static_cast<int>(16 / sizeof(T));
+    constexpr int kNarrow = static_cast<int>(sizeof(T) >= 8 ? 1 : 8 / sizeof(T));
+    using Wide = std::integral_constant<int, kWide>;
+    using Narrow = std::integral_constant<int, kNarrow>;
+    switch (a.m) {
+      case 1: return with_logits(scalar, std::integral_constant<int, 1>{}, Wide{});
+      case 2: return with_logits(scalar, std::integral_constant<int, 2>{}, Wide{});
+      case 3: return with_logits(scalar, std::integral_constant<int, 3>{}, Wide{});
+      case 4: return with_logits(scalar, std::integral_constant<int, 4>{}, Wide{});
+      case 8: return with_logits(scalar, std::integral_constant<int, 8>{}, Narrow{});
+      default: return with_logits(scalar, std::integral_constant<int, 0>{}, std::integral_constant<int, 1>{});
+    }
+  };
+  switch (a.dtype) {
+    case Dtype::kFloat32: return with_experts(float{});
+    case Dtype::kFloat64: return with_experts(double{});
+    case Dtype::kFloat16: return with_experts(__half{});
+    case Dtype::kBFloat16: return with_experts(__nv_bfloat16{});
+  }
+}
+
+Alignment alignment(const FuseArgs& a, const BackwardArgs* g, int vec) {
+  const size_t bytes = element_bytes(a.dtype);
+  Alignment al;
+  al.mu = aligned(a.mu, vec, bytes);
+  al.logvar = aligned(a.logvar, vec, bytes);
+  al.logits = aligned(a.logits, vec, bytes);
+  if (g != nullptr) {
+    al.grad_mu = aligned(g->grad_joint_mu, vec, bytes);
+    al.grad_logvar = aligned(g->grad_joint_logvar, vec, bytes);
+  }
+  al.out = a.d % vec == 0;
+  return al;
+}
+
+}  // namespace
+
+Plan plan(const FuseArgs& a, int sm_count) {
+  Plan p;
+  p.vec = vector_width(a);
+  const int64_t groups = (a.d + p.vec - 1) / p.vec;
+  unsigned block_x = 1;
+  while (static_cast<int64_t>(block_x) < groups && block_x < kThreads) block_x *= 2;
+  p.block_x = block_x;
+  p.block_y = kThreads / block_x;
+  p.grid_x = static_cast<unsigned>((groups + block_x - 1) / block_x);
+  const int64_t row_blocks = std::max<int64_t>(1, (a.n + p.block_y - 1) / p.block_y);
+  const int64_t wanted = std::max<int64_t>(1, int64_t{kBlocksPerSm} * sm_count / p.grid_x);
+  p.grid_y = static_cast<unsigned>(std::min<int64_t>({row_blocks, wanted, 65535}));
+  const int64_t row_slots = int64_t{p.grid_y} * p.block_y;
+  const int64_t columns = int64_t{p.grid_x} * p.block_x;
+  const int width = std::min<int>(static_cast<int>(p.block_x), 32);
+  switch (a.logit_reduce) {
+    case LogitReduce::kNone: break;
+    case LogitReduce::kRows:
+      p.partial_shape[0] = row_slots;
+      p.partial_shape[1] = a.m;
+      p.partial_shape[2] = a.d;
+      break;
+    case LogitReduce::kDims:
+      p.partial_shape[0] = is_static(a.m) ? columns / width : 1;
+      p.partial_shape[1] = a.m;
+      p.partial_shape[2] = a.n;
+      break;
+    case LogitReduce::kAll:
+      p.partial_shape[0] = row_slots;
+      p.partial_shape[1] = a.m;
+      p.partial_shape[2] = columns;
+      break;
+  }
+  return p;
+}
+
+void fuse_forward(const FuseArgs& a, const ForwardOut& out, const Plan& p, cudaStream_t stream) {
+  const Alignment al = alignment(a, nullptr, p.vec);
+  dispatch(a, [&](auto scalar, auto experts, auto logits, auto width) {
+    using T = decltype(scalar);
+    forward_kernel<T, decltype(experts)::value, decltype(logits)::value, decltype(width)::value>
+        <<<dim3(p.grid_x, p.grid_y), dim3(p.block_x, p.block_y), 0, stream>>>(a, out, al);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void fuse_backward(const FuseArgs& a, const BackwardArgs& grads, void* partial, const Plan& p, cudaStream_t stream) {
+  const Alignment al = alignment(a, &grads, p.vec);
+  const bool reduce = partial != nullptr && a.logit_reduce != LogitReduce::kNone;
+  dispatch(a, [&](auto scalar, auto experts, auto logits, auto width) {
+    using T = decltype(scalar);
+    constexpr int kM = decltype(experts)::value;
+    constexpr bool kLogits = decltype(logits)::value;
+    constexpr int kVec = decltype(width)::value;
+    const dim3 grid(p.grid_x, p.grid_y), block(p.block_x, p.block_y);
+    auto* sums = static_cast<acc_t<T>*>(partial);
+    if (kLogits && reduce) {
+      backward_kernel<T, kM, kLogits, kLogits, kVec><<<grid, block, 0, stream>>>(a, grads, al, sums);
+    } else {
+      backward_kernel<T, kM, kLogits, false, kVec><<<grid, block, 0, stream>>>(a, grads, al, nullptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace gpoe::cuda

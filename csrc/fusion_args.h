@@ -1,0 +1,64 @@
+// Plain-old-data descriptions of a fusion call, handed from the ATen host code to the CPU and
+// CUDA kernels (which include no ATen tensor headers).
+#pragma once
+
+#include <cstdint>
+
+namespace gpoe {
+
+// The inputs' floating-point type. 16-bit types are computed in float32, float64 in float64.
+enum class Dtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// A strided operand indexed [m, n, d] (or [n, d] with stride_m unused). stride_d is 1, or 0
+// when the operand is broadcast along d; data == nullptr means "absent".
+struct Operand {
+  const void* data = nullptr;
+  int64_t stride_m = 0;
+  int64_t stride_n = 0;
+  int64_t stride_d = 1;
+};
+
+// Which axes broadcast logits share, i.e. which axes the logits gradient is summed over.
+enum class LogitReduce : int {
+  kNone = 0,  // logits [M, N, D] (or no logits): one gradient per element
+  kRows = 1,  // logits [M, 1, D]: summed over the rows n
+  kDims = 2,  // logits [M, N, 1]: summed over the dimensions d
+  kAll = 3,   // logits [M, 1, 1]: summed over both
+};
+
+struct FuseArgs {
+  Dtype dtype = Dtype::kFloat32;  // of mu, logvar, logits, incoming gradients and outputs
+  int64_t m = 0;  // experts
+  int64_t n = 0;  // batch rows
+  int64_t d = 0;  // latent dimensions
+  Operand mu;      // [M, N, D], stride_d == 1
+  Operand logvar;  // [M, N, D], stride_d == 1
+  Operand logits;  // [M, N or 1, D or 1] (stride 0 on broadcast axes), or absent
+  const bool* mask = nullptr;  // [M, N], true = present; nullptr = all present
+  int64_t mask_stride_m = 0;
+  int64_t mask_stride_n = 0;
+  bool prior = false;  // add the N(0, I) prior expert
+  LogitReduce logit_reduce = LogitReduce::kNone;
+};
+
+// Forward outputs: contiguous [N, D] in the inputs' dtype.
+struct ForwardOut {
+  void* joint_mu = nullptr;
+  void* joint_logvar = nullptr;
+};
+
+// Backward inputs and outputs. Incoming gradients are [N, D] operands (absent = zero). Outputs
+// grad_mu and grad_logvar are contiguous [M, N, D] in the inputs' dtype, or nullptr when not
+// wanted. grad_logits, when wanted, depends on logit_reduce:
+//   kNone: contiguous [M, N, D] in the inputs' dtype;
+//   otherwise: partial sums in the accumulation type whose layout each backend documents, and
+//   which the host code sums and casts.
+struct BackwardArgs {
+  Operand grad_joint_mu;
+  Operand grad_joint_logvar;
+  void* grad_mu = nullptr;
+  void* grad_logvar = nullptr;
+  void* grad_logits = nullptr;
+};
+
+}  // namespace gpoe
