@@ -1,8 +1,9 @@
 """Credibility networks: per-modality, per-dimension logits for gPoE's alpha (paper Eq. 7-9, Fig. 2).
 
 Each maps modality features to logits [M, *batch, D]; ``GPoE`` turns them into alpha with a
-softmax over the present experts. Every network's last layer starts at zero, so training starts
-from uniform alpha (gPoE = PoE with the joint variance scaled by M) and learns to move away.
+softmax over the present experts. The MLPs standardise their input features over the batch, and
+their last layer starts at zero, so training starts from uniform alpha (gPoE = PoE with the joint
+variance scaled by M) and learns to move away.
 """
 
 from __future__ import annotations
@@ -10,15 +11,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["GlobalCredibility", "IndependentCredibility", "JointCredibility", "make_credibility"]
 
 
+class FeatureStandardizer(nn.Module):
+    """Per-feature standardisation over the batch (running averages in eval mode).
+
+    Encoder features share a large common component across samples (post-ReLU trunks); without
+    this, the credibility network sees mostly that component and learns one alpha for everyone.
+    Standardised, it sees how a sample differs from the others, which is what credibility is
+    about. x: [*batch, F] -> same shape. A training batch of one row uses the running averages.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        use_batch = self.training and flat.shape[0] > 1
+        out = F.batch_norm(flat, self.running_mean, self.running_var, training=use_batch,
+                           momentum=self.momentum, eps=1e-5)
+        return out.reshape(x.shape)
+
+
 def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [FeatureStandardizer(in_dim)]
     for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.LayerNorm(width), nn.GELU()]
+        layers += [nn.Linear(in_dim, width), nn.GELU()]
         in_dim = width
     last = nn.Linear(in_dim, out_dim)
     nn.init.zeros_(last.weight)

@@ -1,19 +1,14 @@
 """The RHD hand-pose pipeline end to end, at tiny sizes, on generated data in the real format."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import handpose_rhd
-from common import training
+from pipeline_checks import check_kill_and_resume, check_torchrun
 from rhd.synthetic import generate_rhd
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num-train", "8", "--num-eval", "4", "--epochs", "2", "--batch-size", "4", "--crop-size", "32",
         "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
 
@@ -58,35 +53,8 @@ def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(rhd_root, tmp_path, monkeypatch):
-    handpose_rhd.main(tiny_args(rhd_root, tmp_path / "full", "--fusion", "gpoe"))
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-
-    original = training.train_one_epoch
-
-    def killed_in_second_epoch(*args, **kwargs):
-        if args[5] == 1:  # the epoch argument
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        handpose_rhd.main(tiny_args(rhd_root, tmp_path / "killed", "--fusion", "gpoe"))
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["epoch"] == 0
-    monkeypatch.setattr(training, "train_one_epoch", original)
-    handpose_rhd.main(tiny_args(rhd_root, tmp_path / "killed", "--fusion", "gpoe", "--resume"))
-    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
-    assert resumed["epoch"] == full["epoch"] == 1
-    for key, value in full["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    check_kill_and_resume(handpose_rhd.main, lambda out, *extra: tiny_args(rhd_root, out, *extra), tmp_path, monkeypatch)
 
 
 def test_two_process_torchrun_on_cpu(rhd_root, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "examples" / "handpose_rhd.py")] + tiny_args(rhd_root, tmp_path, "--fusion", "poe", "--epochs", "1",
-                                                                   "--device", "cpu")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["fusions"]["poe"]["history"][0]["epoch"] == 1
+    check_torchrun("handpose_rhd.py", tiny_args(rhd_root, tmp_path), tmp_path, port=29533)

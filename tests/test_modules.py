@@ -85,3 +85,19 @@ def test_masked_modality_gets_zero_alpha():
     _, alpha = fusion(mu, logvar, mask, features, return_alpha=True)
     assert (alpha[0, :2] == 0).all()
     torch.testing.assert_close(alpha[1:, :2], torch.full((2, 2, 4), 0.5))
+
+
+def test_credibility_features_are_standardised_over_the_batch():
+    from gpoe_fusion.credibility import FeatureStandardizer
+
+    norm = FeatureStandardizer(3)
+    x = 100.0 + torch.randn(64, 3, generator=torch.Generator().manual_seed(0))  # a component all samples share
+    y = norm(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+    assert norm(x[:1]).shape == (1, 3)  # one row in training mode: running statistics, no error
+    norm.eval()
+    torch.testing.assert_close(norm(x[:5]), (x[:5] - norm.running_mean) / (norm.running_var + 1e-5).sqrt())
+    fusion = gf.GPoE(2, 4, [3, 3], hidden=(8,))
+    joint = fusion(torch.randn(2, 1, 4), torch.randn(2, 1, 4), features=[torch.randn(1, 3), torch.randn(1, 3)])
+    assert joint.mu.shape == (1, 4)

@@ -2,22 +2,17 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import surgical_seg
-from common import training
+from pipeline_checks import check_kill_and_resume, check_torchrun
 from common.networks import DCGANDecoder
 from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
 from sim2real.synthetic import generate_sim2real
 
-ROOT = Path(__file__).resolve().parents[1]
 # 7 scenes x 2 views: 8 training views (scenes 1-4) and 2 test views (scene 7).
 TINY = ["--num-train", "8", "--num-eval", "2", "--epochs", "2", "--batch-size", "4", "--image-size", "16",
         "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
@@ -82,30 +77,7 @@ def test_tiny_compare_run_writes_results_and_tables(sim2real_root, tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(sim2real_root, tmp_path, monkeypatch):
-    surgical_seg.main(tiny_args(sim2real_root, tmp_path / "full", "--fusion", "gpoe"))
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-
-    original = training.train_one_epoch
-
-    def killed_in_second_epoch(*args, **kwargs):
-        if args[5] == 1:  # the epoch argument
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        surgical_seg.main(tiny_args(sim2real_root, tmp_path / "killed", "--fusion", "gpoe"))
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["epoch"] == 0
-    monkeypatch.setattr(training, "train_one_epoch", original)
-    surgical_seg.main(tiny_args(sim2real_root, tmp_path / "killed", "--fusion", "gpoe", "--resume"))
-    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
-    assert resumed["epoch"] == full["epoch"] == 1
-    for key, value in full["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
-    full_metrics = json.loads((tmp_path / "full" / "results.json").read_text())["fusions"]["gpoe"]["metrics"]
-    resumed_metrics = json.loads((tmp_path / "killed" / "results.json").read_text())["fusions"]["gpoe"]["metrics"]
-    assert resumed_metrics == full_metrics
+    check_kill_and_resume(surgical_seg.main, lambda out, *extra: tiny_args(sim2real_root, out, *extra), tmp_path, monkeypatch)
 
 
 def test_more_views_than_the_split_has_is_a_clear_error(sim2real_root, tmp_path):
@@ -148,11 +120,4 @@ def test_segmentation_decoder_shapes_and_channel_floor():
 
 
 def test_two_process_torchrun_on_cpu(sim2real_root, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-           str(ROOT / "examples" / "surgical_seg.py")] + tiny_args(sim2real_root, tmp_path, "--fusion", "poe",
-                                                                   "--epochs", "1", "--device", "cpu")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["fusions"]["poe"]["history"][0]["epoch"] == 1
+    check_torchrun("surgical_seg.py", tiny_args(sim2real_root, tmp_path), tmp_path, port=29534)

@@ -18,6 +18,7 @@ import gpoe_fusion as gf
 from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption
 
 from .checkpoint import write_json
+from . import distributed
 from .distributed import DistEnv
 from .model import CrossModalVAE
 from .report import FUSION_LABELS
@@ -167,6 +168,27 @@ def train_and_evaluate(args: argparse.Namespace, fusion: str, build_model: Build
               "train_seconds": time.perf_counter() - began, "history": history}
     write_json(out_dir / "results.json", result)
     return model, result
+
+
+def run_experiment(args: argparse.Namespace, load_data: Callable, build_model: BuildModel, evaluate: Evaluate,
+                   write_report: Callable) -> dict | None:
+    """The body of both pipelines' ``main``: join the process group, load the data, train and
+    evaluate the fusion(s), and on the main process write the report and print its tables.
+
+    load_data(args, env) -> (train_set, eval_set); write_report(args, results, models, eval_set,
+    seconds) -> the tables as markdown. Returns {fusion: result} on the main process, else None.
+    """
+    env = distributed.setup(args.device)
+    began = time.perf_counter()
+    train_set, eval_set = load_data(args, env)
+    results, models = run_fusions(args, env, build_model, evaluate, train_set, eval_set)
+    summary = None
+    if env.is_main:
+        tables = write_report(args, results, models, eval_set, time.perf_counter() - began)
+        print(f"\n{tables}\nresults, plots and checkpoints in {args.out} ({time.perf_counter() - began:.0f} s)")
+        summary = results
+    distributed.cleanup(env)
+    return summary
 
 
 def run_fusions(args: argparse.Namespace, env: DistEnv, build_model: BuildModel, evaluate: Evaluate,

@@ -1,0 +1,55 @@
+"""Checks both example pipelines share: an exact kill-and-resume, and a two-process torchrun run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = "gpoe") -> None:
+    """A run killed in its second epoch and resumed ends exactly where an uninterrupted one does.
+
+    main: the script's main(argv); args_for(out_dir, *extra) -> argv of a two-epoch tiny run.
+    """
+    main(args_for(out / "full", "--fusion", fusion))
+    full = torch.load(out / "full" / "checkpoint.pt", weights_only=False)
+
+    original = training.train_one_epoch
+
+    def killed_in_second_epoch(*args, **kwargs):
+        if args[5] == 1:  # the epoch argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main(args_for(out / "killed", "--fusion", fusion))
+    assert torch.load(out / "killed" / "checkpoint.pt", weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(training, "train_one_epoch", original)
+    main(args_for(out / "killed", "--fusion", fusion, "--resume"))
+    resumed = torch.load(out / "killed" / "checkpoint.pt", weights_only=False)
+    assert resumed["epoch"] == full["epoch"] == 1
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    metrics = [json.loads((out / run / "results.json").read_text())["fusions"][fusion]["metrics"] for run in ("full", "killed")]
+    assert metrics[0] == metrics[1]
+
+
+def check_torchrun(script: str, argv: list[str], out: Path, port: int) -> None:
+    """Two CPU processes (gloo) train one epoch of PoE and write results.json."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "examples" / script)] + argv + ["--fusion", "poe", "--epochs", "1", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["fusions"]["poe"]["history"][0]["epoch"] == 1
