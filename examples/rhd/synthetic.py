@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from rhd.annotations import save_annotations
+from rhd.dataset import Frame
 
 __all__ = [
     "IMAGE_SIZE",
@@ -82,8 +83,8 @@ _PALM_BONES = ((0, 4), (0, 8), (0, 12), (0, 16), (0, 20), (4, 8), (8, 12), (12, 
 
 
 @dataclass
-class SyntheticFrame:
-    """One rendered frame in RHD's conventions.
+class SyntheticFrame(Frame):
+    """One rendered frame in RHD's conventions: a loader :class:`Frame` plus the hand placed in front.
 
     color: uint8 [320, 320, 3]; depth: float32 [320, 320] z-depth in metres (hands, forearms, far plane);
     mask: uint8 [320, 320] RHD ids (0 background, 1 person, 2..17 left hand, 18..33 right hand);
@@ -91,12 +92,6 @@ class SyntheticFrame:
     dominant: 0 (left) or 1 (right), the hand placed in front (the mask decides which one the loader keeps).
     """
 
-    color: np.ndarray
-    depth: np.ndarray
-    mask: np.ndarray
-    xyz: np.ndarray
-    uv_vis: np.ndarray
-    K: np.ndarray
     dominant: int
 
 
