@@ -13,11 +13,16 @@ OUT ?= runs/demo
 
 install: $(VENV)/.installed
 
+# pip --quiet keeps pip's own chatter out; these lines say what the long steps are doing.
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
+	@echo "gpoe_fusion: installing $(TORCH) into $(VENV)"
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet wheel
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	@echo "gpoe_fusion: compiling the C++ kernels (about 3-5 minutes on 2 cores; first run and after source changes only)"
+	@start=$$(date +%s); \
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test]" && \
+	echo "gpoe_fusion: kernels built and installed in $$(( $$(date +%s) - start )) s"
 	touch $@
 
 demo: install

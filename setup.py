@@ -87,17 +87,46 @@ def _build_ext_class(base):
     return BuildExtensionWithIsaCopies
 
 
+def _in_isolated_build_env() -> bool:
+    """Whether this runs in the throw-away environment of pip's build isolation (pip puts its
+    ``pip-build-env-*`` folder on sys.path; ``python -m build`` makes a ``build-env-*`` venv), which
+    hides the packages installed in the environment the install was started from."""
+    for entry in [sys.prefix, *sys.path]:
+        for part in os.path.normpath(entry).split(os.sep):
+            if part.startswith(("pip-build-env-", "build-env-")):
+                return True
+    return False
+
+
+def _missing_torch_message(exc: ImportError) -> str:
+    """What to do when ``import torch`` fails in this build (``exc``: why it failed)."""
+    if _in_isolated_build_env():
+        return (
+            "gpoe_fusion: pip's build isolation hides the installed torch from this build (the kernels are\n"
+            "compiled against the torch you run with, so torch is deliberately not a build requirement).\n"
+            "Install without build isolation:\n"
+            "  pip install --no-build-isolation -e .    (editable)\n"
+            "  pip install --no-build-isolation .\n"
+            "If torch is not installed yet, first: pip install torch==2.14.1 torchvision==0.29.1"
+        )
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "torch":
+        problem = "torch is not installed"
+    else:
+        problem = f"torch is installed but does not import ({type(exc).__name__}: {exc})"
+    return (
+        f"gpoe_fusion: {problem}; the kernels are compiled against it. Install torch, then this package:\n"
+        "  pip install torch==2.14.1 torchvision==0.29.1\n"
+        "  pip install --no-build-isolation -e ."
+    )
+
+
 def _extensions():
     cuda_home = _cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
-        sys.exit(
-            "gpoe_fusion: torch must be installed before building (the kernels are compiled against it).\n"
-            "  pip install torch==2.14.1 torchvision==0.29.1\n"
-            "  pip install --no-build-isolation -e ."
-        )
+    except ImportError as exc:
+        sys.exit(_missing_torch_message(exc))
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -141,5 +170,8 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# setuptools' build backend (setuptools/build_meta.py) also runs this file with __name__ == "__main__";
+# the guard only lets tests import the helpers above without building.
+if __name__ == "__main__":
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -9,7 +9,12 @@ mask) it times three implementations of the gPoE fusion:
 
 over three passes: forward, forward+backward and backward (of a retained graph; all three
 gradients). Timings are medians after warm-up; the implementations are measured in
-alternating rounds, so load from other processes hits them alike. Throughput is reported against
+alternating rounds, so load from other processes hits them alike.
+
+The "layer" section then times the path users call at M=4, B=16384 (CPU) or 65536 (CUDA),
+D=256: ``F.gpoe`` with default value checks against ``validate=False``; the ``PoE`` and
+``GPoE`` modules (global and joint credibility, with and without ``return_alpha``) against
+``backend="torch"``, its ``torch.compile``, and the bare op, in the same alternating rounds. Throughput is reported against
 the minimum bytes a pass must move (each input read once, each output written once), and
 
     GPU: against the measured device-to-device copy bandwidth;
@@ -19,12 +24,21 @@ the minimum bytes a pass must move (each input read once, each output written on
     python benchmarks/bench_fusion.py                    # full table, CPU and (if present) CUDA
     python benchmarks/bench_fusion.py --quick            # the target configurations only
     python benchmarks/bench_fusion.py --devices cuda --json runs/bench/gpu.json
+    python benchmarks/bench_fusion.py --sections layer       # only the layer section
+    python benchmarks/bench_fusion.py --malloc reuse         # glibc malloc that reuses large blocks
+
+CPU timings depend on the C allocator as much as on the kernels: glibc maps every allocation over
+32 MiB afresh and unmaps it when freed, so each [M, B, D] output (64 MB at the target size) costs
+one page fault per 4 KiB written, for every implementation alike. ``--malloc reuse`` re-runs the
+benchmark with glibc tunables that serve every allocation from the reused heap (the effect
+jemalloc or tcmalloc have), so both regimes can be measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,13 +51,18 @@ import torch._functorch.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import gpoe_fusion as gf  # noqa: E402
 from gpoe_fusion import _reference, ops  # noqa: E402
+from gpoe_fusion import functional as F  # noqa: E402
 
 METHODS = ("kernel", "eager", "compile")
 # Backward last: its retained graphs (the eager one holds ~9 [M, B, D] temporaries) then never
 # coexist with another pass's allocations.
 PASSES = ("forward", "forward+backward", "backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# glibc tunables under which malloc never maps a block of its own and never returns the heap's top,
+# so freed outputs are reused by the next allocation of a similar size.
+REUSE_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 @dataclass
@@ -189,7 +208,7 @@ def measure(c: Config, warmup: int, reps: int, copy_gbps: float | None, exps_per
 
 
 def configs(device: str, quick: bool) -> list[Config]:
-    """The target configurations first (the issue's performance targets), then the rest."""
+    """The target configurations first (the documented performance targets), then the rest."""
     targets = ([Config("cuda", dt, 4, 65536, 1024) for dt in DTYPES] if device == "cuda"
                else [Config("cpu", "float32", 4, 16384, 256)])
     if quick:
@@ -208,7 +227,7 @@ def configs(device: str, quick: bool) -> list[Config]:
 
 def print_table(rows: list[Row], env: dict) -> None:
     print(f"\ngpoe_fusion benchmark: torch {env['torch']}, {env['cpu_threads']} CPU threads"
-          + (f", {env['gpu']}" if env.get("gpu") else ""))
+          + (f", {env['gpu']}" if env.get("gpu") else "") + f", malloc: {env['malloc']}")
     if env.get("copy_gbps"):
         for device, gbps in env["copy_gbps"].items():
             print(f"  {device} copy bandwidth: {gbps:.1f} GB/s")
@@ -229,15 +248,161 @@ def print_table(rows: list[Row], env: dict) -> None:
           "takes for the pass's exp+log count (CPU).")
 
 
+# ---- The layer section: the path users call ---------------------------------------------------
+
+# Targets of the layer path (CPU, M=4, B=16384, D=256 float32): (name, numerator and denominator
+# as (path, pass), comparison, bound).
+LAYER_TARGETS = [
+    ("default checks, F.gpoe forward", ("F.gpoe", "forward"), ("F.gpoe validate=False", "forward"), "<=", 1.10),
+    ("GPoE(global) layer vs F.gpoe(validate=False), fwd+bwd", ("GPoE global", "forward+backward"),
+     ("F.gpoe global validate=False", "forward+backward"), "<=", 1.15),
+    ("return_alpha=True, GPoE(global) fwd+bwd", ("GPoE global +alpha", "forward+backward"),
+     ("GPoE global", "forward+backward"), "<=", 1.15),
+    ("PoE layer: backend=torch over kernel, fwd+bwd", ("PoE torch", "forward+backward"),
+     ("PoE", "forward+backward"), ">=", 5.0),
+]
+
+
+@dataclass
+class LayerRow:
+    path: str
+    pass_name: str
+    ms: float
+
+
+def median_ms(device: str, runners: dict[str, callable], warmup: int, reps: int) -> dict[str, float]:
+    """Median milliseconds of each runner, measured in alternating rounds after warm-up."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, fn in runners.items():
+            times[name].append(clock(device, fn))
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def layer_paths(device: str, batch: int, m: int = 4, d: int = 256, feature_dim: int = 128):
+    """name -> (forward callable returning the tensors to differentiate, leaves) for every path."""
+    g = torch.Generator(device=device).manual_seed(0)
+    mu = torch.randn(m, batch, d, generator=g, device=device).requires_grad_()
+    logvar = (2 * torch.randn(m, batch, d, generator=g, device=device)).requires_grad_()
+    logits = torch.randn(m, batch, d, generator=g, device=device)
+    features = [torch.randn(batch, feature_dim, generator=g, device=device) for _ in range(m)]
+    poe = {b: gf.PoE(backend=b) for b in ("auto", "torch")}
+    gpoe_global = {b: gf.GPoE(m, d, credibility="global", backend=b).to(device) for b in ("auto", "torch")}
+    gpoe_joint = {b: gf.GPoE(m, d, [feature_dim] * m, backend=b).to(device) for b in ("auto", "torch")}
+    for module in (gpoe_global["torch"], gpoe_joint["torch"]):  # same weights for both backends
+        module.load_state_dict((gpoe_global if module is gpoe_global["torch"] else gpoe_joint)["auto"].state_dict())
+    global_logits = gpoe_global["auto"].credibility.logits
+    compiled_poe = torch.compile(poe["torch"])
+    compiled_global = torch.compile(gpoe_global["torch"])
+    compiled_joint = torch.compile(gpoe_joint["torch"])
+    base = [mu, logvar]
+
+    def joint(out):
+        return (out.mu, out.logvar)
+
+    def with_alpha(out):
+        # alpha is returned, as CrossModalObjective asks for it; the loss uses the joint only.
+        return (out[0].mu, out[0].logvar)
+
+    flat_global = lambda: global_logits.unsqueeze(1)  # noqa: E731  [M, 1, D] for the bare op
+    return {
+        "op gpoe": (lambda: ops.fuse(mu, logvar, logits, None, False), base),
+        "F.gpoe": (lambda: joint(F.gpoe(mu, logvar, logits)), base),
+        "F.gpoe validate=False": (lambda: joint(F.gpoe(mu, logvar, logits, validate=False)), base),
+        "op gpoe global": (lambda: ops.fuse(mu, logvar, flat_global(), None, False), base + [global_logits]),
+        "F.gpoe global validate=False": (lambda: joint(F.gpoe(mu, logvar, flat_global(), validate=False)),
+                                         base + [global_logits]),
+        "GPoE global": (lambda: joint(gpoe_global["auto"](mu, logvar)), base + [global_logits]),
+        "GPoE global +alpha": (lambda: with_alpha(gpoe_global["auto"](mu, logvar, return_alpha=True)),
+                               base + [global_logits]),
+        "GPoE global torch": (lambda: joint(gpoe_global["torch"](mu, logvar)), base),
+        "GPoE global compile": (lambda: joint(compiled_global(mu, logvar)), base),
+        "GPoE joint +alpha": (lambda: with_alpha(gpoe_joint["auto"](mu, logvar, features=features, return_alpha=True)),
+                              base),
+        "GPoE joint +alpha torch": (lambda: with_alpha(gpoe_joint["torch"](mu, logvar, features=features,
+                                                                           return_alpha=True)), base),
+        "GPoE joint +alpha compile": (lambda: with_alpha(compiled_joint(mu, logvar, features=features,
+                                                                        return_alpha=True)), base),
+        "op poe": (lambda: ops.fuse(mu, logvar, None, None, False), base),
+        "PoE": (lambda: joint(poe["auto"](mu, logvar)), base),
+        "PoE torch": (lambda: joint(poe["torch"](mu, logvar)), base),
+        "PoE compile": (lambda: joint(compiled_poe(mu, logvar)), base),
+    }
+
+
+def measure_layers(device: str, warmup: int, reps: int) -> list[LayerRow]:
+    torch._dynamo.reset()
+    batch = 16384 if device == "cpu" else 65536
+    paths = layer_paths(device, batch)
+    g = torch.Generator(device=device).manual_seed(1)
+    grads = [torch.randn(batch, 256, generator=g, device=device) for _ in range(2)]
+    forward_paths = ("op gpoe", "F.gpoe", "F.gpoe validate=False")
+    rows = []
+    for pass_name in ("forward", "forward+backward"):
+        runners = {}
+        for name, (fn, leaves) in paths.items():
+            if pass_name == "forward":
+                if name not in forward_paths:
+                    continue
+                runners[name] = lambda fn=fn: fn()
+            else:
+                runners[name] = lambda fn=fn, leaves=leaves: torch.autograd.grad(fn(), leaves, grads)
+        for name, ms in median_ms(device, runners, warmup, reps).items():
+            rows.append(LayerRow(name, pass_name, ms))
+    return rows
+
+
+def layer_ratios(rows: list[LayerRow]) -> list[dict]:
+    """The targets of LAYER_TARGETS evaluated on ``rows``."""
+    ms = {(r.path, r.pass_name): r.ms for r in rows}
+    out = []
+    for name, num, den, op, bound in LAYER_TARGETS:
+        if num not in ms or den not in ms:
+            continue
+        ratio = ms[num] / ms[den]
+        met = ratio <= bound if op == "<=" else ratio >= bound
+        out.append({"target": name, "ratio": ratio, "bound": f"{op} {bound}", "met": met})
+    return out
+
+
+def print_layers(rows: list[LayerRow], ratios: list[dict], device: str, malloc: str) -> None:
+    print(f"\nlayer path ({device}, M=4, B={16384 if device == 'cpu' else 65536}, D=256, float32; median ms; "
+          f"malloc: {malloc})")
+    width = max(len(r.path) for r in rows)
+    header = f"{'path':{width}} {'forward':>10} {'fwd+bwd':>10}"
+    print(header)
+    print("-" * len(header))
+    table: dict[str, dict[str, float]] = {}
+    for r in rows:
+        table.setdefault(r.path, {})[r.pass_name] = r.ms
+    for path, passes in table.items():
+        cells = [f"{passes[p]:10.2f}" if p in passes else f"{'-':>10}" for p in ("forward", "forward+backward")]
+        print(f"{path:{width}} {' '.join(cells)}")
+    for r in ratios:
+        print(f"  {r['target']}: {r['ratio']:.2f} (target {r['bound']}: {'met' if r['met'] else 'NOT met'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the target configurations (under a minute on CPU)")
     parser.add_argument("--devices", default="auto", help="comma-separated cpu,cuda (default: cpu and, if present, cuda)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per pass (default 5 CPU / 20 CUDA)")
+    parser.add_argument("--sections", default="op,layer",
+                        help="comma-separated: op (the fused op against eager and compile), layer (the layer path)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="start no new configuration after this many seconds (the targets come first)")
+    parser.add_argument("--malloc", choices=("default", "reuse"), default="default",
+                        help="the C allocator's regime on the CPU: as configured, or glibc tunables that reuse freed "
+                             "blocks (the benchmark re-runs itself with GLIBC_TUNABLES set)")
     args = parser.parse_args(argv)
+    if args.malloc == "reuse" and os.environ.get("GLIBC_TUNABLES") != REUSE_TUNABLES:
+        # Tunables are read when the process starts: run again with them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": REUSE_TUNABLES})
 
     if not ops.available():
         print(f"the extension is not available: {ops.load_error()}", file=sys.stderr)
@@ -250,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
            "cpu_capability": ops.cpu_capability(), "machine": platform.machine(), "quick": args.quick,
-           "copy_gbps": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "copy_gbps": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "malloc": os.environ.get("GLIBC_TUNABLES") or "default"}
     if "cuda" in devices:
         env["gpu"] = torch.cuda.get_device_name()
         env["copy_gbps"]["cuda"] = copy_bandwidth("cuda", 1 << 30)
@@ -258,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         env["copy_gbps"]["cpu"] = copy_bandwidth("cpu", 1 << 28)
         env["exp_per_s"] = exp_rate(1 << 24)
 
+    sections = {s.strip() for s in args.sections.split(",")}
     rows: list[Row] = []
     start = time.perf_counter()
-    for device in devices:
+    for device in devices if "op" in sections else []:
         warmup = 2 if device == "cpu" else 3
         reps = args.reps or (5 if device == "cpu" else 20)
         for c in configs(device, args.quick):
@@ -271,12 +438,22 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure(c, warmup, reps, env["copy_gbps"].get("cuda") if device == "cuda" else None,
                             env.get("exp_per_s") if device == "cpu" else None)
             print(f"  measured {c} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    layers: dict[str, dict] = {}
+    for device in devices if "layer" in sections else []:
+        layer_rows = measure_layers(device, warmup=2 if device == "cpu" else 3, reps=args.reps or (7 if device == "cpu"
+                                                                                                    else 20))
+        layers[device] = {"rows": [asdict(r) for r in layer_rows], "targets": layer_ratios(layer_rows)}
+        print(f"  measured the layer path on {device} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
+              flush=True)
     env["seconds"] = time.perf_counter() - start
-    print_table(rows, env)
+    if rows:
+        print_table(rows, env)
+    for device, layer in layers.items():
+        print_layers([LayerRow(**r) for r in layer["rows"]], layer["targets"], device, env["malloc"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         records = [{**asdict(r.config), **{k: v for k, v in asdict(r).items() if k != "config"}} for r in rows]
-        args.json.write_text(json.dumps({"environment": env, "rows": records}, indent=2))
+        args.json.write_text(json.dumps({"environment": env, "rows": records, "layers": layers}, indent=2))
         print(f"wrote {args.json}")
     return 0
 

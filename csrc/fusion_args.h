@@ -41,13 +41,17 @@ struct FuseArgs {
   LogitReduce logit_reduce = LogitReduce::kNone;
 };
 
-// Forward outputs: contiguous [N, D] in the inputs' dtype.
+// Forward outputs: joint_mu, joint_logvar contiguous [N, D] in the inputs' dtype; weights, when
+// asked for (else nullptr), contiguous [M, N, D] in the inputs' dtype: every expert's weight,
+// alpha with logits, the share of the joint precision without (fusion_math.h).
 struct ForwardOut {
   void* joint_mu = nullptr;
   void* joint_logvar = nullptr;
+  void* weights = nullptr;
 };
 
-// Backward inputs and outputs. Incoming gradients are [N, D] operands (absent = zero). Outputs
+// Backward inputs and outputs. Incoming gradients are [N, D] operands (absent = zero), and the
+// weights' gradient grad_weights an [M, N, D] operand with stride_d 1 (absent = zero). Outputs
 // grad_mu and grad_logvar are contiguous [M, N, D] in the inputs' dtype, or nullptr when not
 // wanted. grad_logits, when wanted, depends on logit_reduce:
 //   kNone: contiguous [M, N, D] in the inputs' dtype;
@@ -56,6 +60,7 @@ struct ForwardOut {
 struct BackwardArgs {
   Operand grad_joint_mu;
   Operand grad_joint_logvar;
+  Operand grad_weights;
   void* grad_mu = nullptr;
   void* grad_logvar = nullptr;
   void* grad_logits = nullptr;

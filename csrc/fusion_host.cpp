@@ -3,8 +3,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include "cpu/output_cache.h"
-
 namespace gpoe {
 namespace {
 
@@ -38,11 +36,6 @@ void check_device(const char* op, const char* name, const at::Tensor& t, const a
                     " tensor, got one on ", t.device());
   TORCH_CHECK_VALUE(t.device() == mu.device(), op, ": ", name, ": device ", t.device(), " differs from mu's device ",
                     mu.device());
-}
-
-// An output tensor: on the CPU from the cache of released outputs (cpu/output_cache.h).
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return options.device().is_cpu() ? cpu::empty_output(sizes, options) : at::empty(sizes, options);
 }
 
 Operand operand(const at::Tensor& t) {
@@ -117,7 +110,8 @@ PreparedInputs prepare_inputs(const char* op, c10::DeviceType device, const at::
 
 PreparedGrads prepare_grads(const char* op, const PreparedInputs& inputs,
                             const std::optional<at::Tensor>& grad_joint_mu,
-                            const std::optional<at::Tensor>& grad_joint_logvar) {
+                            const std::optional<at::Tensor>& grad_joint_logvar,
+                            const std::optional<at::Tensor>& grad_weights) {
   PreparedGrads g;
   auto take = [&](const char* name, const std::optional<at::Tensor>& grad, at::Tensor& kept, Operand& o) {
     if (!grad.has_value() || !grad->defined()) return;
@@ -134,16 +128,31 @@ PreparedGrads prepare_grads(const char* op, const PreparedInputs& inputs,
   };
   take("grad_joint_mu", grad_joint_mu, g.grad_joint_mu, g.args.grad_joint_mu);
   take("grad_joint_logvar", grad_joint_logvar, g.grad_joint_logvar, g.args.grad_joint_logvar);
+  if (grad_weights.has_value() && grad_weights->defined()) {
+    const at::Tensor& t = *grad_weights;
+    const FuseArgs& a = inputs.args;
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == a.m && t.size(1) == a.n && t.size(2) == a.d, op,
+                      ": grad_weights: expected shape [M, N, D] = [", a.m, ", ", a.n, ", ", a.d, "], got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == inputs.mu.scalar_type(), op, ": grad_weights: dtype ", t.scalar_type(),
+                     " differs from mu's dtype ", inputs.mu.scalar_type());
+    check_device(op, "grad_weights", t, inputs.mu, inputs.mu.device().type());
+    g.grad_weights = unit_stride_last(t);
+    g.args.grad_weights = operand(g.grad_weights);
+    g.args.grad_weights.stride_d = 1;
+  }
   return g;
 }
 
-std::array<at::Tensor, 2> allocate_forward(const PreparedInputs& inputs, ForwardOut& out) {
+std::array<at::Tensor, 3> allocate_forward(const PreparedInputs& inputs, bool weights, ForwardOut& out) {
+  const FuseArgs& a = inputs.args;
   const auto options = inputs.mu.options();
-  at::Tensor joint_mu = empty_output({inputs.args.n, inputs.args.d}, options);
-  at::Tensor joint_logvar = empty_output({inputs.args.n, inputs.args.d}, options);
+  at::Tensor joint_mu = at::empty({a.n, a.d}, options);
+  at::Tensor joint_logvar = at::empty({a.n, a.d}, options);
+  at::Tensor expert_weights = weights ? at::empty({a.m, a.n, a.d}, options) : at::empty({0}, options);
   out.joint_mu = joint_mu.data_ptr();
   out.joint_logvar = joint_logvar.data_ptr();
-  return {joint_mu, joint_logvar};
+  out.weights = weights ? expert_weights.data_ptr() : nullptr;
+  return {joint_mu, joint_logvar, expert_weights};
 }
 
 std::array<at::Tensor, 3> allocate_backward(const PreparedInputs& inputs, std::array<bool, 3> output_mask,
@@ -151,7 +160,7 @@ std::array<at::Tensor, 3> allocate_backward(const PreparedInputs& inputs, std::a
   const FuseArgs& a = inputs.args;
   const auto options = inputs.mu.options();
   auto full = [&](bool wanted) {
-    return wanted ? empty_output({a.m, a.n, a.d}, options) : at::empty({0}, options);
+    return wanted ? at::empty({a.m, a.n, a.d}, options) : at::empty({0}, options);
   };
   at::Tensor grad_mu = full(output_mask[0]);
   at::Tensor grad_logvar = full(output_mask[1]);

@@ -25,18 +25,21 @@ PreparedInputs prepare_inputs(const char* op, c10::DeviceType device, const at::
                               const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& mask,
                               bool prior_expert);
 
-// The incoming gradients of the backward, [N, D] each or absent (zero).
+// The incoming gradients of the backward: of joint_mu and joint_logvar [N, D] and of the weights
+// [M, N, D], each absent (zero) or not.
 struct PreparedGrads {
-  at::Tensor grad_joint_mu, grad_joint_logvar;
+  at::Tensor grad_joint_mu, grad_joint_logvar, grad_weights;
   BackwardArgs args;
 };
 
 PreparedGrads prepare_grads(const char* op, const PreparedInputs& inputs,
                             const std::optional<at::Tensor>& grad_joint_mu,
-                            const std::optional<at::Tensor>& grad_joint_logvar);
+                            const std::optional<at::Tensor>& grad_joint_logvar,
+                            const std::optional<at::Tensor>& grad_weights);
 
-// The forward's outputs, allocated: joint_mu, joint_logvar [N, D] in the inputs' dtype.
-std::array<at::Tensor, 2> allocate_forward(const PreparedInputs& inputs, ForwardOut& out);
+// The forward's outputs, allocated: joint_mu, joint_logvar [N, D] and, with `weights`, the
+// experts' weights [M, N, D] (else an empty tensor), in the inputs' dtype.
+std::array<at::Tensor, 3> allocate_forward(const PreparedInputs& inputs, bool weights, ForwardOut& out);
 
 // The backward's per-element outputs, allocated where output_mask asks for them (else an empty
 // tensor): grad_mu, grad_logvar [M, N, D] and, for [M, N, D] logits, grad_logits; sets the

@@ -17,6 +17,12 @@
 //   g_s_i        = w_i (g_mu (mu_i - joint_mu) - g_logvar)
 //   grad_mu_i    = g_mu w_i,  grad_logvar_i = -g_s_i
 //   grad_logit_i = g_s_i - alpha_i sum_j g_s_j,  alpha_i = exp(l_i - c)
+//
+// The forward can also hand out each expert's weight (0 when masked): alpha_i with logits (gPoE's
+// credibility), else w_i (PoE's implicit weight, the expert's share of the joint precision). An
+// incoming gradient g_a_i of those weights enters the backward through the softmax it came from:
+//   gPoE: grad_logit_i += alpha_i (g_a_i - sum_j alpha_j g_a_j)
+//   PoE:  g_s_i        += w_i (g_a_i - sum_j w_j g_a_j)       (so grad_logvar_i moves with it)
 // Masked experts are never read (they may hold NaN) and get zero gradients. A row with no
 // present expert gives the prior (joint 0, 0) or, without a prior, joint_mu NaN and
 // joint_logvar +inf, as the pure-PyTorch reference does.
@@ -36,7 +42,9 @@
 //                 without it they are recomputed). With kScratch, backward_point reads an
 //                 expert's mu / logvar / logit for the last time before it hands out that
 //                 input's gradient, so a sink may overwrite the inputs in place.
+//                 With kWeightGrad (backward_point): V weight_grad(int i), the incoming g_a_i.
 //   Sink out:     void mu(int i, V), logvar(int i, V), logit(int i, V): per-expert gradients.
+//   Weight sink:  void weight(int i, V) (forward_point with kWeights): per-expert weights.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -105,13 +113,15 @@ GPOE_HD V max_s(const E& e, V log_norm, bool prior) {
   return prior ? Ops::max(top, Ops::zero()) : top;
 }
 
-// Forward: joint_mu and joint_logvar at one point.
-template <class Ops, bool kLogits, class E, class V = typename E::value_type>
-GPOE_HD void forward_point(E& e, bool prior, V& joint_mu, V& joint_logvar) {
+// Forward: joint_mu and joint_logvar at one point; with kWeights also every expert's weight
+// (alpha_i with logits, else w_i; 0 when masked), handed to `weights`.
+template <class Ops, bool kLogits, bool kWeights, class E, class W, class V = typename E::value_type>
+GPOE_HD void forward_point(E& e, bool prior, V& joint_mu, V& joint_logvar, W& weights) {
+  constexpr bool kKeepAlpha = kWeights && kLogits;
   Credibility<V> cred{Ops::zero(), Ops::zero()};
   V log_norm = Ops::zero();
   if constexpr (kLogits) {
-    cred = credibility<Ops, false>(e);
+    cred = credibility<Ops, kKeepAlpha>(e);
     log_norm = log_normaliser<Ops>(cred, prior);
   }
   const V top = max_s<Ops, kLogits>(e, log_norm, prior);
@@ -123,6 +133,7 @@ GPOE_HD void forward_point(E& e, bool prior, V& joint_mu, V& joint_logvar) {
     if (e.present(i)) {
       any = true;
       const V w = Ops::exp(expert_s<Ops, kLogits>(e, i, log_norm) - top);
+      if constexpr (kWeights && !kLogits && E::kScratch) e.w(i) = w;
       sum = sum + w;
       acc = Ops::fma(w, e.mu(i), acc);
     }
@@ -134,11 +145,37 @@ GPOE_HD void forward_point(E& e, bool prior, V& joint_mu, V& joint_logvar) {
   } else {
     joint_logvar = Ops::zero() - (top + Ops::log(sum));
   }
+  if constexpr (kWeights) {
+    const V inv = Ops::one() / (kLogits ? cred.sum : sum);
+    GPOE_UNROLL
+    for (int i = 0; i < e.count(); ++i) {
+      if (!e.present(i)) {
+        weights.weight(i, Ops::zero());
+      } else if constexpr (kLogits) {
+        if constexpr (E::kScratch) {
+          weights.weight(i, e.alpha(i) * inv);
+        } else {
+          weights.weight(i, Ops::exp(e.logit(i) - cred.top) * inv);
+        }
+      } else if constexpr (E::kScratch) {
+        weights.weight(i, e.w(i) * inv);
+      } else {
+        weights.weight(i, Ops::exp(expert_s<Ops, kLogits>(e, i, log_norm) - top) * inv);
+      }
+    }
+  }
 }
 
-// Backward at one point: gradients of sum(g_mu * joint_mu + g_logvar * joint_logvar) w.r.t. the
-// experts' mu, logvar and (with kLogits) logits, handed to `out` expert by expert.
-template <class Ops, bool kLogits, class E, class Sink, class V = typename E::value_type>
+// A weight sink for forward_point without kWeights.
+struct NoWeights {
+  template <class V>
+  GPOE_HD void weight(int, const V&) {}
+};
+
+// Backward at one point: gradients of sum(g_mu * joint_mu + g_logvar * joint_logvar
+// [+ sum_i g_a_i * weight_i with kWeightGrad]) w.r.t. the experts' mu, logvar and (with kLogits)
+// logits, handed to `out` expert by expert.
+template <class Ops, bool kLogits, bool kWeightGrad, class E, class Sink, class V = typename E::value_type>
 GPOE_HD void backward_point(E& e, bool prior, V g_mu, V g_logvar, Sink& out) {
   Credibility<V> cred{Ops::zero(), Ops::zero()};
   V log_norm = Ops::zero();
@@ -151,6 +188,7 @@ GPOE_HD void backward_point(E& e, bool prior, V g_mu, V g_logvar, Sink& out) {
 
   V sum = prior ? Ops::exp(Ops::zero() - top) : Ops::zero();
   V acc = Ops::zero();
+  V weighted_grad = Ops::zero();  // PoE weights' gradient: sum_j exp(s_j - top) g_a_j
   GPOE_UNROLL
   for (int i = 0; i < e.count(); ++i) {
     if (e.present(i)) {
@@ -158,10 +196,14 @@ GPOE_HD void backward_point(E& e, bool prior, V g_mu, V g_logvar, Sink& out) {
       if constexpr (E::kScratch) e.w(i) = w;
       sum = sum + w;
       acc = Ops::fma(w, e.mu(i), acc);
+      if constexpr (kWeightGrad && !kLogits) weighted_grad = Ops::fma(w, e.weight_grad(i), weighted_grad);
     }
   }
   const V inv_sum = Ops::one() / sum;
   const V joint_mu = acc * inv_sum;
+  // -g_logvar, and for PoE's weights minus their mean gradient sum_j w_j g_a_j.
+  V base = Ops::zero() - g_logvar;
+  if constexpr (kWeightGrad && !kLogits) base = base - weighted_grad * inv_sum;
 
   // g_s_i for a present expert; the weights come from scratch or are recomputed.
   auto grad_s = [&](int i, V& w) {
@@ -170,7 +212,9 @@ GPOE_HD void backward_point(E& e, bool prior, V g_mu, V g_logvar, Sink& out) {
     } else {
       w = weight(i) * inv_sum;
     }
-    return w * Ops::fma(g_mu, e.mu(i) - joint_mu, Ops::zero() - g_logvar);
+    V inner = Ops::fma(g_mu, e.mu(i) - joint_mu, base);
+    if constexpr (kWeightGrad && !kLogits) inner = inner + e.weight_grad(i);
+    return w * inner;
   };
 
   V gs_total = Ops::zero();
@@ -190,6 +234,21 @@ GPOE_HD void backward_point(E& e, bool prior, V g_mu, V g_logvar, Sink& out) {
   }
   if constexpr (kLogits) {
     const V inv_cred_sum = Ops::one() / cred.sum;
+    auto alpha = [&](int i) {
+      if constexpr (E::kScratch) {
+        return e.alpha(i) * inv_cred_sum;
+      } else {
+        return Ops::exp(e.logit(i) - cred.top) * inv_cred_sum;
+      }
+    };
+    // gPoE weights' gradient: sum_j alpha_j g_a_j, subtracted from each g_a_i below.
+    V alpha_grad = Ops::zero();
+    if constexpr (kWeightGrad) {
+      GPOE_UNROLL
+      for (int i = 0; i < e.count(); ++i) {
+        if (e.present(i)) alpha_grad = Ops::fma(alpha(i), e.weight_grad(i), alpha_grad);
+      }
+    }
     GPOE_UNROLL
     for (int i = 0; i < e.count(); ++i) {
       if (e.present(i)) {
@@ -200,13 +259,10 @@ GPOE_HD void backward_point(E& e, bool prior, V g_mu, V g_logvar, Sink& out) {
           V w;
           gs = grad_s(i, w);
         }
-        V alpha;
-        if constexpr (E::kScratch) {
-          alpha = e.alpha(i) * inv_cred_sum;
-        } else {
-          alpha = Ops::exp(e.logit(i) - cred.top) * inv_cred_sum;
-        }
-        out.logit(i, gs - alpha * gs_total);
+        const V a = alpha(i);
+        V grad = gs - a * gs_total;
+        if constexpr (kWeightGrad) grad = Ops::fma(a, e.weight_grad(i) - alpha_grad, grad);
+        out.logit(i, grad);
       } else {
         out.logit(i, Ops::zero());
       }

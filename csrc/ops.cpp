@@ -1,11 +1,13 @@
-// The gpoe_fusion operator schemas. Device kernels are registered in cpu/fusion_cpu.cpp and
-// cuda/fusion_cuda.cpp; fake (meta) and autograd kernels in Python (gpoe_fusion/ops.py).
+// The gpoe_fusion operator schemas, and the Python module `gpoe_fusion._C` that carries them
+// (importing it runs the registrations below). Device kernels are registered in
+// cpu/fusion_cpu.cpp and cuda/fusion_cuda.cpp; fake (meta) and autograd kernels in Python
+// (gpoe_fusion/ops.py).
+#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
 #include "cpu/fusion_cpu.h"
-#include "cpu/output_cache.h"
 
 namespace {
 
@@ -19,27 +21,38 @@ bool compiled_with_cuda() {
 
 std::string cpu_capability() { return gpoe::cpu::capability_name(); }
 
-int64_t cpu_cache_bytes() { return gpoe::cpu::output_cache_bytes(); }
-
-int64_t clear_cpu_cache() { return gpoe::cpu::clear_output_cache(); }
+// Raised whenever the operator schemas or their meaning change; gpoe_fusion/ops.py refuses a
+// build whose number differs from its own (a stale build left from an earlier version).
+int64_t interface_version() { return 2; }
 
 }  // namespace
 
 TORCH_LIBRARY(gpoe_fusion, m) {
   // joint_mu, joint_logvar [N, D] of experts mu, logvar [M, N, D]; logits [M, N or 1, D or 1]
   // (same dtype as mu); mask bool [M, N] (true = present); prior_expert adds N(0, I).
-  m.def("fuse_forward(Tensor mu, Tensor logvar, Tensor? logits, Tensor? mask, bool prior_expert) -> (Tensor, Tensor)");
-  // Gradients w.r.t. mu, logvar [M, N, D] and logits (shaped like logits), recomputed from the
-  // inputs; an absent incoming gradient counts as zero. output_mask says which of the three to
-  // compute; the others (and grad_logits without logits) come back as empty tensors.
+  // return_weights: the third output is every expert's weight [M, N, D] (alpha with logits, the
+  // share of the joint precision without; 0 when masked), else an empty tensor.
   m.def(
-      "fuse_backward(Tensor? grad_joint_mu, Tensor? grad_joint_logvar, Tensor mu, Tensor logvar, Tensor? logits, "
-      "Tensor? mask, bool prior_expert, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "fuse_forward(Tensor mu, Tensor logvar, Tensor? logits, Tensor? mask, bool prior_expert, "
+      "bool return_weights=False) -> (Tensor, Tensor, Tensor)");
+  // Gradients w.r.t. mu, logvar [M, N, D] and logits (shaped like logits), recomputed from the
+  // inputs; an absent incoming gradient (of joint_mu, joint_logvar [N, D] or of the weights
+  // [M, N, D]) counts as zero. output_mask says which of the three to compute; the others (and
+  // grad_logits without logits) come back as empty tensors.
+  m.def(
+      "fuse_backward(Tensor? grad_joint_mu, Tensor? grad_joint_logvar, Tensor? grad_weights, Tensor mu, "
+      "Tensor logvar, Tensor? logits, Tensor? mask, bool prior_expert, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
   // Whether the extension was built with its CUDA kernels (so they must be registered).
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
   // The instruction set of the CPU kernels in use ("AVX512", "AVX2" or "DEFAULT").
   m.def("cpu_capability() -> str", &cpu_capability);
-  // The cache of released CPU output blocks (cpu/output_cache.h): bytes held, and freeing them.
-  m.def("cpu_cache_bytes() -> int", &cpu_cache_bytes);
-  m.def("clear_cpu_cache() -> int", &clear_cpu_cache);
+  m.def("interface_version() -> int", &interface_version);
+}
+
+// An empty Python module: `from gpoe_fusion import _C` finds exactly this package's build by
+// Python's own import rules and runs the registrations above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "gpoe_fusion's compiled operators", -1, nullptr};
+  return PyModule_Create(&module);
 }

@@ -16,15 +16,14 @@ from . import _reference, ops
 __all__ = ["BACKENDS", "fuse", "kernel_supports"]
 
 BACKENDS = ("auto", "kernel", "torch")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def kernel_supports(mu: Tensor) -> str | None:
     """None if the fused kernel can take experts like ``mu``, else the reason it cannot."""
     if not ops.available():
         return f"the compiled extension is not available ({ops.load_error()})"
-    if mu.dtype not in _KERNEL_DTYPES:
-        return f"dtype {mu.dtype} is not one of {_KERNEL_DTYPES}"
+    if mu.dtype not in ops.KERNEL_DTYPES:
+        return f"dtype {mu.dtype} is not one of {ops.KERNEL_DTYPES}"
     if not ops.supports_device(mu.device):
         return f"the extension has no kernel for device {mu.device}"
     return None
@@ -49,17 +48,19 @@ def fuse(
     mask: Tensor | None,
     prior_expert: bool,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Joint ``(mu, logvar)`` [*batch, D] of checked experts mu, logvar [M, *batch, D]."""
+    return_weights: bool = False,
+) -> tuple[Tensor, ...]:
+    """Joint ``(mu, logvar)`` [*batch, D] of checked experts mu, logvar [M, *batch, D], and with
+    ``return_weights`` every expert's weight [M, *batch, D] (see ``_reference.fuse``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return _reference.fuse(mu, logvar, logits, mask, prior_expert)
+        return _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights)
     reason = kernel_supports(mu)
     if reason is not None:
         if backend == "kernel":
             raise RuntimeError(f"backend='kernel' was requested but {reason}")
-        return _reference.fuse(mu, logvar, logits, mask, prior_expert)
+        return _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights)
 
     m, d = mu.shape[0], mu.shape[-1]
     batch_shape = mu.shape[1:-1]
@@ -73,6 +74,9 @@ def fuse(
         mu, logvar = mu.to(common), logvar.to(common)
         logits = _flat_logits(logits, batch_shape, n).to(common)
     flat_mask = None if mask is None else mask.reshape(m, n)
-    joint_mu, joint_logvar = ops.fuse(mu.reshape(m, n, d), logvar.reshape(m, n, d), logits, flat_mask, prior_expert)
+    outputs = ops.fuse(mu.reshape(m, n, d), logvar.reshape(m, n, d), logits, flat_mask, prior_expert, return_weights)
     out_shape = tuple(batch_shape) + (d,)
-    return joint_mu.reshape(out_shape).to(out_dtype), joint_logvar.reshape(out_shape).to(out_dtype)
+    joint = tuple(t.reshape(out_shape).to(out_dtype) for t in outputs[:2])
+    if not return_weights:
+        return joint
+    return joint + (outputs[2].reshape((m,) + out_shape).to(out_dtype),)

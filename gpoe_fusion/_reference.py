@@ -58,20 +58,25 @@ def fuse(
     logits: Tensor | None = None,
     mask: Tensor | None = None,
     prior_expert: bool = False,
-) -> tuple[Tensor, Tensor]:
+    return_weights: bool = False,
+) -> tuple[Tensor, ...]:
     """Exact weighted product of diagonal Gaussian experts.
 
     mu, logvar: [M, *batch, D]; logits: broadcastable to [M, *batch, D] or None;
     mask: bool [M, *batch] or None; prior_expert: add N(0, I) as an expert with alpha = 1.
     Returns ``(joint_mu, joint_logvar)``, each [*batch, D] in the dtype of ``mu``, computed in
     float32 or float64 (whichever the inputs need; float64 if any of them is float64).
+    With ``return_weights`` also every expert's weight [M, *batch, D] in mu's dtype, 0 when
+    masked: alpha with logits, else the expert's share of the joint precision.
     """
     out_dtype = mu.dtype
     dtype = compute_dtype(out_dtype if logits is None else torch.promote_types(out_dtype, logits.dtype))
     mu = mu.to(dtype)
     s = -logvar.to(dtype)
+    log_alpha = None
     if logits is not None:
-        s = s + credibility(logits.to(dtype), mask, s.shape)
+        log_alpha = credibility(logits.to(dtype), mask, s.shape)
+        s = s + log_alpha
     present = _expand_mask(mask, s)
     if present is not None:
         s = s.masked_fill(~present, float("-inf"))
@@ -90,4 +95,13 @@ def fuse(
     total = e.sum(dim=0)
     joint_mu = (e * mu).sum(dim=0) / total
     joint_logvar = -(shift + torch.log(total))
-    return joint_mu.to(out_dtype), joint_logvar.to(out_dtype)
+    if not return_weights:
+        return joint_mu.to(out_dtype), joint_logvar.to(out_dtype)
+    if log_alpha is not None:
+        weights = log_alpha.exp()
+    else:
+        weights = e[: logvar.shape[0]] / total
+        if present is not None:
+            # A row with no expert and no prior has total 0: its (masked) weights are 0, not 0 / 0.
+            weights = weights.masked_fill(~present, 0.0)
+    return joint_mu.to(out_dtype), joint_logvar.to(out_dtype), weights.to(out_dtype)

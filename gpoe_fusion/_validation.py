@@ -1,8 +1,12 @@
 """Argument checking for the public fusion functions: every error names the argument at fault.
 
-Structural checks (shape, dtype, device) are free and always run. Value checks (NaN among present
-experts, rows with every expert masked) read the data, which synchronises a GPU and cannot be traced,
-so they run only while validation is enabled and never inside ``torch.compile``.
+Structural checks (shape, dtype, device) read no data and always run. Value checks (NaN among
+present experts, rows with every expert masked) cost almost nothing: a NaN among present experts
+and a row without any expert (and no prior) both reach the fused joint mean, so one reduction over
+that output decides, and only when it finds a NaN are the inputs diagnosed to name the argument
+at fault (``check_values``). Reading the reduction's result synchronises a GPU with the host, so
+by default value checks run on the CPU only; ``set_validation(True)`` (or ``validate=True``)
+runs them on every device, ``set_validation(False)`` nowhere. Never inside ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -13,25 +17,37 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["as_experts", "check_logits", "check_mask", "check_values", "set_validation", "validation_enabled"]
+__all__ = ["as_experts", "check_logits", "check_mask", "check_values", "has_nan", "set_validation",
+           "validation_enabled"]
 
-_validate = os.environ.get("GPOE_FUSION_VALIDATE", "1") != "0"
+def _setting_from_environment() -> bool | None:
+    value = os.environ.get("GPOE_FUSION_VALIDATE", "")
+    return None if value == "" else value != "0"
 
 
-def set_validation(enabled: bool) -> None:
-    """Turn the value checks (NaN, fully masked rows) on or off for every later call.
+# None: the default (value checks where they need no host synchronisation: CPU tensors).
+_validate: bool | None = _setting_from_environment()
 
-    They are on by default; ``GPOE_FUSION_VALIDATE=0`` in the environment starts with them off.
+
+def set_validation(enabled: bool | None) -> None:
+    """Value checks (NaN, fully masked rows) for every later call: True on every device (on a GPU
+    each call then waits for its result), False nowhere, None the default: CPU tensors only.
+
+    ``GPOE_FUSION_VALIDATE=1`` / ``=0`` in the environment starts with True / False.
     """
     global _validate
-    _validate = bool(enabled)
+    _validate = None if enabled is None else bool(enabled)
 
 
-def validation_enabled(override: bool | None = None) -> bool:
-    """Whether value checks run now: ``override`` if given, else the global switch; never when compiling."""
+def validation_enabled(override: bool | None = None, device: torch.device | None = None) -> bool:
+    """Whether value checks run for a call on ``device``: ``override`` if given, else the global
+    setting, whose default runs them on the CPU only; never while ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return False
-    return _validate if override is None else override
+    setting = _validate if override is None else override
+    if setting is None:
+        return device is None or device.type == "cpu"
+    return setting
 
 
 def _stack(x: Tensor | Sequence[Tensor], name: str) -> Tensor:
@@ -108,8 +124,20 @@ def check_mask(mask: Tensor | None, mu: Tensor) -> Tensor | None:
     return mask
 
 
+def has_nan(t: Tensor) -> bool:
+    """The one reduction of the value checks: whether ``t`` holds a NaN (one sum carries any NaN).
+
+    Run on the fused joint mean: NaN in a present expert's mu, logvar or logits, and a row with no
+    expert and no prior, make the joint mean NaN there. (A sum can also overflow to NaN from huge
+    values of both signs; then ``check_values`` finds nothing and nothing is raised.)
+    """
+    with torch.no_grad():
+        return bool(torch.isnan(t.sum()))
+
+
 def check_values(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool) -> None:
-    """Raise on NaN among present experts, or on a row whose experts are all masked (without a prior)."""
+    """The full diagnosis: raise on NaN among present experts, or on a row whose experts are all
+    masked (without a prior), naming the argument at fault."""
     present = None if mask is None else mask.unsqueeze(-1)
     for name, t in (("mu", mu), ("logvar", logvar), ("logits", logits)):
         if t is None:

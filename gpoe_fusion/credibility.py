@@ -1,9 +1,18 @@
 """Credibility networks: per-modality, per-dimension logits for gPoE's alpha (paper Eq. 7-9, Fig. 2).
 
-Each maps modality features to logits [M, *batch, D]; ``GPoE`` turns them into alpha with a
-softmax over the present experts. The MLPs standardise their input features over the batch, and
-their last layer starts at zero, so training starts from uniform alpha (gPoE = PoE with the joint
-variance scaled by M) and learns to move away.
+Each maps modality features (M tensors [*batch, F_i]) and the modality mask (bool [M, *batch],
+True = present; None = all present) to logits [M, *batch, D]; ``GPoE`` turns them into alpha with
+a softmax over the present experts. The MLPs standardise each modality's features over the batch,
+and their last layer starts at zero, so training starts from uniform alpha (gPoE = PoE with the
+joint variance scaled by M) and learns to move away.
+
+A missing modality must not leak: its features are whatever the encoder made of a placeholder
+(or NaN), and if they reached the batch statistics or the joint MLP they would move the logits of
+every other sample and of the sample's other modalities. So the networks read the mask: a masked
+modality's features count in no statistic and enter the MLP as zeros after standardisation (an
+average input), selected with ``torch.where`` so NaN or inf cannot get through, and the joint
+network is also told which modalities are present, so it can learn to trust the others more when
+one is missing.
 """
 
 from __future__ import annotations
@@ -11,37 +20,59 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["GlobalCredibility", "IndependentCredibility", "JointCredibility", "make_credibility"]
 
 
 class FeatureStandardizer(nn.Module):
-    """Per-feature standardisation over the batch (running averages in eval mode).
+    """Per-feature standardisation over the present rows of the batch (running averages in eval mode).
 
     Encoder features share a large common component across samples (post-ReLU trunks); without
     this, the credibility network sees mostly that component and learns one alpha for everyone.
     Standardised, it sees how a sample differs from the others, which is what credibility is
-    about. x: [*batch, F] -> same shape. A training batch of one row uses the running averages.
+    about. x: [*batch, F], present: bool [*batch] or None (all present) -> [*batch, F], zero in
+    absent rows. Only present rows enter the statistics; a training batch with fewer than two
+    present rows (or of one row) uses the running averages and leaves them as they are.
     """
 
-    def __init__(self, dim: int, momentum: float = 0.1):
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
         self.momentum = momentum
+        self.eps = eps
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, present: Tensor | None = None) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        use_batch = self.training and flat.shape[0] > 1
-        out = F.batch_norm(flat, self.running_mean, self.running_var, training=use_batch,
-                           momentum=self.momentum, eps=1e-5)
+        keep = (torch.ones(flat.shape[0], 1, dtype=torch.bool, device=x.device) if present is None
+                else present.reshape(-1, 1))
+        # where, not a product: absent rows may hold NaN or inf, and 0 * inf is NaN (also in backward).
+        clean = torch.where(keep, flat, 0.0)
+        running_mean = self.running_mean.to(flat.dtype)
+        running_var = self.running_var.to(flat.dtype)
+        mean, var = running_mean, running_var
+        if self.training and flat.shape[0] > 1:
+            count = keep.sum(0, dtype=flat.dtype)
+            batch_mean = clean.sum(0) / count.clamp_min(1)
+            sq_dev = torch.where(keep, clean - batch_mean, 0.0).square().sum(0)
+            # A tensor condition rather than `if`: no host sync on CUDA, one graph under torch.compile.
+            enough = count >= 2
+            mean = torch.where(enough, batch_mean, running_mean)
+            var = torch.where(enough, sq_dev / count.clamp_min(1), running_var)
+            with torch.no_grad():
+                unbiased = sq_dev / (count - 1).clamp_min(1)
+                self.running_mean.copy_(torch.where(enough, running_mean.lerp(batch_mean, self.momentum), running_mean))
+                self.running_var.copy_(torch.where(enough, running_var.lerp(unbiased, self.momentum), running_var))
+        out = torch.where(keep, (clean - mean) * torch.rsqrt(var + self.eps), 0.0)
         return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = [FeatureStandardizer(in_dim)]
+    layers: list[nn.Module] = []
     for width in hidden:
         layers += [nn.Linear(in_dim, width), nn.GELU()]
         in_dim = width
@@ -65,47 +96,79 @@ def _check_features(features: Sequence[Tensor] | None, feature_dims: Sequence[in
     return features
 
 
+def _check_mask(mask: Tensor | None, features: Sequence[Tensor]) -> Tensor:
+    """mask: bool [M, *batch] or None -> bool [M, *batch] (None: all present)."""
+    expected = (len(features),) + tuple(features[0].shape[:-1])
+    device = features[0].device
+    if mask is None:
+        return torch.ones(expected, dtype=torch.bool, device=device)
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask: expected a bool tensor [M, *batch], got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected dtype torch.bool (True = modality present), got {mask.dtype}")
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask: expected shape [M, *batch] = {expected} (M features, their batch shape), "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask: device {mask.device} differs from features device {device}")
+    return mask
+
+
 class JointCredibility(nn.Module):
     """One MLP over the concatenated features of all modalities (paper Fig. 2): it can judge a
-    modality against the others. features: M tensors [*batch, F_i] -> logits [M, *batch, D]."""
+    modality against the others. Each modality's features are standardised on their own present
+    rows, and the MLP also reads the mask, so it can learn what to trust when a modality is missing.
+    features: M tensors [*batch, F_i], mask: bool [M, *batch] or None -> logits [M, *batch, D]."""
 
     def __init__(self, feature_dims: Sequence[int], latent_dim: int, hidden: Sequence[int] = (256,)):
         super().__init__()
         self.feature_dims = tuple(feature_dims)
         self.latent_dim = latent_dim
-        self.net = _mlp(sum(self.feature_dims), hidden, len(self.feature_dims) * latent_dim)
+        self.norms = nn.ModuleList(FeatureStandardizer(dim) for dim in self.feature_dims)
+        num = len(self.feature_dims)
+        self.net = _mlp(sum(self.feature_dims) + num, hidden, num * latent_dim)
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    def forward(self, features: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         features = _check_features(features, self.feature_dims)
-        out = self.net(torch.cat(list(features), dim=-1))
+        mask = _check_mask(mask, features)
+        blocks = [norm(f, present) for norm, f, present in zip(self.norms, features, mask)]
+        dtype = blocks[0].dtype
+        out = self.net(torch.cat(blocks + [mask.movedim(0, -1).to(dtype)], dim=-1))
         out = out.unflatten(-1, (len(self.feature_dims), self.latent_dim))
         return out.movedim(-2, 0)
 
 
 class IndependentCredibility(nn.Module):
-    """One MLP per modality, each seeing only its own features: a modality is judged on its own
-    evidence. features: M tensors [*batch, F_i] -> logits [M, *batch, D]."""
+    """One MLP per modality, each seeing only its own features (standardised on its present rows):
+    a modality is judged on its own evidence.
+    features: M tensors [*batch, F_i], mask: bool [M, *batch] or None -> logits [M, *batch, D]."""
 
     def __init__(self, feature_dims: Sequence[int], latent_dim: int, hidden: Sequence[int] = (256,)):
         super().__init__()
         self.feature_dims = tuple(feature_dims)
         self.latent_dim = latent_dim
+        self.norms = nn.ModuleList(FeatureStandardizer(dim) for dim in self.feature_dims)
         self.nets = nn.ModuleList(_mlp(dim, hidden, latent_dim) for dim in self.feature_dims)
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    def forward(self, features: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         features = _check_features(features, self.feature_dims)
-        return torch.stack([net(f) for net, f in zip(self.nets, features)])
+        mask = _check_mask(mask, features)
+        return torch.stack([net(norm(f, present))
+                            for net, norm, f, present in zip(self.nets, self.norms, features, mask)])
 
 
 class GlobalCredibility(nn.Module):
     """Learned input-independent logits [M, D] (no features needed): which modality to trust in
-    which latent dimension, the same for every sample. Returns logits [M, 1, ..., 1, D]."""
+    which latent dimension, the same for every sample. Returns logits [M, 1, ..., 1, D] with
+    ``batch_ndim`` ones. ``mask`` is accepted for a uniform call form and ignored: the softmax over
+    present experts already drops the missing ones, and nothing here reads their features."""
 
     def __init__(self, num_experts: int, latent_dim: int):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(num_experts, latent_dim))
 
-    def forward(self, features: Sequence[Tensor] | None = None, batch_ndim: int = 1) -> Tensor:
+    def forward(self, features: Sequence[Tensor] | None = None, batch_ndim: int = 1,
+                mask: Tensor | None = None) -> Tensor:
         m, d = self.logits.shape
         return self.logits.view((m,) + (1,) * batch_ndim + (d,))
 

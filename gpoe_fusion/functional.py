@@ -15,12 +15,22 @@ import torch
 from torch import Tensor
 
 from . import _backend, _reference
-from ._validation import as_experts, check_logits, check_mask, check_values, validation_enabled
+from ._validation import as_experts, check_logits, check_mask, check_values, has_nan, validation_enabled
 from .distributions import Gaussian, GaussianMixture
 
 __all__ = ["credibility_weights", "gpoe", "moe", "poe"]
 
 Experts = Tensor | Sequence[Tensor]
+
+
+def _fuse(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool, backend: str,
+          validate: bool | None, return_alpha: bool) -> Gaussian | tuple[Gaussian, Tensor]:
+    """One backend call on checked experts, then the value checks (see ``gpoe_fusion._validation``)."""
+    outputs = _backend.fuse(mu, logvar, logits, mask, prior_expert, backend, return_weights=return_alpha)
+    if validation_enabled(validate, mu.device) and has_nan(outputs[0]):
+        check_values(mu, logvar, logits, mask, prior_expert)
+    joint = Gaussian(outputs[0], outputs[1])
+    return (joint, outputs[2]) if return_alpha else joint
 
 
 def poe(
@@ -31,20 +41,22 @@ def poe(
     *,
     backend: str = "auto",
     validate: bool | None = None,
-) -> Gaussian:
+    return_alpha: bool = False,
+) -> Gaussian | tuple[Gaussian, Tensor]:
     """Product of Gaussian experts: precision-weighted, computed exactly in log space.
 
     ``prior_expert=True`` multiplies in N(0, I) as one more expert (MVAE's choice), which also
     makes rows with every expert masked well defined (they return the prior).
     ``backend``: "auto" (the fused kernel when built and applicable), "kernel" or "torch".
     ``validate``: run the value checks (NaN, fully masked rows); None = the global setting
-    (``gpoe_fusion.set_validation``). Returns a :class:`Gaussian` [*batch, D].
+    (``gpoe_fusion.set_validation``). Returns a :class:`Gaussian` [*batch, D]; with
+    ``return_alpha`` also PoE's implicit weights [M, *batch, D]: each expert's share of the joint
+    precision (the weight of its mean in the joint mean; 0 when masked; with the prior expert the
+    prior holds the rest), differentiable.
     """
     mu, logvar = as_experts(mu, logvar)
     mask = check_mask(mask, mu)
-    if validation_enabled(validate):
-        check_values(mu, logvar, None, mask, prior_expert)
-    return Gaussian(*_backend.fuse(mu, logvar, None, mask, prior_expert, backend))
+    return _fuse(mu, logvar, None, mask, prior_expert, backend, validate, return_alpha)
 
 
 def gpoe(
@@ -56,7 +68,8 @@ def gpoe(
     *,
     backend: str = "auto",
     validate: bool | None = None,
-) -> Gaussian:
+    return_alpha: bool = False,
+) -> Gaussian | tuple[Gaussian, Tensor]:
     """Generalized product of experts: expert i's density raised to alpha_i (paper Eq. 7-9).
 
     alpha = softmax of ``logits`` over the expert axis, masked experts excluded, so the present
@@ -66,27 +79,36 @@ def gpoe(
     ``prior_expert=True`` multiplies in N(0, I) with weight 1, outside the softmax: the alphas
     share out the modalities' credibility among themselves, while the prior is a fixed fallback
     (a row with every expert masked returns the prior). Equivalently: gPoE of the modalities,
-    then PoE of that result with N(0, I). Returns a :class:`Gaussian` [*batch, D].
+    then PoE of that result with N(0, I). Returns a :class:`Gaussian` [*batch, D]; with
+    ``return_alpha`` also alpha [M, *batch, D] (0 for masked experts) from the same fused pass,
+    differentiable.
     """
     mu, logvar = as_experts(mu, logvar)
     logits = check_logits(logits, mu)
     mask = check_mask(mask, mu)
-    if validation_enabled(validate):
-        check_values(mu, logvar, logits, mask, prior_expert)
-    return Gaussian(*_backend.fuse(mu, logvar, logits, mask, prior_expert, backend))
+    return _fuse(mu, logvar, logits, mask, prior_expert, backend, validate, return_alpha)
 
 
-def moe(mu: Experts, logvar: Experts, mask: Tensor | None = None, *, validate: bool | None = None) -> GaussianMixture:
+def moe(mu: Experts, logvar: Experts, mask: Tensor | None = None, *, validate: bool | None = None,
+        return_alpha: bool = False) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
     """Mixture of experts with uniform weights over the present experts (MMVAE).
 
     Returns a :class:`GaussianMixture`; train it with its stratified ``rsample(k)`` as in
-    ``gpoe_fusion.objectives``.
+    ``gpoe_fusion.objectives``. With ``return_alpha`` also the mixture weights, broadcast to
+    [M, *batch, D] like the other fusions' weights (an expanded view: one weight per sample).
     """
     mu, logvar = as_experts(mu, logvar)
     mask = check_mask(mask, mu)
-    if validation_enabled(validate):
-        check_values(mu, logvar, None, mask, prior_expert=False)
-    return GaussianMixture(mu, logvar, mask)
+    if validation_enabled(validate, mu.device):
+        # No fused output to reduce: one sum over the inputs (masked experts may hold NaN, in which
+        # case the diagnosis runs and finds nothing) and the [M, *batch] mask.
+        suspect = has_nan(mu) or has_nan(logvar) or (mask is not None and not bool(mask.any(0).all()))
+        if suspect:
+            check_values(mu, logvar, None, mask, prior_expert=False)
+    mixture = GaussianMixture(mu, logvar, mask)
+    if not return_alpha:
+        return mixture
+    return mixture, mixture.log_weights.exp().to(mu.dtype).unsqueeze(-1).expand(mu.shape)
 
 
 def credibility_weights(logits: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> Tensor:

@@ -1,7 +1,10 @@
-"""Drop-in fusion layers with one call form: ``fusion(mu, logvar, mask=None, features=None)``.
+"""Drop-in fusion layers with one call form:
+``fusion(mu, logvar, mask=None, features=None, return_alpha=False)``.
 
 Swapping ``PoE`` <-> ``GPoE`` <-> ``MoE`` changes one line. PoE and MoE ignore ``features``;
-GPoE feeds them to its credibility network (see ``gpoe_fusion.credibility``).
+GPoE feeds them, with the mask, to its credibility network (see ``gpoe_fusion.credibility``).
+``return_alpha=True`` adds each expert's weight [M, *batch, D] (0 when masked): GPoE's
+credibility alpha, PoE's implicit weights (shares of the joint precision), MoE's mixture weights.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ __all__ = ["GPoE", "MoE", "PoE"]
 
 
 class PoE(nn.Module):
-    """Product of experts. mu, logvar: [M, *batch, D] (or M tensors [*batch, D]) -> Gaussian [*batch, D]."""
+    """Product of experts. mu, logvar: [M, *batch, D] (or M tensors [*batch, D]) -> Gaussian [*batch, D],
+    or ``(Gaussian, weights)`` with ``return_alpha``."""
 
     def __init__(self, prior_expert: bool = False, backend: str = "auto"):
         super().__init__()
@@ -27,19 +31,20 @@ class PoE(nn.Module):
         self.backend = backend
 
     def forward(self, mu: F.Experts, logvar: F.Experts, mask: Tensor | None = None,
-                features: Sequence[Tensor] | None = None) -> Gaussian:
-        return F.poe(mu, logvar, mask, self.prior_expert, backend=self.backend)
+                features: Sequence[Tensor] | None = None, return_alpha: bool = False):
+        return F.poe(mu, logvar, mask, self.prior_expert, backend=self.backend, return_alpha=return_alpha)
 
     def extra_repr(self) -> str:
         return f"prior_expert={self.prior_expert}, backend={self.backend!r}"
 
 
 class MoE(nn.Module):
-    """Uniform mixture of the present experts -> GaussianMixture (train with its stratified rsample)."""
+    """Uniform mixture of the present experts -> GaussianMixture (train with its stratified rsample),
+    or ``(GaussianMixture, weights)`` with ``return_alpha``."""
 
     def forward(self, mu: F.Experts, logvar: F.Experts, mask: Tensor | None = None,
-                features: Sequence[Tensor] | None = None) -> GaussianMixture:
-        return F.moe(mu, logvar, mask)
+                features: Sequence[Tensor] | None = None, return_alpha: bool = False):
+        return F.moe(mu, logvar, mask, return_alpha=return_alpha)
 
 
 class GPoE(nn.Module):
@@ -53,7 +58,8 @@ class GPoE(nn.Module):
 
     ``forward(mu, logvar, mask, features, return_alpha=False)`` -> Gaussian [*batch, D], or
     ``(Gaussian, alpha)`` with alpha [M, *batch, D] (zero for masked experts) when asked, so you
-    can plot which modality the model trusts.
+    can plot which modality the model trusts; alpha comes from the same fused pass as the joint.
+    The credibility network sees the mask: a missing modality's features influence nothing.
     """
 
     def __init__(self, num_experts: int, latent_dim: int, feature_dims: Sequence[int] | None = None,
@@ -66,22 +72,19 @@ class GPoE(nn.Module):
         self.backend = backend
         self.credibility = make_credibility(credibility, num_experts, latent_dim, feature_dims, hidden)
 
-    def logits(self, mu: Tensor, features: Sequence[Tensor] | None) -> Tensor:
-        """Credibility logits broadcastable to mu's [M, *batch, D]."""
+    def logits(self, mu: Tensor, features: Sequence[Tensor] | None, mask: Tensor | None = None) -> Tensor:
+        """Credibility logits broadcastable to mu's [M, *batch, D]; mask: bool [M, *batch] or None."""
         if isinstance(self.credibility, GlobalCredibility):
             return self.credibility(batch_ndim=mu.dim() - 2)
-        return self.credibility(features)
+        return self.credibility(features, mask=mask)
 
     def forward(self, mu: F.Experts, logvar: F.Experts, mask: Tensor | None = None,
                 features: Sequence[Tensor] | None = None, return_alpha: bool = False):
         mu, logvar = as_experts(mu, logvar)
         if mu.shape[0] != self.num_experts:
             raise ValueError(f"mu: expected {self.num_experts} experts, got {mu.shape[0]}")
-        logits = self.logits(mu, features)
-        joint = F.gpoe(mu, logvar, logits, mask, self.prior_expert, backend=self.backend)
-        if return_alpha:
-            return joint, F.credibility_weights(logits.expand(mu.shape), mask)
-        return joint
+        logits = self.logits(mu, features, mask)
+        return F.gpoe(mu, logvar, logits, mask, self.prior_expert, backend=self.backend, return_alpha=return_alpha)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, latent_dim={self.latent_dim}, prior_expert={self.prior_expert}, backend={self.backend!r}"

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from .distributions import Gaussian, GaussianMixture
-from .modules import GPoE
 
 __all__ = ["CrossModalObjective", "ObjectiveOutput"]
 
@@ -40,7 +39,8 @@ _LOG_2PI = math.log(2.0 * math.pi)
 @dataclass
 class ObjectiveOutput:
     """loss: scalar to minimise; terms: its named parts (detached scalars, for logging);
-    joint: the fused posterior; alpha: gPoE's credibility weights [M, B, D] (None otherwise)."""
+    joint: the fused posterior; alpha: the experts' weights [M, B, D] from the fusion's
+    ``return_alpha`` (gPoE's credibility, PoE's precision shares, MoE's mixture weights)."""
 
     loss: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
@@ -101,13 +101,9 @@ class CrossModalObjective(nn.Module):
                 raise ValueError(f"features: missing {sorted(absent)} (one per encoded modality)")
             feats = [features[n] for n in names]
 
-        alpha = None
-        if isinstance(self.fusion, GPoE):
-            joint, alpha = self.fusion(mu, logvar, mask, feats, return_alpha=True)
-        else:
-            joint = self.fusion(mu, logvar, mask, feats)
+        joint, alpha = self.fusion(mu, logvar, mask, feats, return_alpha=True)
         if isinstance(joint, GaussianMixture):
-            return self._mixture_objective(names, joint, targets)
+            return self._mixture_objective(names, joint, targets, alpha)
         return self._product_objective(names, joint, mu, logvar, mask, targets, alpha)
 
     def _reconstruction(self, latents: Tensor, sample_weights: Tensor, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -149,7 +145,8 @@ class CrossModalObjective(nn.Module):
         terms["loss"] = loss.detach()
         return ObjectiveOutput(loss, terms, joint, alpha)
 
-    def _mixture_objective(self, names, joint: GaussianMixture, targets: Mapping[str, Tensor]) -> ObjectiveOutput:
+    def _mixture_objective(self, names, joint: GaussianMixture, targets: Mapping[str, Tensor],
+                           alpha: Tensor) -> ObjectiveOutput:
         m, batch = joint.num_components, joint.mu.shape[1]
         k = self.num_samples
         z = joint.rsample(k)  # [M, k, B, D]
@@ -173,4 +170,4 @@ class CrossModalObjective(nn.Module):
         terms["kl/mixture"] = kl.detach()
         loss = loss + self.beta * kl
         terms["loss"] = loss.detach()
-        return ObjectiveOutput(loss, terms, joint, None)
+        return ObjectiveOutput(loss, terms, joint, alpha)

@@ -2,16 +2,19 @@
 
 The extension defines (csrc/ops.cpp):
 
-    gpoe_fusion::fuse_forward(mu, logvar, logits?, mask?, prior_expert) -> (joint_mu, joint_logvar)
-    gpoe_fusion::fuse_backward(grad_joint_mu?, grad_joint_logvar?, mu, logvar, logits?, mask?,
-                               prior_expert, output_mask[3]) -> (grad_mu, grad_logvar, grad_logits)
+    gpoe_fusion::fuse_forward(mu, logvar, logits?, mask?, prior_expert, return_weights=False)
+        -> (joint_mu, joint_logvar, weights)
+    gpoe_fusion::fuse_backward(grad_joint_mu?, grad_joint_logvar?, grad_weights?, mu, logvar, logits?,
+                               mask?, prior_expert, output_mask[3]) -> (grad_mu, grad_logvar, grad_logits)
     gpoe_fusion::compiled_with_cuda() -> bool
     gpoe_fusion::cpu_capability() -> str
-    gpoe_fusion::cpu_cache_bytes() -> int, gpoe_fusion::clear_cpu_cache() -> int
+    gpoe_fusion::interface_version() -> int
 
 with CPU and (when built with CUDA) CUDA kernels. This module adds the fake kernels that let
-``torch.compile`` trace them and the autograd formula of ``fuse_forward``, whose backward
-recomputes from the saved inputs (it saves no [M, N, D] temporary).
+``torch.compile`` trace them (checking shapes and dtypes as the real kernels do) and the autograd
+formula of ``fuse_forward``, whose backward recomputes from the saved inputs (it saves no
+[M, N, D] temporary). A backward that must itself be differentiable (``create_graph=True``) is
+computed by the pure-PyTorch path instead, so higher-order gradients are exact.
 
 With ``GPOE_FUSION_REQUIRE_EXTENSION=1`` in the environment a missing or unloadable extension
 is an ImportError instead of a silent fallback to the pure-PyTorch path (CI sets it).
@@ -19,18 +22,19 @@ is an ImportError instead of a silent fallback to the pure-PyTorch path (CI sets
 
 from __future__ import annotations
 
-import glob
+import importlib
 import os
 
 import torch
 from torch import Tensor
 
+from . import _reference
+
 __all__ = [
+    "KERNEL_DTYPES",
     "REQUIRE_ENV",
     "available",
-    "clear_cpu_cache",
     "compiled_with_cuda",
-    "cpu_cache_bytes",
     "cpu_capability",
     "fuse",
     "load_error",
@@ -38,23 +42,33 @@ __all__ = [
 ]
 
 REQUIRE_ENV = "GPOE_FUSION_REQUIRE_EXTENSION"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The operator interface this Python code speaks (csrc/ops.cpp interface_version()).
+_INTERFACE_VERSION = 2
 
 _LOAD_ERROR: str | None = None
 
 
 def _load() -> bool:
     global _LOAD_ERROR
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
-    if not candidates:
+    try:
+        extension = importlib.import_module(f"{__package__}._C")
+    except ModuleNotFoundError:
         _LOAD_ERROR = "gpoe_fusion._C was not built (pip install --no-build-isolation -e .)"
         return False
-    try:
-        torch.ops.load_library(candidates[0])
-    except (OSError, RuntimeError) as exc:
-        # OSError: dlopen failed (e.g. built against another torch); RuntimeError: the ops clash
-        # with an already registered copy.
-        _LOAD_ERROR = f"loading {candidates[0]} failed: {exc}"
+    except ImportError as exc:
+        # dlopen failed, e.g. built against another torch.
+        _LOAD_ERROR = f"importing gpoe_fusion._C failed: {exc}"
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.dirname(os.path.abspath(extension.__file__)) != here:
+        # E.g. an editable install of another checkout serving this copy of the package.
+        _LOAD_ERROR = f"gpoe_fusion._C was not built in {here} (found {extension.__file__})"
+        return False
+    version = int(torch.ops.gpoe_fusion.interface_version())
+    if version != _INTERFACE_VERSION:
+        _LOAD_ERROR = (f"{extension.__file__} is a stale build (operator interface {version}, this package needs "
+                       f"{_INTERFACE_VERSION}); rebuild with pip install --no-build-isolation -e .")
         return False
     return True
 
@@ -85,38 +99,78 @@ def cpu_capability() -> str | None:
     return str(torch.ops.gpoe_fusion.cpu_capability()) if _AVAILABLE else None
 
 
-def cpu_cache_bytes() -> int:
-    """Bytes of released CPU output blocks the extension keeps for reuse (0 when not loaded).
-
-    Large CPU outputs are recycled instead of freshly mapped on every call, which on Linux saves
-    a page fault per 4 KiB written; ``GPOE_FUSION_CPU_CACHE_MB`` caps the cache (default 512,
-    0 disables it)."""
-    return int(torch.ops.gpoe_fusion.cpu_cache_bytes()) if _AVAILABLE else 0
-
-
-def clear_cpu_cache() -> int:
-    """Returns the cached CPU output blocks to the system; the bytes freed."""
-    return int(torch.ops.gpoe_fusion.clear_cpu_cache()) if _AVAILABLE else 0
+# Device types with a registered kernel, looked up once: a plain dict, which torch.compile traces.
+_DEVICE_KERNELS = {
+    device_type: _AVAILABLE
+    and torch._C._dispatch_has_kernel_for_dispatch_key("gpoe_fusion::fuse_forward", device_type.upper())
+    for device_type in ("cpu", "cuda")
+}
 
 
 def supports_device(device: torch.device) -> bool:
     """Whether a kernel is registered for ``device``'s type."""
-    if not _AVAILABLE or device.type not in ("cpu", "cuda"):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("gpoe_fusion::fuse_forward", device.type.upper())
+    return _DEVICE_KERNELS.get(device.type, False)
 
 
-def fuse(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool) -> tuple[Tensor, Tensor]:
-    """Fused joint ``(mu, logvar)`` [N, D] of mu, logvar [M, N, D]; logits [M, N|1, D|1]; mask bool [M, N]."""
-    return torch.ops.gpoe_fusion.fuse_forward(mu, logvar, logits, mask, prior_expert)
+def fuse(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool,
+         return_weights: bool = False) -> tuple[Tensor, ...]:
+    """Fused joint ``(mu, logvar)`` [N, D] of mu, logvar [M, N, D]; logits [M, N|1, D|1]; mask bool [M, N].
+
+    With ``return_weights`` also every expert's weight [M, N, D] (alpha with logits, the share of
+    the joint precision without; 0 when masked) as a third, differentiable output.
+    """
+    joint_mu, joint_logvar, weights = torch.ops.gpoe_fusion.fuse_forward(mu, logvar, logits, mask, prior_expert,
+                                                                          return_weights)
+    return (joint_mu, joint_logvar, weights) if return_weights else (joint_mu, joint_logvar)
 
 
-def _fuse_forward_fake(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool):
-    shape = (mu.shape[1], mu.shape[2])
-    return mu.new_empty(shape), mu.new_empty(shape)
+def _check_inputs(op: str, mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None) -> None:
+    """The structural checks of csrc/fusion_host.cpp, for tracing (the real kernels repeat them)."""
+    torch._check(mu.dim() == 3, lambda: f"{op}: mu: expected shape [M, N, D], got {tuple(mu.shape)}")
+    torch._check(mu.dtype in KERNEL_DTYPES, lambda: f"{op}: mu: expected float16, bfloat16, float32 or float64, "
+                                                    f"got {mu.dtype}")
+    torch._check(logvar.shape == mu.shape, lambda: f"{op}: logvar: shape {tuple(logvar.shape)} differs from mu's "
+                                                    f"shape {tuple(mu.shape)}")
+    torch._check(logvar.dtype == mu.dtype, lambda: f"{op}: logvar: dtype {logvar.dtype} differs from mu's dtype "
+                                                    f"{mu.dtype}")
+    torch._check(mu.shape[0] >= 1, lambda: f"{op}: mu: expected at least one expert (M >= 1)")
+    m, n, d = mu.shape
+    if logits is not None:
+        torch._check(
+            logits.dim() == 3 and logits.shape[0] == m and (logits.shape[1] == n or logits.shape[1] == 1)
+            and (logits.shape[2] == d or logits.shape[2] == 1),
+            lambda: f"{op}: logits: expected shape [M, N or 1, D or 1] with [M, N, D] = {tuple(mu.shape)}, "
+                    f"got {tuple(logits.shape)}")
+        torch._check(logits.dtype == mu.dtype, lambda: f"{op}: logits: dtype {logits.dtype} differs from mu's "
+                                                        f"dtype {mu.dtype}")
+    if mask is not None:
+        torch._check(mask.dtype == torch.bool, lambda: f"{op}: mask: expected dtype bool (true = present), got "
+                                                        f"{mask.dtype}")
+        torch._check(mask.dim() == 2 and mask.shape[0] == m and mask.shape[1] == n,
+                     lambda: f"{op}: mask: expected shape [M, N] = [{m}, {n}], got {tuple(mask.shape)}")
 
 
-def _fuse_backward_fake(grad_joint_mu, grad_joint_logvar, mu, logvar, logits, mask, prior_expert, output_mask):
+def _fuse_forward_fake(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool,
+                       return_weights: bool = False):
+    _check_inputs("fuse_forward", mu, logvar, logits, mask)
+    m, n, d = mu.shape
+    weights = mu.new_empty((m, n, d)) if return_weights else mu.new_empty((0,))
+    return mu.new_empty((n, d)), mu.new_empty((n, d)), weights
+
+
+def _fuse_backward_fake(grad_joint_mu, grad_joint_logvar, grad_weights, mu, logvar, logits, mask, prior_expert,
+                        output_mask):
+    _check_inputs("fuse_backward", mu, logvar, logits, mask)
+    m, n, d = mu.shape
+    for name, grad, shape in (("grad_joint_mu", grad_joint_mu, (n, d)), ("grad_joint_logvar", grad_joint_logvar, (n, d)),
+                              ("grad_weights", grad_weights, (m, n, d))):
+        if grad is not None:
+            torch._check(tuple(grad.shape) == shape,
+                         lambda name=name, grad=grad, shape=shape: f"fuse_backward: {name}: expected shape "
+                                                                   f"{list(shape)}, got {tuple(grad.shape)}")
+            torch._check(grad.dtype == mu.dtype, lambda name=name, grad=grad: f"fuse_backward: {name}: dtype "
+                                                                              f"{grad.dtype} differs from mu's dtype")
+
     def like(t: Tensor | None, wanted: bool) -> Tensor:
         return t.new_empty(t.shape) if wanted and t is not None else mu.new_empty((0,))
 
@@ -124,25 +178,46 @@ def _fuse_backward_fake(grad_joint_mu, grad_joint_logvar, mu, logvar, logits, ma
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mu, logvar, logits, mask, prior_expert = inputs
+    mu, logvar, logits, mask, prior_expert, *rest = inputs
     ctx.save_for_backward(mu, logvar, logits, mask)
     ctx.prior_expert = prior_expert
+    ctx.return_weights = bool(rest and rest[0])
     # An output that gets no gradient is passed to the kernel as None and never read.
     ctx.set_materialize_grads(False)
 
 
-def _fuse_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor | None):
+def _differentiable_backward(mu, logvar, logits, mask, prior_expert, grads, wanted):
+    """The first-order gradients as a differentiable function of the inputs and of ``grads``:
+    the pure-PyTorch forward, differentiated with ``create_graph=True``."""
+    outputs = _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights=grads[2] is not None)
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
+    inputs = [t for t, want in zip((mu, logvar, logits), wanted) if want]
+    result = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
+                                      allow_unused=True, materialize_grads=True))
+    return [next(result) if want else None for want in wanted]
+
+
+def _fuse_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor | None, grad_weights: Tensor | None):
     mu, logvar, logits, mask = ctx.saved_tensors
     wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits is not None and ctx.needs_input_grad[2]]
-    if not any(wanted) or (grad_joint_mu is None and grad_joint_logvar is None):
-        return None, None, None, None, None
-    grad_mu, grad_logvar, grad_logits = torch.ops.gpoe_fusion.fuse_backward(
-        grad_joint_mu, grad_joint_logvar, mu, logvar, logits, mask, ctx.prior_expert, wanted
-    )
+    if not ctx.return_weights:
+        grad_weights = None  # the empty placeholder output (tracing may hand it a gradient)
+    grads = (grad_joint_mu, grad_joint_logvar, grad_weights)
+    if not any(wanted) or all(g is None for g in grads):
+        return None, None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradients must be differentiable themselves, which the fused
+        # backward op is not.
+        grad_mu, grad_logvar, grad_logits = _differentiable_backward(mu, logvar, logits, mask, ctx.prior_expert,
+                                                                     grads, wanted)
+    else:
+        grad_mu, grad_logvar, grad_logits = torch.ops.gpoe_fusion.fuse_backward(
+            grad_joint_mu, grad_joint_logvar, grad_weights, mu, logvar, logits, mask, ctx.prior_expert, wanted)
     return (
         grad_mu if wanted[0] else None,
         grad_logvar if wanted[1] else None,
         grad_logits if wanted[2] else None,
+        None,
         None,
         None,
     )

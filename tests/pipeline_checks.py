@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common import training
+from common.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = 
     main: the script's main(argv); args_for(out_dir, *extra) -> argv of a two-epoch tiny run.
     """
     main(args_for(out / "full", "--fusion", fusion))
-    full = torch.load(out / "full" / "checkpoint.pt", weights_only=False)
+    full = load_checkpoint(out / "full" / "checkpoint.pt")
 
     original = training.train_one_epoch
 
@@ -32,10 +33,10 @@ def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = 
     monkeypatch.setattr(training, "train_one_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         main(args_for(out / "killed", "--fusion", fusion))
-    assert torch.load(out / "killed" / "checkpoint.pt", weights_only=False)["epoch"] == 0
+    assert load_checkpoint(out / "killed" / "checkpoint.pt")["epoch"] == 0
     monkeypatch.setattr(training, "train_one_epoch", original)
     main(args_for(out / "killed", "--fusion", fusion, "--resume"))
-    resumed = torch.load(out / "killed" / "checkpoint.pt", weights_only=False)
+    resumed = load_checkpoint(out / "killed" / "checkpoint.pt")
     assert resumed["epoch"] == full["epoch"] == 1
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key

@@ -112,8 +112,9 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int =
     return place(mu), place(logvar), place(logits), None if mask is None else mask.to(device)
 
 
-def run(fuse, mu, logvar, logits, mask, prior, grad_mu, grad_logvar, wanted=(True, True, True)):
-    """Outputs and the gradients of sum(grad_mu * joint_mu + grad_logvar * joint_logvar)."""
+def run(fuse, mu, logvar, logits, mask, prior, grad_mu, grad_logvar, wanted=(True, True, True), grad_weights=None):
+    """Outputs and the gradients of sum(grad_mu * joint_mu + grad_logvar * joint_logvar
+    [+ grad_weights * weights]); with grad_weights the weights are an output too."""
     leaves = []
     inputs = []
     for t, want in zip((mu, logvar, logits), wanted):
@@ -121,11 +122,13 @@ def run(fuse, mu, logvar, logits, mask, prior, grad_mu, grad_logvar, wanted=(Tru
             t = t.detach().requires_grad_()
             leaves.append(t)
         inputs.append(t)
-    joint_mu, joint_logvar = fuse(inputs[0], inputs[1], inputs[2], mask, prior)
+    outputs = fuse(inputs[0], inputs[1], inputs[2], mask, prior, grad_weights is not None)
     if not leaves:
-        return [joint_mu, joint_logvar]
-    loss = (joint_mu * grad_mu).sum() + (joint_logvar * grad_logvar).sum()
-    return [joint_mu.detach(), joint_logvar.detach(), *torch.autograd.grad(loss, leaves)]
+        return list(outputs)
+    loss = (outputs[0] * grad_mu).sum() + (outputs[1] * grad_logvar).sum()
+    if grad_weights is not None:
+        loss = loss + (outputs[2] * grad_weights).sum()
+    return [t.detach() for t in outputs] + list(torch.autograd.grad(loss, leaves))
 
 
 def assert_matches(got, want, dtype, names):
@@ -140,15 +143,22 @@ def assert_matches(got, want, dtype, names):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol * max(scale, 1e-30), msg=lambda m: f"{name}: {m}")
 
 
-def check_case(case: Case, dtype: torch.dtype, device: str, wanted=(True, True, True)):
+def check_case(case: Case, dtype: torch.dtype, device: str, wanted=(True, True, True), weights: bool = False):
+    """Kernel against the float64 reference; with ``weights`` the experts' weights are a third
+    output, with an incoming gradient of their own."""
     mu, logvar, logits, mask = make_inputs(case, dtype, device)
     g = torch.Generator().manual_seed(1)
     grad_mu = torch.randn(case.n, case.d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     grad_logvar = torch.randn(case.n, case.d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    got = run(ops.fuse, mu, logvar, logits, mask, case.prior, grad_mu, grad_logvar, wanted)
+    grad_weights = None
+    if weights:
+        grad_weights = torch.randn(case.m, case.n, case.d, generator=g, dtype=torch.float64).to(device=device,
+                                                                                                 dtype=dtype)
+    got = run(ops.fuse, mu, logvar, logits, mask, case.prior, grad_mu, grad_logvar, wanted, grad_weights)
     as64 = [None if t is None else t.double() for t in (mu, logvar, logits)]
-    want = run(_reference.fuse, *as64, mask, case.prior, grad_mu.double(), grad_logvar.double(), wanted)
-    names = ["joint_mu", "joint_logvar"] + [
+    want = run(_reference.fuse, *as64, mask, case.prior, grad_mu.double(), grad_logvar.double(), wanted,
+               None if grad_weights is None else grad_weights.double())
+    names = ["joint_mu", "joint_logvar"] + (["weights"] if weights else []) + [
         name for name, t, w in zip(("grad_mu", "grad_logvar", "grad_logits"), (mu, logvar, logits), wanted)
         if t is not None and w
     ]
@@ -163,6 +173,14 @@ def test_cpu_kernel_matches_reference(case, dtype):
     check_case(case, dtype, "cpu")
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", CASES[::2], ids=str)
+def test_cpu_kernel_weights_match_reference(case, dtype):
+    """The experts' weights from the fused pass (alpha, or PoE's precision shares) and their
+    gradient, against the float64 reference."""
+    check_case(case, dtype, "cpu", weights=True)
+
+
 @pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True)],
                          ids=["mu", "logvar", "logits"])
 def test_only_requested_gradients(wanted):
@@ -171,11 +189,11 @@ def test_only_requested_gradients(wanted):
 
 def test_gradient_of_one_output_only():
     mu, logvar, logits, mask = make_inputs(Case(3, 6, 10), torch.float64)
-    for pick in (0, 1):
+    for pick in (0, 1, 2):
         grads = []
         for fuse in (ops.fuse, _reference.fuse):
             leaves = [t.detach().requires_grad_() for t in (mu, logvar, logits)]
-            out = fuse(*leaves, mask, False)[pick]
+            out = fuse(*leaves, mask, False, True)[pick]
             grads.append(torch.autograd.grad(out.sum(), leaves, allow_unused=True, materialize_grads=True))
         for name, g, w in zip(("mu", "logvar", "logits"), *grads):
             torch.testing.assert_close(g, w, msg=lambda m: f"output {pick}, grad {name}: {m}")
@@ -213,17 +231,20 @@ def test_masked_nan_does_not_leak_and_empty_rows_give_prior():
         assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask])), f"masked experts got a {name} gradient"
 
 
+@pytest.mark.parametrize("weights", [False, True], ids=["joint", "weights"])
 @pytest.mark.parametrize("logits", ["none", "full", "rows", "dims", "all"])
 @pytest.mark.parametrize("m", [2, 5])
-def test_gradcheck_float64(logits, m):
+def test_gradcheck_float64(logits, m, weights):
+    """First and second order (the double backward runs the differentiable pure-PyTorch path)."""
     mu, logvar, logit_values, mask = make_inputs(Case(m, 4, 6, logits, prior=True), torch.float64)
     mu, logvar = mu.nan_to_num(0.0), logvar.nan_to_num(0.0)
     leaves = [t.detach().requires_grad_() for t in (mu, logvar) + (() if logit_values is None else (logit_values,))]
 
     def fused(*args):
-        return ops.fuse(args[0], args[1], args[2] if len(args) > 2 else None, mask, True)
+        return ops.fuse(args[0], args[1], args[2] if len(args) > 2 else None, mask, True, weights)
 
     assert torch.autograd.gradcheck(fused, leaves)
+    assert torch.autograd.gradgradcheck(fused, leaves)
 
 
 def test_opcheck():
@@ -233,11 +254,13 @@ def test_opcheck():
         mu, logvar = mu.nan_to_num(0.0).requires_grad_(), logvar.nan_to_num(0.0).requires_grad_()
         if logits is not None:
             logits.requires_grad_()
-        torch.library.opcheck(torch.ops.gpoe_fusion.fuse_forward, (mu, logvar, logits, mask, case.prior))
-        grads = (torch.randn(case.n, case.d, dtype=torch.float64), None)
-        torch.library.opcheck(torch.ops.gpoe_fusion.fuse_backward,
-                              (*grads, mu.detach(), logvar.detach(), None if logits is None else logits.detach(), mask,
-                               case.prior, [True, False, logits is not None]))
+        for weights in (False, True):
+            torch.library.opcheck(torch.ops.gpoe_fusion.fuse_forward, (mu, logvar, logits, mask, case.prior, weights))
+        for grad_weights in (None, torch.randn(case.m, case.n, case.d, dtype=torch.float64)):
+            grads = (torch.randn(case.n, case.d, dtype=torch.float64), None, grad_weights)
+            torch.library.opcheck(torch.ops.gpoe_fusion.fuse_backward,
+                                  (*grads, mu.detach(), logvar.detach(), None if logits is None else logits.detach(),
+                                   mask, case.prior, [True, True, logits is not None]))
 
 
 def _compile_and_compare(backend: str):
@@ -245,8 +268,8 @@ def _compile_and_compare(backend: str):
     mu, logvar, logits, mask = make_inputs(Case(4, 6, 10, "full", prior=True), torch.float32)
 
     def step(mu, logvar, logits):
-        joint_mu, joint_logvar = ops.fuse(mu * 1.5, logvar, logits, mask, True)
-        return (joint_mu * joint_logvar.exp()).sum()
+        joint_mu, joint_logvar, alpha = ops.fuse(mu * 1.5, logvar, logits, mask, True, True)
+        return (joint_mu * joint_logvar.exp()).sum() + (alpha * alpha).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend=backend)
     outs = []
@@ -301,6 +324,32 @@ def test_errors_name_the_argument():
         fwd(mu, mu, None, torch.ones(3, 2, dtype=torch.bool), False)
     with pytest.raises(TypeError, match="mu: expected float16"):
         fwd(mu.int(), mu.int(), None, None, False)
+    bwd = torch.ops.gpoe_fusion.fuse_backward
+    with pytest.raises(ValueError, match=r"grad_weights: expected shape \[M, N, D\]"):
+        bwd(None, None, torch.randn(2, 3, 5), mu, mu, None, None, False, [True, True, False])
+
+
+def test_fake_kernels_check_shapes_and_dtypes():
+    """Under torch.compile the fake kernels stand in for the real ones: they refuse what the
+    kernels refuse, with the same message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        mu = torch.empty(2, 3, 4)
+        fwd = torch.ops.gpoe_fusion.fuse_forward
+        joint_mu, joint_logvar, weights = fwd(mu, mu, torch.empty(2, 1, 4), None, False, True)
+        assert joint_mu.shape == joint_logvar.shape == (3, 4) and weights.shape == (2, 3, 4)
+        for args, match in (((mu, torch.empty(2, 3, 5), None, None, False), "logvar: shape"),
+                            ((mu, mu, torch.empty(2, 2, 4), None, False), "logits: expected shape"),
+                            ((mu, mu, mu.double(), None, False), "logits: dtype"),
+                            ((mu, mu, None, torch.empty(2, 3), False), "mask: expected dtype bool"),
+                            ((mu, mu, None, torch.empty(3, 2, dtype=torch.bool), False), "mask: expected shape"),
+                            ((mu.int(), mu.int(), None, None, False), "mu: expected float16")):
+            with pytest.raises(RuntimeError, match=match):
+                fwd(*args)
+        with pytest.raises(RuntimeError, match="grad_weights: expected shape"):
+            torch.ops.gpoe_fusion.fuse_backward(None, None, torch.empty(2, 3), mu, mu, None, None, False,
+                                                [True, True, False])
 
 
 def test_empty_batch():
@@ -312,30 +361,31 @@ def test_empty_batch():
     assert grads[0].shape == (3, 0, 4) and torch.equal(grads[1], torch.zeros(3, 1, 4))
 
 
-def test_cpu_output_blocks_are_recycled():
-    """Released CPU outputs (>= 1 MiB) are reused, dirty, by the next call of the same size."""
-    ops.clear_cpu_cache()
-    first = make_inputs(Case(3, 2100, 128, "full", prior=True), torch.float32, seed=1)
-    second = make_inputs(Case(3, 2100, 128, "full", prior=True), torch.float32, seed=2)
-    joint = ops.fuse(*first, True)
-    pointers = {t.data_ptr() for t in joint}
-    del joint
-    assert ops.cpu_cache_bytes() == 2 * 2100 * 128 * 4
-    joint = ops.fuse(*second, True)
-    assert {t.data_ptr() for t in joint} == pointers and ops.cpu_cache_bytes() == 0
-    want = _reference.fuse(*(t.double() for t in second[:3]), second[3], True)
-    assert_matches(joint, want, torch.float32, ["joint_mu", "joint_logvar"])
-    del joint
-    assert ops.clear_cpu_cache() == 2 * 2100 * 128 * 4 and ops.cpu_cache_bytes() == 0
+def test_outputs_are_ordinary_tensors():
+    """Outputs come from PyTorch's allocator: resizable, usable as out=, freed like any tensor."""
+    mu, logvar, logits, mask = make_inputs(Case(3, 2100, 128, "full"), torch.float32)
+    joint_mu, joint_logvar, weights = ops.fuse(mu, logvar, logits, mask, False, True)
+    joint_mu.resize_(0)
+    torch.cat([joint_logvar, joint_logvar], out=joint_mu)
+    assert joint_mu.shape == (4200, 128)
+    weights.resize_(0)
+    assert joint_logvar.untyped_storage().resizable()
 
 
-def test_cpu_output_cache_can_be_turned_off():
-    script = ("import torch; from gpoe_fusion import ops; x = torch.randn(4, 2048, 256); "
-              "joint = ops.fuse(x, x, x, None, False); del joint; assert ops.cpu_cache_bytes() == 0")
-    env = dict(os.environ, GPOE_FUSION_CPU_CACHE_MB="0")
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_extension_is_this_packages_module():
+    """The ops come from the package's own ``_C`` module, found by Python's import rules; a build
+    whose operator interface differs from the package's is refused as stale."""
+    from gpoe_fusion import _C
+
+    assert Path(_C.__file__).resolve().parent == (ROOT / "gpoe_fusion").resolve()
+    version = torch.ops.gpoe_fusion.interface_version()
+    assert version == ops._INTERFACE_VERSION
+    saved = ops._LOAD_ERROR
+    try:
+        ops._INTERFACE_VERSION = version + 1
+        assert not ops._load() and "stale build" in ops.load_error()
+    finally:
+        ops._INTERFACE_VERSION, ops._LOAD_ERROR = version, saved
 
 
 # ---- Build and registration checks --------------------------------------------------------------
@@ -394,7 +444,7 @@ def test_require_extension_env_makes_missing_extension_an_error(tmp_path):
         result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert (result.returncode != 0) == fails, result.stderr[-2000:]
         if fails:
-            assert ops.REQUIRE_ENV in result.stderr and "not built" in result.stderr
+            assert ops.REQUIRE_ENV in result.stderr and "not built" in result.stderr, result.stderr[-2000:]
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------
@@ -424,6 +474,14 @@ CUDA_CASES = [
 def test_cuda_kernel_matches_reference(case, dtype):
     assert ops.supports_device(torch.device("cuda")), "the extension has no CUDA kernels"
     check_case(case, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_kernel_weights_match_reference(case, dtype):
+    check_case(case, dtype, "cuda", weights=True)
 
 
 @pytest.mark.cuda

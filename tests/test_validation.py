@@ -55,9 +55,25 @@ def test_value_checks_can_be_turned_off():
         assert not gf.validation_enabled()
         F.poe(mu, torch.zeros(1, 1, 1))
     finally:
-        gf.set_validation(True)
+        gf.set_validation(None)
     with pytest.raises(ValueError, match="mu: contains NaN"):
         F.poe(mu, torch.zeros(1, 1, 1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_layers_raise_the_same_clear_errors(backend):
+    """Through the modules, on both backends: the reduction over the joint finds the problem and
+    the diagnosis names the argument."""
+    mu, logvar = ok()
+    mu[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="mu: contains NaN at 1 entries"):
+        gf.PoE(backend=backend)(mu, logvar)
+    with pytest.raises(ValueError, match="mu: contains NaN"):
+        gf.GPoE(2, 4, credibility="global", backend=backend)(mu, logvar, return_alpha=True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[:, 1] = False
+    with pytest.raises(ValueError, match="mask: 1 batch rows have every expert masked"):
+        gf.PoE(backend=backend)(*ok(), mask)
 
 
 def test_kernel_backend_request_fails_loudly_when_unavailable(monkeypatch):

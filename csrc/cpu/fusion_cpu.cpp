@@ -87,25 +87,27 @@ void for_each_chunk(const FuseArgs& a, int64_t chunks, const F& f) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> fuse_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
-                                                    const std::optional<at::Tensor>& logits,
-                                                    const std::optional<at::Tensor>& mask, bool prior_expert) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                                const std::optional<at::Tensor>& logits,
+                                                                const std::optional<at::Tensor>& mask,
+                                                                bool prior_expert, bool return_weights) {
   const PreparedInputs in = prepare_inputs("fuse_forward", c10::DeviceType::CPU, mu, logvar, logits, mask, prior_expert);
   ForwardOut out;
-  auto joint = allocate_forward(in, out);
+  auto outputs = allocate_forward(in, return_weights, out);
   if (in.args.n > 0 && in.args.d > 0) {
     for_each_chunk(in.args, chunk_count(in.args),
                    [&](int64_t, int64_t begin, int64_t end) { forward_rows(in.args, out, begin, end); });
   }
-  return {joint[0], joint[1]};
+  return {outputs[0], outputs[1], outputs[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward_cpu(
     const std::optional<at::Tensor>& grad_joint_mu, const std::optional<at::Tensor>& grad_joint_logvar,
-    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& logits,
-    const std::optional<at::Tensor>& mask, bool prior_expert, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& grad_weights, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& mask, bool prior_expert,
+    std::array<bool, 3> output_mask) {
   const PreparedInputs in = prepare_inputs("fuse_backward", c10::DeviceType::CPU, mu, logvar, logits, mask, prior_expert);
-  PreparedGrads g = prepare_grads("fuse_backward", in, grad_joint_mu, grad_joint_logvar);
+  PreparedGrads g = prepare_grads("fuse_backward", in, grad_joint_mu, grad_joint_logvar, grad_weights);
   auto grads = allocate_backward(in, output_mask, g.args);
   const FuseArgs& a = in.args;
   const int64_t chunks = chunk_count(a);

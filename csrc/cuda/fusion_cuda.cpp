@@ -24,28 +24,30 @@ int multiprocessors(const at::Tensor& on) {
   return count;
 }
 
-std::tuple<at::Tensor, at::Tensor> fuse_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
-                                                     const std::optional<at::Tensor>& logits,
-                                                     const std::optional<at::Tensor>& mask, bool prior_expert) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                                                 const std::optional<at::Tensor>& logits,
+                                                                 const std::optional<at::Tensor>& mask,
+                                                                 bool prior_expert, bool return_weights) {
   const PreparedInputs in =
       prepare_inputs("fuse_forward", c10::DeviceType::CUDA, mu, logvar, logits, mask, prior_expert);
   const c10::cuda::CUDAGuard guard(mu.device());
   ForwardOut out;
-  auto joint = allocate_forward(in, out);
+  auto outputs = allocate_forward(in, return_weights, out);
   if (in.args.n > 0 && in.args.d > 0) {
     fuse_forward(in.args, out, plan(in.args, multiprocessors(mu)), c10::cuda::getCurrentCUDAStream());
   }
-  return {joint[0], joint[1]};
+  return {outputs[0], outputs[1], outputs[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward_cuda(
     const std::optional<at::Tensor>& grad_joint_mu, const std::optional<at::Tensor>& grad_joint_logvar,
-    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& logits,
-    const std::optional<at::Tensor>& mask, bool prior_expert, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& grad_weights, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& mask, bool prior_expert,
+    std::array<bool, 3> output_mask) {
   const PreparedInputs in =
       prepare_inputs("fuse_backward", c10::DeviceType::CUDA, mu, logvar, logits, mask, prior_expert);
   const c10::cuda::CUDAGuard guard(mu.device());
-  PreparedGrads g = prepare_grads("fuse_backward", in, grad_joint_mu, grad_joint_logvar);
+  PreparedGrads g = prepare_grads("fuse_backward", in, grad_joint_mu, grad_joint_logvar, grad_weights);
   auto grads = allocate_backward(in, output_mask, g.args);
   const FuseArgs& a = in.args;
   if (a.n == 0 || a.d == 0) {

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "cuda/fusion_cuda_kernels.h"
+#include "dispatch.h"
 #include "fusion_math.h"
 
 namespace gpoe::cuda {
@@ -146,29 +147,31 @@ bool aligned(const Operand& o, int vec, size_t element_bytes) {
 }
 
 struct Alignment {
-  bool mu = false, logvar = false, logits = false, grad_mu = false, grad_logvar = false;
+  bool mu = false, logvar = false, logits = false, grad_mu = false, grad_logvar = false, grad_weights = false;
   bool out = false;  // the contiguous outputs ([N, D] or [M, N, D]): D % vec == 0
 };
 
 // ---- The experts of one thread ---------------------------------------------------------------
 
 // Static path: kM experts x kVec dimensions, in registers, in their storage type (16-bit
-// values take half the registers; each is converted where the math reads it).
-template <class T, int kM, int kVec>
+// values take half the registers; each is converted where the math reads it). weight_grad holds
+// the weights' incoming gradient, only with kWeightGrad.
+template <class T, int kM, int kVec, bool kWeightGrad = false>
 struct Registers {
   bool present[kM];
   T mu[kM][kVec];
   T logvar[kM][kVec];
   T logit[kM][kVec];
+  T weight_grad[kWeightGrad ? kM : 1][kVec];
 };
 
 // One lane (dimension) j of Registers, as fusion_math.h reads experts.
-template <class T, int kM, int kVec>
+template <class T, int kM, int kVec, bool kWeightGrad>
 struct Lane {
   using value_type = acc_t<T>;
   using A = value_type;
   static constexpr bool kScratch = true;
-  const Registers<T, kM, kVec>& r;
+  const Registers<T, kM, kVec, kWeightGrad>& r;
   int j;
   A w_[kM];
   A gs_[kM];
@@ -178,20 +181,29 @@ struct Lane {
   __device__ __forceinline__ A mu(int i) const { return to_acc(r.mu[i][j]); }
   __device__ __forceinline__ A logvar(int i) const { return to_acc(r.logvar[i][j]); }
   __device__ __forceinline__ A logit(int i) const { return to_acc(r.logit[i][j]); }
+  __device__ __forceinline__ A weight_grad(int i) const { return to_acc(r.weight_grad[kWeightGrad ? i : 0][j]); }
   __device__ __forceinline__ A& w(int i) { return w_[i]; }
   __device__ __forceinline__ A& gs(int i) { return gs_[i]; }
   __device__ __forceinline__ A& alpha(int i) { return alpha_[i]; }
+};
+
+// The static path's weights for lane j, kept as computed (accumulation type) until stored.
+template <class T, int kM, int kVec>
+struct LaneWeights {
+  acc_t<T> (&values)[kM][kVec];
+  int j;
+  __device__ __forceinline__ void weight(int i, acc_t<T> v) { values[i][j] = v; }
 };
 
 // The static path's gradients for lane j. They overwrite the inputs they replace in Registers
 // (fusion_math.h reads an input for the last time before it hands out that input's gradient
 // when kScratch is true), and are stored from there; with kReduce the logits' gradient is
 // added, unrounded, into the thread's sums of the broadcast axes instead.
-template <class T, int kM, int kVec, bool kReduce>
+template <class T, int kM, int kVec, bool kReduce, bool kWeightGrad>
 struct InPlaceSink {
   using A = acc_t<T>;
   static constexpr int kSums = kReduce ? kM : 1;
-  Registers<T, kM, kVec>& r;
+  Registers<T, kM, kVec, kWeightGrad>& r;
   int j;
   bool valid;  // lane j is inside the row (not padding past D)
   LogitReduce reduce;
@@ -216,9 +228,10 @@ __device__ __forceinline__ bool is_present(const FuseArgs& a, int i, int64_t n) 
   return a.mask == nullptr || a.mask[i * a.mask_stride_m + n * a.mask_stride_n];
 }
 
-template <class T, bool kLogits, int kM, int kVec>
+template <class T, bool kLogits, int kM, int kVec, bool kWeightGrad>
 __device__ __forceinline__ void load_registers(const FuseArgs& a, const Alignment& al, int64_t n, int64_t d0,
-                                               int64_t valid, Registers<T, kM, kVec>& r) {
+                                               int64_t valid, Registers<T, kM, kVec, kWeightGrad>& r,
+                                               const Operand& grad_weights = Operand{}) {
 #pragma unroll
   for (int i = 0; i < kM; ++i) {
     r.present[i] = is_present(a, i, n);
@@ -232,6 +245,11 @@ __device__ __forceinline__ void load_registers(const FuseArgs& a, const Alignmen
       load_raw<T, kVec>(static_cast<const T*>(a.logits.data) + i * a.logits.stride_m + n * a.logits.stride_n +
                             d0 * a.logits.stride_d,
                         a.logits.stride_d, al.logits, valid, r.logit[i]);
+    }
+    if constexpr (kWeightGrad) {
+      load_raw<T, kVec>(static_cast<const T*>(grad_weights.data) + i * grad_weights.stride_m +
+                            n * grad_weights.stride_n + d0,
+                        1, al.grad_weights, valid, r.weight_grad[i]);
     }
   }
 }
@@ -255,6 +273,19 @@ struct GlobalExperts {
     return to_acc(
         static_cast<const T*>(a.logits.data)[i * a.logits.stride_m + n * a.logits.stride_n + d * a.logits.stride_d]);
   }
+  __device__ __forceinline__ value_type weight_grad(int i) const {
+    return to_acc(static_cast<const T*>(grad_weights->data)[i * grad_weights->stride_m + n * grad_weights->stride_n + d]);
+  }
+  const Operand* grad_weights = nullptr;  // the weights' incoming gradient (backward with it only)
+};
+
+// General path's weights: stored directly into the [M, N, D] output.
+template <class T>
+struct GlobalWeights {
+  const FuseArgs& a;
+  T* weights;
+  int64_t n, d;
+  __device__ __forceinline__ void weight(int i, acc_t<T> v) { weights[(i * a.n + n) * a.d + d] = from_acc<T>(v); }
 };
 
 // General path's gradients: stored directly; broadcast logits' gradients added into the
@@ -290,7 +321,7 @@ struct GlobalSink {
 
 // ---- Kernels ---------------------------------------------------------------------------------
 
-template <class T, int kM, bool kLogits, int kVec>
+template <class T, int kM, bool kLogits, bool kWeights, int kVec>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const FuseArgs a, const ForwardOut out, const Alignment al) {
   using A = acc_t<T>;
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -303,14 +334,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const Fus
     if constexpr (kM > 0) {
       Registers<T, kM, kVec> r;
       load_registers<T, kLogits>(a, al, n, d0, valid, r);
+      [[maybe_unused]] A weights[kWeights ? kM : 1][kVec];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        Lane<T, kM, kVec> lane{r, j};
-        forward_point<DeviceOps<A>, kLogits>(lane, a.prior, joint_mu[j], joint_logvar[j]);
+        Lane<T, kM, kVec, false> lane{r, j};
+        if constexpr (kWeights) {
+          LaneWeights<T, kM, kVec> sink{weights, j};
+          forward_point<DeviceOps<A>, kLogits, true>(lane, a.prior, joint_mu[j], joint_logvar[j], sink);
+        } else {
+          NoWeights sink;
+          forward_point<DeviceOps<A>, kLogits, false>(lane, a.prior, joint_mu[j], joint_logvar[j], sink);
+        }
+      }
+      if constexpr (kWeights) {
+#pragma unroll
+        for (int i = 0; i < kM; ++i) {
+          store_group<T, kVec>(static_cast<T*>(out.weights) + (i * a.n + n) * a.d + d0, al.out, valid, weights[i]);
+        }
       }
     } else {
       GlobalExperts<T> experts{a, n, d0};
-      forward_point<DeviceOps<A>, kLogits>(experts, a.prior, joint_mu[0], joint_logvar[0]);
+      if constexpr (kWeights) {
+        GlobalWeights<T> sink{a, static_cast<T*>(out.weights), n, d0};
+        forward_point<DeviceOps<A>, kLogits, true>(experts, a.prior, joint_mu[0], joint_logvar[0], sink);
+      } else {
+        NoWeights sink;
+        forward_point<DeviceOps<A>, kLogits, false>(experts, a.prior, joint_mu[0], joint_logvar[0], sink);
+      }
     }
     store_group<T, kVec>(static_cast<T*>(out.joint_mu) + n * a.d + d0, al.out, valid, joint_mu);
     store_group<T, kVec>(static_cast<T*>(out.joint_logvar) + n * a.d + d0, al.out, valid, joint_logvar);
@@ -327,8 +377,8 @@ __device__ __forceinline__ A segment_sum(A v, int width) {
 // kReduce: the logits are broadcast and their gradient is wanted, so it is summed into
 // `partial` (else it is stored per element, or not at all); a template parameter so that the
 // common kernels carry no accumulator registers.
-template <class T, int kM, bool kLogits, bool kReduce, int kVec>
-__global__ void __launch_bounds__(kThreads, kReduce ? 1 : kMinBlocks)
+template <class T, int kM, bool kLogits, bool kReduce, bool kWeightGrad, int kVec>
+__global__ void __launch_bounds__(kThreads, kReduce || kWeightGrad ? 1 : kMinBlocks)
     backward_kernel(const FuseArgs a, const BackwardArgs g, const Alignment al, acc_t<T>* partial) {
   using A = acc_t<T>;
   const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -361,13 +411,13 @@ __global__ void __launch_bounds__(kThreads, kReduce ? 1 : kMinBlocks)
     if constexpr (kM > 0) {
       [[maybe_unused]] A dim_sums[kSums] = {};  // kDims
       if (active) {
-        Registers<T, kM, kVec> r;
-        load_registers<T, kLogits>(a, al, n, d0, valid, r);
+        Registers<T, kM, kVec, kWeightGrad> r;
+        load_registers<T, kLogits>(a, al, n, d0, valid, r, g.grad_weights);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          Lane<T, kM, kVec> lane{r, j};
-          InPlaceSink<T, kM, kVec, kReduce> sink{r, j, j < valid, reduce, row_sums, dim_sums, all_sums};
-          backward_point<DeviceOps<A>, kLogits>(lane, a.prior, g_mu[j], g_logvar[j], sink);
+          Lane<T, kM, kVec, kWeightGrad> lane{r, j};
+          InPlaceSink<T, kM, kVec, kReduce, kWeightGrad> sink{r, j, j < valid, reduce, row_sums, dim_sums, all_sums};
+          backward_point<DeviceOps<A>, kLogits, kWeightGrad>(lane, a.prior, g_mu[j], g_logvar[j], sink);
         }
 #pragma unroll
         for (int i = 0; i < kM; ++i) {
@@ -395,9 +445,9 @@ __global__ void __launch_bounds__(kThreads, kReduce ? 1 : kMinBlocks)
         }
       }
     } else if (active) {
-      GlobalExperts<T> experts{a, n, d0};
+      GlobalExperts<T> experts{a, n, d0, &g.grad_weights};
       GlobalSink<T> sink{a, g, partial, n, d0, row_slot, column, columns};
-      backward_point<DeviceOps<A>, kLogits>(experts, a.prior, g_mu[0], g_logvar[0], sink);
+      backward_point<DeviceOps<A>, kLogits, kWeightGrad>(experts, a.prior, g_mu[0], g_logvar[0], sink);
     }
   }
   if constexpr (kM > 0 && kReduce) {
@@ -419,16 +469,6 @@ __global__ void __launch_bounds__(kThreads, kReduce ? 1 : kMinBlocks)
 
 // ---- Dispatch --------------------------------------------------------------------------------
 
-// M with a register-resident kernel; any other M takes the general path.
-constexpr int kStaticExperts[] = {1, 2, 3, 4, 8};
-
-bool is_static(int64_t m) {
-  for (int s : kStaticExperts) {
-    if (m == s) return true;
-  }
-  return false;
-}
-
 size_t element_bytes(Dtype dtype) {
   switch (dtype) {
     case Dtype::kFloat64: return 8;
@@ -438,44 +478,26 @@ size_t element_bytes(Dtype dtype) {
 }
 
 // Elements per thread: 16 bytes of each operand (one 128-bit access) for M <= 4, 8 bytes for
-// M = 8 so that the experts' registers stay within the 255 a thread has.
-int vector_width(const FuseArgs& a) {
-  if (!is_static(a.m)) return 1;
-  return static_cast<int>(std::max<size_t>(1, (a.m > 4 ? 8 : 16) / element_bytes(a.dtype)));
+// M = 8 so that the experts' registers stay within the 255 a thread has; the general path
+// (kM = 0) takes one.
+template <class T, int kM>
+constexpr int vector_width() {
+  if constexpr (kM == 0) {
+    return 1;
+  } else {
+    constexpr int bytes = kM > 4 ? 8 : 16;
+    return static_cast<int>(sizeof(T)) >= bytes ? 1 : bytes / static_cast<int>(sizeof(T));
+  }
 }
 
-// Calls f(T{}, integral_constant<kM>, bool_constant<kLogits>, integral_constant<kVec>).
+// The one table (dispatch.h) with this backend's 16-bit types; f(T{}, ExpertCount<kM>{},
+// bool_constant<kLogits>{}, integral_constant<int, kVec>{}).
 template <class F>
-void dispatch(const FuseArgs& a, F&& f) {
-  const bool logits = a.logits.data != nullptr;
-  auto with_logits = [&](auto scalar, auto experts, auto width) {
-    if (logits) {
-      f(scalar, experts, std::true_type{}, width);
-    } else {
-      f(scalar, experts, std::false_type{}, width);
-    }
-  };
-  auto with_experts = [&](auto scalar) {
-    using T = decltype(scalar);
-    constexpr int kWide = static_cast<int>(16 / sizeof(T));
-    constexpr int kNarrow = static_cast<int>(sizeof(T) >= 8 ? 1 : 8 / sizeof(T));
-    using Wide = std::integral_constant<int, kWide>;
-    using Narrow = std::integral_constant<int, kNarrow>;
-    switch (a.m) {
-      case 1: return with_logits(scalar, std::integral_constant<int, 1>{}, Wide{});
-      case 2: return with_logits(scalar, std::integral_constant<int, 2>{}, Wide{});
-      case 3: return with_logits(scalar, std::integral_constant<int, 3>{}, Wide{});
-      case 4: return with_logits(scalar, std::integral_constant<int, 4>{}, Wide{});
-      case 8: return with_logits(scalar, std::integral_constant<int, 8>{}, Narrow{});
-      default: return with_logits(scalar, std::integral_constant<int, 0>{}, std::integral_constant<int, 1>{});
-    }
-  };
-  switch (a.dtype) {
-    case Dtype::kFloat32: return with_experts(float{});
-    case Dtype::kFloat64: return with_experts(double{});
-    case Dtype::kFloat16: return with_experts(__half{});
-    case Dtype::kBFloat16: return with_experts(__nv_bfloat16{});
-  }
+decltype(auto) dispatch_cuda(const FuseArgs& a, F&& f) {
+  return dispatch<__half, __nv_bfloat16>(a, [&](auto scalar, auto experts, auto logits) {
+    constexpr int kVec = vector_width<decltype(scalar), decltype(experts)::value>();
+    return f(scalar, experts, logits, std::integral_constant<int, kVec>{});
+  });
 }
 
 Alignment alignment(const FuseArgs& a, const BackwardArgs* g, int vec) {
@@ -487,6 +509,7 @@ Alignment alignment(const FuseArgs& a, const BackwardArgs* g, int vec) {
   if (g != nullptr) {
     al.grad_mu = aligned(g->grad_joint_mu, vec, bytes);
     al.grad_logvar = aligned(g->grad_joint_logvar, vec, bytes);
+    al.grad_weights = aligned(g->grad_weights, vec, bytes);
   }
   al.out = a.d % vec == 0;
   return al;
@@ -496,7 +519,11 @@ Alignment alignment(const FuseArgs& a, const BackwardArgs* g, int vec) {
 
 Plan plan(const FuseArgs& a, int sm_count) {
   Plan p;
-  p.vec = vector_width(a);
+  bool static_experts = false;
+  dispatch_cuda(a, [&](auto, auto experts, auto, auto width) {
+    p.vec = decltype(width)::value;
+    static_experts = decltype(experts)::value > 0;
+  });
   const int64_t groups = (a.d + p.vec - 1) / p.vec;
   unsigned block_x = 1;
   while (static_cast<int64_t>(block_x) < groups && block_x < kThreads) block_x *= 2;
@@ -517,7 +544,7 @@ Plan plan(const FuseArgs& a, int sm_count) {
       p.partial_shape[2] = a.d;
       break;
     case LogitReduce::kDims:
-      p.partial_shape[0] = is_static(a.m) ? columns / width : 1;
+      p.partial_shape[0] = static_experts ? columns / width : 1;
       p.partial_shape[1] = a.m;
       p.partial_shape[2] = a.n;
       break;
@@ -530,32 +557,45 @@ Plan plan(const FuseArgs& a, int sm_count) {
   return p;
 }
 
+// A launch with a plan for other kernel parameters would index out of bounds: refuse it.
+void check_plan(const Plan& p, int vec) {
+  TORCH_CHECK(p.vec == vec, "gpoe_fusion: launch plan for ", p.vec, " elements per thread, kernel takes ", vec);
+}
+
 void fuse_forward(const FuseArgs& a, const ForwardOut& out, const Plan& p, cudaStream_t stream) {
   const Alignment al = alignment(a, nullptr, p.vec);
-  dispatch(a, [&](auto scalar, auto experts, auto logits, auto width) {
+  dispatch_cuda(a, [&](auto scalar, auto experts, auto logits, auto width) {
     using T = decltype(scalar);
-    forward_kernel<T, decltype(experts)::value, decltype(logits)::value, decltype(width)::value>
-        <<<dim3(p.grid_x, p.grid_y), dim3(p.block_x, p.block_y), 0, stream>>>(a, out, al);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int kVec = decltype(width)::value;
+    check_plan(p, kVec);
+    dispatch_bool(out.weights != nullptr, [&](auto weights) {
+      forward_kernel<T, decltype(experts)::value, decltype(logits)::value, decltype(weights)::value, kVec>
+          <<<dim3(p.grid_x, p.grid_y), dim3(p.block_x, p.block_y), 0, stream>>>(a, out, al);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
 void fuse_backward(const FuseArgs& a, const BackwardArgs& grads, void* partial, const Plan& p, cudaStream_t stream) {
   const Alignment al = alignment(a, &grads, p.vec);
   const bool reduce = partial != nullptr && a.logit_reduce != LogitReduce::kNone;
-  dispatch(a, [&](auto scalar, auto experts, auto logits, auto width) {
+  dispatch_cuda(a, [&](auto scalar, auto experts, auto logits, auto width) {
     using T = decltype(scalar);
     constexpr int kM = decltype(experts)::value;
     constexpr bool kLogits = decltype(logits)::value;
     constexpr int kVec = decltype(width)::value;
+    check_plan(p, kVec);
     const dim3 grid(p.grid_x, p.grid_y), block(p.block_x, p.block_y);
     auto* sums = static_cast<acc_t<T>*>(partial);
-    if (kLogits && reduce) {
-      backward_kernel<T, kM, kLogits, kLogits, kVec><<<grid, block, 0, stream>>>(a, grads, al, sums);
-    } else {
-      backward_kernel<T, kM, kLogits, false, kVec><<<grid, block, 0, stream>>>(a, grads, al, nullptr);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_bool(grads.grad_weights.data != nullptr, [&](auto weight_grad) {
+      constexpr bool kWeightGrad = decltype(weight_grad)::value;
+      if (kLogits && reduce) {
+        backward_kernel<T, kM, kLogits, kLogits, kWeightGrad, kVec><<<grid, block, 0, stream>>>(a, grads, al, sums);
+      } else {
+        backward_kernel<T, kM, kLogits, false, kWeightGrad, kVec><<<grid, block, 0, stream>>>(a, grads, al, nullptr);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +33,57 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """torch.save ``state`` to ``path`` atomically."""
+    """torch.save ``state`` to ``path`` atomically.
+
+    ``state`` must hold only what ``load_checkpoint`` accepts: tensors, numbers, strings, None and
+    lists/tuples/dicts of them (state dicts of modules, optimizers and schedulers are such).
+    """
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _unsafe_reason(exc: Exception) -> str:
+    """The line of a torch.load error that says what was wrong, without torch's general advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    specific = [line for line in lines if "weights_only" not in line and "documentation" not in line]
+    return f"{type(exc).__name__}: {(specific or lines or ['no detail'])[0]}"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The state saved at ``path``, or None if there is none yet."""
+    """The state saved at ``path`` by ``save_checkpoint``, or None if there is none yet.
+
+    Loads with ``weights_only=True``: the file may hold only tensors and plain Python values, so a
+    tampered or foreign file cannot run code. Anything else (another kind of file, a truncated one,
+    a pickle that refers to other objects) raises RuntimeError naming the file.
+    """
     path = Path(path)
     if not path.exists():
         return None
+
+    def refuse(reason: str) -> RuntimeError:
+        return RuntimeError(f"checkpoint {path}: not a gpoe_fusion checkpoint or unsafe to load ({reason}); "
+                            "delete it to start over")
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with open(path, "rb") as f:
+            is_zip = zipfile.is_zipfile(f)
+    except OSError as exc:
+        raise RuntimeError(f"checkpoint {path}: cannot be read ({exc})") from exc
+    if not is_zip:  # torch.save writes a zip archive; this also catches truncated files
+        raise refuse("not a torch zip archive: truncated, or another kind of file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise RuntimeError(f"checkpoint {path}: cannot be read ({exc})") from exc
     except Exception as exc:
-        raise RuntimeError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+        raise refuse(_unsafe_reason(exc)) from exc
+    if not isinstance(state, dict):
+        raise refuse(f"it holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def write_json(path: str | Path, obj: Any) -> None:

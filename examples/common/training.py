@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from gpoe_fusion import GPoE
+
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistEnv, barrier
 
@@ -122,7 +124,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         sums["#samples"] += n
         for key, value in out.terms.items():
             sums[key] += value.item() * n
-        if out.alpha is not None:
+        if isinstance(core.objective.fusion, GPoE):  # credibility alpha (other fusions' weights are not)
             _alpha_stats(out.alpha, batch, core.modalities, sums)
         bar.set_postfix(loss=f"{out.terms['loss'].item():.3f}")
     return _reduce(sums, env)

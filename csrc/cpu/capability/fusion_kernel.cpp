@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/fusion_cpu_kernels.h"
+#include "dispatch.h"
 #include "fusion_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -164,19 +165,20 @@ struct Experts {
   using value_type = V;
   static constexpr bool kScratch = true;
   explicit Experts(int m)
-      : m_(kM > 0 ? kM : m), present_(m), mu_(m), logvar_(m), logit_(m), w_(m), gs_(m), alpha_(m) {}
+      : m_(kM > 0 ? kM : m), present_(m), mu_(m), logvar_(m), logit_(m), weight_grad_(m), w_(m), gs_(m), alpha_(m) {}
   int count() const { return kM > 0 ? kM : m_; }
   bool present(int i) const { return present_[i] != 0; }
   V mu(int i) const { return mu_[i]; }
   V logvar(int i) const { return logvar_[i]; }
   V logit(int i) const { return logit_[i]; }
+  V weight_grad(int i) const { return weight_grad_[i]; }
   V& w(int i) { return w_[i]; }
   V& gs(int i) { return gs_[i]; }
   V& alpha(int i) { return alpha_[i]; }
 
   int m_;
   Slots<uint8_t, kM> present_;
-  Slots<V, kM> mu_, logvar_, logit_, w_, gs_, alpha_;
+  Slots<V, kM> mu_, logvar_, logit_, weight_grad_, w_, gs_, alpha_;
 };
 
 // Pointers into one row n of the inputs, and the loads of one vector of it.
@@ -192,8 +194,9 @@ struct RowInputs {
     }
   }
 
-  template <bool kLogits, class E>
-  void load(E& e, int64_t d0, int64_t count) const {
+  // The inputs of one vector of positions; with kWeightGrad also the weights' incoming gradient.
+  template <bool kLogits, bool kWeightGrad = false, class E>
+  void load(E& e, int64_t d0, int64_t count, const Operand* grad_weights = nullptr) const {
     const auto* mu = static_cast<const scalar_t*>(a.mu.data);
     const auto* logvar = static_cast<const scalar_t*>(a.logvar.data);
     const auto* logits = static_cast<const scalar_t*>(a.logits.data);
@@ -206,11 +209,26 @@ struct RowInputs {
         e.logit_[i] = load_vec(logits + i * a.logits.stride_m + n * a.logits.stride_n + d0 * a.logits.stride_d,
                               a.logits.stride_d, count);
       }
+      if constexpr (kWeightGrad) {
+        const auto* g = static_cast<const scalar_t*>(grad_weights->data);
+        e.weight_grad_[i] = load_vec(g + i * grad_weights->stride_m + n * grad_weights->stride_n + d0, 1, count);
+      }
     }
   }
 };
 
-template <class scalar_t, int kM, bool kLogits>
+// Stores the experts' weights of one vector of positions into the [M, N, D] output.
+template <class scalar_t>
+struct WeightStore {
+  using V = Vec<acc_type<scalar_t>>;
+  scalar_t* weights;
+  int64_t experts_stride;  // N * D
+  int64_t offset = 0;      // n * D + d0
+  int64_t count = 0;
+  void weight(int i, const V& v) { store_vec(weights + i * experts_stride + offset, v, count); }
+};
+
+template <class scalar_t, int kM, bool kLogits, bool kWeights>
 void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
@@ -218,6 +236,8 @@ void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, i
   Experts<V, kM> e(static_cast<int>(a.m));
   auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
   auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
+  WeightStore<scalar_t> weights{static_cast<scalar_t*>(out.weights), a.n * a.d};
+  NoWeights none;
   for (int64_t n = row_begin; n < row_end; ++n) {
     const RowInputs<scalar_t> row{a, n};
     row.load_presence(e);
@@ -225,7 +245,13 @@ void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, i
       const int64_t count = std::min(kWidth, a.d - d0);
       row.template load<kLogits>(e, d0, count);
       V mu, logvar;
-      forward_point<VecOps<acc_t>, kLogits>(e, a.prior, mu, logvar);
+      if constexpr (kWeights) {
+        weights.offset = n * a.d + d0;
+        weights.count = count;
+        forward_point<VecOps<acc_t>, kLogits, true>(e, a.prior, mu, logvar, weights);
+      } else {
+        forward_point<VecOps<acc_t>, kLogits, false>(e, a.prior, mu, logvar, none);
+      }
       store_vec(joint_mu + n * a.d + d0, mu, count);
       store_vec(joint_logvar + n * a.d + d0, logvar, count);
     }
@@ -282,7 +308,7 @@ typename V::value_type horizontal_sum(const V& v) {
   return total;
 }
 
-template <class scalar_t, int kM, bool kLogits>
+template <class scalar_t, int kM, bool kLogits, bool kWeightGrad>
 void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int64_t row_begin, int64_t row_end) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
@@ -300,7 +326,7 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
     sink.n = n;
     for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
       const int64_t count = std::min(kWidth, a.d - d0);
-      row.template load<kLogits>(e, d0, count);
+      row.template load<kLogits, kWeightGrad>(e, d0, count, &g.grad_weights);
       const V g_mu = grad_mu == nullptr
           ? V(acc_t(0))
           : load_vec(grad_mu + n * g.grad_joint_mu.stride_n + d0 * g.grad_joint_mu.stride_d,
@@ -311,7 +337,7 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
                  g.grad_joint_logvar.stride_d, count);
       sink.d0 = d0;
       sink.count = count;
-      backward_point<VecOps<acc_t>, kLogits>(e, a.prior, g_mu, g_logvar, sink);
+      backward_point<VecOps<acc_t>, kLogits, kWeightGrad>(e, a.prior, g_mu, g_logvar, sink);
     }
     if (kLogits && g.grad_logits != nullptr && a.logit_reduce == LogitReduce::kDims) {
       for (int i = 0; i < m; ++i) {
@@ -325,47 +351,24 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
   }
 }
 
-// Calls f(scalar_t{}, std::integral_constant<int, kM>{}, std::bool_constant<kLogits>{}).
-template <class F>
-void dispatch(const FuseArgs& a, F&& f) {
-  auto with_logits = [&](auto scalar, auto experts) {
-    if (a.logits.data != nullptr) {
-      f(scalar, experts, std::true_type{});
-    } else {
-      f(scalar, experts, std::false_type{});
-    }
-  };
-  auto with_experts = [&](auto scalar) {
-    switch (a.m) {
-      case 1: return with_logits(scalar, std::integral_constant<int, 1>{});
-      case 2: return with_logits(scalar, std::integral_constant<int, 2>{});
-      case 3: return with_logits(scalar, std::integral_constant<int, 3>{});
-      case 4: return with_logits(scalar, std::integral_constant<int, 4>{});
-      case 8: return with_logits(scalar, std::integral_constant<int, 8>{});
-      default: return with_logits(scalar, std::integral_constant<int, 0>{});
-    }
-  };
-  switch (a.dtype) {
-    case Dtype::kFloat32: return with_experts(float{});
-    case Dtype::kFloat64: return with_experts(double{});
-    case Dtype::kFloat16: return with_experts(c10::Half{});
-    case Dtype::kBFloat16: return with_experts(c10::BFloat16{});
-  }
-}
-
 }  // namespace
 
 void fuse_forward_rows(const FuseArgs& args, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
-  dispatch(args, [&](auto scalar, auto experts, auto logits) {
-    forward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value>(args, out, row_begin, row_end);
+  dispatch<c10::Half, c10::BFloat16>(args, [&](auto scalar, auto experts, auto logits) {
+    dispatch_bool(out.weights != nullptr, [&](auto weights) {
+      forward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value, decltype(weights)::value>(
+          args, out, row_begin, row_end);
+    });
   });
 }
 
 void fuse_backward_rows(const FuseArgs& args, const BackwardArgs& grads, int64_t chunk, int64_t row_begin,
                         int64_t row_end) {
-  dispatch(args, [&](auto scalar, auto experts, auto logits) {
-    backward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value>(args, grads, chunk, row_begin,
-                                                                                        row_end);
+  dispatch<c10::Half, c10::BFloat16>(args, [&](auto scalar, auto experts, auto logits) {
+    dispatch_bool(grads.grad_weights.data != nullptr, [&](auto weight_grad) {
+      backward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value,
+                    decltype(weight_grad)::value>(args, grads, chunk, row_begin, row_end);
+    });
   });
 }
 
