@@ -11,6 +11,11 @@ over three passes: forward, forward+backward and backward (of a retained graph; 
 gradients). Timings are medians after warm-up; the implementations are measured in
 alternating rounds, so load from other processes hits them alike.
 
+The "mopoe" section times ``F.mopoe`` (every subset's product in one fused pass) against what other
+libraries do, a Python loop of ``F.poe(backend="torch")`` over the 2^M - 1 subsets, against that
+loop under ``torch.compile``, and against a loop of the fused ``F.poe``, at M = 2..6, B = 4096
+(CPU) or 65536 (CUDA), D = 256, forward and forward+backward.
+
 The "layer" section then times the path users call at M=4, B=16384 (CPU) or 65536 (CUDA),
 D=256: ``F.gpoe`` with default value checks against ``validate=False``; the ``PoE`` and
 ``GPoE`` modules (global and joint credibility, with and without ``return_alpha``) against
@@ -386,14 +391,79 @@ def print_layers(rows: list[LayerRow], ratios: list[dict], device: str, malloc: 
         print(f"  {r['target']}: {r['ratio']:.2f} (target {r['bound']}: {'met' if r['met'] else 'NOT met'})")
 
 
+# ---- The mopoe section: every subset's product against a loop over the subsets -----------------
+
+MOPOE_TARGET = ("mopoe vs loop of F.poe(backend='torch'), fwd+bwd, M=4", 4.0)
+
+
+def poe_loop(backend: str):
+    """What other libraries do: one PoE per subset, stacked. Returns fn(mu, logvar) -> [S, B, D] x 2."""
+    def loop(mu, logvar):
+        outputs = [F.poe(mu[list(idx)], logvar[list(idx)], backend=backend, validate=False)
+                   for idx in (tuple(i for i in range(mu.shape[0]) if code >> i & 1)
+                               for code in range(1, 2 ** mu.shape[0]))]
+        return torch.stack([o.mu for o in outputs]), torch.stack([o.logvar for o in outputs])
+    return loop
+
+
+def mopoe_components(mixture) -> tuple[torch.Tensor, torch.Tensor]:
+    return mixture.mu, mixture.logvar
+
+
+def measure_mopoe(device: str, warmup: int, reps: int, ms_range=range(2, 7)) -> list[dict]:
+    batch = 4096 if device == "cpu" else 65536
+    rows = []
+    for m in ms_range:
+        torch._dynamo.reset()
+        g = torch.Generator(device=device).manual_seed(m)
+        mu = torch.randn(m, batch, 256, generator=g, device=device).requires_grad_()
+        logvar = (2 * torch.randn(m, batch, 256, generator=g, device=device)).requires_grad_()
+        grads = [torch.randn(2 ** m - 1, batch, 256, generator=g, device=device) for _ in range(2)]
+        impls = {
+            "mopoe": lambda a, b: mopoe_components(F.mopoe(a, b, validate=False)),
+            "loop torch": poe_loop("torch"),
+            "loop compile": torch.compile(poe_loop("torch")),
+            "loop kernel": poe_loop("auto"),
+        }
+        for pass_name in ("forward", "forward+backward"):
+            runners = {}
+            for name, fn in impls.items():
+                if pass_name == "forward":
+                    runners[name] = lambda fn=fn: fn(mu.detach(), logvar.detach())
+                else:
+                    runners[name] = lambda fn=fn: torch.autograd.grad(fn(mu, logvar), [mu, logvar], grads)
+            ms = median_ms(device, runners, warmup, reps)
+            rows.append({"m": m, "batch": batch, "d": 256, "pass_name": pass_name, "ms": ms,
+                         "speedup": {k: v / ms["mopoe"] for k, v in ms.items() if k != "mopoe"}})
+        print(f"  measured mopoe M={m} on {device}", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_mopoe(rows: list[dict], device: str) -> None:
+    print(f"\nmopoe ({device}, B={rows[0]['batch']}, D=256, float32; median ms; x: loop time over mopoe's)")
+    header = f"{'M':>2} {'pass':16} {'mopoe':>9} {'loop torch':>11} {'loop compile':>13} {'loop kernel':>12} " \
+             f"{'x torch':>8} {'x compile':>9} {'x kernel':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ms, x = r["ms"], r["speedup"]
+        print(f"{r['m']:>2} {r['pass_name']:16} {ms['mopoe']:9.2f} {ms['loop torch']:11.2f} {ms['loop compile']:13.2f} "
+              f"{ms['loop kernel']:12.2f} {x['loop torch']:8.2f} {x['loop compile']:9.2f} {x['loop kernel']:9.2f}")
+    for r in rows:
+        if r["m"] == 4 and r["pass_name"] == "forward+backward":
+            ratio, bound = r["speedup"]["loop torch"], MOPOE_TARGET[1]
+            print(f"  {MOPOE_TARGET[0]}: {ratio:.2f} (target >= {bound}: {'met' if ratio >= bound else 'NOT met'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the target configurations (under a minute on CPU)")
     parser.add_argument("--devices", default="auto", help="comma-separated cpu,cuda (default: cpu and, if present, cuda)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per pass (default 5 CPU / 20 CUDA)")
-    parser.add_argument("--sections", default="op,layer",
-                        help="comma-separated: op (the fused op against eager and compile), layer (the layer path)")
+    parser.add_argument("--sections", default="op,layer,mopoe",
+                        help="comma-separated: op (the fused op against eager and compile), layer (the layer path), "
+                             "mopoe (every subset's product against a loop over the subsets)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="start no new configuration after this many seconds (the targets come first)")
     parser.add_argument("--malloc", choices=("default", "reuse"), default="default",
@@ -445,15 +515,23 @@ def main(argv: list[str] | None = None) -> int:
         layers[device] = {"rows": [asdict(r) for r in layer_rows], "targets": layer_ratios(layer_rows)}
         print(f"  measured the layer path on {device} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
               flush=True)
+    mopoe: dict[str, list[dict]] = {}
+    for device in devices if "mopoe" in sections else []:
+        mopoe[device] = measure_mopoe(device, warmup=2 if device == "cpu" else 3,
+                                      reps=args.reps or (5 if device == "cpu" else 20),
+                                      ms_range=range(2, 5) if args.quick else range(2, 7))
     env["seconds"] = time.perf_counter() - start
     if rows:
         print_table(rows, env)
     for device, layer in layers.items():
         print_layers([LayerRow(**r) for r in layer["rows"]], layer["targets"], device, env["malloc"])
+    for device, mopoe_rows in mopoe.items():
+        print_mopoe(mopoe_rows, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         records = [{**asdict(r.config), **{k: v for k, v in asdict(r).items() if k != "config"}} for r in rows]
-        args.json.write_text(json.dumps({"environment": env, "rows": records, "layers": layers}, indent=2))
+        args.json.write_text(json.dumps({"environment": env, "rows": records, "layers": layers, "mopoe": mopoe},
+                                        indent=2))
         print(f"wrote {args.json}")
     return 0
 

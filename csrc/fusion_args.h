@@ -6,6 +6,9 @@
 
 namespace gpoe {
 
+// MoPoE: the most experts whose subsets are enumerated (2^8 - 1 = 255 subsets).
+inline constexpr int kMaxSubsetExperts = 8;
+
 // The inputs' floating-point type. 16-bit types are computed in float32, float64 in float64.
 enum class Dtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 

@@ -111,26 +111,35 @@ PreparedInputs prepare_inputs(const char* op, c10::DeviceType device, const at::
 PreparedGrads prepare_grads(const char* op, const PreparedInputs& inputs,
                             const std::optional<at::Tensor>& grad_joint_mu,
                             const std::optional<at::Tensor>& grad_joint_logvar,
-                            const std::optional<at::Tensor>& grad_weights) {
+                            const std::optional<at::Tensor>& grad_weights, int64_t components) {
+  const FuseArgs& a = inputs.args;
   PreparedGrads g;
+  // [N, D] (components == 0) or [S, N, D]; the last axis unit- or zero-strided.
   auto take = [&](const char* name, const std::optional<at::Tensor>& grad, at::Tensor& kept, Operand& o) {
     if (!grad.has_value() || !grad->defined()) return;
     const at::Tensor& t = *grad;
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == inputs.args.n && t.size(1) == inputs.args.d, op, ": ", name,
-                      ": expected shape [N, D] = [", inputs.args.n, ", ", inputs.args.d, "], got ", t.sizes());
+    if (components == 0) {
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == a.n && t.size(1) == a.d, op, ": ", name,
+                        ": expected shape [N, D] = [", a.n, ", ", a.d, "], got ", t.sizes());
+    } else {
+      TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == components && t.size(1) == a.n && t.size(2) == a.d, op, ": ",
+                        name, ": expected shape [S, N, D] = [", components, ", ", a.n, ", ", a.d, "], got ",
+                        t.sizes());
+    }
     TORCH_CHECK_TYPE(t.scalar_type() == inputs.mu.scalar_type(), op, ": ", name, ": dtype ", t.scalar_type(),
                      " differs from mu's dtype ", inputs.mu.scalar_type());
     check_device(op, name, t, inputs.mu, inputs.mu.device().type());
     kept = unit_or_zero_stride_last(t);
     o.data = kept.data_ptr();
-    o.stride_n = stride_of(kept, 0);
-    o.stride_d = stride_of(kept, 1);
+    const int64_t first = kept.dim() - 2;  // the N axis
+    o.stride_m = first > 0 ? stride_of(kept, 0) : 0;
+    o.stride_n = stride_of(kept, first);
+    o.stride_d = stride_of(kept, first + 1);
   };
   take("grad_joint_mu", grad_joint_mu, g.grad_joint_mu, g.args.grad_joint_mu);
   take("grad_joint_logvar", grad_joint_logvar, g.grad_joint_logvar, g.args.grad_joint_logvar);
   if (grad_weights.has_value() && grad_weights->defined()) {
     const at::Tensor& t = *grad_weights;
-    const FuseArgs& a = inputs.args;
     TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == a.m && t.size(1) == a.n && t.size(2) == a.d, op,
                       ": grad_weights: expected shape [M, N, D] = [", a.m, ", ", a.n, ", ", a.d, "], got ", t.sizes());
     TORCH_CHECK_TYPE(t.scalar_type() == inputs.mu.scalar_type(), op, ": grad_weights: dtype ", t.scalar_type(),
@@ -141,6 +150,25 @@ PreparedGrads prepare_grads(const char* op, const PreparedInputs& inputs,
     g.args.grad_weights.stride_d = 1;
   }
   return g;
+}
+
+void check_subsets(const char* op, const PreparedInputs& inputs) {
+  const FuseArgs& a = inputs.args;
+  TORCH_CHECK_VALUE(a.m <= kMaxSubsetExperts, op, ": mu: at most ", kMaxSubsetExperts, " experts (",
+                    (int64_t{1} << kMaxSubsetExperts) - 1, " subsets), got M = ", a.m);
+  TORCH_CHECK_VALUE(a.logits.data == nullptr || a.logit_reduce == LogitReduce::kNone, op,
+                    ": logits: expected shape [M, N, D] (expand broadcast logits first), got ", inputs.logits.sizes());
+}
+
+std::array<at::Tensor, 2> allocate_subsets(const PreparedInputs& inputs, ForwardOut& out) {
+  const FuseArgs& a = inputs.args;
+  const auto options = inputs.mu.options();
+  const int64_t components = (int64_t{1} << a.m) - 1;
+  at::Tensor joint_mu = at::empty({components, a.n, a.d}, options);
+  at::Tensor joint_logvar = at::empty({components, a.n, a.d}, options);
+  out.joint_mu = joint_mu.data_ptr();
+  out.joint_logvar = joint_logvar.data_ptr();
+  return {joint_mu, joint_logvar};
 }
 
 std::array<at::Tensor, 3> allocate_forward(const PreparedInputs& inputs, bool weights, ForwardOut& out) {

@@ -32,10 +32,17 @@ struct PreparedGrads {
   BackwardArgs args;
 };
 
+// components: 0 for the fusion's [N, D] outputs, S for MoPoE's [S, N, D] ones.
 PreparedGrads prepare_grads(const char* op, const PreparedInputs& inputs,
                             const std::optional<at::Tensor>& grad_joint_mu,
                             const std::optional<at::Tensor>& grad_joint_logvar,
-                            const std::optional<at::Tensor>& grad_weights);
+                            const std::optional<at::Tensor>& grad_weights, int64_t components = 0);
+
+// MoPoE's extra requirements: M <= kMaxSubsetExperts, logits [M, N, D] (or none).
+void check_subsets(const char* op, const PreparedInputs& inputs);
+
+// MoPoE's outputs, allocated: every subset's joint_mu, joint_logvar [S = 2^M - 1, N, D].
+std::array<at::Tensor, 2> allocate_subsets(const PreparedInputs& inputs, ForwardOut& out);
 
 // The forward's outputs, allocated: joint_mu, joint_logvar [N, D] and, with `weights`, the
 // experts' weights [M, N, D] (else an empty tensor), in the inputs' dtype.

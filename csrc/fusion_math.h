@@ -47,6 +47,8 @@
 //   Weight sink:  void weight(int i, V) (forward_point with kWeights): per-expert weights.
 #pragma once
 
+#include <cstdint>
+
 #if defined(__CUDACC__)
 #define GPOE_HD __host__ __device__ __forceinline__
 #define GPOE_UNROLL _Pragma("unroll")
@@ -269,5 +271,25 @@ GPOE_HD void backward_point(E& e, bool prior, V g_mu, V g_logvar, Sink& out) {
     }
   }
 }
+
+// The experts of one subset of `e` (bit i of `members` set: expert i belongs to it), as
+// forward_point / backward_point read experts: MoPoE's components are these subsets' products.
+// Members must be present in `e`; with logits, alpha is renormalised over the members because
+// the credibility softmax runs over the present experts only.
+template <class E>
+struct Subset {
+  using value_type = typename E::value_type;
+  static constexpr bool kScratch = E::kScratch;
+  E& e;
+  uint32_t members;
+  GPOE_HD int count() const { return e.count(); }
+  GPOE_HD bool present(int i) const { return ((members >> i) & 1u) != 0; }
+  GPOE_HD value_type mu(int i) const { return e.mu(i); }
+  GPOE_HD value_type logvar(int i) const { return e.logvar(i); }
+  GPOE_HD value_type logit(int i) const { return e.logit(i); }
+  GPOE_HD decltype(auto) w(int i) { return e.w(i); }
+  GPOE_HD decltype(auto) gs(int i) { return e.gs(i); }
+  GPOE_HD decltype(auto) alpha(int i) { return e.alpha(i); }
+};
 
 }  // namespace gpoe

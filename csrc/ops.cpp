@@ -23,7 +23,7 @@ std::string cpu_capability() { return gpoe::cpu::capability_name(); }
 
 // Raised whenever the operator schemas or their meaning change; gpoe_fusion/ops.py refuses a
 // build whose number differs from its own (a stale build left from an earlier version).
-int64_t interface_version() { return 2; }
+int64_t interface_version() { return 3; }
 
 }  // namespace
 
@@ -43,6 +43,15 @@ TORCH_LIBRARY(gpoe_fusion, m) {
       "fuse_backward(Tensor? grad_joint_mu, Tensor? grad_joint_logvar, Tensor? grad_weights, Tensor mu, "
       "Tensor logvar, Tensor? logits, Tensor? mask, bool prior_expert, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+  // MoPoE: the product (gPoE with logits, alpha renormalised over the members) of every non-empty
+  // subset of the M <= 8 experts, [S = 2^M - 1, N, D]; component c holds the experts whose bit is
+  // set in c + 1. logits [M, N, D] or none. A subset with a masked member gives zeros (it is not a
+  // component of that row).
+  m.def("mopoe_forward(Tensor mu, Tensor logvar, Tensor? logits, Tensor? mask, bool prior_expert) -> (Tensor, Tensor)");
+  // Gradients w.r.t. mu, logvar, logits [M, N, D] of the incoming [S, N, D] gradients, as fuse_backward.
+  m.def(
+      "mopoe_backward(Tensor? grad_joint_mu, Tensor? grad_joint_logvar, Tensor mu, Tensor logvar, Tensor? logits, "
+      "Tensor? mask, bool prior_expert, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Whether the extension was built with its CUDA kernels (so they must be registered).
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
   // The instruction set of the CPU kernels in use ("AVX512", "AVX2" or "DEFAULT").

@@ -1,4 +1,5 @@
-"""gpoe_fusion: exact Product-, Generalized Product- and Mixture-of-Experts fusion of Gaussian latents.
+"""gpoe_fusion: exact Product-, Generalized Product-, Mixture- and Mixture-of-Products-of-Experts
+fusion of Gaussian latents.
 
     import gpoe_fusion as gf
     joint = gf.functional.gpoe(mu, logvar, logits, mask)      # mu, logvar: [M, B, D]
@@ -8,17 +9,18 @@
 See README.md and docs/api.md.
 """
 
-from . import credibility, functional, likelihoods, noise, objectives, ops
+from . import credibility, diagnostics, functional, likelihoods, noise, objectives, ops
 from ._validation import set_validation, validation_enabled
-from .credibility import GlobalCredibility, IndependentCredibility, JointCredibility
+from .credibility import EntropyCredibility, GlobalCredibility, IndependentCredibility, JointCredibility
 from .distributions import Gaussian, GaussianMixture
-from .modules import GPoE, MoE, PoE
+from .modules import GPoE, MoE, MoPoE, PoE
 from .objectives import CrossModalObjective, ObjectiveOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossModalObjective",
+    "EntropyCredibility",
     "GPoE",
     "Gaussian",
     "GaussianMixture",
@@ -26,9 +28,11 @@ __all__ = [
     "IndependentCredibility",
     "JointCredibility",
     "MoE",
+    "MoPoE",
     "ObjectiveOutput",
     "PoE",
     "credibility",
+    "diagnostics",
     "extension_available",
     "functional",
     "likelihoods",

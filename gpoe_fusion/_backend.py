@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _reference, ops
 
-__all__ = ["BACKENDS", "fuse", "kernel_supports"]
+__all__ = ["BACKENDS", "fuse", "kernel_supports", "subsets"]
 
 BACKENDS = ("auto", "kernel", "torch")
 
@@ -41,6 +41,18 @@ def _flat_logits(logits: Tensor, batch_shape: torch.Size, n: int) -> Tensor:
     return logits.reshape(m, n, d)
 
 
+def _use_kernel(mu: Tensor, backend: str) -> bool:
+    """Whether ``backend`` runs the fused kernel for experts like ``mu`` (an error if it must and cannot)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    reason = kernel_supports(mu)
+    if reason is not None and backend == "kernel":
+        raise RuntimeError(f"backend='kernel' was requested but {reason}")
+    return reason is None
+
+
 def fuse(
     mu: Tensor,
     logvar: Tensor,
@@ -52,14 +64,7 @@ def fuse(
 ) -> tuple[Tensor, ...]:
     """Joint ``(mu, logvar)`` [*batch, D] of checked experts mu, logvar [M, *batch, D], and with
     ``return_weights`` every expert's weight [M, *batch, D] (see ``_reference.fuse``)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights)
-    reason = kernel_supports(mu)
-    if reason is not None:
-        if backend == "kernel":
-            raise RuntimeError(f"backend='kernel' was requested but {reason}")
+    if not _use_kernel(mu, backend):
         return _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights)
 
     m, d = mu.shape[0], mu.shape[-1]
@@ -80,3 +85,30 @@ def fuse(
     if not return_weights:
         return joint
     return joint + (outputs[2].reshape((m,) + out_shape).to(out_dtype),)
+
+
+def subsets(
+    mu: Tensor,
+    logvar: Tensor,
+    logits: Tensor | None,
+    mask: Tensor | None,
+    prior_expert: bool,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Every subset's product (MoPoE's components), [S, *batch, D], of checked experts
+    [M, *batch, D] (see ``_reference.subsets``)."""
+    if not _use_kernel(mu, backend):
+        return _reference.subsets(mu, logvar, logits, mask, prior_expert)
+    m, d = mu.shape[0], mu.shape[-1]
+    batch_shape = mu.shape[1:-1]
+    n = math.prod(batch_shape)
+    out_dtype = mu.dtype
+    if logits is not None:
+        common = torch.promote_types(mu.dtype, logits.dtype)
+        mu, logvar = mu.to(common), logvar.to(common)
+        # The subset kernel reads per-element logits; expanding is differentiable (its gradient sums).
+        logits = logits.to(common).expand(mu.shape).reshape(m, n, d)
+    flat_mask = None if mask is None else mask.reshape(m, n)
+    joint_mu, joint_logvar = ops.mopoe(mu.reshape(m, n, d), logvar.reshape(m, n, d), logits, flat_mask, prior_expert)
+    out_shape = (joint_mu.shape[0],) + tuple(batch_shape) + (d,)
+    return joint_mu.reshape(out_shape).to(out_dtype), joint_logvar.reshape(out_shape).to(out_dtype)

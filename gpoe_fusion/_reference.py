@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "credibility", "fuse"]
+__all__ = ["component_mask", "compute_dtype", "credibility", "fuse", "subset_masks", "subsets"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,3 +105,53 @@ def fuse(
             # A row with no expert and no prior has total 0: its (masked) weights are 0, not 0 / 0.
             weights = weights.masked_fill(~present, 0.0)
     return joint_mu.to(out_dtype), joint_logvar.to(out_dtype), weights.to(out_dtype)
+
+
+def subset_masks(m: int, device: torch.device | str | None = None) -> Tensor:
+    """MoPoE's components: bool [S = 2^M - 1, M], row c the experts in subset c + 1 (expert i is in
+    it when bit i of c + 1 is set): {0}, {1}, {0, 1}, {2}, {0, 2}, ..."""
+    codes = torch.arange(1, 2**m, device=device).unsqueeze(1)
+    return (codes >> torch.arange(m, device=device)) & 1 == 1
+
+
+def subsets(
+    mu: Tensor,
+    logvar: Tensor,
+    logits: Tensor | None = None,
+    mask: Tensor | None = None,
+    prior_expert: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Every subset's product (MoPoE's components): ``fuse`` of each subset's experts, with alpha
+    renormalised over the subset's members. mu, logvar: [M, *batch, D]; logits broadcastable to
+    them or None; mask bool [M, *batch] or None. Returns joint mu, logvar [S, *batch, D] (order of
+    ``subset_masks``); a subset with a masked member is not a component of that row and gets 0, 0.
+    """
+    m = mu.shape[0]
+    members = subset_masks(m, mu.device)
+    if logits is not None:
+        logits = logits.expand(mu.shape)
+    if mask is not None:
+        # Masked experts may hold anything: give them finite stand-ins, whose subsets are dropped below.
+        present = mask.unsqueeze(-1)
+        mu = torch.where(present, mu, 0.0)
+        logvar = torch.where(present, logvar, 0.0)
+        logits = None if logits is None else torch.where(present, logits, 0.0)
+    outputs = []
+    for row in members:
+        idx = row.nonzero().squeeze(1)
+        outputs.append(fuse(mu[idx], logvar[idx], None if logits is None else logits[idx], None, prior_expert))
+    joint_mu = torch.stack([o[0] for o in outputs])
+    joint_logvar = torch.stack([o[1] for o in outputs])
+    if mask is not None:
+        complete = component_mask(mask, members).unsqueeze(-1)
+        joint_mu = torch.where(complete, joint_mu, 0.0)
+        joint_logvar = torch.where(complete, joint_logvar, 0.0)
+    return joint_mu, joint_logvar
+
+
+def component_mask(mask: Tensor, members: Tensor) -> Tensor:
+    """bool [S, *batch]: subset s is a component of a row when all its members are present there.
+    mask: bool [M, *batch]; members: bool [S, M]."""
+    absent = (~mask).flatten(1).to(torch.float32)  # [M, prod(batch)]
+    missing = members.to(torch.float32) @ absent  # [S, prod(batch)]: members missing in each row
+    return (missing == 0).reshape((members.shape[0],) + tuple(mask.shape[1:]))

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GlobalCredibility", "IndependentCredibility", "JointCredibility", "make_credibility"]
+__all__ = ["CREDIBILITIES", "EntropyCredibility", "GlobalCredibility", "IndependentCredibility", "JointCredibility",
+           "credibility_logits", "make_credibility"]
 
 
 class FeatureStandardizer(nn.Module):
@@ -173,15 +174,72 @@ class GlobalCredibility(nn.Module):
         return self.logits.view((m,) + (1,) * batch_ndim + (d,))
 
 
+class EntropyCredibility(nn.Module):
+    """Credibility from the experts themselves (the original gPoE weighting, Cao & Fleet 2014): an
+    expert is as credible, per dimension, as the entropy it removes from the N(0, I) prior,
+    h_i = max(-logvar_i / 2, 0) nats; alpha_i = h_i^tau / sum over present experts j of h_j^tau
+    (uniform where every h_j is 0). No network: it works with frozen encoders and is read directly
+    off the posteriors. learn_temperature: tau is a learned parameter (initialised at 1; kept
+    positive as exp of a log-temperature), else tau = 1. network: an optional credibility network
+    (e.g. ``JointCredibility``) whose logits are added, so learned evidence can correct the entropy.
+
+    forward(logvar [M, *batch, D], mask bool [M, *batch] or None, features) -> logits [M, *batch, D],
+    tau * log(h) with h floored at the dtype's smallest normal number (so h = 0 gives a finite
+    logit whose weight vanishes next to any positive h).
+    """
+
+    def __init__(self, learn_temperature: bool = False, network: nn.Module | None = None):
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.zeros(())) if learn_temperature else None
+        self.network = network
+
+    def forward(self, logvar: Tensor, mask: Tensor | None = None,
+                features: Sequence[Tensor] | None = None) -> Tensor:
+        if mask is not None:
+            # A missing expert's log-variance may be anything (NaN too); its logit is never used,
+            # but a NaN here would still reach its gradient.
+            logvar = torch.where(mask.unsqueeze(-1), logvar, 0.0)
+        removed = (-0.5 * logvar).clamp_min(torch.finfo(logvar.dtype).tiny)
+        logits = torch.log(removed)
+        if self.log_temperature is not None:
+            logits = logits * self.log_temperature.exp()
+        if self.network is not None:
+            logits = logits + self.network(features, mask=mask)
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"learn_temperature={self.log_temperature is not None}"
+
+
+# The credibility kinds GPoE and MoPoE accept.
+CREDIBILITIES = ("joint", "independent", "global", "entropy", "entropy+joint")
+
+
 def make_credibility(kind: str, num_experts: int, latent_dim: int, feature_dims: Sequence[int] | None,
-                     hidden: Sequence[int]) -> nn.Module:
-    """The credibility network named by ``kind``: "joint", "independent" or "global"."""
+                     hidden: Sequence[int], learn_temperature: bool = False) -> nn.Module:
+    """The credibility module named by ``kind`` (one of ``CREDIBILITIES``)."""
+    if kind not in CREDIBILITIES:
+        raise ValueError(f"credibility: expected one of {CREDIBILITIES}, got {kind!r}")
+    if learn_temperature and not kind.startswith("entropy"):
+        raise ValueError(f"learn_temperature: only entropy credibility has a temperature, not {kind!r}")
     if kind == "global":
         return GlobalCredibility(num_experts, latent_dim)
-    if kind not in ("joint", "independent"):
-        raise ValueError(f"credibility: expected 'joint', 'independent' or 'global', got {kind!r}")
+    if kind == "entropy":
+        return EntropyCredibility(learn_temperature)
     if feature_dims is None or len(feature_dims) != num_experts:
         raise ValueError(f"feature_dims: credibility={kind!r} needs one feature size per expert "
                          f"({num_experts}), got {feature_dims!r}")
+    if kind == "entropy+joint":
+        return EntropyCredibility(learn_temperature, JointCredibility(feature_dims, latent_dim, hidden))
     cls = JointCredibility if kind == "joint" else IndependentCredibility
     return cls(feature_dims, latent_dim, hidden)
+
+
+def credibility_logits(credibility: nn.Module, logvar: Tensor, features: Sequence[Tensor] | None,
+                       mask: Tensor | None) -> Tensor:
+    """Logits broadcastable to logvar's [M, *batch, D] from any of the credibility modules."""
+    if isinstance(credibility, GlobalCredibility):
+        return credibility(batch_ndim=logvar.dim() - 2)
+    if isinstance(credibility, EntropyCredibility):
+        return credibility(logvar, mask=mask, features=features)
+    return credibility(features, mask=mask)

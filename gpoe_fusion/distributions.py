@@ -127,23 +127,27 @@ class Gaussian:
 
 
 class GaussianMixture:
-    """Uniform mixture of the present diagonal Gaussian experts (MoE).
+    """Uniform mixture of the present diagonal Gaussian components (MoE, MoPoE).
 
-    mu, logvar: [M, *batch, D]; mask: bool [M, *batch] (True = present) or None (all present).
-    Each row's weights are 1 / (number of present experts); masked experts have weight 0.
-    ``log_prob`` sums over D.
+    mu, logvar: [K, *batch, D]; mask: bool [K, *batch] (True = present) or None (all present).
+    Each row's weights are 1 / (number of present components); masked components have weight 0.
+    ``log_prob`` sums over D. subsets: for MoPoE, bool [K, M], the experts whose product each
+    component is (None for MoE, whose components are the experts themselves).
     """
 
-    __slots__ = ("mu", "logvar", "mask")
+    __slots__ = ("mu", "logvar", "mask", "subsets")
 
-    def __init__(self, mu: Tensor, logvar: Tensor, mask: Tensor | None = None):
+    def __init__(self, mu: Tensor, logvar: Tensor, mask: Tensor | None = None, subsets: Tensor | None = None):
         if mu.shape != logvar.shape:
             raise ValueError(f"logvar: shape {tuple(logvar.shape)} differs from mu shape {tuple(mu.shape)}")
         if mask is not None and tuple(mask.shape) != tuple(mu.shape[:-1]):
             raise ValueError(f"mask: expected shape {tuple(mu.shape[:-1])}, got {tuple(mask.shape)}")
+        if subsets is not None and (subsets.dim() != 2 or subsets.shape[0] != mu.shape[0]):
+            raise ValueError(f"subsets: expected shape [K = {mu.shape[0]}, M], got {tuple(subsets.shape)}")
         self.mu = mu
         self.logvar = logvar
         self.mask = mask
+        self.subsets = subsets
 
     def __repr__(self) -> str:
         return (f"GaussianMixture(components={self.num_components}, batch_shape={tuple(self.batch_shape)}, "
@@ -163,7 +167,7 @@ class GaussianMixture:
 
     @property
     def components(self) -> Gaussian:
-        """The experts as one Gaussian with batch shape [M, *batch]."""
+        """The components as one Gaussian with batch shape [K, *batch]."""
         return Gaussian(self.mu, self.logvar)
 
     @property
@@ -248,4 +252,4 @@ class GaussianMixture:
         return MixtureSameFamily(mixture, experts)
 
     def detach(self) -> GaussianMixture:
-        return GaussianMixture(self.mu.detach(), self.logvar.detach(), self.mask)
+        return GaussianMixture(self.mu.detach(), self.logvar.detach(), self.mask, self.subsets)

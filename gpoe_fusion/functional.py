@@ -18,7 +18,7 @@ from . import _backend, _reference
 from ._validation import as_experts, check_logits, check_mask, check_values, has_nan, validation_enabled
 from .distributions import Gaussian, GaussianMixture
 
-__all__ = ["credibility_weights", "gpoe", "moe", "poe"]
+__all__ = ["credibility_weights", "gpoe", "moe", "mopoe", "poe"]
 
 Experts = Tensor | Sequence[Tensor]
 
@@ -109,6 +109,52 @@ def moe(mu: Experts, logvar: Experts, mask: Tensor | None = None, *, validate: b
     if not return_alpha:
         return mixture
     return mixture, mixture.log_weights.exp().to(mu.dtype).unsqueeze(-1).expand(mu.shape)
+
+
+def mopoe(
+    mu: Experts,
+    logvar: Experts,
+    mask: Tensor | None = None,
+    logits: Tensor | Sequence[Tensor] | None = None,
+    prior_expert: bool = False,
+    *,
+    backend: str = "auto",
+    validate: bool | None = None,
+    return_alpha: bool = False,
+) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
+    """Mixture of products of experts (MoPoE, Sutter et al. 2021): the uniform mixture over every
+    non-empty subset of the M <= 8 experts of that subset's product, in one fused pass.
+
+    Component c (of S = 2^M - 1) is the product of the experts whose bit is set in c + 1:
+    {0}, {1}, {0, 1}, {2}, {0, 2}, {1, 2}, {0, 1, 2}, ...; ``mixture.subsets`` is that bool [S, M].
+    Without ``logits`` each component is ``poe`` of its members; with ``logits`` (broadcastable to
+    [M, *batch, D]) it is ``gpoe`` of its members with alpha renormalised over them (the softmax of
+    the members' logits). ``prior_expert`` multiplies N(0, I) into every component, as in
+    ``poe``/``gpoe``. In each row a component is present (``mixture.mask`` [S, *batch]) when all its
+    members are, and the weights are uniform over the present components, so ``rsample(k)`` and
+    ``log_prob`` work as for ``moe``; an absent component holds zeros. Every row needs at least
+    one present expert. ``return_alpha`` adds the mixture weights broadcast to [S, *batch, D].
+    """
+    mu, logvar = as_experts(mu, logvar)
+    if mu.shape[0] > 8:
+        raise ValueError(f"mu: MoPoE enumerates the subsets of at most 8 experts (255 components), got M = "
+                         f"{mu.shape[0]}")
+    if logits is not None:
+        logits = check_logits(logits, mu)
+    mask = check_mask(mask, mu)
+    joint_mu, joint_logvar = _backend.subsets(mu, logvar, logits, mask, prior_expert, backend)
+    if validation_enabled(validate, mu.device):
+        # Rows without any expert have no component (and no NaN to show it), so the [M, *batch]
+        # mask is checked too; a NaN among present experts reaches the present components' means.
+        no_expert = mask is not None and not bool(mask.any(0).all())
+        if no_expert or has_nan(joint_mu):
+            check_values(mu, logvar, logits, mask, prior_expert=False)
+    members = _reference.subset_masks(mu.shape[0], mu.device)
+    present = None if mask is None else _reference.component_mask(mask, members)
+    mixture = GaussianMixture(joint_mu, joint_logvar, present, members)
+    if not return_alpha:
+        return mixture
+    return mixture, mixture.log_weights.exp().to(mu.dtype).unsqueeze(-1).expand(joint_mu.shape)
 
 
 def credibility_weights(logits: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""The cross-modal objective of the paper (Eq. 12-15), and MMVAE's MoE objective (Eq. 16).
+"""The cross-modal objective of the paper (Eq. 12-15), MMVAE's MoE objective (Eq. 16) and MoPoE's.
 
 Modalities play two roles. *Encoded* modalities (the input x and the auxiliary m_1..m_N) each
 give a unimodal posterior q(z | m) = N(mu, exp(logvar)) [B, D]; the fusion combines them into the
@@ -15,8 +15,13 @@ samples (k draws from every expert, MMVAE's estimator of Eq. 16):
     KL_mix = sum_i w_i * E_{z_i ~ q_i}[ log q_mix(z_i) - log p(z_i) ]     (kl="mixture", default)
            or sum_i w_i * KL(q_i || N(0, I))                                (kl="components", its upper bound)
 
-with w_i = 1 / (number of present experts). Every term is averaged over the batch; a sample
-whose modality i is missing (mask False) contributes nothing to the terms of z_i.
+with w_i = 1 / (number of present experts). MoPoE (Sutter et al. 2021) is the same estimator over
+its mixture, whose components are the products of every non-empty subset of the modalities:
+reconstruction from stratified draws of every present component, weighted by the uniform mixture
+weights, and with kl="components" exactly MoPoE's regulariser, the mixture-weighted KL of the
+subset posteriors to the prior (kl="mixture" estimates the mixture's own KL instead). Every term is
+averaged over the batch; a sample whose modality i is missing (mask False) contributes nothing to
+the terms of z_i (for MoPoE: of every subset that contains i).
 """
 
 from __future__ import annotations
@@ -51,11 +56,11 @@ class ObjectiveOutput:
 class CrossModalObjective(nn.Module):
     """Cross-modal VAE objective around one fusion layer.
 
-    fusion: ``PoE``, ``GPoE`` or ``MoE`` (anything with their call form).
+    fusion: ``PoE``, ``GPoE``, ``MoE`` or ``MoPoE`` (anything with their call form).
     decoders: decoded modality name -> module mapping z [B', D] to a prediction [B', ...].
     likelihoods: decoded modality name -> ``nll(prediction, target) -> [B']`` (see
     ``gpoe_fusion.likelihoods``). weights: per decoded modality lambda_k (default 1).
-    beta: KL weight. kl: the MoE regulariser, "mixture" or "components" (see the module doc).
+    beta: KL weight. kl: the MoE and MoPoE regulariser, "mixture" or "components" (MoPoE's own; see the module doc).
     num_samples: MoE's k, the draws from each expert.
     """
 
@@ -149,20 +154,22 @@ class CrossModalObjective(nn.Module):
                            alpha: Tensor) -> ObjectiveOutput:
         m, batch = joint.num_components, joint.mu.shape[1]
         k = self.num_samples
-        z = joint.rsample(k)  # [M, k, B, D]
-        weights = joint.log_weights.exp().to(z.dtype)  # [M, B], 0 for missing experts
+        z = joint.rsample(k)  # [K, k, B, D]
+        weights = joint.log_weights.exp().to(z.dtype)  # [K, B], 0 for missing components
         sample_weights = weights.unsqueeze(1).expand(m, k, batch).reshape(m * k, batch) / k
         rec = self._reconstruction(z.reshape(m * k, batch, -1), sample_weights, targets)
 
         terms: dict[str, Tensor] = {}
         loss = z.new_zeros(())
+        sources = names if joint.subsets is None else ["+".join(n for n, inside in zip(names, row) if inside)
+                                                       for row in joint.subsets.tolist()]
         for decoded, per_draw in rec.items():
-            per_expert = per_draw.reshape(m, k).sum(1)
-            for source, value in zip(names, per_expert):
+            per_component = per_draw.reshape(m, k).sum(1)
+            for source, value in zip(sources, per_component):
                 terms[f"rec/{source}->{decoded}"] = value.detach()
-            loss = loss + self.weights[decoded] * per_expert.sum()
+            loss = loss + self.weights[decoded] * per_component.sum()
         if self.kl == "mixture":
-            log_q = joint.log_prob(z)  # [M, k, B]
+            log_q = joint.log_prob(z)  # [K, k, B]
             log_p = -0.5 * (z.float() ** 2 + _LOG_2PI).sum(-1)
             kl = ((log_q - log_p) * weights.unsqueeze(1)).sum(0).mean(0).sum() / max(batch, 1)
         else:

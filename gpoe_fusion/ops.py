@@ -6,6 +6,9 @@ The extension defines (csrc/ops.cpp):
         -> (joint_mu, joint_logvar, weights)
     gpoe_fusion::fuse_backward(grad_joint_mu?, grad_joint_logvar?, grad_weights?, mu, logvar, logits?,
                                mask?, prior_expert, output_mask[3]) -> (grad_mu, grad_logvar, grad_logits)
+    gpoe_fusion::mopoe_forward(mu, logvar, logits?, mask?, prior_expert) -> (joint_mu, joint_logvar)  [S, N, D]
+    gpoe_fusion::mopoe_backward(grad_joint_mu?, grad_joint_logvar?, mu, logvar, logits?, mask?, prior_expert,
+                                output_mask[3]) -> (grad_mu, grad_logvar, grad_logits)
     gpoe_fusion::compiled_with_cuda() -> bool
     gpoe_fusion::cpu_capability() -> str
     gpoe_fusion::interface_version() -> int
@@ -38,13 +41,14 @@ __all__ = [
     "cpu_capability",
     "fuse",
     "load_error",
+    "mopoe",
     "supports_device",
 ]
 
 REQUIRE_ENV = "GPOE_FUSION_REQUIRE_EXTENSION"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The operator interface this Python code speaks (csrc/ops.cpp interface_version()).
-_INTERFACE_VERSION = 2
+_INTERFACE_VERSION = 3
 
 _LOAD_ERROR: str | None = None
 
@@ -124,6 +128,14 @@ def fuse(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None,
     return (joint_mu, joint_logvar, weights) if return_weights else (joint_mu, joint_logvar)
 
 
+def mopoe(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None,
+          prior_expert: bool) -> tuple[Tensor, Tensor]:
+    """Every subset's product ``(joint_mu, joint_logvar)`` [S = 2^M - 1, N, D] of mu, logvar [M, N, D]
+    (M <= 8); logits [M, N, D] or None; mask bool [M, N]. Component c holds the experts whose bit
+    is set in c + 1; a subset with a masked member gives zeros."""
+    return torch.ops.gpoe_fusion.mopoe_forward(mu, logvar, logits, mask, prior_expert)
+
+
 def _check_inputs(op: str, mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None) -> None:
     """The structural checks of csrc/fusion_host.cpp, for tracing (the real kernels repeat them)."""
     torch._check(mu.dim() == 3, lambda: f"{op}: mu: expected shape [M, N, D], got {tuple(mu.shape)}")
@@ -177,6 +189,33 @@ def _fuse_backward_fake(grad_joint_mu, grad_joint_logvar, grad_weights, mu, logv
     return like(mu, output_mask[0]), like(mu, output_mask[1]), like(logits, output_mask[2])
 
 
+def _mopoe_forward_fake(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool):
+    _check_inputs("mopoe_forward", mu, logvar, logits, mask)
+    m, n, d = mu.shape
+    torch._check(m <= 8, lambda: f"mopoe_forward: mu: at most 8 experts (255 subsets), got M = {m}")
+    if logits is not None:
+        torch._check(tuple(logits.shape) == (m, n, d),
+                     lambda: f"mopoe_forward: logits: expected shape [M, N, D] (expand broadcast logits first), "
+                             f"got {tuple(logits.shape)}")
+    s = 2**m - 1
+    return mu.new_empty((s, n, d)), mu.new_empty((s, n, d))
+
+
+def _mopoe_backward_fake(grad_joint_mu, grad_joint_logvar, mu, logvar, logits, mask, prior_expert, output_mask):
+    _check_inputs("mopoe_backward", mu, logvar, logits, mask)
+    m, n, d = mu.shape
+    for name, grad in (("grad_joint_mu", grad_joint_mu), ("grad_joint_logvar", grad_joint_logvar)):
+        if grad is not None:
+            torch._check(tuple(grad.shape) == (2**m - 1, n, d),
+                         lambda name=name, grad=grad: f"mopoe_backward: {name}: expected shape [S, N, D] = "
+                                                      f"{[2**m - 1, n, d]}, got {tuple(grad.shape)}")
+
+    def like(t: Tensor | None, wanted: bool) -> Tensor:
+        return t.new_empty(t.shape) if wanted and t is not None else mu.new_empty((0,))
+
+    return like(mu, output_mask[0]), like(mu, output_mask[1]), like(logits, output_mask[2])
+
+
 def _setup_context(ctx, inputs, output) -> None:
     mu, logvar, logits, mask, prior_expert, *rest = inputs
     ctx.save_for_backward(mu, logvar, logits, mask)
@@ -186,12 +225,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _differentiable_backward(mu, logvar, logits, mask, prior_expert, grads, wanted):
+def _differentiable_grads(outputs, grads, leaves, wanted) -> list[Tensor | None]:
     """The first-order gradients as a differentiable function of the inputs and of ``grads``:
-    the pure-PyTorch forward, differentiated with ``create_graph=True``."""
-    outputs = _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights=grads[2] is not None)
+    ``outputs`` (the pure-PyTorch forward of ``leaves``) differentiated with ``create_graph=True``.
+    Only the ``wanted`` leaves get a gradient."""
     pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
-    inputs = [t for t, want in zip((mu, logvar, logits), wanted) if want]
+    inputs = [t for t, want in zip(leaves, wanted) if want]
     result = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
                                       allow_unused=True, materialize_grads=True))
     return [next(result) if want else None for want in wanted]
@@ -208,8 +247,8 @@ def _fuse_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor 
     if torch.is_grad_enabled():
         # create_graph=True: the gradients must be differentiable themselves, which the fused
         # backward op is not.
-        grad_mu, grad_logvar, grad_logits = _differentiable_backward(mu, logvar, logits, mask, ctx.prior_expert,
-                                                                     grads, wanted)
+        outputs = _reference.fuse(mu, logvar, logits, mask, ctx.prior_expert, return_weights=grad_weights is not None)
+        grad_mu, grad_logvar, grad_logits = _differentiable_grads(outputs, grads, (mu, logvar, logits), wanted)
     else:
         grad_mu, grad_logvar, grad_logits = torch.ops.gpoe_fusion.fuse_backward(
             grad_joint_mu, grad_joint_logvar, grad_weights, mu, logvar, logits, mask, ctx.prior_expert, wanted)
@@ -223,7 +262,27 @@ def _fuse_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor 
     )
 
 
+def _mopoe_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor | None):
+    mu, logvar, logits, mask = ctx.saved_tensors
+    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits is not None and ctx.needs_input_grad[2]]
+    grads = (grad_joint_mu, grad_joint_logvar)
+    if not any(wanted) or all(g is None for g in grads):
+        return None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate the pure-PyTorch loop over the subsets instead.
+        outputs = _reference.subsets(mu, logvar, logits, mask, ctx.prior_expert)
+        grad_mu, grad_logvar, grad_logits = _differentiable_grads(outputs, grads, (mu, logvar, logits), wanted)
+    else:
+        grad_mu, grad_logvar, grad_logits = torch.ops.gpoe_fusion.mopoe_backward(
+            grad_joint_mu, grad_joint_logvar, mu, logvar, logits, mask, ctx.prior_expert, wanted)
+    return (grad_mu if wanted[0] else None, grad_logvar if wanted[1] else None, grad_logits if wanted[2] else None,
+            None, None)
+
+
 if _AVAILABLE:
+    torch.library.register_fake("gpoe_fusion::mopoe_forward")(_mopoe_forward_fake)
+    torch.library.register_fake("gpoe_fusion::mopoe_backward")(_mopoe_backward_fake)
+    torch.library.register_autograd("gpoe_fusion::mopoe_forward", _mopoe_backward, setup_context=_setup_context)
     torch.library.register_fake("gpoe_fusion::fuse_forward")(_fuse_forward_fake)
     torch.library.register_fake("gpoe_fusion::fuse_backward")(_fuse_backward_fake)
     torch.library.register_autograd("gpoe_fusion::fuse_forward", _fuse_backward, setup_context=_setup_context)

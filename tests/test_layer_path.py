@@ -52,9 +52,9 @@ def test_gpoe_alpha_is_the_credibility_softmax(backend, kind):
     features = [torch.randn(6, 4, dtype=torch.float64) for _ in range(3)]
     fusion = randomise(gf.GPoE(3, 5, [4, 4, 4], credibility=kind, hidden=(8,), backend=backend).double())
     joint, alpha = fusion(mu, logvar, mask, features, return_alpha=True)
-    torch.testing.assert_close(alpha, F.credibility_weights(fusion.logits(mu, features, mask), mask))
+    torch.testing.assert_close(alpha, F.credibility_weights(fusion.logits(mu, logvar, features, mask), mask))
     assert torch.equal(alpha[~mask], torch.zeros_like(alpha[~mask]))
-    torch.testing.assert_close(joint.mu, F.gpoe(mu, logvar, fusion.logits(mu, features, mask), mask).mu)
+    torch.testing.assert_close(joint.mu, F.gpoe(mu, logvar, fusion.logits(mu, logvar, features, mask), mask).mu)
 
 
 def test_moe_alpha_is_the_mixture_weights():

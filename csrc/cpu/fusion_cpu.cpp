@@ -39,29 +39,33 @@ Isa isa() {
   return chosen;
 }
 
-void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t begin, int64_t end) {
-  switch (isa()) {
+// The row kernels of one instruction set (cpu/fusion_cpu_kernels.h).
+struct RowKernels {
+  decltype(&DEFAULT::fuse_forward_rows) fuse_forward;
+  decltype(&DEFAULT::fuse_backward_rows) fuse_backward;
+  decltype(&DEFAULT::mopoe_forward_rows) mopoe_forward;
+  decltype(&DEFAULT::mopoe_backward_rows) mopoe_backward;
+};
+
+#define GPOE_ROW_KERNELS(NS) \
+  RowKernels { &NS::fuse_forward_rows, &NS::fuse_backward_rows, &NS::mopoe_forward_rows, &NS::mopoe_backward_rows }
+
+const RowKernels& kernels() {
+  static const RowKernels chosen = [] {
+    switch (isa()) {
 #if defined(GPOE_CPU_AVX512)
-    case Isa::kAvx512: return AVX512::fuse_forward_rows(a, out, begin, end);
+      case Isa::kAvx512: return GPOE_ROW_KERNELS(AVX512);
 #endif
 #if defined(GPOE_CPU_AVX2)
-    case Isa::kAvx2: return AVX2::fuse_forward_rows(a, out, begin, end);
+      case Isa::kAvx2: return GPOE_ROW_KERNELS(AVX2);
 #endif
-    default: return DEFAULT::fuse_forward_rows(a, out, begin, end);
-  }
+      default: return GPOE_ROW_KERNELS(DEFAULT);
+    }
+  }();
+  return chosen;
 }
 
-void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int64_t begin, int64_t end) {
-  switch (isa()) {
-#if defined(GPOE_CPU_AVX512)
-    case Isa::kAvx512: return AVX512::fuse_backward_rows(a, g, chunk, begin, end);
-#endif
-#if defined(GPOE_CPU_AVX2)
-    case Isa::kAvx2: return AVX2::fuse_backward_rows(a, g, chunk, begin, end);
-#endif
-    default: return DEFAULT::fuse_backward_rows(a, g, chunk, begin, end);
-  }
-}
+#undef GPOE_ROW_KERNELS
 
 // Rows are split into `chunks` equal ranges: several per thread (load balance), each holding at
 // least ~16k expert elements (threading overhead), and a fixed function of the shape and thread
@@ -96,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_forward_cpu(const at::Tensor
   auto outputs = allocate_forward(in, return_weights, out);
   if (in.args.n > 0 && in.args.d > 0) {
     for_each_chunk(in.args, chunk_count(in.args),
-                   [&](int64_t, int64_t begin, int64_t end) { forward_rows(in.args, out, begin, end); });
+                   [&](int64_t, int64_t begin, int64_t end) { kernels().fuse_forward(in.args, out, begin, end); });
   }
   return {outputs[0], outputs[1], outputs[2]};
 }
@@ -126,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward_cpu(
   }
   if (a.n > 0 && a.d > 0) {
     for_each_chunk(a, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-      backward_rows(a, g.args, chunk, begin, end);
+      kernels().fuse_backward(a, g.args, chunk, begin, end);
     });
   }
   if (reduced) {
@@ -136,6 +140,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward_cpu(
       case LogitReduce::kDims: grads[2] = partial.view({a.m, a.n, 1}).to(dtype); break;
       default: grads[2] = partial.sum(0).view({a.m, 1, 1}).to(dtype); break;
     }
+  }
+  return {grads[0], grads[1], grads[2]};
+}
+
+// MoPoE's two passes: every subset's product, and the gradients summed over the subsets.
+std::tuple<at::Tensor, at::Tensor> mopoe_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                     const std::optional<at::Tensor>& logits,
+                                                     const std::optional<at::Tensor>& mask, bool prior_expert) {
+  const PreparedInputs in = prepare_inputs("mopoe_forward", c10::DeviceType::CPU, mu, logvar, logits, mask, prior_expert);
+  check_subsets("mopoe_forward", in);
+  ForwardOut out;
+  auto joint = allocate_subsets(in, out);
+  if (in.args.n > 0 && in.args.d > 0) {
+    for_each_chunk(in.args, chunk_count(in.args), [&](int64_t, int64_t begin, int64_t end) {
+      kernels().mopoe_forward(in.args, out, begin, end);
+    });
+  }
+  return {joint[0], joint[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mopoe_backward_cpu(
+    const std::optional<at::Tensor>& grad_joint_mu, const std::optional<at::Tensor>& grad_joint_logvar,
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& logits,
+    const std::optional<at::Tensor>& mask, bool prior_expert, std::array<bool, 3> output_mask) {
+  const PreparedInputs in = prepare_inputs("mopoe_backward", c10::DeviceType::CPU, mu, logvar, logits, mask, prior_expert);
+  check_subsets("mopoe_backward", in);
+  const int64_t components = (int64_t{1} << in.args.m) - 1;
+  PreparedGrads g = prepare_grads("mopoe_backward", in, grad_joint_mu, grad_joint_logvar, std::nullopt, components);
+  auto grads = allocate_backward(in, output_mask, g.args);
+  if (in.args.n > 0 && in.args.d > 0) {
+    for_each_chunk(in.args, chunk_count(in.args), [&](int64_t, int64_t begin, int64_t end) {
+      kernels().mopoe_backward(in.args, g.args, begin, end);
+    });
   }
   return {grads[0], grads[1], grads[2]};
 }
@@ -155,4 +192,6 @@ std::string capability_name() {
 TORCH_LIBRARY_IMPL(gpoe_fusion, CPU, m) {
   m.impl("fuse_forward", &gpoe::cpu::fuse_forward_cpu);
   m.impl("fuse_backward", &gpoe::cpu::fuse_backward_cpu);
+  m.impl("mopoe_forward", &gpoe::cpu::mopoe_forward_cpu);
+  m.impl("mopoe_backward", &gpoe::cpu::mopoe_backward_cpu);
 }

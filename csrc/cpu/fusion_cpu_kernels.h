@@ -6,7 +6,10 @@
 //
 // Each call handles the rows [row_begin, row_end); the caller (fusion_cpu.cpp, compiled for the
 // baseline instruction set) splits the rows into chunks and runs them in parallel, so no
-// threading code is compiled with the wider instruction sets. Logits-gradient partial sums
+// threading code is compiled with the wider instruction sets. The mopoe_* kernels write every
+// subset's product, [S = 2^M - 1, N, D] (subset s + 1 holds the experts whose bit is set in
+// s + 1), and take the incoming gradients in that layout; their logits are [M, N, D] (never
+// broadcast) and their gradients are written per element. Logits-gradient partial sums
 // (BackwardArgs::grad_logits when logit_reduce != kNone) are in the accumulation type (float32;
 // float64 for float64 inputs), laid out as
 //   kRows: [chunks, M, D], zero-initialised, chunk `chunk` adds into its slice
@@ -24,6 +27,10 @@
                          int64_t row_end);                                                    \
   void fuse_backward_rows(const FuseArgs& args, const BackwardArgs& grads, int64_t chunk,      \
                           int64_t row_begin, int64_t row_end);                                 \
+  void mopoe_forward_rows(const FuseArgs& args, const ForwardOut& out, int64_t row_begin,      \
+                          int64_t row_end);                                                    \
+  void mopoe_backward_rows(const FuseArgs& args, const BackwardArgs& grads, int64_t row_begin,  \
+                           int64_t row_end);                                                   \
   }
 
 GPOE_DECLARE_CPU_KERNELS(DEFAULT)

@@ -73,10 +73,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward_cuda(
   return {grads[0], grads[1], grads[2]};
 }
 
+std::tuple<at::Tensor, at::Tensor> mopoe_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                                      const std::optional<at::Tensor>& logits,
+                                                      const std::optional<at::Tensor>& mask, bool prior_expert) {
+  const PreparedInputs in =
+      prepare_inputs("mopoe_forward", c10::DeviceType::CUDA, mu, logvar, logits, mask, prior_expert);
+  check_subsets("mopoe_forward", in);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  ForwardOut out;
+  auto joint = allocate_subsets(in, out);
+  if (in.args.n > 0 && in.args.d > 0) {
+    mopoe_forward(in.args, out, multiprocessors(mu), c10::cuda::getCurrentCUDAStream());
+  }
+  return {joint[0], joint[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mopoe_backward_cuda(
+    const std::optional<at::Tensor>& grad_joint_mu, const std::optional<at::Tensor>& grad_joint_logvar,
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& logits,
+    const std::optional<at::Tensor>& mask, bool prior_expert, std::array<bool, 3> output_mask) {
+  const PreparedInputs in =
+      prepare_inputs("mopoe_backward", c10::DeviceType::CUDA, mu, logvar, logits, mask, prior_expert);
+  check_subsets("mopoe_backward", in);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const int64_t components = (int64_t{1} << in.args.m) - 1;
+  PreparedGrads g = prepare_grads("mopoe_backward", in, grad_joint_mu, grad_joint_logvar, std::nullopt, components);
+  auto grads = allocate_backward(in, output_mask, g.args);
+  if (in.args.n > 0 && in.args.d > 0) {
+    mopoe_backward(in.args, g.args, multiprocessors(mu), c10::cuda::getCurrentCUDAStream());
+  }
+  return {grads[0], grads[1], grads[2]};
+}
+
 }  // namespace
 }  // namespace gpoe::cuda
 
 TORCH_LIBRARY_IMPL(gpoe_fusion, CUDA, m) {
   m.impl("fuse_forward", &gpoe::cuda::fuse_forward_cuda);
   m.impl("fuse_backward", &gpoe::cuda::fuse_backward_cuda);
+  m.impl("mopoe_forward", &gpoe::cuda::mopoe_forward_cuda);
+  m.impl("mopoe_backward", &gpoe::cuda::mopoe_backward_cuda);
 }

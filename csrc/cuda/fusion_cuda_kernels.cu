@@ -467,6 +467,121 @@ __global__ void __launch_bounds__(kThreads, kReduce || kWeightGrad ? 1 : kMinBlo
   }
 }
 
+// ---- MoPoE --------------------------------------------------------------------------------------
+
+// The experts of one point, in the accumulation type: kM of them (compile-time), or with kM = 0
+// up to kMaxSubsetExperts (`m` at run time).
+template <class A, int kM>
+struct PointExperts {
+  using value_type = A;
+  static constexpr bool kScratch = true;
+  static constexpr int kSlots = kM > 0 ? kM : kMaxSubsetExperts;
+  int m;
+  uint32_t present_bits = 0;
+  A mu_[kSlots], logvar_[kSlots], logit_[kSlots], w_[kSlots], gs_[kSlots], alpha_[kSlots];
+  __device__ __forceinline__ int count() const { return kM > 0 ? kM : m; }
+  __device__ __forceinline__ bool present(int i) const { return ((present_bits >> i) & 1u) != 0; }
+  __device__ __forceinline__ A mu(int i) const { return mu_[i]; }
+  __device__ __forceinline__ A logvar(int i) const { return logvar_[i]; }
+  __device__ __forceinline__ A logit(int i) const { return logit_[i]; }
+  __device__ __forceinline__ A& w(int i) { return w_[i]; }
+  __device__ __forceinline__ A& gs(int i) { return gs_[i]; }
+  __device__ __forceinline__ A& alpha(int i) { return alpha_[i]; }
+};
+
+// The present experts of point (n, d); masked ones are not read (they may hold NaN).
+template <class T, bool kLogits, int kM>
+__device__ __forceinline__ void load_point(const FuseArgs& a, int64_t n, int64_t d, PointExperts<acc_t<T>, kM>& e) {
+  const auto* mu = static_cast<const T*>(a.mu.data);
+  const auto* logvar = static_cast<const T*>(a.logvar.data);
+  const auto* logits = static_cast<const T*>(a.logits.data);
+#pragma unroll
+  for (int i = 0; i < PointExperts<acc_t<T>, kM>::kSlots; ++i) {
+    if (i >= e.count() || !is_present(a, i, n)) continue;
+    e.present_bits |= 1u << i;
+    e.mu_[i] = to_acc(mu[i * a.mu.stride_m + n * a.mu.stride_n + d]);
+    e.logvar_[i] = to_acc(logvar[i * a.logvar.stride_m + n * a.logvar.stride_n + d]);
+    if constexpr (kLogits) e.logit_[i] = to_acc(logits[i * a.logits.stride_m + n * a.logits.stride_n + d]);
+  }
+}
+
+template <class T, int kM, bool kLogits>
+__global__ void __launch_bounds__(kThreads) mopoe_forward_kernel(const FuseArgs a, const ForwardOut out) {
+  using A = acc_t<T>;
+  const int64_t points = a.n * a.d;
+  const uint32_t subsets = (1u << a.m) - 1;
+  NoWeights none;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < points;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = p / a.d, d = p % a.d;
+    PointExperts<A, kM> e{static_cast<int>(a.m)};
+    load_point<T, kLogits>(a, n, d, e);
+    for (uint32_t members = 1; members <= subsets; ++members) {
+      A joint_mu = A(0), joint_logvar = A(0);
+      // A subset with a missing member is not a component of this row: zeros.
+      if ((members & ~e.present_bits) == 0) {
+        Subset<PointExperts<A, kM>> subset{e, members};
+        forward_point<DeviceOps<A>, kLogits, false>(subset, a.prior, joint_mu, joint_logvar, none);
+      }
+      const int64_t offset = ((members - 1) * a.n + n) * a.d + d;
+      static_cast<T*>(out.joint_mu)[offset] = from_acc<T>(joint_mu);
+      static_cast<T*>(out.joint_logvar)[offset] = from_acc<T>(joint_logvar);
+    }
+  }
+}
+
+// Adds each subset's per-expert gradients into the point's sums.
+template <class A, int kSlots>
+struct SubsetSums {
+  A mu[kSlots], logvar[kSlots], logit[kSlots];
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) mu[i] = logvar[i] = logit[i] = A(0);
+  }
+};
+
+template <class A, int kSlots>
+struct SubsetSumSink {
+  SubsetSums<A, kSlots>& sums;
+  __device__ __forceinline__ void mu(int i, A v) { sums.mu[i] += v; }
+  __device__ __forceinline__ void logvar(int i, A v) { sums.logvar[i] += v; }
+  __device__ __forceinline__ void logit(int i, A v) { sums.logit[i] += v; }
+};
+
+template <class T, int kM, bool kLogits>
+__global__ void __launch_bounds__(kThreads) mopoe_backward_kernel(const FuseArgs a, const BackwardArgs g) {
+  using A = acc_t<T>;
+  using E = PointExperts<A, kM>;
+  const int64_t points = a.n * a.d;
+  const uint32_t subsets = (1u << a.m) - 1;
+  const auto* grad_mu = static_cast<const T*>(g.grad_joint_mu.data);
+  const auto* grad_logvar = static_cast<const T*>(g.grad_joint_logvar.data);
+  auto incoming = [&](const T* base, const Operand& o, uint32_t members, int64_t n, int64_t d) {
+    return base == nullptr ? A(0) : to_acc(base[(members - 1) * o.stride_m + n * o.stride_n + d * o.stride_d]);
+  };
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < points;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = p / a.d, d = p % a.d;
+    E e{static_cast<int>(a.m)};
+    load_point<T, kLogits>(a, n, d, e);
+    SubsetSums<A, E::kSlots> sums;
+    sums.clear();
+    SubsetSumSink<A, E::kSlots> sink{sums};
+    for (uint32_t members = 1; members <= subsets; ++members) {
+      if ((members & ~e.present_bits) != 0) continue;  // not a component of this row: no gradient
+      Subset<E> subset{e, members};
+      backward_point<DeviceOps<A>, kLogits, false>(subset, a.prior, incoming(grad_mu, g.grad_joint_mu, members, n, d),
+                                                   incoming(grad_logvar, g.grad_joint_logvar, members, n, d), sink);
+    }
+    for (int i = 0; i < e.count(); ++i) {
+      const int64_t offset = (i * a.n + n) * a.d + d;
+      if (g.grad_mu != nullptr) static_cast<T*>(g.grad_mu)[offset] = from_acc<T>(sums.mu[i]);
+      if (g.grad_logvar != nullptr) static_cast<T*>(g.grad_logvar)[offset] = from_acc<T>(sums.logvar[i]);
+      if (kLogits && g.grad_logits != nullptr) static_cast<T*>(g.grad_logits)[offset] = from_acc<T>(sums.logit[i]);
+    }
+  }
+}
+
 // ---- Dispatch --------------------------------------------------------------------------------
 
 size_t element_bytes(Dtype dtype) {
@@ -596,6 +711,28 @@ void fuse_backward(const FuseArgs& a, const BackwardArgs& grads, void* partial, 
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+  });
+}
+
+unsigned mopoe_blocks(const FuseArgs& a, int sm_count) {
+  const int64_t points = a.n * a.d;
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>((points + kThreads - 1) / kThreads, int64_t{kBlocksPerSm} * sm_count)));
+}
+
+void mopoe_forward(const FuseArgs& a, const ForwardOut& out, int sm_count, cudaStream_t stream) {
+  dispatch<__half, __nv_bfloat16>(a, [&](auto scalar, auto experts, auto logits) {
+    mopoe_forward_kernel<decltype(scalar), decltype(experts)::value, decltype(logits)::value>
+        <<<mopoe_blocks(a, sm_count), kThreads, 0, stream>>>(a, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void mopoe_backward(const FuseArgs& a, const BackwardArgs& grads, int sm_count, cudaStream_t stream) {
+  dispatch<__half, __nv_bfloat16>(a, [&](auto scalar, auto experts, auto logits) {
+    mopoe_backward_kernel<decltype(scalar), decltype(experts)::value, decltype(logits)::value>
+        <<<mopoe_blocks(a, sm_count), kThreads, 0, stream>>>(a, grads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -32,4 +32,9 @@ void fuse_forward(const FuseArgs& a, const ForwardOut& out, const Plan& plan, cu
 void fuse_backward(const FuseArgs& a, const BackwardArgs& grads, void* partial, const Plan& plan,
                    cudaStream_t stream);
 
+// MoPoE (csrc/ops.cpp): one thread per (row, dimension) point, every subset in turn; a grid of at
+// most 16 blocks per multiprocessor that loops over the points.
+void mopoe_forward(const FuseArgs& a, const ForwardOut& out, int sm_count, cudaStream_t stream);
+void mopoe_backward(const FuseArgs& a, const BackwardArgs& grads, int sm_count, cudaStream_t stream);
+
 }  // namespace gpoe::cuda

@@ -351,6 +351,110 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
   }
 }
 
+// ---- MoPoE: the product of every subset of the experts ------------------------------------------
+
+// Bit i set: expert i is present in this row.
+template <class E>
+uint32_t presence_bits(const E& e) {
+  uint32_t bits = 0;
+  for (int i = 0; i < e.count(); ++i) bits |= e.present(i) ? (1u << i) : 0u;
+  return bits;
+}
+
+template <class scalar_t, int kM, bool kLogits>
+void subsets_forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t kWidth = V::size();
+  Experts<V, kM> e(static_cast<int>(a.m));
+  const uint32_t subsets = (1u << a.m) - 1;
+  auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
+  auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
+  NoWeights none;
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const RowInputs<scalar_t> row{a, n};
+    row.load_presence(e);
+    const uint32_t present = presence_bits(e);
+    for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
+      const int64_t count = std::min(kWidth, a.d - d0);
+      row.template load<kLogits>(e, d0, count);
+      for (uint32_t members = 1; members <= subsets; ++members) {
+        const int64_t offset = ((members - 1) * a.n + n) * a.d + d0;
+        V mu(acc_t(0)), logvar(acc_t(0));
+        // A subset with a missing member is not a component of this row: zeros, never its NaN.
+        if ((members & ~present) == 0) {
+          Subset<Experts<V, kM>> subset{e, members};
+          forward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior, mu, logvar, none);
+        }
+        store_vec(joint_mu + offset, mu, count);
+        store_vec(joint_logvar + offset, logvar, count);
+      }
+    }
+  }
+}
+
+// Sums each expert's gradients over the subsets it belongs to (one vector of positions).
+template <class V, int kM>
+struct SubsetGradSums {
+  Slots<V, kM> mu, logvar, logit;
+  explicit SubsetGradSums(int m) : mu(m), logvar(m), logit(m) {}
+  void clear(int m) {
+    for (int i = 0; i < m; ++i) mu[i] = logvar[i] = logit[i] = V(typename V::value_type(0));
+  }
+};
+
+template <class V, int kM>
+struct SubsetGradSink {
+  SubsetGradSums<V, kM>& sums;
+  void mu(int i, const V& v) { sums.mu[i] = sums.mu[i] + v; }
+  void logvar(int i, const V& v) { sums.logvar[i] = sums.logvar[i] + v; }
+  void logit(int i, const V& v) { sums.logit[i] = sums.logit[i] + v; }
+};
+
+template <class scalar_t, int kM, bool kLogits>
+void subsets_backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t row_begin, int64_t row_end) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t kWidth = V::size();
+  const int m = static_cast<int>(a.m);
+  Experts<V, kM> e(m);
+  SubsetGradSums<V, kM> sums(m);
+  SubsetGradSink<V, kM> sink{sums};
+  const uint32_t subsets = (1u << a.m) - 1;
+  const auto* grad_mu = static_cast<const scalar_t*>(g.grad_joint_mu.data);
+  const auto* grad_logvar = static_cast<const scalar_t*>(g.grad_joint_logvar.data);
+  auto incoming = [&](const scalar_t* base, const Operand& o, uint32_t members, int64_t n, int64_t d0,
+                      int64_t count) {
+    if (base == nullptr) return V(acc_t(0));
+    return load_vec(base + (members - 1) * o.stride_m + n * o.stride_n + d0 * o.stride_d, o.stride_d, count);
+  };
+  auto store = [&](void* out, const Slots<V, kM>& values, int64_t n, int64_t d0, int64_t count) {
+    if (out == nullptr) return;
+    for (int i = 0; i < m; ++i) store_vec(static_cast<scalar_t*>(out) + (i * a.n + n) * a.d + d0, values[i], count);
+  };
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const RowInputs<scalar_t> row{a, n};
+    row.load_presence(e);
+    const uint32_t present = presence_bits(e);
+    for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
+      const int64_t count = std::min(kWidth, a.d - d0);
+      row.template load<kLogits>(e, d0, count);
+      sums.clear(m);
+      for (uint32_t members = 1; members <= subsets; ++members) {
+        if ((members & ~present) != 0) continue;  // not a component of this row: no gradient
+        Subset<Experts<V, kM>> subset{e, members};
+        backward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior,
+                                                      incoming(grad_mu, g.grad_joint_mu, members, n, d0, count),
+                                                      incoming(grad_logvar, g.grad_joint_logvar, members, n, d0, count),
+                                                      sink);
+      }
+      store(g.grad_mu, sums.mu, n, d0, count);
+      store(g.grad_logvar, sums.logvar, n, d0, count);
+      if constexpr (kLogits) store(g.grad_logits, sums.logit, n, d0, count);
+    }
+  }
+}
+
 }  // namespace
 
 void fuse_forward_rows(const FuseArgs& args, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
@@ -359,6 +463,20 @@ void fuse_forward_rows(const FuseArgs& args, const ForwardOut& out, int64_t row_
       forward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value, decltype(weights)::value>(
           args, out, row_begin, row_end);
     });
+  });
+}
+
+void mopoe_forward_rows(const FuseArgs& args, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
+  dispatch<c10::Half, c10::BFloat16>(args, [&](auto scalar, auto experts, auto logits) {
+    subsets_forward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value>(args, out, row_begin,
+                                                                                               row_end);
+  });
+}
+
+void mopoe_backward_rows(const FuseArgs& args, const BackwardArgs& grads, int64_t row_begin, int64_t row_end) {
+  dispatch<c10::Half, c10::BFloat16>(args, [&](auto scalar, auto experts, auto logits) {
+    subsets_backward_rows<decltype(scalar), decltype(experts)::value, decltype(logits)::value>(args, grads, row_begin,
+                                                                                                row_end);
   });
 }
 

@@ -1,0 +1,57 @@
+"""Credibility diagnostics against hand-computed cases and torchmetrics."""
+
+import math
+
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from gpoe_fusion import diagnostics
+
+
+def test_auroc_hand_computed():
+    positive = torch.tensor([True, True, False, False])
+    assert diagnostics.auroc(torch.tensor([3.0, 4.0, 1.0, 2.0]), positive) == 1.0
+    assert diagnostics.auroc(torch.tensor([1.0, 2.0, 3.0, 4.0]), positive) == 0.0
+    # pairs (pos, neg): (3 > 1), (3 > 2)... with one tie: 3 of 4 pairs won, 1 tied -> 3.5 / 4
+    assert diagnostics.auroc(torch.tensor([3.0, 2.0, 1.0, 2.0]), positive) == pytest.approx(0.875)
+    assert math.isnan(diagnostics.auroc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])))
+
+
+def test_auroc_matches_torchmetrics():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 20, (300,), generator=g).float() / 20  # many ties; in [0, 1], as torchmetrics expects
+    labels = torch.rand(300, generator=g) > 0.6
+    assert diagnostics.auroc(scores, labels) == pytest.approx(float(binary_auroc(scores, labels.long())), abs=1e-6)
+
+
+def test_precision_share_and_effective_experts_hand_computed():
+    alpha = torch.tensor([[[0.5]], [[0.5]]])
+    logvar = torch.tensor([[[0.0]], [[math.log(3.0)]]])  # precisions 1 and 1/3
+    share = diagnostics.precision_share(alpha, logvar)
+    torch.testing.assert_close(share[:, 0, 0], torch.tensor([0.75, 0.25]))
+    assert diagnostics.effective_experts(share).item() == pytest.approx(1 / (0.75**2 + 0.25**2))
+    assert diagnostics.effective_experts(torch.full((4, 1, 1), 0.25)).item() == pytest.approx(4.0)
+    mask = torch.tensor([[True], [False]])
+    torch.testing.assert_close(diagnostics.precision_share(alpha, logvar, mask)[:, 0, 0], torch.tensor([1.0, 0.0]))
+
+
+def test_credibility_report_separates_corrupted_samples():
+    flags = torch.tensor([True, False, True, False, False, True])
+    alpha_rgb = torch.where(flags, 0.2, 0.7).unsqueeze(-1).expand(6, 3)
+    alpha = torch.stack([alpha_rgb, 1 - alpha_rgb])
+    logvar = torch.zeros(2, 6, 3)
+    report = diagnostics.credibility_report(alpha, logvar, {"rgb": flags}, ["rgb", "depth"])
+    rgb = report["rgb"]
+    assert rgb["auroc_alpha"] == 1.0 and rgb["auroc_share"] == 1.0
+    assert rgb["alpha_clean"] == pytest.approx(0.7) and rgb["alpha_corrupted"] == pytest.approx(0.2)
+    assert rgb["samples"] == 6
+    # Uninformative alpha: 0.5.
+    flat = diagnostics.credibility_report(torch.full((2, 6, 3), 0.5), logvar, {"rgb": flags}, ["rgb", "depth"])
+    assert flat["rgb"]["auroc_alpha"] == 0.5 and flat["rgb"]["effective_experts"] == pytest.approx(2.0)
+    # Samples without the modality do not count.
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    assert diagnostics.credibility_report(alpha, logvar, {"rgb": flags}, ["rgb", "depth"], mask)["rgb"]["samples"] == 4
+    with pytest.raises(ValueError, match="corrupted"):
+        diagnostics.credibility_report(alpha, logvar, {"ir": flags}, ["rgb", "depth"])
