@@ -46,10 +46,12 @@ def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = 
 
 
 def check_torchrun(script: str, argv: list[str], out: Path, port: int) -> None:
-    """Two CPU processes (gloo) train one epoch of PoE and write results.json."""
+    """Two CPU processes (gloo) train one epoch of PoE on streamed data (each rank's shard decoded by
+    its loader worker) and write results.json."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "examples" / script)] + argv + ["--fusion", "poe", "--epochs", "1", "--device", "cpu"]
+           str(ROOT / "examples" / script)] + argv + ["--fusion", "poe", "--epochs", "1", "--device", "cpu",
+                                                      "--no-in-memory", "--workers", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -1,7 +1,6 @@
 """setup.py's message when torch cannot be imported says what to do: under pip's build isolation,
 install without it; otherwise install torch first. Nothing here builds anything."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,36 +11,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def setup_module():
-    spec = importlib.util.spec_from_file_location("gpoe_fusion_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # not __main__: defines the helpers, builds nothing
-    return module
 
 
-def test_pip_build_isolation_is_detected(setup_module, monkeypatch):
+def test_pip_build_isolation_is_detected(setup_py, monkeypatch):
     monkeypatch.setattr(sys, "path", ["/tmp/pip-build-env-k2j4h1/site", "/tmp/pip-build-env-k2j4h1/overlay/lib/python3.11/site-packages"])
-    assert setup_module._in_isolated_build_env()
-    message = setup_module._missing_torch_message(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert setup_py._in_isolated_build_env()
+    message = setup_py._missing_torch_message(ModuleNotFoundError("No module named 'torch'", name="torch"))
     assert "pip's build isolation hides the installed torch" in message
     assert "pip install --no-build-isolation -e ." in message and "pip install --no-build-isolation .\n" in message
 
 
-def test_build_env_of_python_m_build_is_detected(setup_module, monkeypatch):
+def test_build_env_of_python_m_build_is_detected(setup_py, monkeypatch):
     monkeypatch.setattr(sys, "prefix", "/tmp/build-env-x8f2k0c1")
     monkeypatch.setattr(sys, "path", ["/tmp/build-env-x8f2k0c1/lib/python3.11/site-packages"])
-    assert setup_module._in_isolated_build_env()
+    assert setup_py._in_isolated_build_env()
 
 
-def test_missing_torch_outside_isolation(setup_module, monkeypatch):
+def test_missing_torch_outside_isolation(setup_py, monkeypatch):
     monkeypatch.setattr(sys, "path", [str(ROOT), "/usr/lib/python3.11", "/work/venv/lib/python3.11/site-packages"])
     monkeypatch.setattr(sys, "prefix", "/work/venv")
-    assert not setup_module._in_isolated_build_env()
-    message = setup_module._missing_torch_message(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert not setup_py._in_isolated_build_env()
+    message = setup_py._missing_torch_message(ModuleNotFoundError("No module named 'torch'", name="torch"))
     assert "torch is not installed" in message
     assert "pip install torch==2.14.1 torchvision==0.29.1\n  pip install --no-build-isolation -e ." in message
-    broken = setup_module._missing_torch_message(ImportError("libc10.so: cannot open shared object file"))
+    broken = setup_py._missing_torch_message(ImportError("libc10.so: cannot open shared object file"))
     assert "torch is installed but does not import" in broken and "libc10.so" in broken
 
 

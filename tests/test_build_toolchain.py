@@ -7,7 +7,6 @@ Nothing here builds the extension: each probe compiles a one-line file.
 """
 
 import glob
-import importlib.util
 import os
 import re
 import shutil
@@ -22,19 +21,13 @@ from setuptools.errors import PlatformError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def setup_module():
-    spec = importlib.util.spec_from_file_location("gpoe_fusion_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # not __main__: defines the helpers, builds nothing
-    return module
 
 
 @pytest.fixture(scope="module")
-def system_gxx(setup_module):
-    if not (os.path.exists(setup_module.SYSTEM_CXX) and os.path.exists(setup_module.SYSTEM_CC)):
-        pytest.skip(f"no {setup_module.SYSTEM_CXX} and {setup_module.SYSTEM_CC}")
-    return setup_module.SYSTEM_CC, setup_module.SYSTEM_CXX
+def system_gxx(setup_py):
+    if not (os.path.exists(setup_py.SYSTEM_CXX) and os.path.exists(setup_py.SYSTEM_CC)):
+        pytest.skip(f"no {setup_py.SYSTEM_CXX} and {setup_py.SYSTEM_CC}")
+    return setup_py.SYSTEM_CC, setup_py.SYSTEM_CXX
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +63,24 @@ def commands(compiler) -> dict:
     return {name: list(getattr(compiler, name)) for name in compiler.executables if getattr(compiler, name, None)}
 
 
-def probe_needed(setup_module, compiler, build_dir) -> tuple[list[str], str]:
-    library = setup_module._build_probe(compiler, str(build_dir))
-    return setup_module._elf_needed(library), library
+def probe_needed(setup_py, compiler, build_dir) -> tuple[list[str], str]:
+    library = setup_py._build_probe(compiler, str(build_dir))
+    return setup_py._elf_needed(library), library
 
 
 # ---- The probe and the NEEDED entries -------------------------------------------------------------
 
-def test_system_gxx_links_libstdcxx_dynamically(setup_module, system_gxx, tmp_path):
-    needed, library = probe_needed(setup_module, make_compiler(*system_gxx), tmp_path)
-    assert setup_module._links_libstdcxx_dynamically(needed), needed
-    assert setup_module._parse_elf_needed(Path(library).read_bytes()) == needed
+def test_system_gxx_links_libstdcxx_dynamically(setup_py, system_gxx, tmp_path):
+    needed, library = probe_needed(setup_py, make_compiler(*system_gxx), tmp_path)
+    assert setup_py._links_libstdcxx_dynamically(needed), needed
+    assert setup_py._parse_elf_needed(Path(library).read_bytes()) == needed
 
 
-def test_static_libstdcxx_wrapper_is_detected(setup_module, system_gxx, static_gxx, tmp_path):
-    needed, library = probe_needed(setup_module, make_compiler(system_gxx[0], static_gxx), tmp_path)
-    assert not setup_module._links_libstdcxx_dynamically(needed), needed
+def test_static_libstdcxx_wrapper_is_detected(setup_py, system_gxx, static_gxx, tmp_path):
+    needed, library = probe_needed(setup_py, make_compiler(system_gxx[0], static_gxx), tmp_path)
+    assert not setup_py._links_libstdcxx_dynamically(needed), needed
     assert any(name.startswith("libc.so") for name in needed), needed  # the entries were read, and libc is there
-    assert setup_module._parse_elf_needed(Path(library).read_bytes()) == needed
+    assert setup_py._parse_elf_needed(Path(library).read_bytes()) == needed
 
 
 def synthetic_elf(is64: bool, endian: str, needed: list[str]) -> bytes:
@@ -118,81 +111,81 @@ def synthetic_elf(is64: bool, endian: str, needed: list[str]) -> bytes:
 
 @pytest.mark.parametrize("is64", [True, False], ids=["elf64", "elf32"])
 @pytest.mark.parametrize("endian", ["<", ">"], ids=["little", "big"])
-def test_elf_parser_reads_every_class_and_byte_order(setup_module, is64, endian):
+def test_elf_parser_reads_every_class_and_byte_order(setup_py, is64, endian):
     needed = ["libstdc++.so.6", "libm.so.6", "libc.so.6"]
-    assert setup_module._parse_elf_needed(synthetic_elf(is64, endian, needed)) == needed
-    assert setup_module._parse_elf_needed(synthetic_elf(is64, endian, [])) == []
+    assert setup_py._parse_elf_needed(synthetic_elf(is64, endian, needed)) == needed
+    assert setup_py._parse_elf_needed(synthetic_elf(is64, endian, [])) == []
 
 
-def test_elf_parser_refuses_other_files(setup_module):
+def test_elf_parser_refuses_other_files(setup_py):
     with pytest.raises(ValueError, match="not an ELF file"):
-        setup_module._parse_elf_needed(b"\xcf\xfa\xed\xfe" + bytes(60))  # a Mach-O header
+        setup_py._parse_elf_needed(b"\xcf\xfa\xed\xfe" + bytes(60))  # a Mach-O header
     with pytest.raises(ValueError, match="not an ELF file"):
-        setup_module._parse_elf_needed(b"\x7fELF\x02\x01")  # cut short
+        setup_py._parse_elf_needed(b"\x7fELF\x02\x01")  # cut short
 
 
-def test_without_readelf_the_file_itself_is_read(setup_module, system_gxx, tmp_path, monkeypatch):
-    library = setup_module._build_probe(make_compiler(*system_gxx), str(tmp_path))
-    listed = setup_module._readelf_needed(library) if shutil.which("readelf") else None
+def test_without_readelf_the_file_itself_is_read(setup_py, system_gxx, tmp_path, monkeypatch):
+    library = setup_py._build_probe(make_compiler(*system_gxx), str(tmp_path))
+    listed = setup_py._readelf_needed(library) if shutil.which("readelf") else None
 
     def no_readelf(path):
         raise AssertionError("readelf used where it is not installed")
 
-    monkeypatch.setattr(setup_module.shutil, "which", lambda name: None)
-    monkeypatch.setattr(setup_module, "_readelf_needed", no_readelf)
-    needed = setup_module._elf_needed(library)
-    assert setup_module._links_libstdcxx_dynamically(needed), needed
+    monkeypatch.setattr(setup_py.shutil, "which", lambda name: None)
+    monkeypatch.setattr(setup_py, "_readelf_needed", no_readelf)
+    needed = setup_py._elf_needed(library)
+    assert setup_py._links_libstdcxx_dynamically(needed), needed
     if listed is not None:
         assert needed == listed
 
 
-def test_built_extension_links_libstdcxx_dynamically(setup_module):
+def test_built_extension_links_libstdcxx_dynamically(setup_py):
     """The extension in the package was linked against the shared C++ runtime (what the check is for)."""
     libraries = glob.glob(str(ROOT / "gpoe_fusion" / "_C*.so"))
     if not libraries:
         pytest.skip("extension not built")
     for library in libraries:
-        needed = setup_module._elf_needed(library)
-        assert setup_module._links_libstdcxx_dynamically(needed), f"{library}: NEEDED {needed}"
+        needed = setup_py._elf_needed(library)
+        assert setup_py._links_libstdcxx_dynamically(needed), f"{library}: NEEDED {needed}"
 
 
 # ---- The choice of toolchain ----------------------------------------------------------------------
 
-def test_dynamic_toolchain_is_kept(setup_module, system_gxx, tmp_path, capsys, clean_env):
+def test_dynamic_toolchain_is_kept(setup_py, system_gxx, tmp_path, capsys, clean_env):
     compiler = make_compiler(*system_gxx)
     before = commands(compiler)
-    setup_module._ensure_shared_cxx_runtime(compiler, str(tmp_path))
+    setup_py._ensure_shared_cxx_runtime(compiler, str(tmp_path))
     assert commands(compiler) == before
     assert "CXX" not in os.environ and "CC" not in os.environ
     assert f"{system_gxx[1]} links libstdc++ dynamically" in capsys.readouterr().err
 
 
-def test_static_toolchain_is_replaced_by_the_system_gxx(setup_module, system_gxx, static_gxx, tmp_path, capsys,
+def test_static_toolchain_is_replaced_by_the_system_gxx(setup_py, system_gxx, static_gxx, tmp_path, capsys,
                                                         clean_env):
     compiler = make_compiler(system_gxx[0], static_gxx)
-    setup_module._ensure_shared_cxx_runtime(compiler, str(tmp_path), ["-fopenmp"])
+    setup_py._ensure_shared_cxx_runtime(compiler, str(tmp_path), ["-fopenmp"])
     assert f"[gpoe_fusion build] {static_gxx} links libstdc++ statically; using {system_gxx[1]} instead" \
         in capsys.readouterr().err
     after = commands(compiler)
-    for name in setup_module.CXX_COMMANDS:
+    for name in setup_py.CXX_COMMANDS:
         if name in after:
             assert after[name][0] == system_gxx[1], (name, after[name])
     assert after.get("linker_so_cxx", ["", "-shared"])[1:] == ["-shared"]  # the arguments are kept
     # torch's ninja compile reads $CXX, nvcc's host compiler is $CC: both follow.
     assert (os.environ["CC"], os.environ["CXX"]) == system_gxx
     # The switched compiler object now builds with the shared runtime.
-    needed, _ = probe_needed(setup_module, compiler, tmp_path / "after")
-    assert setup_module._links_libstdcxx_dynamically(needed), needed
+    needed, _ = probe_needed(setup_py, compiler, tmp_path / "after")
+    assert setup_py._links_libstdcxx_dynamically(needed), needed
 
 
-def test_no_system_compiler_stops_the_build_with_what_to_set(setup_module, system_gxx, static_gxx, tmp_path,
+def test_no_system_compiler_stops_the_build_with_what_to_set(setup_py, system_gxx, static_gxx, tmp_path,
                                                              monkeypatch, clean_env):
     missing = str(tmp_path / "bin" / "g++")
-    monkeypatch.setattr(setup_module, "SYSTEM_CXX", missing)
+    monkeypatch.setattr(setup_py, "SYSTEM_CXX", missing)
     compiler = make_compiler(system_gxx[0], static_gxx)
     before = commands(compiler)
     with pytest.raises(PlatformError) as raised:
-        setup_module._ensure_shared_cxx_runtime(compiler, str(tmp_path))
+        setup_py._ensure_shared_cxx_runtime(compiler, str(tmp_path))
     message = str(raised.value)
     assert f"({static_gxx}) links libstdc++ statically" in message
     assert "abort the process instead of raising a Python exception" in message
@@ -201,18 +194,18 @@ def test_no_system_compiler_stops_the_build_with_what_to_set(setup_module, syste
     assert commands(compiler) == before and "CXX" not in os.environ
 
 
-def test_static_system_compiler_is_refused_and_the_toolchain_restored(setup_module, system_gxx, static_gxx, tmp_path,
+def test_static_system_compiler_is_refused_and_the_toolchain_restored(setup_py, system_gxx, static_gxx, tmp_path,
                                                                       monkeypatch, clean_env):
-    monkeypatch.setattr(setup_module, "SYSTEM_CXX", static_gxx)
+    monkeypatch.setattr(setup_py, "SYSTEM_CXX", static_gxx)
     compiler = make_compiler(system_gxx[0], static_gxx)
     before = commands(compiler)
     with pytest.raises(PlatformError, match=re.escape(f"{static_gxx} links it statically too")):
-        setup_module._ensure_shared_cxx_runtime(compiler, str(tmp_path))
+        setup_py._ensure_shared_cxx_runtime(compiler, str(tmp_path))
     assert commands(compiler) == before
     assert "CC" not in os.environ and "CXX" not in os.environ
 
 
-def test_check_is_skipped_where_libraries_are_not_elf(setup_module, system_gxx, tmp_path, monkeypatch, capsys):
+def test_check_is_skipped_where_libraries_are_not_elf(setup_py, system_gxx, tmp_path, monkeypatch, capsys):
     compiler = make_compiler(*system_gxx)
 
     def compile_nothing(*args, **kwargs):
@@ -220,11 +213,11 @@ def test_check_is_skipped_where_libraries_are_not_elf(setup_module, system_gxx, 
 
     monkeypatch.setattr(compiler, "compile", compile_nothing)
     monkeypatch.setattr(sys, "platform", "darwin")
-    setup_module._ensure_shared_cxx_runtime(compiler, str(tmp_path))
+    setup_py._ensure_shared_cxx_runtime(compiler, str(tmp_path))
     assert "toolchain check skipped: darwin" in capsys.readouterr().err
 
 
-def test_build_extension_checks_the_toolchain_before_compiling(setup_module, tmp_path, monkeypatch):
+def test_build_extension_checks_the_toolchain_before_compiling(setup_py, tmp_path, monkeypatch):
     """The check runs with the build's own compiler object, before the CPU kernel copies compile."""
     calls = []
 
@@ -232,20 +225,20 @@ def test_build_extension_checks_the_toolchain_before_compiling(setup_module, tmp
         def build_extension(self, ext):
             calls.append("link")
 
-    builder = setup_module._build_ext_class(TorchBuildExtension)()
+    builder = setup_py._build_ext_class(TorchBuildExtension)()
     builder.build_temp = str(tmp_path)
     builder.compiler = SimpleNamespace(compile=lambda sources, **kwargs: calls.append("compile") or [])
     ext = SimpleNamespace(extra_compile_args={"cxx": ["-O3"]}, extra_link_args=["-fopenmp"], define_macros=[],
                           include_dirs=[], extra_objects=[])
-    monkeypatch.setattr(setup_module, "_ensure_shared_cxx_runtime",
+    monkeypatch.setattr(setup_py, "_ensure_shared_cxx_runtime",
                         lambda compiler, build_dir, link_args: calls.append(("check", compiler, build_dir, link_args)))
     builder.build_extension(ext)
     assert calls[0] == ("check", builder.compiler, os.path.join(str(tmp_path), "toolchain_probe"), ["-fopenmp"])
-    assert calls[1:] == ["compile"] * len(setup_module._isas()) + ["link"]
+    assert calls[1:] == ["compile"] * len(setup_py._isas()) + ["link"]
 
 
 @pytest.mark.parametrize("use_ninja", [True, False], ids=["ninja", "no-ninja"])
-def test_torch_build_with_a_static_toolchain_links_the_shared_runtime(setup_module, system_gxx, static_gxx, tmp_path,
+def test_torch_build_with_a_static_toolchain_links_the_shared_runtime(setup_py, system_gxx, static_gxx, tmp_path,
                                                                       monkeypatch, capsys, clean_env, use_ninja):
     """A small extension built by setup.py's build command (torch's BuildExtension: ninja or
     setuptools compiling) with CXX set to the static wrapper comes out linked to libstdc++.so."""
@@ -257,11 +250,11 @@ def test_torch_build_with_a_static_toolchain_links_the_shared_runtime(setup_modu
     # The CPU kernel copy compiles a one-line file instead of the real kernel (which takes minutes).
     kernel = tmp_path / "kernel.cpp"
     kernel.write_text("int kernel_copy() { return 1; }\n")
-    monkeypatch.setattr(setup_module, "CPU_KERNEL", str(kernel))
-    monkeypatch.setattr(setup_module, "_isas", lambda: [("DEFAULT", [])])
+    monkeypatch.setattr(setup_py, "CPU_KERNEL", str(kernel))
+    monkeypatch.setattr(setup_py, "_isas", lambda: [("DEFAULT", [])])
     monkeypatch.setenv("CC", system_gxx[0])
     monkeypatch.setenv("CXX", static_gxx)
-    build_ext = setup_module._build_ext_class(BuildExtension).with_options(use_ninja=use_ninja)
+    build_ext = setup_py._build_ext_class(BuildExtension).with_options(use_ninja=use_ninja)
     dist = Distribution({"name": "tiny", "ext_modules": [Extension("tiny", [str(source)], extra_compile_args=[])],
                          "cmdclass": {"build_ext": build_ext}})
     command = dist.get_command_obj("build_ext")
@@ -270,5 +263,5 @@ def test_torch_build_with_a_static_toolchain_links_the_shared_runtime(setup_modu
     command.run()
     assert f"{static_gxx} links libstdc++ statically; using {system_gxx[1]} instead" in capsys.readouterr().err
     (library,) = glob.glob(str(tmp_path / "lib" / "tiny*.so"))
-    needed = setup_module._elf_needed(library)
-    assert setup_module._links_libstdcxx_dynamically(needed), needed
+    needed = setup_py._elf_needed(library)
+    assert setup_py._links_libstdcxx_dynamically(needed), needed

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import handpose_rhd
+from common.options import provenance
 from pipeline_checks import check_kill_and_resume, check_torchrun
 from rhd.synthetic import generate_rhd
 
@@ -22,9 +23,10 @@ def tiny_args(rhd_root, out, *extra):
     return ["--data-root", str(rhd_root), "--out", str(out)] + TINY + list(extra)
 
 
-@pytest.mark.parametrize("fusion", ["moe", "poe", "gpoe"])
-def test_one_training_step_per_fusion(rhd_root, tmp_path, fusion):
-    args = handpose_rhd.parse_args(tiny_args(rhd_root, tmp_path, "--fusion", fusion))
+@pytest.mark.parametrize("fusion, credibility", [("moe", "joint"), ("poe", "joint"), ("gpoe", "joint"),
+                                                 ("gpoe", "entropy"), ("mopoe", "joint")])
+def test_one_training_step_per_fusion(rhd_root, tmp_path, fusion, credibility):
+    args = handpose_rhd.parse_args(tiny_args(rhd_root, tmp_path, "--fusion", fusion, "--credibility", credibility))
     args.grid_size, args.fold_hidden, args.pel_width, args.keypoint_hidden = 4, 16, 16, 16
     env = handpose_rhd.distributed.setup("cpu")
     train_set, _ = handpose_rhd.load_data(args, env)
@@ -36,8 +38,8 @@ def test_one_training_step_per_fusion(rhd_root, tmp_path, fusion):
     for name in ("rgb", "points"):
         grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads)
-    # Every fusion returns its experts' weights (gPoE's alpha, PoE's precision shares, MoE's mixture
-    # weights), summing to 1 over the modalities.
+    # Every fusion returns its experts' weights (gPoE's alpha, PoE's precision shares, MoE's and
+    # MoPoE's mixture weights), summing to 1 over the modalities (MoPoE: over its subsets).
     torch.testing.assert_close(out.alpha.float().sum(0), torch.ones(out.alpha.shape[1:]))
 
 
@@ -49,6 +51,10 @@ def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):
     for m in metrics.values():
         assert m["mean_epe_mm"] > 0 and 0 <= m["auc_20_50"] <= 1 and m["num_samples"] == 4
     assert results["seed"] == 0 and results["config"]["epochs"] == 1
+    provenance = results["provenance"]
+    assert {"num_train", "epochs", "crop_size", "test_corruption"} <= set(provenance["command_line"])
+    assert "lr" in provenance["project_choice"] and provenance["paper"] == {}  # the demo's sizes are ours
+    assert provenance["rgb_init"].startswith("random")
     assert set(results["fusions"]["gpoe"]["alpha"]["0.5"]) == {"rgb", "points"}
     for name in ("results.md", "epe_vs_corruption.png", "pck_gpoe.png", "alpha_gpoe.png", "qualitative.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -60,3 +66,24 @@ def test_kill_and_resume_equals_an_uninterrupted_run(rhd_root, tmp_path, monkeyp
 
 def test_two_process_torchrun_on_cpu(rhd_root, tmp_path):
     check_torchrun("handpose_rhd.py", tiny_args(rhd_root, tmp_path), tmp_path, port=29533)
+
+
+def test_results_say_which_settings_come_from_the_paper(tmp_path):
+    args = handpose_rhd.parse_args(["--preset", "full", "--epochs", "3", "--out", str(tmp_path)])
+    record = provenance(args, handpose_rhd.PRESETS, handpose_rhd.FROM_PAPER["full"])
+    assert set(record["paper"]) == {"num_train", "num_eval", "test_corruption"}
+    assert "41258" in record["paper"]["num_train"] and "Table 3" in record["paper"]["test_corruption"]
+    assert record["command_line"] == ["epochs"]
+    assert {"lr", "batch_size", "latent_dim", "crop_size", "num_points", "beta"} <= set(record["project_choice"])
+    parts = [set(record["paper"]), set(record["command_line"]), set(record["project_choice"])]
+    assert set().union(*parts) == set(handpose_rhd.PRESETS["full"]) | {"test_corruption"}
+    assert sum(map(len, parts)) == len(handpose_rhd.PRESETS["full"]) + 1  # each setting in one place
+    assert args.eval_batch_size == args.batch_size == 64 and not args.in_memory
+
+
+def test_compare_can_include_mopoe(rhd_root, tmp_path):
+    handpose_rhd.main(tiny_args(rhd_root, tmp_path, "--compare", "--fusions", "poe", "mopoe", "--epochs", "1"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["fusions"]) == {"poe", "mopoe"}
+    assert results["fusions"]["mopoe"]["metrics"]["0.0"]["mean_epe_mm"] > 0
+    assert "MoPoE" in (tmp_path / "results.md").read_text()

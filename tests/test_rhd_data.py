@@ -391,3 +391,22 @@ def test_ensure_builtin_rhd_caches_and_regenerates(tmp_path, monkeypatch):
     # The finished (3, 1) dataset is untouched and no partial folder is left behind.
     assert sorted(os.listdir(tmp_path)) == [".rhd_builtin.lock", "rhd_builtin"]
     assert len(list((path / "training" / "color").iterdir())) == 3
+
+
+def test_the_cached_dataset_serves_smaller_runs_and_grows_for_larger_ones(tmp_path, monkeypatch):
+    calls = []
+    real_generate = synthetic.generate_rhd
+
+    def counting_generate(*args, **kwargs):
+        calls.append((args[1:3], kwargs.get("reuse") is not None))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate_rhd", counting_generate)
+    path = ensure_builtin_rhd(tmp_path / "cache", 3, 1, seed=4, progress=False)
+    assert ensure_builtin_rhd(tmp_path / "cache", 2, 1, seed=4, progress=False) == path  # fewer frames: reused
+    assert calls == [((3, 1), False)]
+    # More evaluation frames: grown to cover both requests, the frames it had reused (not drawn again).
+    assert ensure_builtin_rhd(tmp_path / "cache", 1, 2, seed=4, progress=False) == path
+    assert calls == [((3, 1), False), ((3, 2), True)]
+    assert _tree_bytes(path) == _tree_bytes(real_generate(tmp_path / "fresh", 3, 2, seed=4, progress=False))
+    assert sorted(os.listdir(tmp_path / "cache")) == [".rhd_builtin.lock", "rhd_builtin"]

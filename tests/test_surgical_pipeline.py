@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import surgical_seg
+from common.cli import UsageError
 from pipeline_checks import check_kill_and_resume, check_torchrun
 from common.networks import DCGANDecoder
 from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
@@ -27,9 +28,10 @@ def tiny_args(root, out, *extra):
     return ["--data-root", str(root), "--out", str(out)] + TINY + list(extra)
 
 
-@pytest.mark.parametrize("fusion", ["moe", "poe", "gpoe"])
-def test_one_training_step_per_fusion(sim2real_root, tmp_path, fusion):
-    args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--fusion", fusion))
+@pytest.mark.parametrize("fusion, credibility", [("moe", "joint"), ("poe", "joint"), ("gpoe", "joint"),
+                                                 ("gpoe", "entropy"), ("mopoe", "joint")])
+def test_one_training_step_per_fusion(sim2real_root, tmp_path, fusion, credibility):
+    args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--fusion", fusion, "--credibility", credibility))
     args.grid_size, args.fold_hidden, args.pel_width, args.seg_base = 4, 16, 16, 32
     env = surgical_seg.distributed.setup("cpu")
     train_set, eval_set = surgical_seg.load_data(args, env)
@@ -42,8 +44,8 @@ def test_one_training_step_per_fusion(sim2real_root, tmp_path, fusion):
     for name in ("rgb", "points"):
         grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads)
-    # Every fusion returns its experts' weights (gPoE's alpha, PoE's precision shares, MoE's mixture
-    # weights), summing to 1 over the modalities.
+    # Every fusion returns its experts' weights (gPoE's alpha, PoE's precision shares, MoE's and
+    # MoPoE's mixture weights), summing to 1 over the modalities (MoPoE: over its subsets).
     torch.testing.assert_close(out.alpha.float().sum(0), torch.ones(out.alpha.shape[1:]))
     assert any(key.endswith("->mask") for key in out.terms) and any(key.endswith("->points") for key in out.terms)
     model.eval()
@@ -84,13 +86,26 @@ def test_kill_and_resume_equals_an_uninterrupted_run(sim2real_root, tmp_path, mo
 
 def test_more_views_than_the_split_has_is_a_clear_error(sim2real_root, tmp_path):
     args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--num-train", "9"))
-    with pytest.raises(SystemExit, match=r"--num-train: 9 views requested, but the train split \(scenes 1, 2, 3, 4\)"):
+    with pytest.raises(UsageError, match=r"--num-train: 9 views requested, but the train split \(scenes 1, 2, 3, 4\)"):
         surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
 
 
-def test_image_size_must_suit_the_segmentation_decoder(sim2real_root, tmp_path):
-    with pytest.raises(SystemExit, match="--image-size: expected a power of two >= 8"):
+def test_image_size_must_suit_the_segmentation_decoder(sim2real_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--image-size", "48"))
+    assert info.value.code == 2
+    assert "argument --image-size: expected a power of two >= 8" in capsys.readouterr().err
+
+
+def test_intrinsics_are_recorded_with_their_source(sim2real_root, tmp_path):
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path / "default", "--epochs", "1", "--max-steps", "1"))
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path / "given", "--epochs", "1", "--max-steps", "1",
+                                "--intrinsics", "300", "310", "250", "120"))
+    default = json.loads((tmp_path / "default" / "results.json").read_text())["intrinsics"]
+    given = json.loads((tmp_path / "given" / "results.json").read_text())["intrinsics"]
+    assert [default[k] for k in ("fx", "fy", "cx", "cy")] == pytest.approx([256.0, 256.0, 255.5, 127.5])
+    assert default["source"].startswith("assumed: a pinhole with a 90 degree horizontal field of view")
+    assert (given["fx"], given["fy"], given["cx"], given["cy"], given["source"]) == (300, 310, 250, 120, "--intrinsics")
 
 
 def test_fewer_views_are_spread_over_the_split(sim2real_root, tmp_path):

@@ -1,1 +1,2 @@
-"""What both example pipelines share: networks, training loop, checkpoints, distributed set-up, plots."""
+"""What both example pipelines share: the command line, data held in memory or streamed, networks, training
+loop, checkpoints, distributed set-up, memory settings, plots."""

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 __all__ = ["atomic_write_bytes", "load_checkpoint", "save_checkpoint", "write_json"]
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
+@contextlib.contextmanager
+def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A temporary file in ``path``'s folder to write; flushed to disk and renamed over ``path`` when the
+    block ends, removed if it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,15 +35,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """torch.save ``state`` to ``path`` atomically.
 
+    Streamed into the temporary file rather than serialised in memory first, so saving costs no
+    memory beyond the state itself (a full-size model and its optimizer state are about 160 MB).
     ``state`` must hold only what ``load_checkpoint`` accepts: tensors, numbers, strings, None and
     lists/tuples/dicts of them (state dicts of modules, optimizers and schedulers are such).
     """
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    with _atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def _unsafe_reason(exc: Exception) -> str:

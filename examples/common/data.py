@@ -1,4 +1,13 @@
-"""Datasets held in memory: decode once, then every epoch indexes tensors."""
+"""The two ways a pipeline holds its data, behind the same ``Dataset`` interface.
+
+- Streamed (the default at full size): the dataset decodes sample i from disk when it is asked for,
+  so memory does not grow with the dataset; the DataLoader's worker processes do the decoding
+  (each reads only the indices its rank's sampler hands it).
+- In memory (``materialize``): every sample decoded once, by the very same dataset, into one
+  stacked tensor per field; fast when the whole set fits easily (the demo).
+
+Either way an item is the same dict of tensors, so training, noise and evaluation do not know which.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-__all__ = ["TensorDictDataset", "materialize"]
+__all__ = ["Fields", "TensorDictDataset", "materialize", "nbytes"]
 
 
 class TensorDictDataset(Dataset):
@@ -29,17 +38,47 @@ class TensorDictDataset(Dataset):
         return {name: t[index] for name, t in self.tensors.items()}
 
 
+class Fields(Dataset):
+    """The entries ``keys`` of every item of ``dataset`` (what the model and the evaluation read)."""
+
+    def __init__(self, dataset: Dataset, keys: Sequence[str]):
+        self.dataset = dataset
+        self.keys = tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        missing = [key for key in self.keys if key not in item]
+        if missing:
+            raise KeyError(f"keys: {missing} are not in the dataset's items (they have {sorted(item)})")
+        return {key: item[key] for key in self.keys}
+
+
 def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
                 keys: Sequence[str] | None = None) -> TensorDictDataset:
-    """Read every item of ``dataset`` (dicts of tensors) once and stack them.
+    """Read every item of ``dataset`` (dicts of tensors) once into one tensor per field.
 
-    keys: the entries kept (default: all); items may hold other, non-tensor entries that are dropped.
+    keys: the entries kept (default: every tensor entry); items may hold other, non-tensor entries
+    that are dropped. The stacked tensors are allocated up front from the first item, so the peak
+    memory is the result's size (not twice that, as stacking a list of items would need).
     """
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
-    items = [dataset[i] for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False)]
-    names = list(items[0]) if keys is None else list(keys)
-    missing = [name for name in names if name not in items[0]]
+    first = dataset[0]
+    names = [name for name, v in first.items() if isinstance(v, Tensor)] if keys is None else list(keys)
+    missing = [name for name in names if name not in first]
     if missing:
-        raise KeyError(f"keys: {missing} are not in the dataset's items (they have {sorted(items[0])})")
-    return TensorDictDataset({name: torch.stack([item[name] for item in items]) for name in names})
+        raise KeyError(f"keys: {missing} are not in the dataset's items (they have {sorted(first)})")
+    tensors = {name: torch.empty((len(dataset), *first[name].shape), dtype=first[name].dtype) for name in names}
+    for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False):
+        item = first if i == 0 else dataset[i]
+        for name in names:
+            tensors[name][i] = item[name]
+    return TensorDictDataset(tensors)
+
+
+def nbytes(dataset: TensorDictDataset) -> int:
+    """Bytes held by an in-memory dataset's tensors."""
+    return sum(t.numel() * t.element_size() for t in dataset.tensors.values())

@@ -16,6 +16,9 @@ class DistEnv:
     rank: int
     world_size: int
     device: torch.device
+    # Started by torchrun: a process group exists, also for one process, so a 1-process torchrun
+    # runs the same collective code path (gloo or nccl) as a multi-process one.
+    launched: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -23,7 +26,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
 
 def setup(device: str = "auto") -> DistEnv:
@@ -37,17 +40,21 @@ def setup(device: str = "auto") -> DistEnv:
         raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was requested but no CUDA device is available")
+    launched = "WORLD_SIZE" in os.environ  # torchrun sets it for every process it starts
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"device: process {local_rank} of this node needs CUDA device {local_rank}, but only "
+                               f"{torch.cuda.device_count()} are visible")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistEnv(rank, world_size, dev)
+    return DistEnv(rank, world_size, dev, launched)
 
 
 def barrier(env: DistEnv) -> None:

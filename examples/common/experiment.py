@@ -1,10 +1,12 @@
-"""What both pipelines' experiments share: command-line options, presets, the fusion choice, the
-training noise (Section 4.3), test-time corruption levels, gPoE's alpha analysis, and the run of
-one fusion or the comparison of all three with its results.json."""
+"""What both pipelines' experiments share: the fusion choice, the training noise (Section 4.3),
+test-time corruption, gPoE's alpha analysis, and the run of one fusion or the comparison of all
+three with its results.json. The command-line options are in ``common.options``."""
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,79 +19,32 @@ from torch.utils.data import DataLoader, Dataset
 import gpoe_fusion as gf
 from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption
 
-from .checkpoint import write_json
 from . import distributed
+from .checkpoint import write_json
+from .cli import UsageError, exit_with
 from .distributed import DistEnv
+from .memory import pin_mmap_threshold
 from .model import CrossModalVAE
+from .options import FUSIONS, provenance, run_signature
 from .report import FUSION_LABELS
-from .training import TrainConfig, fit
+from .training import CHECKPOINT, ConfigMismatch, TrainConfig, fit
 
-__all__ = ["FUSIONS", "TEST_CORRUPTION", "add_common_arguments", "alpha_by_corruption", "apply_preset",
-           "make_fusion", "run_fusions", "test_corruption", "train_and_evaluate", "train_config", "training_noise",
-           "write_summary"]
+__all__ = ["alpha_by_corruption", "describe_size", "eval_loader", "make_fusion", "mixture_kl", "run_experiment", "run_fusions",
+           "test_corruption", "train_and_evaluate", "train_config", "training_noise", "write_summary"]
 
 BuildModel = Callable[[argparse.Namespace, str], CrossModalVAE]
 # evaluate(model, dataset, level, args, device) -> the metrics of one test-corruption level.
 Evaluate = Callable[[CrossModalVAE, Dataset, float, argparse.Namespace, torch.device], dict]
 
-FUSIONS = ("moe", "poe", "gpoe")
-TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)
 # Seeds of the corruptions: distinct streams for the training RGB, training points and test RGB.
 _SEED_RGB, _SEED_POINTS, _SEED_TEST = 1, 2, 3
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, object]]) -> None:
-    """Options both pipelines take. Unset options (None) are filled from the preset."""
-    parser.add_argument("--preset", choices=sorted(presets), default="demo", help="sizes and schedule (default: demo)")
-    parser.add_argument("--data-root", default=None, help="the real dataset's folder; default: built-in data")
-    parser.add_argument("--cache-dir", default="data", help="where built-in data is generated (once)")
-    parser.add_argument("--out", default=None, help="output folder (results.json, checkpoints, plots)")
-    parser.add_argument("--fusion", choices=FUSIONS, default="gpoe", help="the fusion layer (default: gpoe)")
-    parser.add_argument("--credibility", choices=("joint", "independent", "global"), default="joint",
-                        help="gPoE's credibility network (default: joint, paper Fig. 2)")
-    parser.add_argument("--compare", action="store_true", help="train MoE, PoE and gPoE alike and compare them")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoints")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--beta", type=float, default=None, help="KL weight (paper Eq. 15)")
-    parser.add_argument("--latent-dim", type=int, default=None)
-    parser.add_argument("--num-train", type=int, default=None, help="training samples used (default: preset)")
-    parser.add_argument("--num-eval", type=int, default=None, help="evaluation samples used (default: preset)")
-    parser.add_argument("--data-corruption", type=float, default=None,
-                        help="fraction of training samples whose RGB is pixel-corrupted (and, independently, "
-                             "whose point cloud gets Gaussian noise)")
-    parser.add_argument("--train-pixel-corruption", type=float, default=None,
-                        help="share of pixels replaced in a corrupted training image")
-    parser.add_argument("--point-noise", type=float, default=None,
-                        help="std of the Gaussian noise on a corrupted training point cloud (normalised units)")
-    parser.add_argument("--test-corruption", type=float, nargs="+", default=list(TEST_CORRUPTION),
-                        help="test-time pixel-corruption levels (default: 0 0.25 0.5 0.7)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def apply_preset(args: argparse.Namespace, presets: Mapping[str, Mapping[str, object]]) -> argparse.Namespace:
-    """Fill every option left unset (None) from the chosen preset."""
-    for key, value in presets[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for name in ("data_corruption", "train_pixel_corruption"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected a fraction in [0, 1], got {getattr(args, name)}")
-    for level in args.test_corruption:
-        if not 0.0 <= level <= 1.0:
-            raise SystemExit(f"--test-corruption: expected fractions in [0, 1], got {level}")
-    return args
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        warmup_epochs=args.warmup_epochs, seed=args.seed, amp=not args.no_amp,
-                       num_workers=args.workers, progress=not args.no_progress)
+                       num_workers=args.workers, progress=not args.no_progress, max_steps=args.max_steps,
+                       signature=run_signature(args))
 
 
 def make_fusion(name: str, latent_dim: int, feature_dims: Sequence[int], credibility: str = "joint") -> nn.Module:
@@ -98,9 +53,17 @@ def make_fusion(name: str, latent_dim: int, feature_dims: Sequence[int], credibi
         return gf.PoE()
     if name == "moe":
         return gf.MoE()
+    if name == "mopoe":
+        return gf.MoPoE()
     if name == "gpoe":
         return gf.GPoE(len(feature_dims), latent_dim, feature_dims, credibility=credibility, hidden=(128,))
     raise ValueError(f"fusion: expected one of {FUSIONS}, got {name!r}")
+
+
+def mixture_kl(fusion: str) -> str:
+    """The KL term of a mixture fusion's objective: MoPoE's own, the mixture-weighted KL of its subset
+    posteriors; MMVAE's estimate of the mixture's KL for MoE (``CrossModalObjective``'s ``kl``)."""
+    return "components" if fusion == "mopoe" else "mixture"
 
 
 def training_noise(dataset: Dataset, args: argparse.Namespace, rgb_key: str = "rgb", points_key: str = "points") -> Dataset:
@@ -124,22 +87,26 @@ def test_corruption(dataset: Dataset, level: float, seed: int, key: str = "rgb")
     return CorruptedDataset(dataset, key, 1.0, PixelCorruption(level), seed=seed * 10 + _SEED_TEST)
 
 
-@torch.no_grad()
-def alpha_by_corruption(model: nn.Module, dataset: Dataset, levels: Sequence[float], seed: int,
-                        device: torch.device, batch_size: int = 64) -> dict[str, dict[str, float]] | None:
-    """gPoE's mean alpha per modality when the test RGB is corrupted at each level (None without gPoE).
+def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    """Batches of ``dataset`` in order, --eval-batch-size at a time, decoded by --workers processes."""
+    return DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers)
 
-    Returns {level: {modality: mean alpha}}: does the model trust RGB less as it gets noisier?
+
+@torch.no_grad()
+def alpha_by_corruption(model: nn.Module, dataset: Dataset, args: argparse.Namespace,
+                        device: torch.device) -> dict[str, dict[str, float]] | None:
+    """gPoE's mean alpha per modality when the test RGB is corrupted at each --test-corruption level
+    (None without gPoE). Returns {level: {modality: mean alpha}}: does the model trust RGB less as
+    it gets noisier?
     """
     if not isinstance(model.objective.fusion, gf.GPoE):
         return None
     model.eval()
     out = {}
-    for level in levels:
-        loader = DataLoader(test_corruption(dataset, level, seed), batch_size=batch_size)
+    for level in args.test_corruption:
         sums = torch.zeros(len(model.modalities), dtype=torch.float64)
         count = 0
-        for batch in loader:
+        for batch in eval_loader(test_corruption(dataset, level, args.seed), args):
             batch = {k: v.to(device) for k, v in batch.items()}
             alpha: Tensor = model.credibility(batch)
             sums += alpha.double().mean(-1).sum(1).cpu()
@@ -158,16 +125,36 @@ def train_and_evaluate(args: argparse.Namespace, fusion: str, build_model: Build
     """
     model = build_model(args, fusion)
     began = time.perf_counter()
-    history = fit(model, training_noise(train_set, args), train_config(args), env, out_dir, resume=args.resume,
-                  log=print if env.is_main else (lambda _: None))
+    try:
+        history = fit(model, training_noise(train_set, args), train_config(args), env, out_dir, resume=args.resume,
+                      log=print if env.is_main else (lambda _: None))
+    except ConfigMismatch as error:
+        raise UsageError("--resume", f"{error}; resume with the options of that run, or choose another --out")
+    except RuntimeError as error:  # load_checkpoint refuses a file that is no safe checkpoint
+        if args.resume and str(error).startswith(f"checkpoint {out_dir / CHECKPOINT}"):
+            raise UsageError("--resume", str(error))
+        raise
     if not env.is_main:
         return model, None
     metrics = {str(level): evaluate(model, eval_set, level, args, env.device) for level in args.test_corruption}
-    result = {"fusion": fusion, "metrics": metrics,
-              "alpha": alpha_by_corruption(model, eval_set, args.test_corruption, args.seed, env.device),
+    result = {"fusion": fusion, "metrics": metrics, "alpha": alpha_by_corruption(model, eval_set, args, env.device),
               "train_seconds": time.perf_counter() - began, "history": history}
     write_json(out_dir / "results.json", result)
     return model, result
+
+
+def _setup(args: argparse.Namespace) -> DistEnv:
+    try:
+        return distributed.setup(args.device)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError("--device", str(error).removeprefix("device: ")) from None
+
+
+def _check_batch(args: argparse.Namespace, train_set: Dataset, env: DistEnv) -> None:
+    per_rank = len(train_set) // env.world_size
+    if per_rank < args.batch_size:
+        raise UsageError("--batch-size", f"{args.batch_size} is more than the {per_rank} training samples of each of "
+                                         f"the {env.world_size} process(es); lower it or raise --num-train")
 
 
 def run_experiment(args: argparse.Namespace, load_data: Callable, build_model: BuildModel, evaluate: Evaluate,
@@ -177,15 +164,35 @@ def run_experiment(args: argparse.Namespace, load_data: Callable, build_model: B
 
     load_data(args, env) -> (train_set, eval_set); write_report(args, results, models, eval_set,
     seconds) -> the tables as markdown. Returns {fusion: result} on the main process, else None.
+    A value found wrong on the way (UsageError) ends the program with one line and exit status 2.
     """
-    env = distributed.setup(args.device)
-    began = time.perf_counter()
-    train_set, eval_set = load_data(args, env)
-    results, models = run_fusions(args, env, build_model, evaluate, train_set, eval_set)
+    if args.low_memory:
+        pin_mmap_threshold()
+    try:
+        env = _setup(args)
+        began = time.perf_counter()
+        if env.is_main and args.rgb_weights is None:
+            print("note: the RGB encoder (ResNet-18) starts from random weights; the paper starts from ImageNet "
+                  "weights (give torchvision's resnet18 checkpoint file with --rgb-weights)")
+        train_set, eval_set = load_data(args, env)
+        _check_batch(args, train_set, env)
+        # Loader workers are forked from this process and share its pages until they write to them;
+        # the cyclic garbage collector writes to every object it visits, so without freezing them the
+        # workers soon hold private copies of the interpreter's heap (at the full-size preset, two
+        # workers added 240 MB to the process tree when they started; frozen, 50-100 MB).
+        gc.collect()
+        gc.freeze()
+        try:
+            results, models = run_fusions(args, env, build_model, evaluate, train_set, eval_set)
+        finally:
+            gc.unfreeze()
+    except UsageError as error:
+        exit_with(str(error))
     summary = None
     if env.is_main:
         tables = write_report(args, results, models, eval_set, time.perf_counter() - began)
-        print(f"\n{tables}\nresults, plots and checkpoints in {args.out} ({time.perf_counter() - began:.0f} s)")
+        print(f"\n{tables}\nresults and plots in {args.out} ({time.perf_counter() - began:.0f} s); "
+              + "; ".join(f"{path} {describe_size(path)}" for path in sorted(Path(args.out).rglob(CHECKPOINT))))
         summary = results
     distributed.cleanup(env)
     return summary
@@ -195,24 +202,36 @@ def run_fusions(args: argparse.Namespace, env: DistEnv, build_model: BuildModel,
                 train_set: Dataset, eval_set: Dataset) -> tuple[dict[str, dict | None], dict[str, CrossModalVAE]]:
     """``args.fusion`` trained into ``args.out``, or with ``--compare`` MoE, PoE and gPoE trained alike,
     each into ``args.out/<fusion>``. Returns ({fusion: result}, {fusion: model})."""
-    fusions = FUSIONS if args.compare else (args.fusion,)
+    fusions = tuple(args.fusions) if args.compare else (args.fusion,)
     results, models = {}, {}
     for fusion in fusions:
         run_dir = Path(args.out) / fusion if args.compare else Path(args.out)
         if env.is_main:
-            print(f"== {FUSION_LABELS[fusion]}: {len(train_set)} training samples, {args.epochs} epochs, "
+            steps = f", at most {args.max_steps} steps" if args.max_steps else ""
+            print(f"== {FUSION_LABELS[fusion]}: {len(train_set)} training samples, {args.epochs} epochs{steps}, "
                   f"on {env.device} x{env.world_size} (kernels: {'on' if gf.extension_available() else 'off'})")
         models[fusion], results[fusion] = train_and_evaluate(args, fusion, build_model, evaluate, train_set, eval_set,
                                                              env, run_dir)
     return results, models
 
 
+def describe_size(path: str | Path) -> str:
+    """The disk space a file or folder takes, e.g. ``"(172 MB)"``."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return f"({sum(os.path.getsize(p) for p in files) / 1e6:.0f} MB)"
+
+
 def write_summary(args: argparse.Namespace, task: str, data: str, results: Mapping[str, dict], seconds: float,
+                  presets: Mapping[str, Mapping[str, object]], from_paper: Mapping[str, str],
                   **extra: object) -> dict:
     """Write ``args.out/results.json``: the task, preset, seed, data, time, machine, the full config,
-    any ``extra`` entries, and the results of every fusion. Returns what was written."""
+    where each setting comes from (``provenance``), any ``extra`` entries, and the results of
+    every fusion. Returns what was written."""
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
     summary = {"task": task, "preset": args.preset, "seed": args.seed, "data": data, "seconds": seconds,
                "machine": platform.platform(), "torch": torch.__version__,
-               "kernel_extension": gf.extension_available(), "config": vars(args), **extra, "fusions": dict(results)}
+               "kernel_extension": gf.extension_available(), "config": config,
+               "provenance": provenance(args, presets, from_paper), **extra, "fusions": dict(results)}
     write_json(Path(args.out) / "results.json", summary)
     return summary

@@ -13,7 +13,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["DCGANDecoder", "FoldingNetDecoder", "KeypointDecoder", "ResNet18Encoder", "ResPELEncoder"]
+__all__ = ["DCGANDecoder", "FoldingNetDecoder", "KeypointDecoder", "ResNet18Encoder", "ResPELEncoder",
+           "load_resnet18_state"]
 
 
 class GaussianHead(nn.Module):
@@ -30,12 +31,42 @@ class GaussianHead(nn.Module):
         return self.mu(features), self.logvar(features)
 
 
+def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
+    """The ResNet-18 weights in a local file: torchvision's checkpoint (e.g. ``resnet18-f37072fd.pth``,
+    the ImageNet weights) or any ``torch.save(resnet18().state_dict(), path)``.
+
+    Loaded with ``weights_only=True`` (the file can hold only tensors, so it cannot run code). Raises
+    FileNotFoundError for a missing file and ValueError, naming the file, for one that is no
+    ResNet-18 state dict (another architecture, another kind of file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a foreign or damaged file can fail in many ways; all mean "not weights"
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path}: not a weights file that torch loads safely ({first})") from error
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a ResNet-18 state dict (name -> tensor)")
+    expected = torchvision.models.resnet18(weights=None).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: not torchvision's ResNet-18 ({len(missing)} of its tensors missing, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unknown, e.g. {unexpected[:2]})")
+    wrong = [k for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{path}: tensor {wrong[0]} has shape {list(state[wrong[0]].shape)}, ResNet-18's is "
+                         f"{list(expected[wrong[0]].shape)}")
+    return state
+
+
 class ResNet18Encoder(nn.Module):
     """RGB encoder: torchvision ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1].
 
-    weights: a local torchvision ResNet-18 state-dict file (e.g. ImageNet weights saved with
-    ``torch.save(resnet18(weights=...).state_dict(), path)`` on a machine with network); default
-    random init. Nothing is ever downloaded.
+    weights: a local torchvision ResNet-18 weights file (see :func:`load_resnet18_state`; the paper
+    starts from the ImageNet weights); default random init. Nothing is ever downloaded.
     """
 
     MEAN = (0.485, 0.456, 0.406)
@@ -45,11 +76,7 @@ class ResNet18Encoder(nn.Module):
         super().__init__()
         trunk = torchvision.models.resnet18(weights=None)
         if weights is not None:
-            path = Path(weights)
-            if not path.is_file():
-                raise FileNotFoundError(f"weights: no ResNet-18 state dict at {path}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            trunk.load_state_dict(state)
+            trunk.load_state_dict(load_resnet18_state(weights))
         trunk.fc = nn.Identity()
         self.trunk = trunk
         self.feature_dim = 512
@@ -113,7 +140,10 @@ class ResPELEncoder(nn.Module):
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(dims[:-2], dims[1:-1]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        # In place: a Linear's backward needs its input, not its output, so the ReLU may overwrite it.
+        # FoldingNet's hidden layers on 3 latents x B x 1024 points are the largest activations of a
+        # full-size step; this keeps one copy of each instead of two.
+        layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1]))
     return nn.Sequential(*layers)
 

@@ -19,7 +19,7 @@ from matplotlib.patches import Patch  # noqa: E402
 __all__ = ["FUSION_LABELS", "alpha_plots", "corruption_levels", "corruption_plot", "fusion_table", "image_grid",
            "line_plot", "markdown_table"]
 
-FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE"}
+FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floatfmt: str = ".4f") -> str:

@@ -1,19 +1,25 @@
 """The training loop both pipelines share: AdamW + warm-up/cosine schedule, optional bf16 autocast
-on GPU, data parallelism under torchrun, a checkpoint after every epoch and exact resumption.
+on GPU, data parallelism under torchrun, a checkpoint after every epoch and exact resumption, and
+an optional stop after a number of optimizer steps.
 
 Exact resumption: every source of randomness is a function of (seed, epoch) — the sampler's
 shuffle (``set_epoch``), the global torch seed set at the start of each epoch (reparameterised
 draws) and the datasets' own per-index seeds — so a run resumed from the checkpoint of epoch e
-continues exactly as the uninterrupted run did after epoch e.
+continues exactly as the uninterrupted run did after epoch e. A checkpoint is resumed only by a
+run of the same configuration (``TrainConfig`` and its ``signature``, less how the run executes).
+
+``max_steps`` ends training after that many optimizer steps; the schedule stays that of
+``epochs``, so the steps taken are exactly the first steps of the full run.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +35,7 @@ from gpoe_fusion import GPoE
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistEnv, barrier
 
-__all__ = ["TrainConfig", "fit", "make_loader", "train_one_epoch"]
+__all__ = ["ConfigMismatch", "TrainConfig", "fit", "make_loader", "train_one_epoch"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -46,6 +52,35 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, on GPU only
     num_workers: int = 0
     progress: bool = True
+    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
+    # What else defines the run (model sizes, data, fusion...): plain values, compared on resume.
+    signature: dict = field(default_factory=dict)
+
+
+# How a run executes, not what it computes: a run may resume with other values of these.
+_RUN_ONLY = ("num_workers", "progress")
+
+
+class ConfigMismatch(ValueError):
+    """A checkpoint written by a run of another configuration. ``differences``: ``[(key, saved, current)]``."""
+
+    def __init__(self, path: Path, differences: list[tuple[str, object, object]]):
+        shown = "; ".join(f"{k}: {saved!r} there, {current!r} here" for k, saved, current in differences[:4])
+        more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
+        super().__init__(f"the checkpoint {path} was written by a run of another configuration ({shown}{more})")
+        self.differences = differences
+
+
+def _differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """Flattened (key, saved, current) of every setting that differs, signature entries included."""
+    def flat(config: dict) -> dict:
+        out = {k: v for k, v in config.items() if k != "signature" and k not in _RUN_ONLY}
+        out.update(config.get("signature", {}))
+        return out
+
+    saved, current = flat(saved), flat(current)
+    return [(k, saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys())
+            if saved.get(k) != current.get(k)]
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, env: DistEnv, shuffle: bool = True) -> DataLoader:
@@ -102,14 +137,16 @@ def _reduce(sums: dict[str, float], env: DistEnv) -> dict[str, float]:
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, env: DistEnv, epoch: int,
-                    cfg: TrainConfig) -> dict[str, float]:
-    """One pass over ``loader``. Returns the epoch means of the objective's terms and of alpha."""
+                    cfg: TrainConfig, max_batches: int | None = None) -> dict[str, float]:
+    """One pass over ``loader`` (its first ``max_batches`` batches if given). Returns the epoch means
+    of the objective's terms and of alpha."""
     model.train()
     core = model.module if isinstance(model, DistributedDataParallel) else model
     sums: dict[str, float] = defaultdict(float)
     use_amp = cfg.amp and env.device.type == "cuda"
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and env.is_main),
-               leave=False, dynamic_ncols=True)
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = tqdm(itertools.islice(loader, total), total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and env.is_main), leave=False, dynamic_ncols=True)
     for batch in bar:
         batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -132,10 +169,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, out_dir: str | Path,
         resume: bool = False, log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Train ``model`` for cfg.epochs, checkpointing to ``out_dir/checkpoint.pt`` after every epoch.
+    """Train ``model`` for cfg.epochs (or cfg.max_steps optimizer steps), checkpointing to
+    ``out_dir/checkpoint.pt`` after every epoch and when stopping at max_steps.
 
-    resume: continue from that checkpoint (exactly; see the module docstring). Without it a run
-    starts from scratch and overwrites an older checkpoint. Returns the per-epoch history.
+    resume: continue from that checkpoint (exactly; see the module docstring); raises
+    ConfigMismatch if it was written by a run of another configuration. Without it a run starts
+    from scratch and overwrites an older checkpoint. Returns the per-epoch history; each entry
+    holds ``steps``, the optimizer steps taken by the end of that epoch.
     """
     out_dir = Path(out_dir)
     model.to(env.device)
@@ -151,9 +191,9 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, ou
         if state is None:
             log(f"resume: no checkpoint in {out_dir}, starting from scratch")
         else:
-            if state["config"] != asdict(cfg):
-                raise ValueError(f"resume: the checkpoint in {out_dir} was trained with {state['config']}, "
-                                 f"not {asdict(cfg)}")
+            differences = _differences(state["config"], asdict(cfg))
+            if differences:
+                raise ConfigMismatch(out_dir / CHECKPOINT, differences)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -162,17 +202,24 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, ou
             log(f"resumed from {out_dir / CHECKPOINT} after epoch {start}")
     ddp = DistributedDataParallel(model) if env.distributed else model
     for epoch in range(start, cfg.epochs):
+        done = epoch * len(loader)  # optimizer steps before this epoch
+        if cfg.max_steps is not None and done >= cfg.max_steps:
+            break
+        limit = None if cfg.max_steps is None else cfg.max_steps - done
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + env.rank)
         loader.sampler.set_epoch(epoch)
         began = time.perf_counter()
-        stats = train_one_epoch(ddp, loader, optimizer, scheduler, env, epoch, cfg)
+        stats = train_one_epoch(ddp, loader, optimizer, scheduler, env, epoch, cfg, max_batches=limit)
         stats["epoch"] = epoch + 1
+        stats["steps"] = done + min(len(loader), limit or len(loader))
         stats["seconds"] = time.perf_counter() - began
         history.append(stats)
         if env.is_main:
             save_checkpoint(out_dir / CHECKPOINT, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                    "scheduler": scheduler.state_dict(), "epoch": epoch,
                                                    "history": history, "config": asdict(cfg)})
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s)")
+            stopped = f", stopped at --max-steps {cfg.max_steps}" if stats["steps"] == cfg.max_steps else ""
+            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s, "
+                f"{stats['steps']} steps{stopped})")
         barrier(env)
     return history

@@ -242,22 +242,27 @@ class RHDDataset(Dataset):
         self.crop_size = int(crop_size)
         self.num_points = int(num_points)
         self.seed = int(seed)
-        self.annotations = load_annotations(_annotation_path(root, split))
+        annotations = load_annotations(_annotation_path(root, split))
         if indices is None:
-            self.indices = list(self.annotations)
+            self.indices = list(annotations)
         else:
             self.indices = [int(i) for i in indices]
-            missing = [i for i in self.indices if i not in self.annotations]
+            missing = [i for i in self.indices if i not in annotations]
             if missing:
                 raise ValueError(f"indices not in {_annotation_path(root, split)}: {missing[:10]}"
                                  + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        # One array per field, row i for self.indices[i]: a dict of 41258 small arrays is about 110 MB
+        # of Python objects that every DataLoader worker, forked from this process, slowly copies (reference
+        # counting writes to them); plain arrays stay shared.
+        self._fields = {name: np.stack([annotations[i][name] for i in self.indices]) if self.indices else
+                        np.zeros((0, *shape)) for name, shape in (("xyz", (42, 3)), ("uv_vis", (42, 3)), ("K", (3, 3)))}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         index = self.indices[item]
-        frame = read_frame(self.root, self.split, index, self.annotations)
+        frame = read_frame(self.root, self.split, index, {index: {name: f[item] for name, f in self._fields.items()}})
         hand = choose_hand(frame.mask)
         keypoints = frame.xyz[21 * hand:21 * hand + 21]
         uv = frame.uv_vis[21 * hand:21 * hand + 21, :2]

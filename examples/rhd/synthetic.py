@@ -2,7 +2,8 @@
 
 ``generate_rhd(root, ...)`` writes ``root/RHD_published_v2/{training,evaluation}/{color,depth,mask}/%05d.png``
 and ``anno_<split>.pickle``, so :class:`rhd.dataset.RHDDataset` reads it with the very code that reads the real
-release. ``ensure_builtin_rhd(cache_dir, ...)`` generates once and caches.
+release. ``ensure_builtin_rhd(cache_dir, ...)`` generates once and caches (growing the cached dataset when a
+run asks for more frames).
 
 Each frame (``synthesize_frame``) holds two hands in the pickle (left keypoints 0..20, right 21..41, RHD order:
 0 wrist, then tip..MCP for thumb, index, middle, ring, pinky). One hand, left or right at random, is dominant:
@@ -34,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from rhd.annotations import save_annotations
+from rhd.annotations import load_annotations, save_annotations
 from rhd.dataset import Frame
 
 __all__ = [
@@ -363,11 +364,21 @@ def encode_depth(depth: np.ndarray) -> np.ndarray:
     return encoded
 
 
-def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm) -> None:
+def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm, reuse: Path | None = None) -> None:
+    """Frames 0..count-1 of one split. Frames that ``reuse`` (the same split of a dataset generated with
+    the same seed and generator) already holds are hard-linked from it rather than drawn again: frame i
+    depends only on (seed, split, i), so they are the very same bytes."""
     for folder in ("color", "depth", "mask"):
         (split_dir / folder).mkdir(parents=True)
     annotations = {}
-    for index in range(count):
+    if reuse is not None:
+        old = load_annotations(reuse / f"anno_{reuse.name}.pickle")
+        annotations = {index: entry for index, entry in old.items() if index < count}
+        for index in annotations:
+            for folder in ("color", "depth", "mask"):
+                _link_or_copy(reuse / folder / f"{index:05d}.png", split_dir / folder / f"{index:05d}.png")
+            bar.update(1)
+    for index in range(len(annotations), count):
         frame = synthesize_frame(np.random.default_rng([seed, split_code, index]))
         name = f"{index:05d}.png"
         Image.fromarray(frame.color).save(split_dir / "color" / name, compress_level=PNG_COMPRESS_LEVEL)
@@ -378,11 +389,22 @@ def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: t
     save_annotations(split_dir / f"anno_{split_dir.name}.pickle", annotations)
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
+
+
 def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, reuse: str | os.PathLike | None = None) -> Path:
     """Write a synthetic dataset in the RHD layout under ``root`` and return ``root/RHD_published_v2`` (the
     folder :class:`rhd.dataset.RHDDataset` takes). Sample ids run 0..n-1 in each split. Refuses to write
-    into an existing ``RHD_published_v2`` so that frames of different runs never mix."""
+    into an existing ``RHD_published_v2`` so that frames of different runs never mix.
+
+    reuse: an ``RHD_published_v2`` folder written by this generator (same version) with the same seed;
+    the frames it holds are linked from it instead of being drawn again (the result is the same).
+    """
     for name, value in (("num_training", num_training), ("num_evaluation", num_evaluation)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -391,7 +413,8 @@ def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int
         raise FileExistsError(f"{dataset} already exists; generate_rhd writes a fresh dataset only")
     with tqdm(total=num_training + num_evaluation, desc="built-in RHD", unit="frame", disable=not progress) as bar:
         for split_code, (split, count) in enumerate(zip(SPLITS, (num_training, num_evaluation))):
-            _write_split(dataset / split, split_code, int(count), seed, bar)
+            _write_split(dataset / split, split_code, int(count), seed, bar,
+                         None if reuse is None else Path(reuse) / split)
     return dataset
 
 
@@ -420,27 +443,34 @@ def _read_manifest(folder: Path) -> dict | None:
 
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                        progress: bool = True) -> Path:
-    """The built-in dataset under ``cache_dir/rhd_builtin``, generated on first use; returns its
-    ``RHD_published_v2`` folder.
+    """A built-in dataset under ``cache_dir/rhd_builtin`` with at least ``num_training`` and
+    ``num_evaluation`` frames, generated on first use; returns its ``RHD_published_v2`` folder.
 
-    A finished dataset carries ``manifest.json`` (generator version, sizes, seed); one whose manifest differs
-    from the request is replaced. Generation happens in a temporary sibling folder that is renamed into place
-    only when complete, so an interrupted run is never taken for a finished one (its leftovers are removed by
-    the next call). Concurrent callers wait on a lock file and then reuse the finished result.
+    A finished dataset carries ``manifest.json`` (generator version, sizes, seed). One of the same version
+    and seed with at least the frames asked for is used as it is (its first n frames are exactly those of
+    a dataset of n frames); a smaller one is grown to cover both its own sizes and the request, reusing
+    its frames, so runs of different sizes do not regenerate each other's data; one of another version or
+    seed is replaced. Generation happens in a temporary sibling folder that is renamed into place only when
+    complete, so an interrupted run is never taken for a finished one (its leftovers are removed by the
+    next call). Concurrent callers wait on a lock file and then reuse the finished result.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / "rhd_builtin"
-    wanted = {"generator_version": GENERATOR_VERSION, "num_training": int(num_training),
-              "num_evaluation": int(num_evaluation), "seed": int(seed)}
     with _exclusive_lock(cache_dir / ".rhd_builtin.lock"):
-        if _read_manifest(final) == wanted:
+        found = _read_manifest(final) or {}
+        same = found.get("generator_version") == GENERATOR_VERSION and found.get("seed") == int(seed)
+        have = (found.get("num_training", 0), found.get("num_evaluation", 0)) if same else (0, 0)
+        if have[0] >= num_training and have[1] >= num_evaluation:
             return final / DATASET_DIRNAME
+        wanted = {"generator_version": GENERATOR_VERSION, "num_training": max(int(num_training), have[0]),
+                  "num_evaluation": max(int(num_evaluation), have[1]), "seed": int(seed)}
         for leftover in cache_dir.glob(".rhd_builtin-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".rhd_builtin-", dir=cache_dir))
         try:
-            generate_rhd(staging, num_training, num_evaluation, seed=seed, progress=progress)
+            generate_rhd(staging, wanted["num_training"], wanted["num_evaluation"], seed=seed, progress=progress,
+                         reuse=final / DATASET_DIRNAME if same else None)
             (staging / "manifest.json").write_text(json.dumps(wanted, indent=2) + "\n")
             if final.exists():
                 stale = cache_dir / f".rhd_builtin-stale-{uuid.uuid4().hex}"

@@ -361,16 +361,11 @@ uint32_t presence_bits(const E& e) {
   return bits;
 }
 
-template <class scalar_t, int kM, bool kLogits>
-void subsets_forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
-  using acc_t = acc_type<scalar_t>;
-  using V = Vec<acc_t>;
-  constexpr int64_t kWidth = V::size();
-  Experts<V, kM> e(static_cast<int>(a.m));
-  const uint32_t subsets = (1u << a.m) - 1;
-  auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
-  auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
-  NoWeights none;
+// Walks rows [row_begin, row_end) a vector of positions at a time with the row's present experts
+// loaded into e: f(n, d0, count, present_bits) for every vector.
+template <class scalar_t, bool kLogits, class E, class F>
+void for_each_vector(const FuseArgs& a, E& e, int64_t row_begin, int64_t row_end, const F& f) {
+  constexpr int64_t kWidth = Vec<acc_type<scalar_t>>::size();
   for (int64_t n = row_begin; n < row_end; ++n) {
     const RowInputs<scalar_t> row{a, n};
     row.load_presence(e);
@@ -378,19 +373,34 @@ void subsets_forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_
     for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
       const int64_t count = std::min(kWidth, a.d - d0);
       row.template load<kLogits>(e, d0, count);
-      for (uint32_t members = 1; members <= subsets; ++members) {
-        const int64_t offset = ((members - 1) * a.n + n) * a.d + d0;
-        V mu(acc_t(0)), logvar(acc_t(0));
-        // A subset with a missing member is not a component of this row: zeros, never its NaN.
-        if ((members & ~present) == 0) {
-          Subset<Experts<V, kM>> subset{e, members};
-          forward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior, mu, logvar, none);
-        }
-        store_vec(joint_mu + offset, mu, count);
-        store_vec(joint_logvar + offset, logvar, count);
-      }
+      f(n, d0, count, present);
     }
   }
+}
+
+template <class scalar_t, int kM, bool kLogits>
+void subsets_forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, int64_t row_end) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  Experts<V, kM> e(static_cast<int>(a.m));
+  const uint32_t subsets = (1u << a.m) - 1;
+  auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
+  auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
+  NoWeights none;
+  for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, [&](int64_t n, int64_t d0, int64_t count,
+                                                                   uint32_t present) {
+    for (uint32_t members = 1; members <= subsets; ++members) {
+      const int64_t offset = ((members - 1) * a.n + n) * a.d + d0;
+      V mu(acc_t(0)), logvar(acc_t(0));
+      // A subset with a missing member is not a component of this row: zeros, never its NaN.
+      if ((members & ~present) == 0) {
+        Subset<Experts<V, kM>> subset{e, members};
+        forward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior, mu, logvar, none);
+      }
+      store_vec(joint_mu + offset, mu, count);
+      store_vec(joint_logvar + offset, logvar, count);
+    }
+  });
 }
 
 // Sums each expert's gradients over the subsets it belongs to (one vector of positions).
@@ -415,7 +425,6 @@ template <class scalar_t, int kM, bool kLogits>
 void subsets_backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t row_begin, int64_t row_end) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
-  constexpr int64_t kWidth = V::size();
   const int m = static_cast<int>(a.m);
   Experts<V, kM> e(m);
   SubsetGradSums<V, kM> sums(m);
@@ -432,27 +441,21 @@ void subsets_backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t row
     if (out == nullptr) return;
     for (int i = 0; i < m; ++i) store_vec(static_cast<scalar_t*>(out) + (i * a.n + n) * a.d + d0, values[i], count);
   };
-  for (int64_t n = row_begin; n < row_end; ++n) {
-    const RowInputs<scalar_t> row{a, n};
-    row.load_presence(e);
-    const uint32_t present = presence_bits(e);
-    for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
-      const int64_t count = std::min(kWidth, a.d - d0);
-      row.template load<kLogits>(e, d0, count);
-      sums.clear(m);
-      for (uint32_t members = 1; members <= subsets; ++members) {
-        if ((members & ~present) != 0) continue;  // not a component of this row: no gradient
-        Subset<Experts<V, kM>> subset{e, members};
-        backward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior,
-                                                      incoming(grad_mu, g.grad_joint_mu, members, n, d0, count),
-                                                      incoming(grad_logvar, g.grad_joint_logvar, members, n, d0, count),
-                                                      sink);
-      }
-      store(g.grad_mu, sums.mu, n, d0, count);
-      store(g.grad_logvar, sums.logvar, n, d0, count);
-      if constexpr (kLogits) store(g.grad_logits, sums.logit, n, d0, count);
+  for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, [&](int64_t n, int64_t d0, int64_t count,
+                                                                   uint32_t present) {
+    sums.clear(m);
+    for (uint32_t members = 1; members <= subsets; ++members) {
+      if ((members & ~present) != 0) continue;  // not a component of this row: no gradient
+      Subset<Experts<V, kM>> subset{e, members};
+      backward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior,
+                                                    incoming(grad_mu, g.grad_joint_mu, members, n, d0, count),
+                                                    incoming(grad_logvar, g.grad_joint_logvar, members, n, d0, count),
+                                                    sink);
     }
-  }
+    store(g.grad_mu, sums.mu, n, d0, count);
+    store(g.grad_logvar, sums.logvar, n, d0, count);
+    if constexpr (kLogits) store(g.grad_logits, sums.logit, n, d0, count);
+  });
 }
 
 }  // namespace
