@@ -13,7 +13,7 @@
 #    layers and the C++ errors raised on CUDA tensors), and both example pipelines: the default
 #    demo with --device cuda, shortened (1 epoch, fewer samples), and a 1-process torchrun of each;
 # 4. the benchmark, alone on the GPU: the op section (targets first, later configurations dropped
-#    past a time limit), then the layer section, merged into benchmarks/results/<gpu>_<date>.json
+#    past a time limit), then the layer and mopoe sections, merged into benchmarks/results/<gpu>_<date>.json
 #    (a copy in OUT_DIR) and rendered by benchmarks/render_tables.py to OUT_DIR/tables.md, the
 #    tables for docs/kernels.md;
 # 5. prints a summary last (also OUT_DIR/summary.txt); exits 0 only if every step passed.
@@ -22,7 +22,7 @@
 # results and summary the run stays under 8 minutes), and keeps a reserve for the steps after it;
 # a step that finishes early leaves its time to the later ones. OUT_DIR receives gpu.txt,
 # steps.txt (every step's exit status, seconds and limit), build.log, tests.log, tests.xml,
-# pipelines/<run>.log with each run's results.json and results.md, bench_op.txt, bench_layer.txt,
+# pipelines/<run>.log with each run's results.json and results.md, bench_op.txt, bench_layer.txt, bench_mopoe.txt,
 # the results JSON, tables.md and summary.txt. PYTHON selects the interpreter (default python3).
 set -uo pipefail
 
@@ -154,9 +154,14 @@ step "benchmark: layer section (bench_layer.txt), ${layer_seconds}s"
 run_logged bench_layer "$layer_seconds" "$out/bench_layer.txt" "$py" benchmarks/bench_fusion.py --devices cuda \
   --sections layer --json "$out/bench_layer.json"
 tail -25 "$out/bench_layer.txt"
+mopoe_seconds=$(limit 90 25)
+step "benchmark: mopoe section, M = 2..4 (bench_mopoe.txt), ${mopoe_seconds}s"
+run_logged bench_mopoe "$mopoe_seconds" "$out/bench_mopoe.txt" "$py" benchmarks/bench_fusion.py --devices cuda \
+  --sections mopoe --quick --json "$out/bench_mopoe.json"
+tail -10 "$out/bench_mopoe.txt"
 
 step "results and tables"
-# One results file: the op section's environment and rows, the layer section's layers.
+# One results file: the op section's environment and rows, the layer and mopoe sections' tables.
 results=$(timeout 10 "$py" - "$out" <<'EOF'
 import json
 import re
@@ -165,12 +170,12 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 parts = {name: json.loads((out / f"bench_{name}.json").read_text())
-         for name in ("op", "layer") if (out / f"bench_{name}.json").exists()}
+         for name in ("op", "layer", "mopoe") if (out / f"bench_{name}.json").exists()}
 if not parts:
     sys.exit(1)
-first = parts.get("op") or parts["layer"]
+first = parts.get("op") or parts.get("layer") or parts["mopoe"]
 data = {"environment": first["environment"], "rows": parts.get("op", {}).get("rows", []),
-        "layers": parts.get("layer", {}).get("layers", {})}
+        "layers": parts.get("layer", {}).get("layers", {}), "mopoe": parts.get("mopoe", {}).get("mopoe", {})}
 gpu = re.sub(r"[^a-z0-9]+", "-", first["environment"].get("gpu", "gpu").lower().removeprefix("nvidia ")).strip("-")
 name = f"{gpu}_{first['environment']['started'][:10]}.json"
 text = json.dumps(data, indent=2)

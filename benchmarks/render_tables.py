@@ -5,8 +5,8 @@ layout docs/kernels.md uses, ready to paste there:
 
 Per device, the fused op against eager and torch.compile (GPU: kernel bandwidth as a share of the
 device-to-device copy bandwidth measured in the same run; CPU: kernel time over the exp floor);
-on the GPU, the targets at M=4, B=65536, D=1024; and, in files that have a ``layers`` section
-(older files do not), the layer path and its targets.
+on the GPU, the targets at M=4, B=65536, D=1024; and, in files that have a ``layers`` or ``mopoe``
+section (older files do not), the layer path and its targets, and MoPoE against loops over subsets.
 """
 
 from __future__ import annotations
@@ -128,7 +128,21 @@ def render(data: dict, source: str) -> str:
     for device, layer in data.get("layers", {}).items():
         lines += ["", f"The layer path on {device} (M=4, D=256, float32; median ms):", ""]
         lines += layer_tables(layer, device)
+    for device, mopoe in data.get("mopoe", {}).items():
+        lines += ["", f"MoPoE on {device} against loops over the subsets (B={mopoe[0]['batch']}, D=256, float32; "
+                      "median ms; x: the loop's time over mopoe's):", ""]
+        lines += mopoe_table(mopoe)
     return "\n".join(lines) + "\n"
+
+
+def mopoe_table(rows: list[dict]) -> list[str]:
+    """bench_fusion.py's mopoe rows: F.mopoe against loops of F.poe over the subsets."""
+    loops = ("loop torch", "loop compile", "loop kernel")
+    header = ["M", "subsets", "pass", "mopoe ms"] + [f"{name} ms" for name in loops] + [f"x {name[5:]}" for name in loops]
+    body = [[str(r["m"]), str(2 ** r["m"] - 1), r["pass_name"], f"{r['ms']['mopoe']:.2f}"]
+            + [f"{r['ms'][name]:.2f}" for name in loops] + [f"{r['speedup'][name]:.2f}" for name in loops]
+            for r in rows]
+    return table(header, body, "rrl" + "r" * (len(header) - 3))
 
 
 def main(argv: list[str] | None = None) -> int:

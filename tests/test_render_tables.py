@@ -115,3 +115,13 @@ def test_command_line_writes_the_file(render, tmp_path, capsys):
     assert out.read_text() == render.render(json.loads(H200.read_text()), H200.name)
     assert render.main([str(H200)]) == 0
     assert capsys.readouterr().out == out.read_text()
+
+
+def test_mopoe_section_is_rendered_from_the_committed_cpu_run(render):
+    path = ROOT / "benchmarks" / "results" / "cpu-2core_2026-12-01_mopoe_malloc-reuse.json"
+    data = json.loads(path.read_text())
+    text = render.render(data, path.name)
+    row = next(r for r in data["mopoe"]["cpu"] if r["m"] == 4 and r["pass_name"] == "forward+backward")
+    line = next(line for line in text.splitlines() if line.startswith("| 4 | 15 | forward+backward |"))
+    assert f"| {row['ms']['mopoe']:.2f} |" in line and f"| {row['speedup']['loop torch']:.2f} |" in line
+    assert "MoPoE on cpu against loops over the subsets" in text
