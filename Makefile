@@ -19,7 +19,7 @@ $(VENV)/.installed: $(SOURCES)
 	@echo "gpoe_fusion: installing $(TORCH) into $(VENV)"
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet wheel
-	@echo "gpoe_fusion: compiling the C++ kernels (about 3-5 minutes on 2 cores; first run and after source changes only)"
+	@echo "gpoe_fusion: compiling the C++ kernels (about 3 minutes on 2 cores; first run and after source changes only)"
 	@start=$$(date +%s); \
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test]" && \
 	echo "gpoe_fusion: kernels built and installed in $$(( $$(date +%s) - start )) s"

@@ -399,9 +399,8 @@ MOPOE_TARGET = ("mopoe vs loop of F.poe(backend='torch'), fwd+bwd, M=4", 4.0)
 def poe_loop(backend: str):
     """What other libraries do: one PoE per subset, stacked. Returns fn(mu, logvar) -> [S, B, D] x 2."""
     def loop(mu, logvar):
-        outputs = [F.poe(mu[list(idx)], logvar[list(idx)], backend=backend, validate=False)
-                   for idx in (tuple(i for i in range(mu.shape[0]) if code >> i & 1)
-                               for code in range(1, 2 ** mu.shape[0]))]
+        outputs = [F.poe(mu[idx], logvar[idx], backend=backend, validate=False)
+                   for idx in _reference.subset_members(mu.shape[0])]
         return torch.stack([o.mu for o in outputs]), torch.stack([o.logvar for o in outputs])
     return loop
 

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, Subset
 import gpoe_fusion as gf
 from common import distributed
 from common.cli import Parser, UsageError, positive_int
-from common.data import materialize
+from common.data import load_splits
 from common.experiment import (describe_size, eval_loader, make_fusion, mixture_kl, run_experiment, test_corruption,
                                write_summary)
 from common.model import CrossModalVAE
@@ -103,22 +103,18 @@ def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Datas
         root = ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=False)
     else:
         root = args.data_root
-    progress = not args.no_progress and env.is_main
-    sets = []
-    for split, count, option in (("training", args.num_train, "--num-train"),
-                                 ("evaluation", args.num_eval, "--num-eval")):
-        try:
-            full = RHDDataset(root, split, crop_size=args.crop_size, num_points=args.num_points, seed=args.seed)
-            if count > len(full):
-                raise UsageError(option, f"{count} samples requested, but {root / split} has {len(full)}")
-            dataset = Subset(full, range(count))
-            dataset[0]  # noqa: B018 (decoded for its errors: a damaged folder fails here, not in a worker)
-        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
-            raise UsageError("--data-root", str(error)) from None
-        if args.in_memory:
-            dataset = materialize(dataset, desc=f"decoding {split}", progress=progress)
-        sets.append(dataset)
-    return sets[0], sets[1]
+
+    def split_of(split: str, count: int, option: str) -> Dataset:
+        full = RHDDataset(root, split, crop_size=args.crop_size, num_points=args.num_points, seed=args.seed)
+        if count > len(full):
+            raise UsageError(option, f"{count} samples requested, but {root / split} has {len(full)}")
+        return Subset(full, range(count))
+
+    train_set, eval_set = load_splits(split_of, [("training", args.num_train, "--num-train"),
+                                                 ("evaluation", args.num_eval, "--num-eval")],
+                                      args.in_memory, progress=not args.no_progress and env.is_main,
+                                      errors=(OSError, ValueError, KeyError, pickle.UnpicklingError))
+    return train_set, eval_set
 
 
 def build_model(args: argparse.Namespace, fusion: str) -> CrossModalVAE:

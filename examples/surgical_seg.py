@@ -30,7 +30,7 @@ import gpoe_fusion as gf
 from common import distributed
 from common.checkpoint import write_json
 from common.cli import Parser, UsageError, positive_float, positive_int
-from common.data import Fields, materialize
+from common.data import Fields, load_splits
 from common.experiment import (describe_size, eval_loader, make_fusion, mixture_kl, run_experiment, test_corruption,
                                write_summary)
 from common.model import CrossModalVAE
@@ -163,27 +163,22 @@ def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Datas
         root = ensure_builtin_sim2real(args.cache_dir, views, progress=False)
     else:
         root = args.data_root
-    progress = not args.no_progress and env.is_main
-    sets = []
-    for split, count, option in ((TRAIN_SPLIT, args.num_train, "--num-train"),
-                                 (EVAL_SPLIT, args.num_eval, "--num-eval")):
-        try:
-            full = Sim2RealDataset(root, split, image_size=args.image_size, num_points=args.num_points,
-                                   intrinsics=intrinsics_matrix(args), unknown_colors=args.unknown_colors,
-                                   ignore_index=IGNORE_INDEX, seed=args.seed)
-            count = len(full) if count is None else count
-            if count > len(full):
-                raise UsageError(option, f"{count} views requested, but the {split} split (scenes "
-                                         f"{', '.join(map(str, full.scenes))}) of {root} has {len(full)}")
-            indices = np.linspace(0, len(full) - 1, count).round().astype(int).tolist()
-            dataset = Fields(Subset(full, indices), FIELDS)
-            dataset[0]  # noqa: B018 (decoded for its errors: a damaged folder fails here, not in a worker)
-        except (OSError, ValueError) as error:
-            raise UsageError("--data-root", str(error)) from None
-        if args.in_memory:
-            dataset = materialize(dataset, desc=f"decoding {split}", progress=progress)
-        sets.append(dataset)
-    return sets[0], sets[1]
+
+    def split_of(split: str, count: int | None, option: str) -> Dataset:
+        full = Sim2RealDataset(root, split, image_size=args.image_size, num_points=args.num_points,
+                               intrinsics=intrinsics_matrix(args), unknown_colors=args.unknown_colors,
+                               ignore_index=IGNORE_INDEX, seed=args.seed)
+        count = len(full) if count is None else count
+        if count > len(full):
+            raise UsageError(option, f"{count} views requested, but the {split} split (scenes "
+                                     f"{', '.join(map(str, full.scenes))}) of {root} has {len(full)}")
+        indices = np.linspace(0, len(full) - 1, count).round().astype(int).tolist()
+        return Fields(Subset(full, indices), FIELDS)
+
+    train_set, eval_set = load_splits(split_of, [(TRAIN_SPLIT, args.num_train, "--num-train"),
+                                                 (EVAL_SPLIT, args.num_eval, "--num-eval")],
+                                      args.in_memory, progress=not args.no_progress and env.is_main)
+    return train_set, eval_set
 
 
 def build_model(args: argparse.Namespace, fusion: str) -> CrossModalVAE:

@@ -41,6 +41,36 @@ def _flat_logits(logits: Tensor, batch_shape: torch.Size, n: int) -> Tensor:
     return logits.reshape(m, n, d)
 
 
+class _KernelLayout:
+    """Checked experts [M, *batch, D] as the kernels take them: mu, logvar [M, N, D]; logits
+    [M, N or 1, D or 1] (with ``expand_logits``, always [M, N, D]), one scalar type for all three;
+    mask [M, N]. ``unflatten`` turns a kernel output [K, N, D] or [N, D] back into [K, *batch, D] /
+    [*batch, D] in mu's dtype."""
+
+    def __init__(self, mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, expand_logits: bool):
+        m, d = mu.shape[0], mu.shape[-1]
+        self.batch_shape = tuple(mu.shape[1:-1])
+        self.dtype = mu.dtype
+        n = math.prod(self.batch_shape)
+        if logits is not None:
+            # One scalar type per kernel call: promote rather than round float32 logits to bfloat16.
+            common = torch.promote_types(mu.dtype, logits.dtype)
+            mu, logvar, logits = mu.to(common), logvar.to(common), logits.to(common)
+            if expand_logits:
+                # Expanding is differentiable: autograd sums the gradient back over the broadcast axes.
+                logits = logits.expand(mu.shape).reshape(m, n, d)
+            else:
+                if logits.shape[0] != m:
+                    logits = logits.expand((m,) + tuple(logits.shape[1:]))
+                logits = _flat_logits(logits, self.batch_shape, n)
+        self.mu, self.logvar, self.logits = mu.reshape(m, n, d), logvar.reshape(m, n, d), logits
+        self.mask = None if mask is None else mask.reshape(m, n)
+
+    def unflatten(self, t: Tensor) -> Tensor:
+        lead = tuple(t.shape[:-2]) if t.dim() == 3 else ()
+        return t.reshape(lead + self.batch_shape + (t.shape[-1],)).to(self.dtype)
+
+
 def _use_kernel(mu: Tensor, backend: str) -> bool:
     """Whether ``backend`` runs the fused kernel for experts like ``mu`` (an error if it must and cannot)."""
     if backend not in BACKENDS:
@@ -66,25 +96,10 @@ def fuse(
     ``return_weights`` every expert's weight [M, *batch, D] (see ``_reference.fuse``)."""
     if not _use_kernel(mu, backend):
         return _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights)
-
-    m, d = mu.shape[0], mu.shape[-1]
-    batch_shape = mu.shape[1:-1]
-    n = math.prod(batch_shape)
-    out_dtype = mu.dtype
-    if logits is not None:
-        if logits.shape[0] != m:
-            logits = logits.expand((m,) + tuple(logits.shape[1:]))
-        # One scalar type per kernel call: promote rather than round float32 logits to bfloat16.
-        common = torch.promote_types(mu.dtype, logits.dtype)
-        mu, logvar = mu.to(common), logvar.to(common)
-        logits = _flat_logits(logits, batch_shape, n).to(common)
-    flat_mask = None if mask is None else mask.reshape(m, n)
-    outputs = ops.fuse(mu.reshape(m, n, d), logvar.reshape(m, n, d), logits, flat_mask, prior_expert, return_weights)
-    out_shape = tuple(batch_shape) + (d,)
-    joint = tuple(t.reshape(out_shape).to(out_dtype) for t in outputs[:2])
-    if not return_weights:
-        return joint
-    return joint + (outputs[2].reshape((m,) + out_shape).to(out_dtype),)
+    flat = _KernelLayout(mu, logvar, logits, mask, expand_logits=False)
+    outputs = ops.fuse(flat.mu, flat.logvar, flat.logits, flat.mask, prior_expert, return_weights)
+    joint = tuple(flat.unflatten(t) for t in outputs[:2])
+    return joint + (flat.unflatten(outputs[2]),) if return_weights else joint
 
 
 def subsets(
@@ -99,16 +114,6 @@ def subsets(
     [M, *batch, D] (see ``_reference.subsets``)."""
     if not _use_kernel(mu, backend):
         return _reference.subsets(mu, logvar, logits, mask, prior_expert)
-    m, d = mu.shape[0], mu.shape[-1]
-    batch_shape = mu.shape[1:-1]
-    n = math.prod(batch_shape)
-    out_dtype = mu.dtype
-    if logits is not None:
-        common = torch.promote_types(mu.dtype, logits.dtype)
-        mu, logvar = mu.to(common), logvar.to(common)
-        # The subset kernel reads per-element logits; expanding is differentiable (its gradient sums).
-        logits = logits.to(common).expand(mu.shape).reshape(m, n, d)
-    flat_mask = None if mask is None else mask.reshape(m, n)
-    joint_mu, joint_logvar = ops.mopoe(mu.reshape(m, n, d), logvar.reshape(m, n, d), logits, flat_mask, prior_expert)
-    out_shape = (joint_mu.shape[0],) + tuple(batch_shape) + (d,)
-    return joint_mu.reshape(out_shape).to(out_dtype), joint_logvar.reshape(out_shape).to(out_dtype)
+    flat = _KernelLayout(mu, logvar, logits, mask, expand_logits=True)
+    joint_mu, joint_logvar = ops.mopoe(flat.mu, flat.logvar, flat.logits, flat.mask, prior_expert)
+    return flat.unflatten(joint_mu), flat.unflatten(joint_logvar)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["component_mask", "compute_dtype", "credibility", "fuse", "subset_masks", "subsets"]
+__all__ = ["component_mask", "compute_dtype", "credibility", "fuse", "subset_masks", "subset_members", "subsets"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,9 +107,15 @@ def fuse(
     return joint_mu.to(out_dtype), joint_logvar.to(out_dtype), weights.to(out_dtype)
 
 
+def subset_members(m: int) -> list[list[int]]:
+    """MoPoE's components, the non-empty subsets of M experts: component c holds the experts whose
+    bit is set in c + 1: [0], [1], [0, 1], [2], [0, 2], ... (plain lists: reading them costs no
+    device synchronisation)."""
+    return [[i for i in range(m) if code >> i & 1] for code in range(1, 2**m)]
+
+
 def subset_masks(m: int, device: torch.device | str | None = None) -> Tensor:
-    """MoPoE's components: bool [S = 2^M - 1, M], row c the experts in subset c + 1 (expert i is in
-    it when bit i of c + 1 is set): {0}, {1}, {0, 1}, {2}, {0, 2}, ..."""
+    """``subset_members`` as bool [S = 2^M - 1, M]."""
     codes = torch.arange(1, 2**m, device=device).unsqueeze(1)
     return (codes >> torch.arange(m, device=device)) & 1 == 1
 
@@ -127,7 +133,6 @@ def subsets(
     ``subset_masks``); a subset with a masked member is not a component of that row and gets 0, 0.
     """
     m = mu.shape[0]
-    members = subset_masks(m, mu.device)
     if logits is not None:
         logits = logits.expand(mu.shape)
     if mask is not None:
@@ -136,14 +141,12 @@ def subsets(
         mu = torch.where(present, mu, 0.0)
         logvar = torch.where(present, logvar, 0.0)
         logits = None if logits is None else torch.where(present, logits, 0.0)
-    outputs = []
-    for row in members:
-        idx = row.nonzero().squeeze(1)
-        outputs.append(fuse(mu[idx], logvar[idx], None if logits is None else logits[idx], None, prior_expert))
+    outputs = [fuse(mu[idx], logvar[idx], None if logits is None else logits[idx], None, prior_expert)
+               for idx in subset_members(m)]
     joint_mu = torch.stack([o[0] for o in outputs])
     joint_logvar = torch.stack([o[1] for o in outputs])
     if mask is not None:
-        complete = component_mask(mask, members).unsqueeze(-1)
+        complete = component_mask(mask, subset_masks(m, mu.device)).unsqueeze(-1)
         joint_mu = torch.where(complete, joint_mu, 0.0)
         joint_logvar = torch.where(complete, joint_logvar, 0.0)
     return joint_mu, joint_logvar

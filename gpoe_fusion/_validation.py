@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["as_experts", "check_logits", "check_mask", "check_values", "has_nan", "set_validation",
-           "validation_enabled"]
+__all__ = ["as_experts", "check_logits", "check_mask", "check_values", "has_empty_row", "has_nan",
+           "set_validation", "validation_enabled"]
 
 def _setting_from_environment() -> bool | None:
     value = os.environ.get("GPOE_FUSION_VALIDATE", "")
@@ -133,6 +133,11 @@ def has_nan(t: Tensor) -> bool:
     """
     with torch.no_grad():
         return bool(torch.isnan(t.sum()))
+
+
+def has_empty_row(mask: Tensor | None) -> bool:
+    """Whether some row of mask bool [M, *batch] has every expert masked (reads the small mask only)."""
+    return mask is not None and not bool(mask.any(0).all())
 
 
 def check_values(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _reference
-from ._validation import as_experts, check_logits, check_mask, check_values, has_nan, validation_enabled
+from ._validation import as_experts, check_logits, check_mask, check_values, has_empty_row, has_nan, validation_enabled
 from .distributions import Gaussian, GaussianMixture
 
 __all__ = ["credibility_weights", "gpoe", "moe", "mopoe", "poe"]
@@ -31,6 +31,15 @@ def _fuse(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None
         check_values(mu, logvar, logits, mask, prior_expert)
     joint = Gaussian(outputs[0], outputs[1])
     return (joint, outputs[2]) if return_alpha else joint
+
+
+def _with_weights(mixture: GaussianMixture, return_alpha: bool) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
+    """The mixture, and with ``return_alpha`` its weights broadcast to the components' [K, *batch, D]
+    like the other fusions' weights (an expanded view: one weight per sample)."""
+    if not return_alpha:
+        return mixture
+    weights = mixture.log_weights.exp().to(mixture.mu.dtype).unsqueeze(-1).expand(mixture.mu.shape)
+    return mixture, weights
 
 
 def poe(
@@ -102,13 +111,9 @@ def moe(mu: Experts, logvar: Experts, mask: Tensor | None = None, *, validate: b
     if validation_enabled(validate, mu.device):
         # No fused output to reduce: one sum over the inputs (masked experts may hold NaN, in which
         # case the diagnosis runs and finds nothing) and the [M, *batch] mask.
-        suspect = has_nan(mu) or has_nan(logvar) or (mask is not None and not bool(mask.any(0).all()))
-        if suspect:
+        if has_nan(mu) or has_nan(logvar) or has_empty_row(mask):
             check_values(mu, logvar, None, mask, prior_expert=False)
-    mixture = GaussianMixture(mu, logvar, mask)
-    if not return_alpha:
-        return mixture
-    return mixture, mixture.log_weights.exp().to(mu.dtype).unsqueeze(-1).expand(mu.shape)
+    return _with_weights(GaussianMixture(mu, logvar, mask), return_alpha)
 
 
 def mopoe(
@@ -146,15 +151,11 @@ def mopoe(
     if validation_enabled(validate, mu.device):
         # Rows without any expert have no component (and no NaN to show it), so the [M, *batch]
         # mask is checked too; a NaN among present experts reaches the present components' means.
-        no_expert = mask is not None and not bool(mask.any(0).all())
-        if no_expert or has_nan(joint_mu):
+        if has_empty_row(mask) or has_nan(joint_mu):
             check_values(mu, logvar, logits, mask, prior_expert=False)
     members = _reference.subset_masks(mu.shape[0], mu.device)
     present = None if mask is None else _reference.component_mask(mask, members)
-    mixture = GaussianMixture(joint_mu, joint_logvar, present, members)
-    if not return_alpha:
-        return mixture
-    return mixture, mixture.log_weights.exp().to(mu.dtype).unsqueeze(-1).expand(joint_mu.shape)
+    return _with_weights(GaussianMixture(joint_mu, joint_logvar, present, members), return_alpha)
 
 
 def credibility_weights(logits: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> Tensor:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ._reference import subset_members
 from .distributions import Gaussian, GaussianMixture
 
 __all__ = ["CrossModalObjective", "ObjectiveOutput"]
@@ -161,8 +162,9 @@ class CrossModalObjective(nn.Module):
 
         terms: dict[str, Tensor] = {}
         loss = z.new_zeros(())
-        sources = names if joint.subsets is None else ["+".join(n for n, inside in zip(names, row) if inside)
-                                                       for row in joint.subsets.tolist()]
+        # MoPoE's components are named by their members (read from the shape: no device sync per step).
+        sources = names if joint.subsets is None else ["+".join(names[i] for i in members)
+                                                       for members in subset_members(joint.subsets.shape[1])]
         for decoded, per_draw in rec.items():
             per_component = per_draw.reshape(m, k).sum(1)
             for source, value in zip(sources, per_component):

@@ -236,47 +236,42 @@ def _differentiable_grads(outputs, grads, leaves, wanted) -> list[Tensor | None]
     return [next(result) if want else None for want in wanted]
 
 
-def _fuse_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor | None, grad_weights: Tensor | None):
+def _input_grads(ctx, grads, reference, fused) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of mu, logvar, logits (None where autograd does not want one) for the incoming
+    ``grads`` (None: that output gets no gradient). ``fused(mu, logvar, logits, mask, wanted)`` is
+    the backward op; ``reference(mu, logvar, logits, mask)`` the pure-PyTorch forward, differentiated
+    instead when the gradients must be differentiable themselves (create_graph=True), which the
+    fused backward op is not."""
     mu, logvar, logits, mask = ctx.saved_tensors
     wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits is not None and ctx.needs_input_grad[2]]
+    if not any(wanted) or all(g is None for g in grads):
+        return None, None, None
+    if torch.is_grad_enabled():
+        got = _differentiable_grads(reference(mu, logvar, logits, mask), grads, (mu, logvar, logits), wanted)
+    else:
+        got = fused(mu, logvar, logits, mask, wanted)
+    return tuple(g if want else None for g, want in zip(got, wanted))
+
+
+def _fuse_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor | None, grad_weights: Tensor | None):
     if not ctx.return_weights:
         grad_weights = None  # the empty placeholder output (tracing may hand it a gradient)
-    grads = (grad_joint_mu, grad_joint_logvar, grad_weights)
-    if not any(wanted) or all(g is None for g in grads):
-        return None, None, None, None, None, None
-    if torch.is_grad_enabled():
-        # create_graph=True: the gradients must be differentiable themselves, which the fused
-        # backward op is not.
-        outputs = _reference.fuse(mu, logvar, logits, mask, ctx.prior_expert, return_weights=grad_weights is not None)
-        grad_mu, grad_logvar, grad_logits = _differentiable_grads(outputs, grads, (mu, logvar, logits), wanted)
-    else:
-        grad_mu, grad_logvar, grad_logits = torch.ops.gpoe_fusion.fuse_backward(
-            grad_joint_mu, grad_joint_logvar, grad_weights, mu, logvar, logits, mask, ctx.prior_expert, wanted)
-    return (
-        grad_mu if wanted[0] else None,
-        grad_logvar if wanted[1] else None,
-        grad_logits if wanted[2] else None,
-        None,
-        None,
-        None,
-    )
+    grads = _input_grads(
+        ctx, (grad_joint_mu, grad_joint_logvar, grad_weights),
+        lambda mu, logvar, logits, mask: _reference.fuse(mu, logvar, logits, mask, ctx.prior_expert,
+                                                         return_weights=grad_weights is not None),
+        lambda mu, logvar, logits, mask, wanted: torch.ops.gpoe_fusion.fuse_backward(
+            grad_joint_mu, grad_joint_logvar, grad_weights, mu, logvar, logits, mask, ctx.prior_expert, wanted))
+    return (*grads, None, None, None)
 
 
 def _mopoe_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor | None):
-    mu, logvar, logits, mask = ctx.saved_tensors
-    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], logits is not None and ctx.needs_input_grad[2]]
-    grads = (grad_joint_mu, grad_joint_logvar)
-    if not any(wanted) or all(g is None for g in grads):
-        return None, None, None, None, None
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiate the pure-PyTorch loop over the subsets instead.
-        outputs = _reference.subsets(mu, logvar, logits, mask, ctx.prior_expert)
-        grad_mu, grad_logvar, grad_logits = _differentiable_grads(outputs, grads, (mu, logvar, logits), wanted)
-    else:
-        grad_mu, grad_logvar, grad_logits = torch.ops.gpoe_fusion.mopoe_backward(
-            grad_joint_mu, grad_joint_logvar, mu, logvar, logits, mask, ctx.prior_expert, wanted)
-    return (grad_mu if wanted[0] else None, grad_logvar if wanted[1] else None, grad_logits if wanted[2] else None,
-            None, None)
+    grads = _input_grads(
+        ctx, (grad_joint_mu, grad_joint_logvar),
+        lambda mu, logvar, logits, mask: _reference.subsets(mu, logvar, logits, mask, ctx.prior_expert),
+        lambda mu, logvar, logits, mask, wanted: torch.ops.gpoe_fusion.mopoe_backward(
+            grad_joint_mu, grad_joint_logvar, mu, logvar, logits, mask, ctx.prior_expert, wanted))
+    return (*grads, None, None)
 
 
 if _AVAILABLE:

@@ -28,8 +28,8 @@ def test_build_env_of_python_m_build_is_detected(setup_py, monkeypatch):
 
 
 def test_missing_torch_outside_isolation(setup_py, monkeypatch):
-    monkeypatch.setattr(sys, "path", [str(ROOT), "/usr/lib/python3.11", "/work/venv/lib/python3.11/site-packages"])
-    monkeypatch.setattr(sys, "prefix", "/work/venv")
+    monkeypatch.setattr(sys, "path", [str(ROOT), "/usr/lib/python3.11", "/opt/venv/lib/python3.11/site-packages"])
+    monkeypatch.setattr(sys, "prefix", "/opt/venv")
     assert not setup_py._in_isolated_build_env()
     message = setup_py._missing_torch_message(ModuleNotFoundError("No module named 'torch'", name="torch"))
     assert "torch is not installed" in message

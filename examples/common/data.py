@@ -11,14 +11,16 @@ Either way an item is the same dict of tensors, so training, noise and evaluatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-__all__ = ["Fields", "TensorDictDataset", "materialize", "nbytes"]
+from .cli import UsageError
+
+__all__ = ["Fields", "TensorDictDataset", "load_splits", "materialize", "nbytes"]
 
 
 class TensorDictDataset(Dataset):
@@ -77,6 +79,29 @@ def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
         for name in names:
             tensors[name][i] = item[name]
     return TensorDictDataset(tensors)
+
+
+def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequence[tuple[str, int | None, str]],
+                in_memory: bool, progress: bool,
+                errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list[Dataset]:
+    """``make(split, count, option)`` for every (split, count, option) in ``splits``: the dataset of
+    that split, streamed, or with ``in_memory`` decoded once into memory.
+
+    Its first sample is decoded here, so that a folder of the wrong layout or a damaged one fails
+    now, with one line naming --data-root (``errors``: what reading such a folder raises), not later
+    in a loader worker. ``make`` raises UsageError itself for a count the split cannot serve.
+    """
+    sets = []
+    for split, count, option in splits:
+        try:
+            dataset = make(split, count, option)
+            dataset[0]  # noqa: B018 (decoded for its errors)
+        except errors as error:
+            raise UsageError("--data-root", str(error)) from None
+        if in_memory:
+            dataset = materialize(dataset, desc=f"decoding {split}", progress=progress)
+        sets.append(dataset)
+    return sets
 
 
 def nbytes(dataset: TensorDictDataset) -> int:
