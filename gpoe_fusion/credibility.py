@@ -13,6 +13,10 @@ modality's features count in no statistic and enter the MLP as zeros after stand
 average input), selected with ``torch.where`` so NaN or inf cannot get through, and the joint
 network is also told which modalities are present, so it can learn to trust the others more when
 one is missing.
+
+Under data parallelism each process standardises over its own part of the batch unless
+``sync_feature_statistics(model)`` makes every standardiser use the statistics of the whole batch,
+summed over the processes (see ``FeatureStandardizer``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["CREDIBILITIES", "EntropyCredibility", "GlobalCredibility", "IndependentCredibility", "JointCredibility",
-           "credibility_logits", "make_credibility"]
+__all__ = ["CREDIBILITIES", "EntropyCredibility", "FeatureStandardizer", "GlobalCredibility", "IndependentCredibility",
+           "JointCredibility", "credibility_logits", "make_credibility", "sync_feature_statistics"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of a group, differentiable: the gradient of every process's input is the
+    sum of the gradients of the sum's copies on every process (as torch.distributed.nn.functional.all_reduce,
+    which recent torch deprecates)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 class FeatureStandardizer(nn.Module):
@@ -35,12 +57,21 @@ class FeatureStandardizer(nn.Module):
     about. x: [*batch, F], present: bool [*batch] or None (all present) -> [*batch, F], zero in
     absent rows. Only present rows enter the statistics; a training batch with fewer than two
     present rows (or of one row) uses the running averages and leaves them as they are.
+
+    sync (attribute, default False; see ``sync_feature_statistics``): in training, take the
+    statistics over the batch of every process of ``process_group`` (None: the default group),
+    exactly as one process would over the concatenated batch: the present-row count and the sum
+    are summed over the processes first, for the global mean, then the squared deviations from it,
+    with a differentiable all-reduce (gradients reach every process's rows). Every process must
+    then run each training forward (collectives in step); evaluation needs none.
     """
 
     def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
         self.momentum = momentum
         self.eps = eps
+        self.sync = False
+        self.process_group: dist.ProcessGroup | None = None
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
 
@@ -53,10 +84,17 @@ class FeatureStandardizer(nn.Module):
         running_mean = self.running_mean.to(flat.dtype)
         running_var = self.running_var.to(flat.dtype)
         mean, var = running_mean, running_var
-        if self.training and flat.shape[0] > 1:
-            count = keep.sum(0, dtype=flat.dtype)
-            batch_mean = clean.sum(0) / count.clamp_min(1)
+        # Synchronised, a process's one row is part of a larger batch: only the global count decides.
+        if self.training and (self.sync or flat.shape[0] > 1):
+            count = keep.sum(0, dtype=flat.dtype)  # [1]
+            total = clean.sum(0)  # [F]
+            if self.sync:
+                summed = _AllReduceSum.apply(torch.cat([count, total]), self.process_group)
+                count, total = summed[:1], summed[1:]
+            batch_mean = total / count.clamp_min(1)
             sq_dev = torch.where(keep, clean - batch_mean, 0.0).square().sum(0)
+            if self.sync:
+                sq_dev = _AllReduceSum.apply(sq_dev, self.process_group)
             # A tensor condition rather than `if`: no host sync on CUDA, one graph under torch.compile.
             enough = count >= 2
             mean = torch.where(enough, batch_mean, running_mean)
@@ -69,7 +107,21 @@ class FeatureStandardizer(nn.Module):
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
+        sync = ", sync" if self.sync else ""
+        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}{sync}"
+
+
+def sync_feature_statistics(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> int:
+    """Make every ``FeatureStandardizer`` in ``module`` (the credibility networks' standardisation)
+    take its training statistics over the batch of all processes of ``process_group`` (None: the
+    default group), so that a data-parallel run standardises as one process with the whole batch
+    does. Needs an initialised process group while training. Returns the number of standardisers set.
+    """
+    norms = [m for m in module.modules() if isinstance(m, FeatureStandardizer)]
+    for norm in norms:
+        norm.sync = True
+        norm.process_group = process_group
+    return len(norms)
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:

@@ -8,7 +8,7 @@ returned in the input dtype, as the fusion itself does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -16,9 +16,12 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from ._reference import compute_dtype
 
-__all__ = ["Gaussian", "GaussianMixture"]
+__all__ = ["Gaussian", "GaussianMixture", "NoiseSource"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+# Where reparameterised draws take their standard-normal noise from: noise(shape, dtype, device) -> [*shape].
+NoiseSource = Callable[[torch.Size, torch.dtype, torch.device], Tensor]
 
 
 def _up(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -28,6 +31,19 @@ def _up(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 def _shape(sample_shape: torch.Size | tuple[int, ...] | int) -> torch.Size:
     return torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape)
+
+
+def _standard_normal(shape: torch.Size, like: Tensor, generator: torch.Generator | None,
+                     noise: NoiseSource | None) -> Tensor:
+    """Standard-normal draws [*shape] in like's dtype and device, from ``noise`` if given, else torch.randn."""
+    if noise is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
+    if generator is not None:
+        raise ValueError("generator: give a generator or a noise source, not both")
+    eps = noise(shape, like.dtype, like.device)
+    if eps.shape != shape:
+        raise ValueError(f"noise: expected draws of shape {tuple(shape)}, got {tuple(eps.shape)}")
+    return eps
 
 
 class Gaussian:
@@ -78,11 +94,16 @@ class Gaussian:
     def stddev(self) -> Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), generator: torch.Generator | None = None) -> Tensor:
-        """Reparameterised draws: [*sample_shape, *batch, D], differentiable in mu and logvar."""
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), generator: torch.Generator | None = None,
+                noise: NoiseSource | None = None) -> Tensor:
+        """Reparameterised draws: [*sample_shape, *batch, D], differentiable in mu and logvar.
+
+        noise: where the standard-normal draws come from, ``noise(shape, dtype, device) -> [*shape]``
+        with shape [*sample_shape, *batch, D]; default ``torch.randn`` (with ``generator``).
+        """
         shape = _shape(sample_shape) + self.mu.shape
         mu, logvar = _up(self.mu, self.logvar)
-        eps = torch.randn(shape, dtype=mu.dtype, device=mu.device, generator=generator)
+        eps = _standard_normal(shape, mu, generator, noise)
         return (mu + torch.exp(0.5 * logvar) * eps).to(self.mu.dtype)
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] | int = (), generator: torch.Generator | None = None) -> Tensor:
@@ -203,15 +224,17 @@ class GaussianMixture:
         second = (w * (torch.exp(logvar) + (mu - mean) ** 2)).sum(0)
         return second.to(self.mu.dtype)
 
-    def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def rsample(self, k: int = 1, generator: torch.Generator | None = None, noise: NoiseSource | None = None) -> Tensor:
         """Stratified reparameterised draws, k from EVERY component: [M, k, *batch, D].
 
         This is how MMVAE trains the MoE objective: each expert's draws are decoded and weighted
         by that expert's mixture weight. Draws of masked experts are returned too (from N(0, 1)
-        in place of the masked values) and carry zero weight in ``log_weights``.
+        in place of the masked values) and carry zero weight in ``log_weights``. noise: where the
+        standard-normal draws come from, ``noise(shape, dtype, device) -> [*shape]`` with shape
+        [M, k, *batch, D]; default ``torch.randn`` (with ``generator``).
         """
         mu, logvar = self._clean()
-        eps = torch.randn((mu.shape[0], k) + tuple(mu.shape[1:]), dtype=mu.dtype, device=mu.device, generator=generator)
+        eps = _standard_normal(torch.Size((mu.shape[0], k) + tuple(mu.shape[1:])), mu, generator, noise)
         z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
         return z.to(self.mu.dtype)
 

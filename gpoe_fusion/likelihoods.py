@@ -31,8 +31,19 @@ def chamfer_distance(prediction: Tensor, target: Tensor) -> Tensor:
     """
     if prediction.dim() != 3 or target.dim() != 3 or prediction.shape[0] != target.shape[0] or prediction.shape[2] != target.shape[2]:
         raise ValueError(f"prediction, target: expected [B, P, C] and [B, Q, C], got {tuple(prediction.shape)} and {tuple(target.shape)}")
-    d = torch.cdist(prediction, target.to(prediction.dtype)).pow(2)  # [B, P, Q]
-    return d.min(dim=2).values.mean(dim=1) + d.min(dim=1).values.mean(dim=1)
+    target = target.to(prediction.dtype)
+    # The nearest neighbours are found without autograd, then only the matched pairs are differentiated:
+    # the same value and gradient as differentiating the min over every pair (the min passes its
+    # gradient to the arg-min alone), without the [B, P, Q] distance graph.
+    with torch.no_grad():
+        d = torch.cdist(prediction, target)  # [B, P, Q]
+        to_target = d.min(dim=2).indices  # [B, P]
+        to_prediction = d.min(dim=1).indices  # [B, Q]
+    c = prediction.shape[2]
+    nearest_target = target.gather(1, to_target.unsqueeze(-1).expand(-1, -1, c))
+    nearest_prediction = prediction.gather(1, to_prediction.unsqueeze(-1).expand(-1, -1, c))
+    return ((prediction - nearest_target).square().sum(-1).mean(dim=1)
+            + (target - nearest_prediction).square().sum(-1).mean(dim=1))
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reference import subset_members
-from .distributions import Gaussian, GaussianMixture
+from .distributions import Gaussian, GaussianMixture, NoiseSource
 
 __all__ = ["CrossModalObjective", "ObjectiveOutput"]
 
@@ -63,10 +63,16 @@ class CrossModalObjective(nn.Module):
     ``gpoe_fusion.likelihoods``). weights: per decoded modality lambda_k (default 1).
     beta: KL weight. kl: the MoE and MoPoE regulariser, "mixture" or "components" (MoPoE's own; see the module doc).
     num_samples: MoE's k, the draws from each expert.
+    noise: where the reparameterised draws take their standard-normal noise from (also settable
+    later as the attribute ``noise``): ``noise(shape, dtype, device) -> [*shape]``, called with shape
+    [..., B, D], the batch on the second-to-last axis; default None, ``torch.randn`` on the global
+    RNG. Data parallelism uses it so that each sample gets the noise it would get in one process
+    with the whole batch: every rank draws for the global batch and keeps its own rows.
     """
 
     def __init__(self, fusion: nn.Module, decoders: Mapping[str, nn.Module], likelihoods: Mapping[str, Likelihood],
-                 beta: float = 1.0, weights: Mapping[str, float] | None = None, kl: str = "mixture", num_samples: int = 1):
+                 beta: float = 1.0, weights: Mapping[str, float] | None = None, kl: str = "mixture", num_samples: int = 1,
+                 noise: NoiseSource | None = None):
         super().__init__()
         if set(decoders) != set(likelihoods):
             raise ValueError(f"likelihoods: keys {sorted(likelihoods)} must match decoders keys {sorted(decoders)}")
@@ -85,6 +91,7 @@ class CrossModalObjective(nn.Module):
         self.beta = beta
         self.kl = kl
         self.num_samples = num_samples
+        self.noise = noise
 
     def forward(self, posteriors: Mapping[str, Gaussian | tuple[Tensor, Tensor]], targets: Mapping[str, Tensor],
                 mask: Tensor | None = None, features: Mapping[str, Tensor] | None = None) -> ObjectiveOutput:
@@ -133,7 +140,8 @@ class CrossModalObjective(nn.Module):
             present = mask.unsqueeze(-1)
             mu, logvar = mu.masked_fill(~present, 0.0), logvar.masked_fill(~present, 0.0)
         unimodal = Gaussian(mu, logvar)
-        latents = torch.cat([joint.rsample().unsqueeze(0), unimodal.rsample()])  # [1 + M, B, D]
+        latents = torch.cat([joint.rsample(noise=self.noise).unsqueeze(0),
+                             unimodal.rsample(noise=self.noise)])  # [1 + M, B, D]
         presence = torch.ones((len(names), batch), dtype=latents.dtype, device=latents.device) if mask is None else mask.to(latents.dtype)
         sample_weights = torch.cat([presence.new_ones((1, batch)), presence])
         rec = self._reconstruction(latents, sample_weights, targets)
@@ -155,7 +163,7 @@ class CrossModalObjective(nn.Module):
                            alpha: Tensor) -> ObjectiveOutput:
         m, batch = joint.num_components, joint.mu.shape[1]
         k = self.num_samples
-        z = joint.rsample(k)  # [K, k, B, D]
+        z = joint.rsample(k, noise=self.noise)  # [K, k, B, D]
         weights = joint.log_weights.exp().to(z.dtype)  # [K, B], 0 for missing components
         sample_weights = weights.unsqueeze(1).expand(m, k, batch).reshape(m * k, batch) / k
         rec = self._reconstruction(z.reshape(m * k, batch, -1), sample_weights, targets)

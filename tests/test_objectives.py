@@ -113,6 +113,33 @@ def test_missing_modality_contributes_nothing(fusion_name):
     torch.testing.assert_close(a.loss, b.loss)
 
 
+@pytest.mark.parametrize("fusion_name", ["poe", "gpoe", "moe"])
+def test_the_noise_source_gives_every_reparameterised_draw(fusion_name):
+    """``noise`` is asked for every draw, with the batch on the second-to-last axis; one that
+    calls torch.randn gives the default's loss, and the latents take what it returns."""
+    x, aux, y = toy_data(6)
+    encoders, objective = make(fusion_name)
+    torch.manual_seed(5)
+    default = step(encoders, objective, x, aux, y)
+    shapes = []
+
+    def recorded_randn(shape, dtype, device):
+        shapes.append(tuple(shape))
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    objective.noise = recorded_randn
+    torch.manual_seed(5)
+    assert torch.equal(step(encoders, objective, x, aux, y).loss, default.loss)
+    assert shapes == ([(2, 1, 6, D)] if fusion_name == "moe" else [(6, D), (2, 6, D)])
+    objective.noise = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
+    assert not torch.equal(step(encoders, objective, x, aux, y).loss, default.loss)
+    joint = gf.Gaussian(torch.zeros(6, D), torch.zeros(6, D))
+    with pytest.raises(ValueError, match="not both"):
+        joint.rsample(generator=torch.Generator(), noise=objective.noise)
+    with pytest.raises(ValueError, match=r"noise: expected draws of shape \(6, 4\)"):
+        joint.rsample(noise=lambda shape, dtype, device: torch.zeros(3))
+
+
 def test_objective_rejects_mismatched_configuration():
     with pytest.raises(ValueError, match="likelihoods: keys"):
         gf.CrossModalObjective(gf.PoE(), {"y": nn.Identity()}, {"z": squared_error})
@@ -121,6 +148,21 @@ def test_objective_rejects_mismatched_configuration():
     objective = gf.CrossModalObjective(gf.PoE(), {"y": nn.Identity()}, {"y": squared_error})
     with pytest.raises(ValueError, match=r"targets: missing \['y'\]"):
         objective({"x": (torch.zeros(2, 3), torch.zeros(2, 3))}, {})
+
+
+def test_chamfer_distance_is_the_min_over_all_pairs_in_value_and_gradient():
+    """Against the definition in float64: every pairwise squared distance, min in both directions."""
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 30, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    target = torch.randn(4, 50, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    pairs = (pred.unsqueeze(2) - target.unsqueeze(1)).square().sum(-1)  # [B, P, Q]
+    reference = pairs.min(2).values.mean(1) + pairs.min(1).values.mean(1)
+    weights = torch.rand(4, dtype=torch.float64, generator=generator)
+    expected = torch.autograd.grad((reference * weights).sum(), (pred, target))
+    value = chamfer_distance(pred, target)
+    torch.testing.assert_close(value, reference)
+    for got, want in zip(torch.autograd.grad((value * weights).sum(), (pred, target)), expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_likelihoods():

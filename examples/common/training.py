@@ -2,6 +2,11 @@
 on GPU, data parallelism under torchrun, a checkpoint after every epoch and exact resumption, and
 an optional stop after a number of optimizer steps.
 
+Data parallelism trains as one process does with the global batch (W ranks of batch b: one of
+W * b), to float rounding: the ranks' batches of a step make up the single process's batch, the
+gradients are averaged, and ``distributed.match_single_process`` makes batch statistics and
+reparameterisation noise those of the global batch. So every rank seeds the global RNG alike.
+
 Exact resumption: every source of randomness is a function of (seed, epoch) — the sampler's
 shuffle (``set_epoch``), the global torch seed set at the start of each epoch (reparameterised
 draws) and the datasets' own per-index seeds — so a run resumed from the checkpoint of epoch e
@@ -33,7 +38,7 @@ from tqdm import tqdm
 from gpoe_fusion import GPoE
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistEnv, barrier
+from .distributed import DistEnv, barrier, match_single_process
 
 __all__ = ["ConfigMismatch", "TrainConfig", "fit", "make_loader", "train_one_epoch"]
 
@@ -175,9 +180,12 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, ou
     resume: continue from that checkpoint (exactly; see the module docstring); raises
     ConfigMismatch if it was written by a run of another configuration. Without it a run starts
     from scratch and overwrites an older checkpoint. Returns the per-epoch history; each entry
-    holds ``steps``, the optimizer steps taken by the end of that epoch.
+    holds ``steps``, the optimizer steps taken by the end of that epoch. With more than one process
+    the model trains as one process with the global batch would (``match_single_process``, which
+    changes ``model`` in place: its batch norms become synchronised ones).
     """
     out_dir = Path(out_dir)
+    model = match_single_process(model, env)
     model.to(env.device)
     loader = make_loader(train_set, cfg, env)
     if len(loader) == 0:
@@ -206,7 +214,7 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, ou
         if cfg.max_steps is not None and done >= cfg.max_steps:
             break
         limit = None if cfg.max_steps is None else cfg.max_steps - done
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + env.rank)
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009)  # alike on every rank: see GlobalBatchNoise
         loader.sampler.set_epoch(epoch)
         began = time.perf_counter()
         stats = train_one_epoch(ddp, loader, optimizer, scheduler, env, epoch, cfg, max_batches=limit)
