@@ -1,11 +1,14 @@
-"""Does the credibility track the noise? Measures for alpha against per-sample corruption flags.
+"""Does the credibility track the noise? Measures for alpha, or any fusion's weights, against
+per-sample corruption flags.
 
-The flags only measure: nothing here feeds back into training. Shapes: alpha, logvar [M, B, D]
-(alpha as the layers return it with ``return_alpha=True``); mask bool [M, B] or None; corrupted
+The flags only measure: nothing here feeds back into training. Shapes: alpha, logvar, weights
+[M, B, D] (as the layers return them with ``return_alpha=True``); mask bool [M, B] or None; corrupted
 bool [B] (True = that sample's modality was corrupted).
 
     report = credibility_report(alpha, logvar, {"rgb": corrupted_rgb}, modalities=["rgb", "depth"])
     report["rgb"]["auroc_alpha"]     # 1.0: every corrupted sample trusts RGB less than every clean one
+    # Another fusion's own weights (PoE's precision shares, MoE's mixture weights), alpha uniform:
+    credibility_report(uniform, logvar, {"rgb": corrupted_rgb}, ["rgb", "depth"], weights=shares)["rgb"]["auroc"]
 """
 
 from __future__ import annotations
@@ -58,23 +61,30 @@ def effective_experts(weights: Tensor) -> Tensor:
 
 
 def credibility_report(alpha: Tensor, logvar: Tensor, corrupted: Mapping[str, Tensor],
-                       modalities: Sequence[str], mask: Tensor | None = None) -> dict[str, dict[str, float]]:
+                       modalities: Sequence[str], mask: Tensor | None = None,
+                       weights: Tensor | None = None) -> dict[str, dict[str, float]]:
     """Per corrupted modality: how well its weight separates corrupted from clean samples.
 
-    corrupted: modality name -> bool [B] flags. For each, over the samples where that modality is
-    present: ``auroc_alpha``, the AUROC of "alpha (averaged over D) is lower on corrupted samples";
-    ``auroc_share``, the same for the precision share (what PoE's implicit weighting would give with
-    the same experts); the mean alpha on clean and on corrupted samples; and ``effective_experts``,
-    the mean effective number of experts. 0.5 means the weight ignores the corruption.
+    corrupted: modality name -> bool [B] flags. weights: the fusion's own weight of each expert
+    [M, B, D] summing to 1 over the experts (a layer's ``return_alpha`` output: PoE's precision
+    shares, MoE's mixture weights), default ``alpha``. For each corrupted modality, over the samples
+    where it is present: ``auroc``, the AUROC of "the weight (averaged over D) is lower on corrupted
+    samples"; ``auroc_alpha``, the same for alpha; ``auroc_share``, the same for the precision share
+    (what a product of the same experts weighted by alpha gives each mean); the mean weight and
+    the mean alpha on clean and on corrupted samples; and ``effective_experts``, the mean effective
+    number of experts under the weights. 0.5 means the weight ignores the corruption.
     """
-    if alpha.shape != logvar.shape:
-        raise ValueError(f"alpha: shape {tuple(alpha.shape)} differs from logvar shape {tuple(logvar.shape)}")
+    weights = alpha if weights is None else weights
+    for name, other in (("alpha", alpha), ("weights", weights)):
+        if other.shape != logvar.shape:
+            raise ValueError(f"{name}: shape {tuple(other.shape)} differs from logvar shape {tuple(logvar.shape)}")
     if len(modalities) != alpha.shape[0]:
         raise ValueError(f"modalities: expected {alpha.shape[0]} names, got {list(modalities)}")
     share = precision_share(alpha, logvar, mask)
-    alpha_per_sample = alpha.double().mean(-1)  # [M, B]
+    weight_per_sample = weights.double().mean(-1)  # [M, B]
+    alpha_per_sample = alpha.double().mean(-1)
     share_per_sample = share.double().mean(-1)
-    effective = effective_experts(alpha).mean(-1)  # [B]
+    effective = effective_experts(weights).mean(-1)  # [B]
     report = {}
     for name, flags in corrupted.items():
         if name not in modalities:
@@ -84,14 +94,22 @@ def credibility_report(alpha: Tensor, logvar: Tensor, corrupted: Mapping[str, Te
         if flags.numel() != alpha.shape[1]:
             raise ValueError(f"corrupted[{name!r}]: expected {alpha.shape[1]} flags, got {flags.numel()}")
         keep = torch.ones_like(flags) if mask is None else mask[i]
-        a, s, f = alpha_per_sample[i][keep], share_per_sample[i][keep], flags[keep]
+        w, a, s, f = weight_per_sample[i][keep], alpha_per_sample[i][keep], share_per_sample[i][keep], flags[keep]
         report[name] = {
             # Lower weight on corrupted samples = a corrupted sample scores higher under -weight.
+            "auroc": auroc(-w, f),
             "auroc_alpha": auroc(-a, f),
             "auroc_share": auroc(-s, f),
-            "alpha_clean": float(a[~f].mean()) if (~f).any() else float("nan"),
-            "alpha_corrupted": float(a[f].mean()) if f.any() else float("nan"),
+            "weight_clean": _mean(w[~f]),
+            "weight_corrupted": _mean(w[f]),
+            "alpha_clean": _mean(a[~f]),
+            "alpha_corrupted": _mean(a[f]),
             "effective_experts": float(effective[keep].mean()),
             "samples": int(keep.sum()),
         }
     return report
+
+
+def _mean(values: Tensor) -> float:
+    """The mean of ``values``, NaN when there are none."""
+    return float(values.mean()) if values.numel() else float("nan")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from rhd.synthetic import generate_rhd
+from sim2real.synthetic import generate_sim2real
 
 settings.register_profile("deterministic", derandomize=True, deadline=None)
 settings.register_profile("explore", deadline=None)
@@ -20,3 +22,15 @@ def setup_py():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def rhd_root(tmp_path_factory):
+    """A tiny built-in RHD (8 training, 4 evaluation frames), shared read-only by the pipeline tests."""
+    return generate_rhd(tmp_path_factory.mktemp("rhd"), num_training=8, num_evaluation=4, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sim2real_root(tmp_path_factory):
+    """A tiny built-in Sim2Real (7 scenes of 2 views), shared read-only by the pipeline tests."""
+    return generate_sim2real(tmp_path_factory.mktemp("sim2real"), scenes=7, views_per_scene=2, progress=False)

@@ -1,4 +1,5 @@
-"""Checks both example pipelines share: an exact kill-and-resume, and a two-process torchrun run."""
+"""Checks both example pipelines share: an exact kill-and-resume, a two-process torchrun run, and the
+held-out credibility every fusion's results hold."""
 
 import json
 import os
@@ -13,6 +14,29 @@ from common import training
 from common.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+CREDIBILITY_KEYS = {"auroc", "auroc_alpha", "auroc_share", "weight_clean", "weight_corrupted", "alpha_clean",
+                    "alpha_corrupted", "effective_experts", "samples"}
+
+
+def check_credibility(result: dict, fusion: str, samples: int) -> None:
+    """``result`` (a fusion's entry of results.json) holds the held-out credibility of both modalities:
+    every measure, the corruption used, and for PoE and MoE a uniform alpha (AUROC 0.5)."""
+    credibility = result["credibility"]
+    assert set(credibility) == {"rgb", "points"}, fusion
+    assert set(credibility["rgb"]) == CREDIBILITY_KEYS | {"pixel_corruption"}
+    assert set(credibility["points"]) == CREDIBILITY_KEYS | {"point_noise"}
+    for measures in credibility.values():
+        assert measures["samples"] == samples
+        for key in ("auroc", "auroc_alpha", "auroc_share", "weight_clean", "weight_corrupted"):
+            assert 0 <= measures[key] <= 1, (fusion, key, measures[key])
+        assert 1 <= measures["effective_experts"] <= 2
+        if fusion != "gpoe":
+            assert measures["auroc_alpha"] == 0.5 and measures["alpha_clean"] == measures["alpha_corrupted"] == 0.5
+        if fusion == "gpoe":
+            assert measures["auroc"] == measures["auroc_alpha"]
+        if fusion == "poe":  # its own weight is the precision share
+            assert measures["auroc"] == measures["auroc_share"]
+    assert credibility["rgb"]["pixel_corruption"] == 0.9 and credibility["points"]["point_noise"] == 1.0
 
 
 def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = "gpoe") -> None:

@@ -12,24 +12,12 @@ import torch
 
 import handpose_rhd
 import surgical_seg
-from rhd.synthetic import generate_rhd
-from sim2real.synthetic import generate_sim2real
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"handpose_rhd.py": handpose_rhd, "surgical_seg.py": surgical_seg}
 TINY = ["--epochs", "1", "--batch-size", "4", "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0",
         "--no-progress"]
 NO_CUDA = not torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def rhd_root(tmp_path_factory):
-    return generate_rhd(tmp_path_factory.mktemp("rhd"), num_training=8, num_evaluation=4, seed=0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def sim2real_root(tmp_path_factory):
-    return generate_sim2real(tmp_path_factory.mktemp("sim2real"), scenes=7, views_per_scene=2, progress=False)
 
 
 def help_blocks(text: str) -> dict[str, str]:
@@ -92,6 +80,10 @@ BAD_OPTIONS = [
     (["--rgb-weights", "{tmp}/garbage.pth"], "--rgb-weights"),
     (["--rgb-weights", "{tmp}/other_net.pth"], "--rgb-weights"),
     (["--out", "{tmp}/garbage.pth"], "--out"),
+    (["--seeds", "0"], "--seeds"),
+    (["--corruption-sweep", "1.5"], "--corruption-sweep"),
+    (["--corruption-sweep", "0.5", "0", "0.5"], "--corruption-sweep"),
+    (["--corruption-sweep", "0", "0.5", "--data-corruption", "0.25"], "--corruption-sweep"),
 ]
 
 

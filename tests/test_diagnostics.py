@@ -55,3 +55,23 @@ def test_credibility_report_separates_corrupted_samples():
     assert diagnostics.credibility_report(alpha, logvar, {"rgb": flags}, ["rgb", "depth"], mask)["rgb"]["samples"] == 4
     with pytest.raises(ValueError, match="corrupted"):
         diagnostics.credibility_report(alpha, logvar, {"ir": flags}, ["rgb", "depth"])
+
+
+def test_credibility_report_of_a_fusions_own_weights():
+    # PoE: alpha uniform, its own weight the precision share; the corrupted RGB expert is wider.
+    flags = torch.tensor([True, False, True, False])
+    logvar = torch.stack([torch.where(flags, 2.0, 0.0).unsqueeze(-1).expand(4, 3), torch.zeros(4, 3)])
+    uniform = torch.full((2, 4, 3), 0.5)
+    shares = diagnostics.precision_share(uniform, logvar)
+    rgb = diagnostics.credibility_report(uniform, logvar, {"rgb": flags}, ["rgb", "depth"], weights=shares)["rgb"]
+    assert rgb["auroc"] == 1.0 and rgb["auroc_share"] == 1.0 and rgb["auroc_alpha"] == 0.5
+    share_corrupted = 1 / (1 + math.exp(2.0))  # precisions e^-2 and 1
+    assert rgb["weight_clean"] == pytest.approx(0.5) and rgb["weight_corrupted"] == pytest.approx(share_corrupted)
+    assert rgb["alpha_clean"] == rgb["alpha_corrupted"] == 0.5
+    expected = (2 * 2.0 + 2 / (share_corrupted**2 + (1 - share_corrupted) ** 2)) / 4
+    assert rgb["effective_experts"] == pytest.approx(expected)  # of the weights, not of alpha
+    # Without weights they are alpha, as before.
+    plain = diagnostics.credibility_report(uniform, logvar, {"rgb": flags}, ["rgb", "depth"])["rgb"]
+    assert plain["auroc"] == plain["auroc_alpha"] == 0.5 and plain["weight_clean"] == plain["alpha_clean"]
+    with pytest.raises(ValueError, match="weights: shape"):
+        diagnostics.credibility_report(uniform, logvar, {"rgb": flags}, ["rgb", "depth"], weights=shares[:, :2])

@@ -7,16 +7,12 @@ import torch
 
 import handpose_rhd
 from common.options import provenance
-from pipeline_checks import check_kill_and_resume, check_torchrun
-from rhd.synthetic import generate_rhd
+from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
 
 TINY = ["--num-train", "8", "--num-eval", "4", "--epochs", "2", "--batch-size", "4", "--crop-size", "32",
         "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def rhd_root(tmp_path_factory):
-    return generate_rhd(tmp_path_factory.mktemp("rhd"), num_training=8, num_evaluation=4, seed=0, progress=False)
+# Narrower networks, for the runs that train several models.
+SMALL = ["--rgb-width", "8", "--pel-width", "16", "--grid-size", "4", "--fold-hidden", "16", "--keypoint-hidden", "16"]
 
 
 def tiny_args(rhd_root, out, *extra):
@@ -56,7 +52,12 @@ def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):
     assert "lr" in provenance["project_choice"] and provenance["paper"] == {}  # the demo's sizes are ours
     assert provenance["rgb_init"].startswith("random")
     assert set(results["fusions"]["gpoe"]["alpha"]["0.5"]) == {"rgb", "points"}
-    for name in ("results.md", "epe_vs_corruption.png", "pck_gpoe.png", "alpha_gpoe.png", "qualitative.png"):
+    check_credibility(results["fusions"]["gpoe"], "gpoe", samples=4)
+    assert "signature" not in results["fusions"]["gpoe"] and "credibility_samples" not in results["fusions"]["gpoe"]
+    assert "statistics" not in results and "seeds" not in results  # one seed
+    assert "Credibility on held-out samples" in (tmp_path / "results.md").read_text()
+    for name in ("results.md", "epe_vs_corruption.png", "pck_gpoe.png", "alpha_gpoe.png", "credibility_gpoe.png",
+                 "qualitative.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -81,9 +82,19 @@ def test_results_say_which_settings_come_from_the_paper(tmp_path):
     assert args.eval_batch_size == args.batch_size == 64 and not args.in_memory
 
 
-def test_compare_can_include_mopoe(rhd_root, tmp_path):
-    handpose_rhd.main(tiny_args(rhd_root, tmp_path, "--compare", "--fusions", "poe", "mopoe", "--epochs", "1"))
+def test_compare_can_include_mopoe_and_records_each_fusions_credibility(rhd_root, tmp_path):
+    handpose_rhd.main(tiny_args(rhd_root, tmp_path, "--compare", "--fusions", "poe", "gpoe", "mopoe", "--epochs", "1",
+                                *SMALL))
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["fusions"]) == {"poe", "mopoe"}
+    assert set(results["fusions"]) == {"poe", "gpoe", "mopoe"}
     assert results["fusions"]["mopoe"]["metrics"]["0.0"]["mean_epe_mm"] > 0
     assert "MoPoE" in (tmp_path / "results.md").read_text()
+    for fusion, result in results["fusions"].items():
+        check_credibility(result, fusion, samples=4)
+        assert (tmp_path / f"credibility_{fusion}.png").stat().st_size > 0
+        # Each run's own results.json keeps what its study's reuse and figure need.
+        own = json.loads((tmp_path / fusion / "results.json").read_text())
+        assert own["signature"]["fusion"] == fusion and own["seed"] == 0
+        assert len(own["credibility_samples"]["rgb"]["weight"]) == 4
+    # MoPoE's weights are its subsets': a modality's is the share of the subsets holding it.
+    assert results["fusions"]["mopoe"]["credibility"]["rgb"]["weight_clean"] == pytest.approx(0.5)

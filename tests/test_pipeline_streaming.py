@@ -9,10 +9,9 @@ import torch
 
 import handpose_rhd
 import surgical_seg
-from common import distributed
+from common import corruption, distributed, evaluation
 from common.checkpoint import load_checkpoint
 from common.data import TensorDictDataset
-from common import experiment
 from common.training import TrainConfig, make_loader
 from rhd.synthetic import generate_rhd
 from sim2real.synthetic import generate_sim2real
@@ -50,7 +49,7 @@ def test_streamed_data_equals_the_in_memory_data(script, roots, tmp_path):
 
     # Batch for batch through the training loader (noise applied per item, in the workers) and the
     # evaluation loader: two worker processes reading from disk give what one process reads from memory.
-    loaders = [make_loader(experiment.training_noise(data[0], args),
+    loaders = [make_loader(corruption.training_noise(data[0], args),
                            TrainConfig(batch_size=4, seed=5, num_workers=workers), env)
                for data, workers in ((streamed, 2), (in_memory, 0))]
     for epoch in (0, 1):
@@ -62,8 +61,8 @@ def test_streamed_data_equals_the_in_memory_data(script, roots, tmp_path):
             assert_same_items(a, b)
             assert "corrupted_rgb" in a and "corrupted_points" in a
     args_memory = script.parse_args(argv + ["--workers", "0"])
-    pairs = list(zip(experiment.eval_loader(experiment.test_corruption(streamed[1], 0.5, 0), args),
-                     experiment.eval_loader(experiment.test_corruption(in_memory[1], 0.5, 0), args_memory)))
+    pairs = list(zip(evaluation.eval_loader(corruption.test_corruption(streamed[1], 0.5, 0), args),
+                     evaluation.eval_loader(corruption.test_corruption(in_memory[1], 0.5, 0), args_memory)))
     assert pairs
     for a, b in pairs:
         assert_same_items(a, b)

@@ -27,6 +27,7 @@ from sim2real.dataset import (
     sample_paths,
     write_depth_exr,
 )
+import sim2real.synthetic as synthetic
 from sim2real.synthetic import ensure_builtin_sim2real, generate_sim2real
 
 H, W = 256, 512
@@ -277,7 +278,7 @@ def test_size_mismatch_and_empty_depth_are_errors(tmp_path):
 
 
 def test_generated_views_are_plausible(builtin_root):
-    seen = set()
+    seen, with_liver = set(), 0
     for scene in range(1, 8):
         for view in range(VIEWS):
             paths = sample_paths(builtin_root, scene, view)
@@ -286,11 +287,112 @@ def test_generated_views_are_plausible(builtin_root):
             seen |= set(np.unique(classes[:, 128:384]).tolist())
             assert np.isfinite(depth).all() and depth.min() > 0
             assert (depth < 300).mean() > 0.95
-            assert depth[classes == 0].mean() < depth[classes == 2].mean()  # liver in front of the wall
+            if (classes == 0).any() and (classes == 2).any():  # the camera may look away from the liver
+                assert depth[classes == 0].mean() < depth[classes == 2].mean()  # liver in front of the wall
+                with_liver += 1
             render = read_rgb(paths["input"])
             translation = read_rgb(paths["translation"])
             assert render.std() > 10 and translation.std() > 10
     assert seen == set(range(NUM_CLASSES))  # every class appears in the centre crops
+    assert with_liver >= 7 * VIEWS - 2  # the liver is in (almost) every view
+
+
+def _corresponding_pixels(pose_a, pose_b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every pixel of view a: the nearest pixel of view b showing the same world point, as int
+    [H, W] rows and columns, and whether it lies inside view b, bool [H, W]."""
+    v, u = np.mgrid[0:H, 0:W].astype(np.float64)
+    view_x, view_y = (u - (W - 1) / 2) / H, (v - (H - 1) / 2) / H
+    (a00, a01), (a10, a11) = pose_a.matrix
+    world_x = pose_a.target[0] + a00 * view_x + a01 * view_y - pose_b.target[0]
+    world_y = pose_a.target[1] + a10 * view_x + a11 * view_y - pose_b.target[1]
+    inverse = np.linalg.inv(np.array(pose_b.matrix))
+    column = np.rint((inverse[0, 0] * world_x + inverse[0, 1] * world_y) * H + (W - 1) / 2).astype(int)
+    row = np.rint((inverse[1, 0] * world_x + inverse[1, 1] * world_y) * H + (H - 1) / 2).astype(int)
+    inside = (column >= 0) & (column < W) & (row >= 0) & (row < H)
+    return np.clip(row, 0, H - 1), np.clip(column, 0, W - 1), inside
+
+
+def _interior(classes: np.ndarray) -> np.ndarray:
+    """bool [H, W]: pixels whose 5 x 5 neighbourhood has a single class (off the class boundaries)."""
+    padded = np.pad(classes, 2, mode="edge")
+    interior = np.ones(classes.shape, dtype=bool)
+    for dy in range(5):
+        for dx in range(5):
+            interior &= padded[dy : dy + H, dx : dx + W] == classes
+    return interior
+
+
+def _camera_offset(anatomy, pose) -> float:
+    """The depth a view adds to the scene's relative depths: the camera distance less the wall's mean
+    plane under the optical axis."""
+    slope_x, slope_y = anatomy.wall_slope
+    return pose.distance - slope_x * pose.target[0] - slope_y * pose.target[1]
+
+
+def test_views_of_a_scene_share_its_anatomy():
+    """A scene is one fixed anatomy and its views random camera poses: where two views see the same world
+    point they show the same class, at depths that differ exactly by the cameras' offsets."""
+    style, anatomy = synthetic._scene(0, 3)
+    assert synthetic._scene(0, 3)[1] is anatomy  # built once per scene (and worker)
+    overlaps = []
+    for view_a, view_b in [(0, 1), (2, 3), (4, 5)]:
+        rngs = [np.random.default_rng([0, 3, view]) for view in (view_a, view_b)]
+        poses = [synthetic._CameraPose.draw(np.random.default_rng([0, 3, view])) for view in (view_a, view_b)]
+        a, b = (synthetic._render_view(style, anatomy, rng) for rng in rngs)
+        assert not np.array_equal(a["classes"], b["classes"])  # the camera moved
+        row, column, inside = _corresponding_pixels(*poses)
+        seen = inside & _interior(a["classes"])
+        overlaps.append(seen.mean())
+        np.testing.assert_array_equal(b["classes"][row, column][seen], a["classes"][seen])
+        shift = b["depth"][row, column][seen] - a["depth"][seen]
+        expected = _camera_offset(anatomy, poses[1]) - _camera_offset(anatomy, poses[0])
+        # Up to the depth across half a pixel (nearest corresponding pixels on sloped surfaces).
+        assert np.percentile(np.abs(shift - expected), 99) < 1.0
+    assert max(overlaps) > 0.3  # the pairs do overlap
+    # Another scene seen from the very same pose (drawn first from the view's generator) differs.
+    other = synthetic._render_view(*synthetic._scene(0, 4), np.random.default_rng([0, 3, 0]))
+    same_pose = synthetic._render_view(style, anatomy, np.random.default_rng([0, 3, 0]))
+    assert (other["classes"] != same_pose["classes"]).mean() > 0.2
+
+
+def test_nearer_camera_sees_the_anatomy_larger_and_nearer(monkeypatch):
+    """The pose's distance scales the image by 215 / distance and shifts the depth by the same amount."""
+    style, anatomy = synthetic._scene(0, 1)
+    (center_x, center_y), _, _ = anatomy.lobes[0]
+    far, near = (synthetic._CameraPose((center_x, center_y), 0.3, distance) for distance in (235.0, 190.0))
+    views = []
+    for pose in (far, near):
+        monkeypatch.setattr(synthetic._CameraPose, "draw", classmethod(lambda cls, rng, pose=pose: pose))
+        views.append(synthetic._render_view(style, anatomy, np.random.default_rng(0)))
+    far_view, near_view = views
+    for view in views:  # the whole liver in view
+        classes = view["classes"]
+        assert (classes == 0).any() and not (classes[[0, -1]] == 0).any() and not (classes[:, [0, -1]] == 0).any()
+    liver_far, liver_near = ((view["classes"] == 0).sum() for view in views)
+    np.testing.assert_allclose(liver_near / liver_far, (235.0 / 190.0) ** 2, rtol=0.02)
+    row, column, inside = _corresponding_pixels(far, near)
+    seen = inside & _interior(far_view["classes"])
+    shift = near_view["depth"][row, column][seen] - far_view["depth"][seen]
+    assert abs(np.median(shift) + 45.0) < 0.1
+
+
+def test_texture_tile_wraps_and_is_larger_than_any_view():
+    """The texture maps repeat over the world without seams, and no view is wide enough to show a texture
+    twice."""
+    field = np.empty((synthetic._TILE[0] + 1, synthetic._TILE[1] + 1), dtype=np.float32)
+    synthetic._smooth_field(np.random.default_rng(0), (8, 8), field)
+    np.testing.assert_array_equal(field[:, -1], field[:, 0])
+    np.testing.assert_array_equal(field[-1], field[0])
+    # The steps across the seam are like those inside the tile.
+    steps = np.abs(np.diff(np.concatenate([field[:, :-1], field[:, :-1]], axis=1), axis=1))
+    assert steps[:, synthetic._TILE[1] - 1].max() <= steps.max()
+    # The bounding box of a view at the smallest zoom, over all rolls up to the largest, in tile pixels.
+    corners = np.array([[x, y] for x in (-W / 2, W / 2) for y in (-H / 2, H / 2)])
+    scale = synthetic._DISTANCE[1] / synthetic._REFERENCE_DISTANCE
+    for roll in np.linspace(-synthetic._ROLL, synthetic._ROLL, 61):
+        rotation = np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
+        extent = np.ptp(corners @ rotation.T * scale, axis=0)
+        assert extent[0] < synthetic._TILE[1] and extent[1] < synthetic._TILE[0]
 
 
 def test_generator_is_deterministic(tmp_path):

@@ -9,19 +9,13 @@ import torch
 
 import surgical_seg
 from common.cli import UsageError
-from pipeline_checks import check_kill_and_resume, check_torchrun
+from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
 from common.networks import DCGANDecoder
 from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
-from sim2real.synthetic import generate_sim2real
 
 # 7 scenes x 2 views: 8 training views (scenes 1-4) and 2 test views (scene 7).
 TINY = ["--num-train", "8", "--num-eval", "2", "--epochs", "2", "--batch-size", "4", "--image-size", "16",
         "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def sim2real_root(tmp_path_factory):
-    return generate_sim2real(tmp_path_factory.mktemp("sim2real"), scenes=7, views_per_scene=2, progress=False)
 
 
 def tiny_args(root, out, *extra):
@@ -66,6 +60,8 @@ def test_tiny_compare_run_writes_results_and_tables(sim2real_root, tmp_path):
             assert len(m["iou_per_class"]) == NUM_CLASSES and math.isclose(m["iou"], sum(present) / len(present))
         assert (result["alpha"] is not None) == (fusion == "gpoe")
         assert (tmp_path / fusion / "checkpoint.pt").is_file()
+        check_credibility(result, fusion, samples=2)
+        assert (tmp_path / f"credibility_{fusion}.png").stat().st_size > 0
     assert set(results["fusions"]["gpoe"]["alpha"]["0.7"]) == {"rgb", "points"}
     table4 = json.loads((tmp_path / "table4.json").read_text())["rows"]
     assert len(table4) == 3 * 3

@@ -11,16 +11,19 @@ Either way an item is the same dict of tensors, so training, noise and evaluatio
 
 from __future__ import annotations
 
+import argparse
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .cli import UsageError
+from .parallel import default_workers
 
-__all__ = ["Fields", "TensorDictDataset", "load_splits", "materialize", "nbytes"]
+__all__ = ["Fields", "TensorDictDataset", "eval_loader", "load_splits", "materialize", "nbytes"]
 
 
 class TensorDictDataset(Dataset):
@@ -59,12 +62,13 @@ class Fields(Dataset):
 
 
 def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
-                keys: Sequence[str] | None = None) -> TensorDictDataset:
+                keys: Sequence[str] | None = None, workers: int | None = None) -> TensorDictDataset:
     """Read every item of ``dataset`` (dicts of tensors) once into one tensor per field.
 
     keys: the entries kept (default: every tensor entry); items may hold other, non-tensor entries
     that are dropped. The stacked tensors are allocated up front from the first item, so the peak
     memory is the result's size (not twice that, as stacking a list of items would need).
+    workers: processes decoding items (default: one per core; 0 decodes here), in order.
     """
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
@@ -74,8 +78,12 @@ def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
     if missing:
         raise KeyError(f"keys: {missing} are not in the dataset's items (they have {sorted(first)})")
     tensors = {name: torch.empty((len(dataset), *first[name].shape), dtype=first[name].dtype) for name in names}
-    for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False):
-        item = first if i == 0 else dataset[i]
+    workers = default_workers() if workers is None else workers
+    # Worker processes pay off only beyond a few items (each costs a fork and a pickled item per sample).
+    rest = DataLoader(Subset(dataset, range(1, len(dataset))), batch_size=None,
+                      num_workers=workers if len(dataset) > 64 * workers else 0)
+    items = itertools.chain([first], rest)
+    for i, item in enumerate(tqdm(items, total=len(dataset), desc=desc, disable=not progress, leave=False)):
         for name in names:
             tensors[name][i] = item[name]
     return TensorDictDataset(tensors)
@@ -107,3 +115,8 @@ def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequenc
 def nbytes(dataset: TensorDictDataset) -> int:
     """Bytes held by an in-memory dataset's tensors."""
     return sum(t.numel() * t.element_size() for t in dataset.tensors.values())
+
+
+def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    """Batches of ``dataset`` in order, --eval-batch-size at a time, decoded by --workers processes."""
+    return DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers)

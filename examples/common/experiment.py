@@ -1,43 +1,54 @@
-"""What both pipelines' experiments share: the fusion choice, the training noise (Section 4.3),
-test-time corruption, gPoE's alpha analysis, and the run of one fusion or the comparison of all
-three with its results.json. The command-line options are in ``common.options``."""
+"""Running the experiments both pipelines share: train and evaluate one fusion at one seed, a study
+(every fusion at every seed of ``--seeds``, finished runs reused), the sweep over the training data
+corruption (``--corruption-sweep``), and the body of both pipelines' ``main``.
+
+Where each run goes: ``--out``, then ``corruption<X>/`` per fraction of a sweep, ``<fusion>/`` with
+``--compare``, ``seed<k>/`` with more than one seed. A run of a study of several runs (more than one
+seed, or a sweep) whose folder holds its results.json, written by a run of the same signature
+(``options.run_signature``) evaluated at the same test levels, and its checkpoint is finished: it is
+loaded, not trained again, so a killed study continues with its unfinished runs (``--resume``
+continues the one that was killed from its checkpoint).
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
+import itertools
+import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import gpoe_fusion as gf
-from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption
 
 from . import distributed
-from .checkpoint import write_json
+from .checkpoint import load_checkpoint, write_json
 from .cli import UsageError, exit_with
+from .corruption import training_noise
+from .credibility_eval import alpha_by_corruption, held_out_credibility
 from .distributed import DistEnv
 from .memory import pin_mmap_threshold
 from .model import CrossModalVAE
-from .options import FUSIONS, provenance, run_signature
+from .options import run_signature
 from .report import FUSION_LABELS
+from .study import Study, SweepPoint
+from .summary import describe_checkpoints
 from .training import CHECKPOINT, ConfigMismatch, TrainConfig, fit
 
-__all__ = ["alpha_by_corruption", "describe_size", "eval_loader", "make_fusion", "mixture_kl", "run_experiment", "run_fusions",
-           "test_corruption", "train_and_evaluate", "train_config", "training_noise", "write_summary"]
+__all__ = ["finished_run", "run_directory", "run_experiment", "run_study", "run_sweep", "train_and_evaluate",
+           "train_config"]
 
 BuildModel = Callable[[argparse.Namespace, str], CrossModalVAE]
 # evaluate(model, dataset, level, args, device) -> the metrics of one test-corruption level.
 Evaluate = Callable[[CrossModalVAE, Dataset, float, argparse.Namespace, torch.device], dict]
-
-# Seeds of the corruptions: distinct streams for the training RGB, training points and test RGB.
-_SEED_RGB, _SEED_POINTS, _SEED_TEST = 1, 2, 3
+# write_report(args, study, eval_set, seconds) -> the report's tables as markdown.
+WriteReport = Callable[[argparse.Namespace, Study, Dataset, float], str]
+# write_sweep_report(args, points, seconds) -> the sweep's table as markdown.
+WriteSweepReport = Callable[[argparse.Namespace, list[SweepPoint], float], str]
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -47,83 +58,30 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        signature=run_signature(args))
 
 
-def make_fusion(name: str, latent_dim: int, feature_dims: Sequence[int], credibility: str = "joint") -> nn.Module:
-    """The fusion layer named ``name``; everything around it stays the same (paper Section 5.3)."""
-    if name == "poe":
-        return gf.PoE()
-    if name == "moe":
-        return gf.MoE()
-    if name == "mopoe":
-        return gf.MoPoE()
-    if name == "gpoe":
-        return gf.GPoE(len(feature_dims), latent_dim, feature_dims, credibility=credibility, hidden=(128,))
-    raise ValueError(f"fusion: expected one of {FUSIONS}, got {name!r}")
+def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
+    """A copy of ``args`` with ``changes``."""
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
-def mixture_kl(fusion: str) -> str:
-    """The KL term of a mixture fusion's objective: MoPoE's own, the mixture-weighted KL of its subset
-    posteriors; MMVAE's estimate of the mixture's KL for MoE (``CrossModalObjective``'s ``kl``)."""
-    return "components" if fusion == "mopoe" else "mixture"
+def run_directory(args: argparse.Namespace, fusion: str, seed: int) -> Path:
+    """Where the run of ``fusion`` at ``seed`` goes: --out, then <fusion>/ with --compare, then
+    seed<k>/ with more than one seed."""
+    out = Path(args.out)
+    if args.compare:
+        out = out / fusion
+    return out / f"seed{seed}" if args.seeds > 1 else out
 
 
-def training_noise(dataset: Dataset, args: argparse.Namespace, rgb_key: str = "rgb", points_key: str = "points") -> Dataset:
-    """Corrupt the RGB of a seeded fraction of the samples (pixel corruption) and, independently,
-    the point cloud of another seeded fraction (Gaussian noise), as in Section 4.3."""
-    if args.data_corruption <= 0:
-        return dataset
-    seed = args.seed * 10
-    dataset = CorruptedDataset(dataset, rgb_key, args.data_corruption, PixelCorruption(args.train_pixel_corruption),
-                               seed=seed + _SEED_RGB)
-    if args.point_noise > 0:
-        dataset = CorruptedDataset(dataset, points_key, args.data_corruption, GaussianPointNoise(args.point_noise),
-                                   seed=seed + _SEED_POINTS)
-    return dataset
-
-
-def test_corruption(dataset: Dataset, level: float, seed: int, key: str = "rgb") -> Dataset:
-    """Every sample's ``key`` pixel-corrupted at ``level`` (seeded), as the paper's test settings."""
-    if level <= 0:
-        return dataset
-    return CorruptedDataset(dataset, key, 1.0, PixelCorruption(level), seed=seed * 10 + _SEED_TEST)
-
-
-def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    """Batches of ``dataset`` in order, --eval-batch-size at a time, decoded by --workers processes."""
-    return DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers)
-
-
-@torch.no_grad()
-def alpha_by_corruption(model: nn.Module, dataset: Dataset, args: argparse.Namespace,
-                        device: torch.device) -> dict[str, dict[str, float]] | None:
-    """gPoE's mean alpha per modality when the test RGB is corrupted at each --test-corruption level
-    (None without gPoE). Returns {level: {modality: mean alpha}}: does the model trust RGB less as
-    it gets noisier?
-    """
-    if not isinstance(model.objective.fusion, gf.GPoE):
-        return None
-    model.eval()
-    out = {}
-    for level in args.test_corruption:
-        sums = torch.zeros(len(model.modalities), dtype=torch.float64)
-        count = 0
-        for batch in eval_loader(test_corruption(dataset, level, args.seed), args):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            alpha: Tensor = model.credibility(batch)
-            sums += alpha.double().mean(-1).sum(1).cpu()
-            count += alpha.shape[1]
-        out[str(level)] = {name: float(s / count) for name, s in zip(model.modalities, sums)}
-    return out
-
-
-def train_and_evaluate(args: argparse.Namespace, fusion: str, build_model: BuildModel, evaluate: Evaluate,
-                       train_set: Dataset, eval_set: Dataset, env: DistEnv,
-                       out_dir: Path) -> tuple[CrossModalVAE, dict | None]:
-    """Train ``build_model(args, fusion)`` on the noisy ``train_set`` (checkpoints in ``out_dir``),
-    then, on the main process, evaluate it at every ``args.test_corruption`` level and write
+def train_and_evaluate(args: argparse.Namespace, build_model: BuildModel, evaluate: Evaluate, train_set: Dataset,
+                       eval_set: Dataset, env: DistEnv, out_dir: Path) -> tuple[CrossModalVAE, dict | None]:
+    """Train ``build_model(args, args.fusion)`` at ``args.seed`` on the noisy ``train_set``
+    (checkpoints in ``out_dir``), then, on the main process, evaluate it at every
+    ``args.test_corruption`` level and on the held-out credibility set, and write
     ``out_dir/results.json``. Returns the model and its result (None on the other ranks):
-    ``{"fusion", "metrics": {str(level): evaluate(...)}, "alpha", "train_seconds", "history"}``.
+    ``{"fusion", "seed", "metrics": {str(level): evaluate(...)}, "alpha", "credibility",
+    "train_seconds", "history", "dir", "signature", "credibility_samples"}``.
     """
-    model = build_model(args, fusion)
+    model = build_model(args, args.fusion)
     began = time.perf_counter()
     try:
         history = fit(model, training_noise(train_set, args), train_config(args), env, out_dir, resume=args.resume,
@@ -136,11 +94,97 @@ def train_and_evaluate(args: argparse.Namespace, fusion: str, build_model: Build
         raise
     if not env.is_main:
         return model, None
+    train_seconds = time.perf_counter() - began
     metrics = {str(level): evaluate(model, eval_set, level, args, env.device) for level in args.test_corruption}
-    result = {"fusion": fusion, "metrics": metrics, "alpha": alpha_by_corruption(model, eval_set, args, env.device),
-              "train_seconds": time.perf_counter() - began, "history": history}
+    credibility, samples = held_out_credibility(model, eval_set, args, env.device)
+    result = {"fusion": args.fusion, "seed": args.seed, "metrics": metrics,
+              "alpha": alpha_by_corruption(model, eval_set, args, env.device), "credibility": credibility,
+              "train_seconds": train_seconds, "history": history, "dir": str(out_dir),
+              "signature": run_signature(args), "credibility_samples": samples}
     write_json(out_dir / "results.json", result)
     return model, result
+
+
+def finished_run(out_dir: Path, args: argparse.Namespace) -> dict | None:
+    """The result in ``out_dir/results.json`` if it is that of this very run (the same signature,
+    evaluated at the same test levels) and its checkpoint is there too; else None."""
+    path = out_dir / "results.json"
+    if not path.is_file() or not (out_dir / CHECKPOINT).is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):  # half a file of an older version, or unreadable: train again
+        return None
+    if not isinstance(result, dict) or result.get("signature") != run_signature(args):
+        return None
+    return result if list(result.get("metrics", {})) == [str(level) for level in args.test_corruption] else None
+
+
+def _load_trained(args: argparse.Namespace, build_model: BuildModel, out_dir: Path, env: DistEnv) -> CrossModalVAE:
+    """The model of a finished run, from its checkpoint (for the figures)."""
+    model = build_model(args, args.fusion)
+    model.load_state_dict(load_checkpoint(out_dir / CHECKPOINT, map_location="cpu")["model"])
+    return model.to(env.device).eval()
+
+
+def run_study(args: argparse.Namespace, env: DistEnv, build_model: BuildModel, evaluate: Evaluate,
+              train_set: Dataset, eval_set: Dataset, heading: str = "") -> Study:
+    """``args.fusion``, or with --compare each of --fusions, trained and evaluated at each of the
+    --seeds seeds args.seed, args.seed + 1, ..., each into its ``run_directory``; a seed's fusions
+    one after the other, so that the paired comparisons of the first seeds come first. A study of
+    several runs (more than one seed, or a point of a sweep) reuses its finished runs
+    (``finished_run``). Only the first seed's models are kept, for the figures. Returns the study;
+    its runs are filled on the main process only. heading: what the run headers begin with.
+    """
+    fusions = list(args.fusions) if args.compare else [args.fusion]
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    reuse = len(seeds) > 1 or bool(args.corruption_sweep)
+    log = print if env.is_main else (lambda _: None)
+    study = Study(fusions, seeds, runs={f: {} for f in fusions})
+    runs = list(itertools.product(seeds, fusions))
+    for count, (seed, fusion) in enumerate(runs, start=1):
+        run, out_dir = _with(args, fusion=fusion, seed=seed), run_directory(args, fusion, seed)
+        name = heading + FUSION_LABELS[fusion] + (f", seed {seed}" if len(seeds) > 1 else "")
+        name += f" (run {count} of {len(runs)})" if len(runs) > 1 else ""
+        finished = finished_run(out_dir, run) if reuse else None
+        if finished is not None:
+            log(f"== {name}: finished in {out_dir}, its results loaded (not retrained)")
+            study.runs[fusion][seed] = finished
+            if seed == seeds[0] and env.is_main:
+                study.models[fusion] = _load_trained(run, build_model, out_dir, env)
+            continue
+        steps = f", at most {args.max_steps} steps" if args.max_steps else ""
+        log(f"== {name}: {len(train_set)} training samples, {args.epochs} epochs{steps}, on {env.device} "
+            f"x{env.world_size} (kernels: {'on' if gf.extension_available() else 'off'}) -> {out_dir}")
+        model, result = train_and_evaluate(run, build_model, evaluate, train_set, eval_set, env, out_dir)
+        if env.is_main:
+            study.runs[fusion][seed] = result
+            if seed == seeds[0]:
+                study.models[fusion] = model
+        del model  # a later seed's model is done with once evaluated: only the first seed's are kept
+    return study
+
+
+def _sweep_directory(out: Path, fraction: float) -> Path:
+    return Path(out) / f"corruption{fraction:g}"
+
+
+def run_sweep(args: argparse.Namespace, env: DistEnv, build_model: BuildModel, evaluate: Evaluate,
+              train_set: Dataset, eval_set: Dataset, write_report: WriteReport, began: float) -> list[SweepPoint]:
+    """The study of each --corruption-sweep fraction (as --data-corruption) into --out/corruption<X>/,
+    each with its own report there (written on the main process as soon as it is done; its models
+    are released then). Returns the points, in the order given."""
+    points = []
+    for fraction in args.corruption_sweep:
+        point = _with(args, data_corruption=fraction, out=_sweep_directory(args.out, fraction),
+                      given=sorted({*args.given, "data_corruption"}))
+        study = run_study(point, env, build_model, evaluate, train_set, eval_set,
+                          heading=f"training corruption {fraction:.0%}: ")
+        if env.is_main:
+            write_report(point, study, eval_set, time.perf_counter() - began)
+        study.models.clear()  # its figures are drawn: free the models before the next fraction trains
+        points.append(SweepPoint(fraction, point.out, study))
+    return points
 
 
 def _setup(args: argparse.Namespace) -> DistEnv:
@@ -158,13 +202,14 @@ def _check_batch(args: argparse.Namespace, train_set: Dataset, env: DistEnv) -> 
 
 
 def run_experiment(args: argparse.Namespace, load_data: Callable, build_model: BuildModel, evaluate: Evaluate,
-                   write_report: Callable) -> dict | None:
-    """The body of both pipelines' ``main``: join the process group, load the data, train and
-    evaluate the fusion(s), and on the main process write the report and print its tables.
+                   write_report: WriteReport, write_sweep_report: WriteSweepReport) -> Study | list[SweepPoint] | None:
+    """The body of both pipelines' ``main``: join the process group, load the data, run the study
+    (or, with --corruption-sweep, the sweep), and on the main process write the report and print
+    its tables.
 
-    load_data(args, env) -> (train_set, eval_set); write_report(args, results, models, eval_set,
-    seconds) -> the tables as markdown. Returns {fusion: result} on the main process, else None.
-    A value found wrong on the way (UsageError) ends the program with one line and exit status 2.
+    load_data(args, env) -> (train_set, eval_set). Returns the study (the sweep's points) on the
+    main process, else None. A value found wrong on the way (UsageError) ends the program with one
+    line and exit status 2.
     """
     if args.low_memory:
         pin_mmap_threshold()
@@ -183,55 +228,19 @@ def run_experiment(args: argparse.Namespace, load_data: Callable, build_model: B
         gc.collect()
         gc.freeze()
         try:
-            results, models = run_fusions(args, env, build_model, evaluate, train_set, eval_set)
+            if args.corruption_sweep:
+                outcome = run_sweep(args, env, build_model, evaluate, train_set, eval_set, write_report, began)
+            else:
+                outcome = run_study(args, env, build_model, evaluate, train_set, eval_set)
         finally:
             gc.unfreeze()
     except UsageError as error:
         exit_with(str(error))
-    summary = None
     if env.is_main:
-        tables = write_report(args, results, models, eval_set, time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        tables = (write_sweep_report(args, outcome, seconds) if args.corruption_sweep
+                  else write_report(args, outcome, eval_set, seconds))
         print(f"\n{tables}\nresults and plots in {args.out} ({time.perf_counter() - began:.0f} s); "
-              + "; ".join(f"{path} {describe_size(path)}" for path in sorted(Path(args.out).rglob(CHECKPOINT))))
-        summary = results
+              f"{describe_checkpoints(args.out)}")
     distributed.cleanup(env)
-    return summary
-
-
-def run_fusions(args: argparse.Namespace, env: DistEnv, build_model: BuildModel, evaluate: Evaluate,
-                train_set: Dataset, eval_set: Dataset) -> tuple[dict[str, dict | None], dict[str, CrossModalVAE]]:
-    """``args.fusion`` trained into ``args.out``, or with ``--compare`` MoE, PoE and gPoE trained alike,
-    each into ``args.out/<fusion>``. Returns ({fusion: result}, {fusion: model})."""
-    fusions = tuple(args.fusions) if args.compare else (args.fusion,)
-    results, models = {}, {}
-    for fusion in fusions:
-        run_dir = Path(args.out) / fusion if args.compare else Path(args.out)
-        if env.is_main:
-            steps = f", at most {args.max_steps} steps" if args.max_steps else ""
-            print(f"== {FUSION_LABELS[fusion]}: {len(train_set)} training samples, {args.epochs} epochs{steps}, "
-                  f"on {env.device} x{env.world_size} (kernels: {'on' if gf.extension_available() else 'off'})")
-        models[fusion], results[fusion] = train_and_evaluate(args, fusion, build_model, evaluate, train_set, eval_set,
-                                                             env, run_dir)
-    return results, models
-
-
-def describe_size(path: str | Path) -> str:
-    """The disk space a file or folder takes, e.g. ``"(172 MB)"``."""
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return f"({sum(os.path.getsize(p) for p in files) / 1e6:.0f} MB)"
-
-
-def write_summary(args: argparse.Namespace, task: str, data: str, results: Mapping[str, dict], seconds: float,
-                  presets: Mapping[str, Mapping[str, object]], from_paper: Mapping[str, str],
-                  **extra: object) -> dict:
-    """Write ``args.out/results.json``: the task, preset, seed, data, time, machine, the full config,
-    where each setting comes from (``provenance``), any ``extra`` entries, and the results of
-    every fusion. Returns what was written."""
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
-    summary = {"task": task, "preset": args.preset, "seed": args.seed, "data": data, "seconds": seconds,
-               "machine": platform.platform(), "torch": torch.__version__,
-               "kernel_extension": gf.extension_available(), "config": config,
-               "provenance": provenance(args, presets, from_paper), **extra, "fusions": dict(results)}
-    write_json(Path(args.out) / "results.json", summary)
-    return summary
+    return outcome if env.is_main else None

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from gpoe_fusion import CrossModalObjective, GPoE, ObjectiveOutput
 
-__all__ = ["CrossModalVAE"]
+__all__ = ["CrossModalVAE", "FusionWeights"]
+
+
+class FusionWeights(NamedTuple):
+    """What a fusion layer makes of a batch's experts, each [M, B, D] over the encoded modalities.
+
+    weights: the fusion's own weight of each modality, summing to 1 over them: gPoE's alpha, PoE's
+    precision share, MoE's mixture weight; for MoPoE, whose weights are its subsets', the mixture
+    weight of the subsets holding the modality, renormalised over the modalities. alpha: gPoE's
+    credibility; uniform for the other fusions (a product of experts is gPoE with uniform alpha).
+    logvar: the experts' log-variances.
+    """
+
+    weights: Tensor
+    alpha: Tensor
+    logvar: Tensor
 
 
 class CrossModalVAE(nn.Module):
@@ -49,13 +65,16 @@ class CrossModalVAE(nn.Module):
         return self.objective.decoders[decoded](mu)
 
     @torch.no_grad()
-    def credibility(self, batch: Mapping[str, Tensor]) -> Tensor | None:
-        """gPoE's alpha [M, B, D] for a batch (None for PoE and MoE)."""
+    def credibility(self, batch: Mapping[str, Tensor]) -> FusionWeights:
+        """The fusion layer's weights of a batch's experts (see FusionWeights)."""
         fusion = self.objective.fusion
-        if not isinstance(fusion, GPoE):
-            return None
         posteriors, features = self.encode(batch)
         mu = torch.stack([posteriors[n][0] for n in self.modalities])
         logvar = torch.stack([posteriors[n][1] for n in self.modalities])
-        _, alpha = fusion(mu, logvar, features=[features[n] for n in self.modalities], return_alpha=True)
-        return alpha
+        joint, weights = fusion(mu, logvar, features=[features[n] for n in self.modalities], return_alpha=True)
+        subsets = getattr(joint, "subsets", None)
+        if subsets is not None:  # MoPoE: weights [S, B, D] of its subsets -> [M, B, D] of the modalities
+            weights = torch.einsum("sm,sbd->mbd", subsets.to(weights.dtype), weights)
+            weights = weights / weights.sum(0, keepdim=True)
+        uniform = torch.full_like(logvar, 1.0 / len(self.modalities))
+        return FusionWeights(weights, weights if isinstance(fusion, GPoE) else uniform, logvar)

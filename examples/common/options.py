@@ -19,30 +19,36 @@ from .cli import (default_cache_dir, fraction, non_negative_float, non_negative_
                   positive_int, show_defaults)
 from .networks import load_resnet18_state
 
-__all__ = ["COMPARED", "FUSIONS", "TEST_CORRUPTION", "add_common_arguments", "apply_preset", "finish_help", "provenance",
-           "run_signature"]
+__all__ = ["COMPARED", "FUSIONS", "PRESET_NAMES", "TEST_CORRUPTION", "add_common_arguments", "apply_preset",
+           "finish_help", "provenance", "run_signature"]
 
 FUSIONS = ("moe", "poe", "gpoe", "mopoe")
 # What --compare trains unless --fusions says otherwise: the paper's comparison.
 COMPARED = ("moe", "poe", "gpoe")
+# Each pipeline's presets: demo, full, and study (the demo's settings, --compare over several seeds).
+PRESET_NAMES = ("demo", "full", "study")
 # The paper's test pixel-corruption levels: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent).
 TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)
 TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent)"
 # Options that change how a run executes or what it reports, not the model it trains: a run resumed
-# with other values of these continues exactly.
+# with other values of these continues exactly. So are those that say which runs a study makes
+# (--seeds, --corruption-sweep, --compare, --fusions): each run's own seed, fusion and data corruption
+# are in its signature.
 _RUN_ONLY = {"out", "resume", "compare", "fusions", "no_progress", "low_memory", "device", "cache_dir", "workers",
-             "in_memory", "eval_batch_size", "test_corruption", "rgb_weights", "given"}
+             "in_memory", "eval_batch_size", "test_corruption", "rgb_weights", "given", "seeds", "corruption_sweep"}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options both pipelines take. Those a preset sets default to None (filled by apply_preset)."""
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", choices=("demo", "full"), default="demo",
-                     help="sizes and schedule: demo (minutes on a CPU) or full (the whole real dataset, 256x256 "
-                          "images, streamed from disk); each value it sets has its own option, which overrides it")
+    run.add_argument("--preset", choices=PRESET_NAMES, default="demo",
+                     help="sizes and schedule: demo (minutes on a CPU), full (the whole real dataset, 256x256 "
+                          "images, streamed from disk) or study (the demo's settings, --compare at several "
+                          "--seeds: means with confidence intervals); each value it sets has its own option, "
+                          "which overrides it")
     run.add_argument("--fusion", choices=FUSIONS, default="gpoe",
                      help="the fusion layer (mopoe: the mixture of every subset's product, Sutter et al. 2021)")
-    run.add_argument("--compare", action="store_true",
+    run.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                      help="train the --fusions alike (each into --out/<fusion>) and compare them")
     run.add_argument("--fusions", nargs="+", choices=FUSIONS, default=list(COMPARED), metavar="FUSION",
                      help=f"what --compare trains, from {', '.join(FUSIONS)}")
@@ -54,6 +60,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="auto: CUDA when available, else CPU")
     run.add_argument("--seed", type=non_negative_int, metavar="N", default=0,
                      help="initial weights, batch order, training noise and test corruption")
+    run.add_argument("--seeds", type=positive_int, metavar="N", default=None,
+                     help="train each fusion at the seeds --seed, --seed + 1, ..., --seed + N - 1 (each into "
+                          "seed<k>/ of its folder; a finished seed is loaded, not retrained) and report the mean, "
+                          "95 % confidence intervals and the paired differences between the fusions")
     run.add_argument("--no-amp", action="store_true", help="train in float32 on GPU instead of bf16 autocast")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
@@ -79,6 +89,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--rgb-weights", type=Path, metavar="FILE", default=None,
                        help="torchvision's ResNet-18 checkpoint file (e.g. resnet18-f37072fd.pth, ImageNet "
                             "weights as in the paper); nothing is downloaded (default: none, random init)")
+    model.add_argument("--rgb-width", type=positive_int, metavar="N", default=None,
+                       help="channels of the RGB ResNet-18's first stage (64: ResNet-18 itself; narrower: the same "
+                            "blocks and strides with fewer channels)")
+    model.add_argument("--rgb-stem-pool", action=argparse.BooleanOptionalAction, default=None,
+                       help="the max-pool after the RGB ResNet's stem (without it small crops keep more resolution)")
     model.add_argument("--credibility", choices=gf.credibility.CREDIBILITIES, default="joint",
                        help="gPoE's credibility: joint (paper Fig. 2), independent or global networks, entropy (the "
                             "entropy each expert removes from the prior, no network) or entropy+joint")
@@ -114,13 +129,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="std of the Gaussian noise on a corrupted training point cloud (normalised units)")
     noise.add_argument("--test-corruption", type=fraction, nargs="+", metavar="P", default=None,
                        help="test-time pixel-corruption levels")
+    noise.add_argument("--corruption-sweep", type=fraction, nargs="+", metavar="X", default=None,
+                       help="train at each of these --data-corruption fractions (each into --out/corruption<X>/, "
+                            "with its own report) and plot the metric at 0 and 50 %% test corruption against "
+                            "them (paper Fig. 4, first panel) (default: none, no sweep)")
 
 
 def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, object]],
                 **notes: str) -> None:
     """Every option's help ends with its default: a preset's value per preset, or the fixed one.
     notes: option dest -> the default in words, where no value says it (e.g. ``out``)."""
-    notes = {"test_corruption": " ".join(map(str, TEST_CORRUPTION)) + ", the paper's levels", **notes}
+    notes = {"test_corruption": " ".join(map(str, TEST_CORRUPTION)) + ", the paper's levels",
+             "compare": ", ".join(f"{name} {'on' if p.get('compare') else 'off'}" for name, p in presets.items()),
+             **notes}
     if any(p.get("eval_batch_size") is None for p in presets.values()):
         notes["eval_batch_size"] = ", ".join(f"{name} {p['eval_batch_size'] or 'the training batch size'}"
                                              for name, p in presets.items())
@@ -139,10 +160,17 @@ def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.compare is None:  # a preset that does not compare leaves it out
+        args.compare = False
     if args.test_corruption is None:
         args.test_corruption = list(TEST_CORRUPTION)
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size
+    if args.corruption_sweep is not None:
+        if len(set(args.corruption_sweep)) < len(args.corruption_sweep):
+            parser.error(f"argument --corruption-sweep: a fraction appears twice in {args.corruption_sweep}")
+        if "data_corruption" in args.given:
+            parser.error("argument --corruption-sweep: not allowed with --data-corruption (the sweep sets it)")
     if args.data_root is not None and not args.data_root.is_dir():
         parser.error(f"argument --data-root: no such folder: {args.data_root}")
     for name in ("out", "cache_dir"):
@@ -153,6 +181,10 @@ def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
         built = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
         parser.error(f"argument --device: cuda was asked for, but {built}; use --device cpu (or auto)")
     if args.rgb_weights is not None:
+        if args.rgb_width != 64 or not args.rgb_stem_pool:
+            parser.error(f"argument --rgb-weights: ResNet-18 weights need --rgb-width 64 and --rgb-stem-pool "
+                         f"(this run has --rgb-width {args.rgb_width}"
+                         f"{'' if args.rgb_stem_pool else ' and --no-rgb-stem-pool'})")
         try:
             load_resnet18_state(args.rgb_weights)
         except (OSError, ValueError) as error:

@@ -1,11 +1,15 @@
 """Readable results: markdown tables and matplotlib figures (written headless, as PNG).
 
 The fusion-comparison helpers read the results both pipelines produce:
-``{fusion: {"metrics": {str(level): {metric: value}}, "alpha": {str(level): {modality: mean alpha}} | None}}``.
+``{fusion: {"metrics": {str(level): {metric: value}}, "alpha": {str(level): {modality: mean alpha}} | None,
+"credibility": {modality: {measure: value}}, "credibility_samples": {modality: {"weight", "corrupted"}}}}``,
+and, over several seeds, ``statistics`` (``common.statistics.study_statistics``): then a table cell
+is the mean ± the half-width of its 95 % confidence interval and a plotted point has that error bar.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,10 +20,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["FUSION_LABELS", "alpha_plots", "corruption_levels", "corruption_plot", "fusion_table", "image_grid",
-           "line_plot", "markdown_table"]
+__all__ = ["FUSION_LABELS", "FUSION_WEIGHTS", "alpha_plots", "corruption_levels", "corruption_plot",
+           "credibility_plots", "fusions_title", "fusion_table", "image_grid", "interval_cell", "line_plot",
+           "markdown_table", "metric_cell"]
 
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
+# What each fusion's own weight of a modality is (common.model.FusionWeights).
+FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha",
+                  "mopoe": "mixture weight of its subsets"}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floatfmt: str = ".4f") -> str:
@@ -33,17 +41,22 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floa
 
 
 def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str,
-              title: str = "", markers: bool = True) -> None:
-    """One line per entry of ``series`` over ``x``, saved to ``path``."""
+              title: str = "", markers: bool = True, errors: Mapping[str, Sequence[float]] | None = None,
+              ylim: tuple[float, float] | None = None) -> None:
+    """One line per entry of ``series`` over ``x``, saved to ``path``. errors: label -> the half-width
+    of each point's error bar (drawn where given); ylim: a fixed y range (default: the data's)."""
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for label, ys in series.items():
-        ax.plot(x, ys, marker="o" if markers else None, markersize=4, label=label)
+        bars = None if errors is None or label not in errors else errors[label]
+        ax.errorbar(x, ys, yerr=bars, marker="o" if markers else None, markersize=4, capsize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -55,10 +68,19 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_label
                legend: Mapping[str, Sequence[int]] | None = None) -> None:
     """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]) with optional row/column labels.
 
-    legend: label -> RGB colour (0..255), drawn as colour patches below the grid (e.g. class colours).
+    legend: label -> RGB colour (0..255), drawn as colour patches in a strip below the grid (e.g.
+    class colours), in as many columns as the grid's width holds.
     """
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, cell * n_rows), dpi=120, squeeze=False)
+    width = cell * n_cols
+    strip, columns = 0.0, 1
+    if legend:
+        # About the width of one entry at font size 8: the patch, a gap, and the longest label.
+        entry = 0.5 + 0.075 * max(len(label) for label in legend)
+        columns = max(1, min(len(legend), int(width // entry)))
+        strip = 0.1 + 0.25 * math.ceil(len(legend) / columns)
+    height = cell * n_rows + strip
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), dpi=120, squeeze=False)
     for r, row in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r][c]
@@ -72,10 +94,9 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_label
                 ax.set_title(col_labels[c], fontsize=8)
     if legend:
         handles = [Patch(color=np.asarray(colour) / 255.0, label=label) for label, colour in legend.items()]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.6 / (cell * n_rows), 1, 1))
-    else:
-        fig.tight_layout()
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False,
+                   handlelength=1.2, columnspacing=1.0)
+    fig.tight_layout(rect=(0, strip / height, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -86,30 +107,95 @@ def corruption_levels(results: Mapping[str, Mapping]) -> list[str]:
     return list(next(iter(results.values()))["metrics"])
 
 
-def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, str]], floatfmt: str = ".4f") -> str:
+def fusions_title(what: str, fusions: Sequence[str], seeds: int = 1) -> str:
+    """A figure's title that says what it compares: "what: gPoE" for one fusion, "what: MoE vs PoE
+    vs gPoE" for several, and over how many seeds the points are means."""
+    title = f"{what}: {' vs '.join(FUSION_LABELS[f] for f in fusions)}"
+    return title + (f"\nmean and 95 % CI over {seeds} seeds" if seeds > 1 else "")
+
+
+def interval_cell(summary: Mapping, floatfmt: str) -> str:
+    """A ``statistics.t_interval`` as ``mean ± half-width`` (the mean alone with one value)."""
+    if summary["mean"] is None:
+        return "n/a"
+    if summary["half_width"] is None:
+        return format(summary["mean"], floatfmt)
+    return f"{summary['mean']:{floatfmt}} ± {summary['half_width']:{floatfmt}}"
+
+
+def metric_cell(results: Mapping[str, Mapping], statistics: Mapping | None, fusion: str, level: str, key: str,
+                floatfmt: str) -> float | str:
+    """One fusion's ``key`` at ``level``: the value of its single run, or mean ± 95 % CI half-width."""
+    if statistics is None:
+        return results[fusion]["metrics"][level][key]
+    return interval_cell(statistics["metrics"][fusion][level][key], floatfmt)
+
+
+def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, str]], floatfmt: str = ".4f",
+                 statistics: Mapping | None = None) -> str:
     """The paper's comparison layout (Tables 3 and 4): a row per fusion and, for every corruption
-    level, one column per (header, metric key) of ``columns``."""
+    level, one column per (header, metric key) of ``columns``; over seeds, mean ± half-width."""
     levels = corruption_levels(results)
     header = ["Fusion"] + [f"{h} @ {float(lv):.0%}" for lv in levels for h, _ in columns]
-    rows = [[FUSION_LABELS[f]] + [r["metrics"][lv][key] for lv in levels for _, key in columns]
-            for f, r in results.items()]
+    rows = [[FUSION_LABELS[f]] + [metric_cell(results, statistics, f, lv, key, floatfmt)
+                                  for lv in levels for _, key in columns] for f in results]
     return markdown_table(header, rows, floatfmt=floatfmt)
 
 
-def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Path, ylabel: str,
-                    title: str = "") -> None:
-    """``metric`` against the test pixel corruption, one line per fusion."""
+def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Path, ylabel: str, what: str,
+                    statistics: Mapping | None = None) -> None:
+    """``metric`` against the test pixel corruption, one line per fusion, titled ``what`` and the
+    fusions shown; over seeds, the means with their 95 % confidence intervals as error bars."""
     levels = corruption_levels(results)
-    series = {FUSION_LABELS[f]: [r["metrics"][lv][metric] for lv in levels] for f, r in results.items()}
-    line_plot([100 * float(lv) for lv in levels], series, path, "test pixel corruption (%)", ylabel, title)
+    x = [100 * float(lv) for lv in levels]
+    if statistics is None:
+        series = {FUSION_LABELS[f]: [r["metrics"][lv][metric] for lv in levels] for f, r in results.items()}
+        line_plot(x, series, path, "test pixel corruption (%)", ylabel, fusions_title(what, list(results)))
+        return
+    summaries = {FUSION_LABELS[f]: [statistics["metrics"][f][lv][metric] for lv in levels] for f in results}
+    series = {label: [s["mean"] for s in points] for label, points in summaries.items()}
+    errors = {label: [s["half_width"] or 0.0 for s in points] for label, points in summaries.items()}
+    line_plot(x, series, path, "test pixel corruption (%)", ylabel,
+              fusions_title(what, list(results), len(statistics["seeds"])), errors=errors)
 
 
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
     """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each
-    modality against the test pixel corruption of RGB."""
+    modality against the test pixel corruption of RGB, on alpha's whole range 0-1."""
     levels = corruption_levels(results)
     for f, r in results.items():
         if r.get("alpha"):
             series = {m: [r["alpha"][lv][m] for lv in levels] for m in r["alpha"][levels[0]]}
             line_plot([100 * float(lv) for lv in levels], series, Path(out_dir) / f"alpha_{f}.png",
-                      "test pixel corruption of RGB (%)", "mean alpha", f"{FUSION_LABELS[f]}: credibility per modality")
+                      "test pixel corruption of RGB (%)", "mean alpha", f"{FUSION_LABELS[f]}: credibility per modality",
+                      ylim=(0.0, 1.0))
+
+
+def credibility_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
+    """For every fusion, ``credibility_<fusion>.png``: per corrupted modality of the held-out
+    credibility set, box plots of the fusion's own weight (each sample's mean over the latent
+    dimensions, dots: the samples) on its clean and its corrupted samples, on the weights' range 0-1."""
+    for f, r in results.items():
+        samples = r.get("credibility_samples")
+        if not samples:
+            continue
+        fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples) + 0.6, 3.4), dpi=120, squeeze=False)
+        for ax, (modality, data) in zip(axes[0], samples.items()):
+            weight, corrupted = np.asarray(data["weight"], dtype=float), np.asarray(data["corrupted"], dtype=bool)
+            groups = [weight[~corrupted], weight[corrupted]]
+            ax.boxplot(groups, showfliers=False, widths=0.5)
+            jitter = np.random.default_rng(0)
+            for i, values in enumerate(groups, start=1):
+                ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=4, alpha=0.35, color="tab:blue")
+            ax.set_xticks([1, 2], [f"clean\n({len(groups[0])})", f"corrupted\n({len(groups[1])})"])
+            ax.set_ylim(0.0, 1.0)
+            measures = r["credibility"][modality]
+            auroc = "n/a" if measures["auroc"] is None else f"{measures['auroc']:.2f}"
+            ax.set_title(f"{modality} (AUROC {auroc})", fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+        axes[0][0].set_ylabel(f"{FUSION_WEIGHTS[f]} of the modality")
+        fig.suptitle(f"{FUSION_LABELS[f]}: {FUSION_WEIGHTS[f]} on held-out samples", fontsize=9)
+        fig.tight_layout()
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(out_dir) / f"credibility_{f}.png")
+        plt.close(fig)

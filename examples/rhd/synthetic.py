@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.parallel import ordered_map
 from rhd.annotations import load_annotations, save_annotations
 from rhd.dataset import Frame
 
@@ -378,15 +379,22 @@ def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: t
             for folder in ("color", "depth", "mask"):
                 _link_or_copy(reuse / folder / f"{index:05d}.png", split_dir / folder / f"{index:05d}.png")
             bar.update(1)
-    for index in range(len(annotations), count):
-        frame = synthesize_frame(np.random.default_rng([seed, split_code, index]))
-        name = f"{index:05d}.png"
-        Image.fromarray(frame.color).save(split_dir / "color" / name, compress_level=PNG_COMPRESS_LEVEL)
-        Image.fromarray(encode_depth(frame.depth)).save(split_dir / "depth" / name, compress_level=PNG_COMPRESS_LEVEL)
-        Image.fromarray(frame.mask).save(split_dir / "mask" / name, compress_level=PNG_COMPRESS_LEVEL)
-        annotations[index] = {"xyz": frame.xyz, "uv_vis": frame.uv_vis, "K": frame.K}
+    jobs = [(split_dir, split_code, seed, index) for index in range(len(annotations), count)]
+    for index, annotation in ordered_map(_write_frame, jobs):
+        annotations[index] = annotation
         bar.update(1)
     save_annotations(split_dir / f"anno_{split_dir.name}.pickle", annotations)
+
+
+def _write_frame(job: tuple[Path, int, int, int]) -> tuple[int, dict[str, np.ndarray]]:
+    """Render frame ``index`` of a split and write its three PNGs; returns (index, its annotation)."""
+    split_dir, split_code, seed, index = job
+    frame = synthesize_frame(np.random.default_rng([seed, split_code, index]))
+    name = f"{index:05d}.png"
+    Image.fromarray(frame.color).save(split_dir / "color" / name, compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(encode_depth(frame.depth)).save(split_dir / "depth" / name, compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(frame.mask).save(split_dir / "mask" / name, compress_level=PNG_COMPRESS_LEVEL)
+    return index, {"xyz": frame.xyz, "uv_vis": frame.uv_vis, "K": frame.K}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -1,22 +1,32 @@
 """Built-in synthetic Sim2Real data, written in exactly the on-disk format of the real dataset.
 
-Each view (512 x 256) is a procedural laparoscopic scene: abdominal wall and fat/stomach regions split by
-a smooth random level set, a large two-lobed liver in front of them, a small gallbladder at the liver's
-lower rim, and a thin curved ligament band running from the liver towards the wall. Every pixel belongs to
-one of the five classes, as in the real data (which has no background colour).
+The real dataset renders each scene, one fixed 3-D anatomy built from a liver mesh, from random camera
+poses. So does this generator: scene k is one fixed procedural laparoscopic anatomy, in world coordinates:
+abdominal wall and fat/stomach regions split by a smooth random level set, a large two-lobed liver in
+front of them, a small gallbladder at the liver's lower rim, and a thin curved ligament band running from
+the liver towards the wall. Every pixel belongs to one of the five classes, as in the real data (which
+has no background colour). Each view (512 x 256) shows the scene from a random camera pose: a pan over
+it (mostly onto the liver, now and then far enough off that the liver leaves the view), a distance (a
+nearer camera sees the anatomy larger and nearer: weak perspective, the image scales by 215 / distance
+and the depth shifts with the distance), and a roll of up to 30 degrees about the optical axis. A view
+samples the world's fields at its pixels' world positions. The views of a scene therefore differ only
+by the pose, as in the real data, and a view's masks are a function of four pose parameters per scene:
+a family a small model can learn, which layouts drawn anew for every view (generator v1) were not.
 
 * depth: a smooth tilted wall surface; fat bulges out of it continuously, the liver is a dome clearly in
   front of the wall, the gallbladder in front of the liver, the ligament a thin sheet on top. Values are
-  z-depth in scene units, about 75..305 (over 99.6 % of every view below 300).
+  z-depth in scene units, about 75..290 (rarely down to 45; over 99.6 % of every view below 300).
 * translation (the "realistic" image): per-class colours and textures (mottled liver, lobular fat,
-  striated wall, veined gallbladder, fibrous ligament) that vary per scene and per view, lit by a light at
-  the camera (Lambert shading from the depth normals, distance fall-off, vignetting, wet highlights).
+  striated wall, veined gallbladder, fibrous ligament) fixed to the tissue, varying per scene, with
+  colours that also vary per view, lit by a light at the camera (Lambert shading from the depth normals,
+  distance fall-off, vignetting, wet highlights).
 * input (the raw render): flat simulator colours per class with Lambert shading only, in 51 shades per
   class (written as a palette PNG, which decodes to RGB like any other).
 
-Scene k has its own tissue appearance (palette and texture maps); view N of scene k is drawn from
-``np.random.default_rng([seed, k, N])``, so a view does not depend on how many views are generated, and
-the same seed writes byte-identical files (with the same numpy, Pillow, zlib and OpenEXR versions).
+Scene k (anatomy and tissue appearance) is drawn from ``np.random.default_rng([seed, k])`` and view N of
+it (pose, colour jitter) from ``np.random.default_rng([seed, k, N])``, so a view does not depend on how
+many views are generated, and the same seed writes byte-identical files (with the same numpy, Pillow,
+zlib and OpenEXR versions).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.parallel import ordered_map
 from sim2real.dataset import (
     CLASS_COLORS,
     IMAGE_HEIGHT,
@@ -45,14 +56,31 @@ from sim2real.dataset import (
 
 __all__ = ["GENERATOR_VERSION", "generate_sim2real", "ensure_builtin_sim2real"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the generated images change, so cached data of an older generator is not reused."""
 
 H, W = IMAGE_HEIGHT, IMAGE_WIDTH
-_PAD = 64  # texture maps are this much larger than a view, so each view can show a shifted part of them
 _FOCAL = float(default_intrinsics(W, H)[0, 0])
 
 LIVER, FAT, WALL, GALLBLADDER, LIGAMENT = range(NUM_CLASSES)
+
+# Camera poses. World coordinates are in units of the image height at the reference distance (one unit
+# is _REFERENCE_DISTANCE scene units across, as f = H). The camera looks straight at the scene from a
+# distance drawn from _DISTANCE (to the wall's mean plane, along the optical axis), which scales the
+# image by _REFERENCE_DISTANCE / distance (weak perspective); it is rolled by up to _ROLL about the
+# optical axis and aimed at a point in a random direction from the scene centre, at an exponentially
+# distributed elliptical radius with semi-axes _PAN at its mean: mostly near the liver, now and then far
+# enough off that the liver leaves the view, as when a laparoscope looks around.
+_REFERENCE_DISTANCE = 215.0
+_DISTANCE = (190.0, 235.0)
+_ROLL = np.pi / 6
+_PAN = (0.32, 0.24)
+
+# The texture maps are one tile of _TILE (rows, columns) pixels (a pixel per view pixel at the
+# reference distance) that repeats over the world, so that any pan finds texture. A view covers at most
+# 624 columns x 520 rows of it (its bounding box at the smallest zoom and any roll up to _ROLL), so no
+# view shows a texture twice.
+_TILE = (560, 640)
 
 # Mean tissue colours (RGB in [0, 1]) of the translated images, and the colour direction along
 # which each class's texture varies. Chromaticity is the main cue, but lighting and per-view jitter make
@@ -93,13 +121,13 @@ _CLASS_PALETTE = np.array(CLASS_COLORS, dtype=np.uint8)
 
 
 @lru_cache(maxsize=1)
-def _grid() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """X, Y, vignetting, each float32 [H, W]: pixel coordinates in units of the image height with the
-    origin at the centre, and the endoscope light's radial fall-off ``1 - 0.35 r^2``."""
-    v, u = np.mgrid[0:H, 0:W].astype(np.float32)
-    X = (u - np.float32((W - 1) / 2)) / np.float32(H)
-    Y = (v - np.float32((H - 1) / 2)) / np.float32(H)
-    return X, Y, 1.0 - 0.35 * (X * X + Y * Y)
+def _view_axes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x float64 [W], y float64 [H], vignetting float32 [H, W]: pixel coordinates in units of the image
+    height with the origin at the centre, and the endoscope light's radial fall-off ``1 - 0.35 r^2``."""
+    x = (np.arange(W) - (W - 1) / 2) / H
+    y = (np.arange(H) - (H - 1) / 2) / H
+    vignetting = 1.0 - 0.35 * (x[None, :] ** 2 + y[:, None] ** 2)
+    return x, y, vignetting.astype(np.float32)
 
 
 def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -107,11 +135,19 @@ def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(rng.uniform(low, high))
 
 
-def _smooth_field(rng: np.random.Generator, cells: tuple[int, int], size: tuple[int, int] = (H, W)) -> np.ndarray:
-    """A smooth random field float32 [size]: Gaussian noise on a cells[0] x cells[1] grid, bicubically
-    upsampled, so its features are about size / cells pixels across."""
-    coarse = rng.standard_normal(cells, dtype=np.float32)
-    return np.asarray(Image.fromarray(coarse).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+def _smooth_field(rng: np.random.Generator, cell: tuple[int, int], out: np.ndarray) -> None:
+    """Writes a smooth random texture field into ``out`` float32 [_TILE[0] + 1, _TILE[1] + 1], which
+    repeats with period _TILE (its last row and column repeat the first): Gaussian noise on a periodic
+    grid of cells of ``cell`` (rows, columns) pixels, which divide _TILE, bicubically upsampled, so its
+    features are about that size."""
+    cells = (_TILE[0] // cell[0], _TILE[1] // cell[1])
+    # The noise wrapped by 2 cells, the reach of bicubic interpolation, so that the upsampled tile (the
+    # box of the unwrapped noise) wraps around as well.
+    coarse = Image.fromarray(np.pad(rng.standard_normal(cells, dtype=np.float32), 2, mode="wrap"))
+    box = (2, 2, 2 + cells[1], 2 + cells[0])
+    out[:-1, :-1] = np.asarray(coarse.resize((_TILE[1], _TILE[0]), Image.Resampling.BICUBIC, box=box))
+    out[-1, :-1] = out[0, :-1]
+    out[:, -1] = out[:, 0]
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -120,91 +156,271 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 
 class _SceneStyle:
-    """The tissue appearance shared by all views of one scene: palette and texture maps."""
+    """The tissue appearance shared by all views of one scene: palette and texture maps fixed to the
+    world, so the texture moves with the tissue from view to view.
+
+    ``textures`` float32 [NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1]: each class's texture, then the
+    wetness of the surface (where highlights appear); tile pixel (row, column) shows the world points
+    ``((column + i _TILE[1]) / H, (row + j _TILE[0]) / H)`` for all integers i, j.
+    """
 
     def __init__(self, rng: np.random.Generator) -> None:
-        size = (H + _PAD, W + _PAD)
         jitter = 1.0 + 0.10 * rng.standard_normal((NUM_CLASSES, 3), dtype=np.float32)
         self.colors = np.clip(_BASE_COLORS * jitter, 0.0, 1.0)
-        liver = 0.7 * _smooth_field(rng, (40, 72), size) + 0.3 * _smooth_field(rng, (80, 144), size)
-        fat = 1.0 - 2.0 * np.abs(_smooth_field(rng, (30, 56), size))
-        wall = 0.8 * _smooth_field(rng, (72, 8), size) + 0.3 * _smooth_field(rng, (16, 30), size)
-        veins = np.exp(-((_smooth_field(rng, (8, 14), size) / 0.08) ** 2))
-        gallbladder = 0.4 * _smooth_field(rng, (8, 14), size) - 1.2 * veins
-        ligament = 0.9 * _smooth_field(rng, (6, 96), size)
-        # Channel-last, so that picking each pixel's own class texture reads contiguous memory.
-        self.textures = np.stack([liver, fat, wall, gallbladder, ligament], axis=-1).astype(np.float32)
-        self.wetness = _smoothstep(2.0 * _smooth_field(rng, (40, 72), size) - 2.0)
+        # One plane per channel: a view samples one channel per pixel, mostly of a few classes in large
+        # regions, so this reads far fewer cache lines than channel-last maps.
+        self.textures = np.empty((NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1), dtype=np.float32)
+        liver, fat, wall, gallbladder, ligament, wetness = self.textures
+        detail = np.empty_like(liver)
+        _smooth_field(rng, (8, 8), liver)
+        _smooth_field(rng, (4, 4), detail)
+        liver *= 0.7
+        liver += 0.3 * detail
+        _smooth_field(rng, (10, 10), fat)
+        np.abs(fat, out=fat)
+        fat *= -2.0
+        fat += 1.0
+        _smooth_field(rng, (5, 80), wall)
+        _smooth_field(rng, (20, 20), detail)
+        wall *= 0.8
+        wall += 0.3 * detail
+        _smooth_field(rng, (40, 40), detail)  # the veins
+        detail *= 1.0 / 0.08
+        detail *= detail
+        np.exp(-detail, out=detail)
+        _smooth_field(rng, (40, 40), gallbladder)
+        gallbladder *= 0.4
+        gallbladder -= 1.2 * detail
+        _smooth_field(rng, (56, 5), ligament)
+        ligament *= 0.9
+        _smooth_field(rng, (8, 8), wetness)
+        wetness[:] = _smoothstep(2.0 * wetness - 2.0)
 
 
-def _ellipse_radius(X, Y, center, radii, angle):
-    """Normalised elliptic radius float32 [H, W]: 0 at the centre, 1 on the ellipse."""
+class _CameraPose:
+    """A view's camera: aimed at world point ``target``, ``distance`` scene units from the wall's mean
+    plane along the optical axis, rolled by ``roll`` radians about that axis.
+
+    View point (X, Y) (units of the image height, origin at the centre, as :func:`_view_axes`) shows the
+    world point ``target + matrix (X, Y)``, ``matrix = R(roll) / zoom`` with ``zoom =
+    _REFERENCE_DISTANCE / distance``.
+    """
+
+    def __init__(self, target: tuple[float, float], roll: float, distance: float) -> None:
+        self.target, self.distance = target, distance
+        zoom = _REFERENCE_DISTANCE / distance
+        c, s = float(np.cos(roll)) / zoom, float(np.sin(roll)) / zoom
+        self.matrix = ((c, -s), (s, c))
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _CameraPose:
+        """A random pose (the distributions are described at _PAN, _ROLL and _DISTANCE)."""
+        radius, angle = float(rng.exponential()), _uniform(rng, 0.0, 2.0 * np.pi)
+        target = (_PAN[0] * radius * float(np.cos(angle)), _PAN[1] * radius * float(np.sin(angle)))
+        roll = _uniform(rng, -_ROLL, _ROLL)
+        return cls(target, roll, _uniform(rng, *_DISTANCE))
+
+    def affine(self, wx, wy, w0):
+        """The coefficients (of X, of Y, constant) of the world-affine function ``wx x + wy y + w0`` in
+        view coordinates; elementwise for arrays of equal shapes."""
+        (m00, m01), (m10, m11) = self.matrix
+        return wx * m00 + wy * m10, wx * m01 + wy * m11, wx * self.target[0] + wy * self.target[1] + w0
+
+    def plane(self, wx: float, wy: float, w0: float) -> np.ndarray:
+        """``wx x + wy y + w0`` float32 [H, W] at every pixel's world point (x, y)."""
+        x, y, _ = _view_axes()
+        alpha, beta, gamma = self.affine(wx, wy, w0)
+        return (alpha * x).astype(np.float32)[None, :] + (beta * y + gamma).astype(np.float32)[:, None]
+
+    def ellipse_radius(self, center: tuple[float, float], radii: tuple[float, float], angle: float) -> np.ndarray:
+        """Normalised elliptic radius float32 [H, W] of every pixel's world point: 0 at the centre, 1 on
+        the ellipse (semi-axes ``radii``, the first rotated by ``angle`` from the world x axis)."""
+        c, s = float(np.cos(angle)), float(np.sin(angle))
+        a = self.plane(c / radii[0], s / radii[0], -(c * center[0] + s * center[1]) / radii[0])
+        b = self.plane(-s / radii[1], c / radii[1], (s * center[0] - c * center[1]) / radii[1])
+        a *= a
+        b *= b
+        a += b
+        return np.sqrt(a, out=a)
+
+
+class _WaveField:
+    """A smooth random field on the plane, evaluated analytically at any world point p:
+    ``sum_k amplitude * cos(k_k . p + phase_k)`` over ``waves`` waves with Gaussian wave vectors of
+    standard deviation ``wavenumber`` per axis and uniform phases: a stationary, isotropic field of
+    standard deviation ``std`` with (for many waves) a Gaussian correlation.
+
+    On a view the phase is affine in the pixel's (X, Y), so ``cos(a X + b Y + c)`` splits into products
+    of row and column terms and the field is one small matrix product (H x 2 waves x W), computed by
+    NumPy's own loops (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
+    """
+
+    def __init__(self, rng: np.random.Generator, wavenumber: float, std: float, waves: int) -> None:
+        self.waves = wavenumber * rng.standard_normal((waves, 2))
+        self.phases = rng.uniform(0.0, 2.0 * np.pi, waves)
+        self.amplitude = std * np.sqrt(2.0 / waves)
+
+    def at(self, x: float, y: float) -> float:
+        """The field at world point (x, y)."""
+        return self.amplitude * float(np.cos(self.waves[:, 0] * x + self.waves[:, 1] * y + self.phases).sum())
+
+    def render(self, pose: _CameraPose) -> np.ndarray:
+        """The field float32 [H, W] at every pixel's world point of the view ``pose``."""
+        x, y, _ = _view_axes()
+        alpha, beta, gamma = pose.affine(self.waves[:, 0], self.waves[:, 1], self.phases)  # each [waves]
+        # The phases in float64, their cosines in float32: ten times faster, and the phases (tens of
+        # radians) keep errors near 1e-5.
+        across = (alpha[:, None] * x + gamma[:, None]).astype(np.float32)  # [waves, W]
+        down = (y[:, None] * beta).astype(np.float32)  # [H, waves]
+        # cos(across + down) = cos(across) cos(down) - sin(across) sin(down)
+        rows = np.concatenate([np.cos(down), -np.sin(down)], axis=1)  # [H, 2 waves]
+        columns = np.concatenate([np.cos(across), np.sin(across)])  # [2 waves, W]
+        columns *= np.float32(self.amplitude)
+        return np.einsum("hk,kw->hw", rows, columns)
+
+
+class _SceneAnatomy:
+    """The fixed 3-D anatomy of one scene, shared by all its views, in world coordinates (units of the
+    image height at the reference distance, origin at the scene centre).
+
+    ``fat_level``, ``wall_bumps``, ``liver_wobble``: smooth fields; ``fat_ramp``, ``gallbladder_wobble``:
+    world-affine functions (wx, wy, w0); ``lobes`` (two) and ``gallbladder``: ellipses (centre, semi-axes,
+    angle); ``ligament_*``: the band's start, direction, length, bend and width. Depths (``wall_slope``:
+    scene units per world unit; ``wall_bumps``; ``gallbladder_anchor``: the liver's surface under the
+    gallbladder's centre) are relative: a view adds the camera's offset.
+    """
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        # Smooth random fields with the standard deviation and feature size of the bicubic noise of the
+        # previous generator: the fat/wall level set, the wall's bumps (scene units), the wobble of the
+        # liver's rim. Fewer waves where the shapes they make are less visible.
+        self.fat_level = _WaveField(rng, wavenumber=4.2, std=0.87, waves=10)
+        self.wall_bumps = _WaveField(rng, wavenumber=2.5, std=10.4, waves=6)
+        self.liver_wobble = _WaveField(rng, wavenumber=4.2, std=0.104, waves=6)
+
+        # Abdominal wall with fat/stomach regions: the level set tilted by a ramp in a random direction.
+        direction = _uniform(rng, 0.0, 2.0 * np.pi)
+        self.fat_ramp = (1.2 * float(np.cos(direction)), 1.2 * float(np.sin(direction)), -_uniform(rng, -0.5, 0.3))
+        # The wall's slope: uniform in a disc of radius 40. The previous generator drew it per view,
+        # uniform in +-40 per axis; shared by all views of a scene, it stays off that square's corners, so
+        # that the far side of a zoomed-out view stays below depth 300.
+        slope, direction = 40.0 * float(np.sqrt(rng.uniform())), _uniform(rng, 0.0, 2.0 * np.pi)
+        self.wall_slope = (slope * float(np.cos(direction)), slope * float(np.sin(direction)))
+
+        # The liver: the union of two overlapping ellipses (the lobes) with a wobbly rim.
+        cx, cy = _uniform(rng, -0.25, 0.25), _uniform(rng, -0.30, 0.05)
+        rx, ry, tilt = _uniform(rng, 0.38, 0.58), _uniform(rng, 0.24, 0.34), _uniform(rng, -0.5, 0.5)
+        side = float(rng.choice([-1.0, 1.0]))
+        second = (cx + side * rx * _uniform(rng, 0.5, 0.9), cy + _uniform(rng, -0.05, 0.1))
+        self.lobes = (((cx, cy), (rx, ry), tilt), (second, (0.7 * rx, 0.8 * ry), tilt - side * 0.4))
+
+        # The ligament: a thin curved band from inside the liver's upper part out over its rim.
+        phi = _uniform(rng, -0.75 * np.pi, -0.25 * np.pi) + tilt
+        self.ligament_start = (cx + 0.5 * rx * float(np.cos(phi)), cy + 0.5 * ry * float(np.sin(phi)))
+        heading = phi + _uniform(rng, -0.4, 0.4)
+        self.ligament_heading = (float(np.cos(heading)), float(np.sin(heading)))
+        self.ligament_length = _uniform(rng, 0.45, 0.8)
+        self.ligament_bend = (_uniform(rng, -0.12, 0.12), _uniform(rng, 4.0, 8.0))
+        self.ligament_width = _uniform(rng, 0.018, 0.03)
+
+        # The gallbladder: a blob hanging at the liver's lower rim, near the scene centre.
+        phi = _uniform(rng, 0.2 * np.pi, 0.8 * np.pi) + tilt
+        gx = min(max(cx + 0.95 * rx * float(np.cos(phi)), -0.38), 0.38)
+        gy = min(max(cy + 0.95 * ry * float(np.sin(phi)), -0.35), 0.38)
+        radii = (_uniform(rng, 0.10, 0.15), _uniform(rng, 0.065, 0.10))
+        self.gallbladder = ((gx, gy), radii, phi + _uniform(rng, -0.6, 0.6))
+        # The wobble of its rim (added to its elliptic radius): a smooth field like the liver's, but the
+        # blob is far smaller than the field's features, so the field's value and slope there suffice.
+        value = 0.07 * rng.standard_normal()
+        slope_x, slope_y = (0.3 * rng.standard_normal(2)).tolist()
+        self.gallbladder_wobble = (slope_x, slope_y, value - slope_x * gx - slope_y * gy)
+        # It lies on the liver: in front of the liver's surface at its centre (at the rim's depth where the
+        # centre is off the liver).
+        lobes = min(_ellipse_radius_at(gx, gy, *lobe) for lobe in self.lobes) + self.liver_wobble.at(gx, gy)
+        wall = self.wall_slope[0] * gx + self.wall_slope[1] * gy + self.wall_bumps.at(gx, gy)
+        self.gallbladder_anchor = float(wall - 40.0 - 50.0 * np.sqrt(max(1.0 - lobes, 0.0)))
+
+
+def _ellipse_radius_at(x: float, y: float, center, radii, angle) -> float:
+    """:meth:`_CameraPose.ellipse_radius` at the single world point (x, y)."""
     c, s = float(np.cos(angle)), float(np.sin(angle))
-    dx, dy = X - center[0], Y - center[1]
-    a = (c * dx + s * dy) * (1.0 / radii[0])
-    b = (c * dy - s * dx) * (1.0 / radii[1])
-    return np.sqrt(a * a + b * b)
+    dx, dy = x - center[0], y - center[1]
+    return float(np.hypot((c * dx + s * dy) / radii[0], (c * dy - s * dx) / radii[1]))
 
 
-def _render_view(style: _SceneStyle, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One synthetic view: ``translation`` uint8 [H, W, 3]; ``input`` uint8 [H, W], indices into
-    _RENDER_PALETTE; ``classes`` uint8 [H, W]; ``depth`` float32 [H, W] (z-depth, scene units)."""
-    X, Y, vignetting = _grid()
+def _tile_position(pose: _CameraPose) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where every pixel's world point lies on the texture tile: the flat index (row * (_TILE[1] + 1) +
+    column) of the tile pixel at or above-left of it, intp [H, W], and the fractions towards the next
+    column and the next row, float32 [H, W]."""
+    across = pose.plane(float(H), 0.0, 0.0)
+    down = pose.plane(0.0, float(H), 0.0)
+    column, row = np.floor(across), np.floor(down)
+    across -= column
+    down -= row
+    # Wrapped into the tile; whole numbers below 2^24 and a correctly rounded division keep it exact.
+    column -= _TILE[1] * np.floor(column / _TILE[1])
+    row -= _TILE[0] * np.floor(row / _TILE[0])
+    row *= _TILE[1] + 1
+    row += column
+    return row.astype(np.intp), across, down
 
-    # Abdominal wall with fat/stomach regions: a smooth level set with a random dominant direction.
-    direction = _uniform(rng, 0.0, 2.0 * np.pi)
-    fat_field = _smooth_field(rng, (3, 6)) + (1.2 * float(np.cos(direction))) * X
-    fat_field += (1.2 * float(np.sin(direction))) * Y - _uniform(rng, -0.5, 0.3)
+
+def _bilinear(maps: np.ndarray, index: np.ndarray, across: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """Bilinear samples float32 [H, W] of a texture plane, ``maps`` float32 flat from the plane's first
+    pixel, at flat ``index``, ``across``, ``down`` (as :func:`_tile_position`)."""
+    columns = _TILE[1] + 1
+    # The neighbours as the same index into shifted views: no index arithmetic.
+    top = maps.take(index)
+    top += across * (maps[1:].take(index) - top)
+    bottom = maps[columns:].take(index)
+    bottom += across * (maps[columns + 1 :].take(index) - bottom)
+    bottom -= top
+    bottom *= down
+    top += bottom
+    return top
+
+
+def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One view of a scene from a camera pose drawn from ``rng`` (first, then its colours):
+    ``translation`` uint8 [H, W, 3]; ``input`` uint8 [H, W], indices into _RENDER_PALETTE; ``classes``
+    uint8 [H, W]; ``depth`` float32 [H, W] (z-depth, scene units)."""
+    _, _, vignetting = _view_axes()
+    pose = _CameraPose.draw(rng)
+
+    # Abdominal wall with fat/stomach regions; the camera distance is that of the wall plane on the axis.
+    fat_field = anatomy.fat_level.render(pose)
+    fat_field += pose.plane(*anatomy.fat_ramp)
     classes = np.where(fat_field > 0, np.uint8(FAT), np.uint8(WALL))
-    wall_depth = 12.0 * _smooth_field(rng, (2, 4)) + _uniform(rng, -40, 40) * X + _uniform(rng, -40, 40) * Y
-    wall_depth += _uniform(rng, 195.0, 235.0)
+    slope_x, slope_y = anatomy.wall_slope
+    offset = pose.distance - slope_x * pose.target[0] - slope_y * pose.target[1]
+    wall_depth = anatomy.wall_bumps.render(pose)
+    wall_depth += pose.plane(slope_x, slope_y, offset)
     depth = wall_depth - 25.0 * _smoothstep(fat_field)
 
-    # The liver: the union of two overlapping ellipses (the lobes) with a wobbly rim.
-    cx, cy = _uniform(rng, -0.25, 0.25), _uniform(rng, -0.30, 0.05)
-    rx, ry, tilt = _uniform(rng, 0.38, 0.58), _uniform(rng, 0.24, 0.34), _uniform(rng, -0.5, 0.5)
-    side = float(rng.choice([-1.0, 1.0]))
-    lobes = np.minimum(
-        _ellipse_radius(X, Y, (cx, cy), (rx, ry), tilt),
-        _ellipse_radius(
-            X,
-            Y,
-            (cx + side * rx * _uniform(rng, 0.5, 0.9), cy + _uniform(rng, -0.05, 0.1)),
-            (0.7 * rx, 0.8 * ry),
-            tilt - side * 0.4,
-        ),
-    )
-    liver_radius = lobes + 0.12 * _smooth_field(rng, (3, 6))
+    # The liver: a dome clearly in front of the wall.
+    liver_radius = np.minimum(pose.ellipse_radius(*anatomy.lobes[0]), pose.ellipse_radius(*anatomy.lobes[1]))
+    liver_radius += anatomy.liver_wobble.render(pose)
     liver = liver_radius < 1.0
     dome = np.sqrt(np.clip(1.0 - liver_radius, 0.0, 1.0))
     np.copyto(depth, wall_depth - 40.0 - 50.0 * dome, where=liver)
     classes[liver] = LIVER
 
-    # The ligament: a thin curved band from inside the liver's upper part out over its rim.
-    phi = _uniform(rng, -0.75 * np.pi, -0.25 * np.pi) + tilt
-    start_x, start_y = cx + 0.5 * rx * float(np.cos(phi)), cy + 0.5 * ry * float(np.sin(phi))
-    heading = phi + _uniform(rng, -0.4, 0.4)
-    dx, dy = float(np.cos(heading)), float(np.sin(heading))
-    length = _uniform(rng, 0.45, 0.8)
-    along = (X - start_x) * (dx / length) + (Y - start_y) * (dy / length)  # 0..1 over the band
-    bend = _uniform(rng, -0.12, 0.12) * along * along + 0.02 * np.sin(_uniform(rng, 4.0, 8.0) * along)
-    across = (Y - start_y) * dx - (X - start_x) * dy + bend
-    half_width = _uniform(rng, 0.018, 0.03) * (1.2 - 0.5 * np.clip(along, 0.0, 1.0))
+    # The ligament: a thin sheet on top; ``along`` runs 0..1 over the band, ``across`` across it.
+    (start_x, start_y), (dx, dy) = anatomy.ligament_start, anatomy.ligament_heading
+    length, (curvature, frequency) = anatomy.ligament_length, anatomy.ligament_bend
+    along = pose.plane(dx / length, dy / length, -(start_x * dx + start_y * dy) / length)
+    across = pose.plane(-dy, dx, start_x * dy - start_y * dx)
+    across += curvature * along * along + 0.02 * np.sin(frequency * along)
+    half_width = anatomy.ligament_width * (1.2 - 0.5 * np.clip(along, 0.0, 1.0))
     ligament = (np.abs(across) < half_width) & (along > 0.0) & (along < 1.0)
     depth[ligament] -= 4.0
     classes[ligament] = LIGAMENT
 
-    # The gallbladder: a blob hanging at the liver's lower rim, kept inside the centre crop.
-    phi = _uniform(rng, 0.2 * np.pi, 0.8 * np.pi) + tilt
-    gx = min(max(cx + 0.95 * rx * float(np.cos(phi)), -0.38), 0.38)
-    gy = min(max(cy + 0.95 * ry * float(np.sin(phi)), -0.35), 0.38)
-    blob_radius = _ellipse_radius(
-        X, Y, (gx, gy), (_uniform(rng, 0.10, 0.15), _uniform(rng, 0.065, 0.10)), phi + _uniform(rng, -0.6, 0.6)
-    )
-    blob_radius += 0.08 * _smooth_field(rng, (3, 6))
+    # The gallbladder, in front of the liver.
+    blob_radius = pose.ellipse_radius(*anatomy.gallbladder)
+    blob_radius += pose.plane(*anatomy.gallbladder_wobble)
     gallbladder = blob_radius < 1.0
-    anchor_depth = float(depth[round(gy * H + (H - 1) / 2), round(gx * H + (W - 1) / 2)])
-    blob_depth = (anchor_depth - 15.0) - 25.0 * np.sqrt(np.clip(1.0 - blob_radius, 0.0, 1.0))
+    blob_depth = (anatomy.gallbladder_anchor + offset - 15.0) - 25.0 * np.sqrt(np.clip(1.0 - blob_radius, 0.0, 1.0))
     np.copyto(depth, np.minimum(blob_depth, depth - 3.0), where=gallbladder)
     classes[gallbladder] = GALLBLADDER
 
@@ -217,31 +433,43 @@ def _render_view(style: _SceneStyle, rng: np.random.Generator) -> dict[str, np.n
     light = lambert * np.clip(scale * (150.0 / _FOCAL), 0.4, 1.6)
     light *= vignetting
 
-    oy, ox = (int(o) for o in rng.integers(0, _PAD + 1, size=2))
-    index = classes[..., None].astype(np.intp)
-    texture = np.take_along_axis(style.textures[oy : oy + H, ox : ox + W], index, axis=2)
+    # The pixel's own class texture and the wetness, where its world point lies on the texture tile. The
+    # wetness only shapes the highlights, whose edges its tile pixel (no interpolation) places within a
+    # pixel, at a fifth of the cost of bilinear sampling.
+    index, across, down = _tile_position(pose)
+    maps, plane = style.textures.reshape(-1), (_TILE[0] + 1) * (_TILE[1] + 1)
+    wetness = maps[NUM_CLASSES * plane :].take(index)
+    class_index = classes.astype(np.intp)  # converted once for the lookups below
+    index += class_index * plane
+    texture = _bilinear(maps, index, across, down)
     colors = style.colors * (1.0 + 0.12 * rng.standard_normal((NUM_CLASSES, 3), dtype=np.float32))
     gain = _uniform(rng, 0.6, 1.2) * (1.0 + 0.10 * rng.standard_normal(3, dtype=np.float32))
-    rgb = _TEXTURE_COLORS.take(classes, axis=0)
-    rgb *= texture
-    rgb += colors.take(classes, axis=0)
-    rgb *= light[..., None]
-    rgb *= gain
     shine = lambert * lambert
     shine *= shine
     shine *= shine
-    shine *= style.wetness[oy : oy + H, ox : ox + W]
-    shine *= _SPECULARITY.take(classes)
-    rgb += shine[..., None]
-    np.clip(rgb, 0.0, 1.0, out=rgb)
-    rgb *= 255.0
-    rgb += 0.5
+    shine *= wetness
+    shine *= _SPECULARITY.take(class_index)
+    # rgb = (texture colour * texture + colour) * light * gain + shine, per class, in 0..255 (+ 0.5, so
+    # that the conversion rounds); one channel at a time, as contiguous [H, W] maps are several times
+    # faster to combine than [H, W, 3] ones.
+    shine *= 255.0
+    shine += 0.5
+    light *= 255.0
+    rgb = np.empty((H, W, 3), dtype=np.uint8)
+    for channel in range(3):
+        value = (_TEXTURE_COLORS[:, channel] * gain[channel]).take(class_index)
+        value *= texture
+        value += (colors[:, channel] * gain[channel]).take(class_index)
+        value *= light
+        value += shine
+        np.clip(value, 0.5, 255.5, out=value)
+        rgb[..., channel] = value
     shade = (lambert * (_RENDER_SHADES - 1) + 0.5).astype(np.uint8)
     # Depth in steps of 1/16 scene unit (far below anything the point clouds resolve): exact in float32
     # and about six times smaller as a ZIP-compressed EXR than full-precision floats.
     depth = np.round(depth * 16.0) * (1.0 / 16.0)
     return {
-        "translation": rgb.astype(np.uint8),
+        "translation": rgb,
         "input": classes * np.uint8(_RENDER_SHADES) + shade,
         "classes": classes,
         "depth": depth,
@@ -275,27 +503,39 @@ def generate_sim2real(
         raise ValueError(f"views_per_scene must be an int in 1..10000, got {views_per_scene!r}")
     root = Path(root)
     bar = tqdm(total=scenes * views_per_scene, desc="generating Sim2Real views", unit="view", disable=not progress)
+    for scene in range(1, scenes + 1):
+        for path in sample_paths(root, scene, 0).values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+    jobs = [(root, seed, scene, view) for scene in range(1, scenes + 1) for view in range(views_per_scene)]
     with bar:
-        for scene in range(1, scenes + 1):
-            for path in sample_paths(root, scene, 0).values():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            style = _SceneStyle(np.random.default_rng([seed, scene]))
-            for view in range(views_per_scene):
-                sample = _render_view(style, np.random.default_rng([seed, scene, view]))
-                paths = sample_paths(root, scene, view)
-                _write_rgb_png(paths["translation"], sample["translation"])
-                _write_palette_png(paths["input"], sample["input"], _RENDER_PALETTE)
-                _write_palette_png(paths["segmentation"], sample["classes"], _CLASS_PALETTE)
-                write_depth_exr(paths["depth"], sample["depth"])
-                bar.update()
+        for _ in ordered_map(_write_view, jobs):
+            bar.update()
     return root
+
+
+@lru_cache(maxsize=2)
+def _scene(seed: int, scene: int) -> tuple[_SceneStyle, _SceneAnatomy]:
+    """A scene's style and anatomy, built once per worker process for all the views of the scene it renders."""
+    rng = np.random.default_rng([seed, scene])
+    return _SceneStyle(rng), _SceneAnatomy(rng)
+
+
+def _write_view(job: tuple[Path, int, int, int]) -> None:
+    """Render one view of one scene and write its four files."""
+    root, seed, scene, view = job
+    sample = _render_view(*_scene(seed, scene), np.random.default_rng([seed, scene, view]))
+    paths = sample_paths(root, scene, view)
+    _write_rgb_png(paths["translation"], sample["translation"])
+    _write_palette_png(paths["input"], sample["input"], _RENDER_PALETTE)
+    _write_palette_png(paths["segmentation"], sample["classes"], _CLASS_PALETTE)
+    write_depth_exr(paths["depth"], sample["depth"])
 
 
 def ensure_builtin_sim2real(cache_dir: str | Path, views_per_scene: int, seed: int = 0, progress: bool = True) -> Path:
     """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use.
 
     Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
-    ``sim2real_builtin_v1_7x100_seed0``; a different size or seed therefore generates anew, and an existing
+    ``sim2real_builtin_v2_7x100_seed0``; a different size or seed therefore generates anew, and an existing
     folder is reused. Generation happens in a temporary folder that is renamed into place only when
     complete, so an interrupted run leaves no half-written dataset; concurrent callers may both generate,
     and the first rename wins.

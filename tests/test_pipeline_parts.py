@@ -1,0 +1,70 @@
+"""The pipelines' building blocks that carry no pipeline of their own: the narrow ResNet-18 family,
+FoldingNet's factorised first layer, and the parallel generation and decoding of built-in data."""
+
+import pytest
+import torch
+import torchvision
+from common.data import TensorDictDataset, materialize
+from common.networks import FoldingNetDecoder, ResNet18Encoder
+from common.parallel import ordered_map
+
+
+@pytest.mark.parametrize("width, stem_pool", [(16, True), (8, False)])
+def test_a_narrow_resnet18_has_resnet18s_blocks_with_fewer_channels(width, stem_pool):
+    encoder = ResNet18Encoder(latent_dim=6, width=width, stem_pool=stem_pool)
+    reference = torchvision.models.resnet18(weights=None)
+    reference.fc = torch.nn.Identity()
+    # The same layers (names), each with width/64 of ResNet-18's channels.
+    names = [n for n, _ in encoder.trunk.named_parameters()]
+    assert names == [n for n, _ in reference.named_parameters()]
+    for (name, got), (_, full) in zip(encoder.trunk.named_parameters(), reference.named_parameters()):
+        expected = [s * width // 64 if s in (64, 128, 256, 512) else s for s in full.shape]
+        assert list(got.shape) == expected, name
+    mu, logvar, features = encoder(torch.rand(3, 3, 64, 64))
+    assert mu.shape == logvar.shape == (3, 6) and features.shape == (3, 8 * width) == (3, encoder.feature_dim)
+    assert isinstance(encoder.trunk.maxpool, torch.nn.MaxPool2d) == stem_pool
+
+
+def test_resnet18_weights_fit_width_64_with_the_stem_pool_only(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    assert ResNet18Encoder(4, weights=path).feature_dim == 512
+    with pytest.raises(ValueError, match="weights: ResNet-18 weights fit width 64"):
+        ResNet18Encoder(4, weights=path, width=16)
+    with pytest.raises(ValueError, match="without it"):
+        ResNet18Encoder(4, weights=path, stem_pool=False)
+    with pytest.raises(ValueError, match="width: expected a positive"):
+        ResNet18Encoder(4, width=0)
+
+
+def test_foldingnet_is_its_two_mlps_on_the_concatenated_code_and_points():
+    """The factorised first layer against the definition: each fold's MLP on [z, point] per point."""
+    torch.manual_seed(0)
+    decoder = FoldingNetDecoder(latent_dim=5, grid_size=3, hidden=7).double()
+    z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    code = z.unsqueeze(1).expand(4, 9, 5)
+    folded = decoder.fold1(torch.cat([code, decoder.grid.double().expand(4, 9, 2)], dim=-1))
+    expected = decoder.fold2(torch.cat([code, folded], dim=-1))
+    got = decoder(z)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), z)[0],
+                               torch.autograd.grad(expected.square().sum(), z)[0])
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_ordered_map_keeps_the_jobs_order_in_worker_processes():
+    jobs = list(range(50))
+    assert list(ordered_map(_square, jobs, workers=2, chunksize=3)) == [j * j for j in jobs]
+    assert list(ordered_map(_square, jobs, workers=1)) == [j * j for j in jobs]
+
+
+def test_materialize_decodes_alike_with_worker_processes():
+    generator = torch.Generator().manual_seed(0)
+    source = TensorDictDataset({"x": torch.randn(300, 4, generator=generator), "y": torch.arange(300)})
+    serial = materialize(source, progress=False, workers=0)
+    parallel = materialize(source, progress=False, workers=2)
+    for name in ("x", "y"):
+        torch.testing.assert_close(parallel.tensors[name], serial.tensors[name], rtol=0, atol=0)
