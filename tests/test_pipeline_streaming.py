@@ -9,9 +9,9 @@ import torch
 
 import handpose_rhd
 import surgical_seg
-from common import corruption, distributed, evaluation
+from common import corruption, distributed
 from common.checkpoint import load_checkpoint
-from common.data import TensorDictDataset
+from common.data import TensorDictDataset, eval_loader
 from common.training import TrainConfig, make_loader
 from rhd.synthetic import generate_rhd
 from sim2real.synthetic import generate_sim2real
@@ -61,8 +61,8 @@ def test_streamed_data_equals_the_in_memory_data(script, roots, tmp_path):
             assert_same_items(a, b)
             assert "corrupted_rgb" in a and "corrupted_points" in a
     args_memory = script.parse_args(argv + ["--workers", "0"])
-    pairs = list(zip(evaluation.eval_loader(corruption.test_corruption(streamed[1], 0.5, 0), args),
-                     evaluation.eval_loader(corruption.test_corruption(in_memory[1], 0.5, 0), args_memory)))
+    pairs = list(zip(eval_loader(corruption.test_corruption(streamed[1], 0.5, 0), args),
+                     eval_loader(corruption.test_corruption(in_memory[1], 0.5, 0), args_memory)))
     assert pairs
     for a, b in pairs:
         assert_same_items(a, b)
