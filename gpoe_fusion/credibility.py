@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["CREDIBILITIES", "EntropyCredibility", "FeatureStandardizer", "GlobalCredibility", "IndependentCredibility",
-           "JointCredibility", "credibility_logits", "make_credibility", "sync_feature_statistics"]
+           "JointCredibility", "all_reduce_sum", "credibility_logits", "make_credibility", "sync_feature_statistics"]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -46,6 +46,14 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The sum of ``tensor`` over the processes of ``group`` (None: the default group), differentiable:
+    each process's input gets the sum of the gradients of every process's copy of the result (what
+    ``torch.distributed.nn.functional.all_reduce`` computes, which recent torch deprecates with a
+    warning at every call). Used for statistics over a data-parallel batch."""
+    return _AllReduceSum.apply(tensor, group)
 
 
 class FeatureStandardizer(nn.Module):
@@ -89,12 +97,12 @@ class FeatureStandardizer(nn.Module):
             count = keep.sum(0, dtype=flat.dtype)  # [1]
             total = clean.sum(0)  # [F]
             if self.sync:
-                summed = _AllReduceSum.apply(torch.cat([count, total]), self.process_group)
+                summed = all_reduce_sum(torch.cat([count, total]), self.process_group)
                 count, total = summed[:1], summed[1:]
             batch_mean = total / count.clamp_min(1)
             sq_dev = torch.where(keep, clean - batch_mean, 0.0).square().sum(0)
             if self.sync:
-                sq_dev = _AllReduceSum.apply(sq_dev, self.process_group)
+                sq_dev = all_reduce_sum(sq_dev, self.process_group)
             # A tensor condition rather than `if`: no host sync on CUDA, one graph under torch.compile.
             enough = count >= 2
             mean = torch.where(enough, batch_mean, running_mean)

@@ -9,25 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gpoe_fusion.credibility import all_reduce_sum
+
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """The sum of a tensor over the processes of a group (None: the default group), differentiable:
-    each process's input gets the sum of the gradients of every process's copy of the result. What
-    ``torch.distributed.nn.functional.all_reduce`` computes, which recent torch deprecates (with a
-    warning at every call site) for a replacement that older torch cannot differentiate."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
-        total = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -72,7 +56,7 @@ class SyncBatchNorm(_BatchNorm):
         count = compute.new_full((1,), x.numel() // channels, dtype=torch.float64)
         local = torch.cat([compute.sum(dims, dtype=torch.float64), compute.square().sum(dims, dtype=torch.float64),
                            count])
-        summed = _AllReduceSum.apply(local, self.process_group)
+        summed = all_reduce_sum(local, self.process_group)
         total, squares, n = summed[:channels], summed[channels:2 * channels], summed[2 * channels:]
         mean = total / n
         var = (squares / n - mean.square()).clamp_min(0.0)  # biased, as the normalisation uses
