@@ -62,14 +62,15 @@ PRESETS = {
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, keypoint_hidden=256, epochs=10,
                  batch_size=64, eval_batch_size=150, lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, beta=1e-3,
                  points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0, in_memory=True,
-                 workers=0, low_memory=False, seeds=1),
+                 workers=0, low_memory=False, seeds=1, training_noise="fixed"),
     # The real RHD at the crop size of the preprocessing the paper follows (Yang et al.), samples
     # streamed from disk by worker processes. The paper publishes the data sizes only (FROM_PAPER);
     # schedule, widths, latent size, point count and noise strengths are our choices.
     "full": dict(num_train=41258, num_eval=2728, crop_size=256, num_points=1024, latent_dim=64, rgb_width=64,
                  rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, keypoint_hidden=512, epochs=60, batch_size=64, eval_batch_size=None,
                  lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, beta=1e-3, points_weight=1.0, data_corruption=0.5,
-                 train_pixel_corruption=0.9, point_noise=1.0, in_memory=False, workers=4, low_memory=True, seeds=1),
+                 train_pixel_corruption=0.9, point_noise=1.0, in_memory=False, workers=4, low_memory=True, seeds=1,
+                 training_noise="fresh"),
 }
 # The demo's settings (whatever they are tuned to), MoE, PoE and gPoE trained at several seeds: the
 # comparison with confidence intervals and paired differences (docs/handpose.md).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,10 @@ PRESETS = {
     # noise on a corrupted point cloud, on 30 percent of the views.
     "demo": dict(num_train=1200, num_eval=200, image_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, seg_base=128, seg_min_channels=16,
-                 epochs=16, batch_size=32, eval_batch_size=100, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.5,
+                 epochs=48, batch_size=32, eval_batch_size=100, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.5,
                  beta=1e-3, points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0,
-                 in_memory=True, workers=0, low_memory=False, seeds=1),
+                 in_memory=True, workers=0, low_memory=False, seeds=1, split="random",
+                 training_noise="fresh"),
     # The real Sim2Real random views at the paper's image size, streamed from disk by worker
     # processes; num_train / num_eval None means every view of the split (12000 training views of
     # scenes 1-4, 3000 test views of scene 7). The paper publishes the image size and the data
@@ -69,7 +71,7 @@ PRESETS = {
                  rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, seg_base=256, seg_min_channels=32, epochs=60, batch_size=64,
                  eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, beta=1e-3, points_weight=1.0,
                  data_corruption=0.5, train_pixel_corruption=0.9, point_noise=1.0, in_memory=False, workers=4,
-                 low_memory=True, seeds=1),
+                 low_memory=True, seeds=1, split="scene", training_noise="fresh"),
 }
 # The demo's settings (whatever they are tuned to), MoE, PoE and gPoE trained at several seeds: the
 # comparison with confidence intervals and paired differences (docs/surgical.md).
@@ -85,6 +87,10 @@ FROM_PAPER = {
 }
 IGNORE_INDEX = 255
 TRAIN_SPLIT, EVAL_SPLIT = "train", "test"
+# --split random: a permutation of the views of every scene drawn from this seed, whatever --seed is,
+# so that every seed of a study is tested on the same views.
+RANDOM_SPLIT_SEED = 0
+ALL_SCENES = tuple(range(1, 8))
 FIELDS = ("rgb", "mask", "points")  # what training and evaluation read of a view
 # The real dataset's views per scene: the built-in data's size when a whole split is asked for.
 VIEWS_PER_SCENE = 3000
@@ -112,12 +118,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--intrinsics", type=positive_float, nargs=4, metavar=("FX", "FY", "CX", "CY"), default=None,
                        help="pinhole intrinsics of the full 512x256 views in pixels: the random views store none "
                             "(default: assumed, a 90 degree horizontal field of view: 256 256 255.5 127.5)")
+    group.add_argument("--split", choices=("scene", "random"), default=None,
+                       help="scene: train on scenes 1-4, test on scene 7, an anatomy never seen in training; "
+                            "random: a seeded random split of the views of all 7 scenes, test views from the "
+                            "anatomies seen in training (--num-eval of them, default a tenth)")
     group.add_argument("--unknown-colors", choices=("error", "ignore"), default="error",
                        help=f"a segmentation colour that is no class: an error, or ignored "
                             f"(label {IGNORE_INDEX}, left out of loss and metrics)")
     finish_help(parser, PRESETS, out="runs/surgical_<preset>_<fusion>, or runs/surgical_<preset>_compare",
-                num_train="demo 320, full every view of scenes 1-4",
-                num_eval="demo 80, full every view of scene 7")
+                num_train="demo 1200, full every view of scenes 1-4 (with --split random: of the views "
+                          "that do not test)",
+                num_eval="demo 200, full every view of scene 7 (with --split random: a tenth of the views)")
     args = apply_preset(parser, parser.parse_args(argv), PRESETS)
     if args.image_size < 8 or args.image_size & (args.image_size - 1):
         parser.error(f"argument --image-size: expected a power of two >= 8 (the segmentation decoder doubles a 4x4 "
@@ -150,15 +161,35 @@ def intrinsics_record(args: argparse.Namespace) -> dict:
 
 
 def builtin_views_per_scene(args: argparse.Namespace) -> int:
-    """Views per scene of built-in data large enough for --num-train (scenes 1-4) and --num-eval (scene 7)."""
-    needed = [math.ceil(count / len(SPLITS[split])) for split, count in
-              ((TRAIN_SPLIT, args.num_train), (EVAL_SPLIT, args.num_eval)) if count is not None]
-    return max(needed) if len(needed) == 2 else VIEWS_PER_SCENE
+    """Views per scene of built-in data large enough for --num-train and --num-eval: with --split scene,
+    spread over scenes 1-4 and scene 7; with --split random, both together over the 7 scenes."""
+    if args.num_train is None or args.num_eval is None:
+        return VIEWS_PER_SCENE
+    if args.split == "random":
+        return math.ceil((args.num_train + args.num_eval) / len(ALL_SCENES))
+    return max(math.ceil(count / len(SPLITS[split]))
+               for split, count in ((TRAIN_SPLIT, args.num_train), (EVAL_SPLIT, args.num_eval)))
+
+
+def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """--split random: the positions of the test and the training views among ``size`` views of all
+    scenes, each sorted. A permutation from RANDOM_SPLIT_SEED: its first --num-eval views (default a
+    tenth) are the test views, the next --num-train (default all others) the training views."""
+    order = np.random.default_rng(RANDOM_SPLIT_SEED).permutation(size)
+    num_eval = size // 10 if args.num_eval is None else args.num_eval
+    if num_eval > size:
+        raise UsageError("--num-eval", f"{num_eval} views requested, but the 7 scenes have {size}")
+    rest = size - num_eval
+    num_train = rest if args.num_train is None else args.num_train
+    if num_train > rest:
+        raise UsageError("--num-train", f"{num_train} views requested, but the 7 scenes have {rest} besides the "
+                                        f"{num_eval} test views")
+    return {EVAL_SPLIT: np.sort(order[:num_eval]), TRAIN_SPLIT: np.sort(order[num_eval:num_eval + num_train])}
 
 
 def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Dataset, Dataset]:
-    """The training (scenes 1-4) and test (scene 7) views; a count below a split's size takes views
-    evenly spaced over the split.
+    """The training and test views of --split: scenes 1-4 and scene 7 (a count below a split's size
+    takes views evenly spaced over the split), or a seeded random split of the views of all scenes.
 
     Streamed: each view is decoded from disk when it is used (in the loader's workers), so memory
     does not grow with the dataset; with --in-memory the same dataset is decoded once into memory.
@@ -179,10 +210,16 @@ def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Datas
     else:
         root = args.data_root
 
-    def split_of(split: str, count: int | None, option: str) -> Dataset:
-        full = Sim2RealDataset(root, split, image_size=args.image_size, num_points=args.num_points,
+    def views_of(scenes: Sequence[int]) -> Sim2RealDataset:
+        return Sim2RealDataset(root, scenes=scenes, image_size=args.image_size, num_points=args.num_points,
                                intrinsics=intrinsics_matrix(args), unknown_colors=args.unknown_colors,
                                ignore_index=IGNORE_INDEX, seed=args.seed)
+
+    def split_of(split: str, count: int | None, option: str) -> Dataset:
+        if args.split == "random":
+            every = views_of(ALL_SCENES)
+            return Fields(Subset(every, split_indices(len(every), args)[split].tolist()), FIELDS)
+        full = views_of(SPLITS[split])
         count = len(full) if count is None else count
         if count > len(full):
             raise UsageError(option, f"{count} views requested, but the {split} split (scenes "
@@ -194,6 +231,15 @@ def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Datas
                                                  (EVAL_SPLIT, args.num_eval, "--num-eval")],
                                       args.in_memory, progress=not args.no_progress and env.is_main)
     return train_set, eval_set
+
+
+def splits_record(args: argparse.Namespace) -> dict:
+    """Which views train and which test, for results.json."""
+    if args.split == "random":
+        return {"kind": "random", "scenes": list(ALL_SCENES), "seed": RANDOM_SPLIT_SEED,
+                "how": "a permutation of the views of every scene from seed; its first num_eval views test, "
+                       "the next num_train train"}
+    return {"kind": "scene", "train": list(SPLITS[TRAIN_SPLIT]), "eval": list(SPLITS[EVAL_SPLIT])}
 
 
 def build_model(args: argparse.Namespace, fusion: str) -> CrossModalVAE:
@@ -317,7 +363,7 @@ def write_report(args: argparse.Namespace, study: Study, eval_set, seconds: floa
     data = str(args.data_root) if args.data_root is not None else "built-in synthetic Sim2Real"
     summary = write_summary(args, "surgical_seg", data, study, seconds, PRESETS, FROM_PAPER[args.preset],
                             classes=list(CLASS_NAMES), averaging=AVERAGING, intrinsics=intrinsics_record(args),
-                            splits={"train": SPLITS[TRAIN_SPLIT], "eval": SPLITS[EVAL_SPLIT]})
+                            splits=splits_record(args))
     table4 = results_table(study)
     write_json(out / "table4.json", {"layout": "paper Table 4", "averaging": AVERAGING,
                                      "rows": table_rows(study, study.fusions, corruption_levels(study.results))})

@@ -3,8 +3,8 @@
 - Pixel corruption: exactly round(p * H * W) pixels of an image replaced by uniform random values.
 - Point-cloud noise: i.i.d. Gaussian noise added to every coordinate.
 - ``CorruptedDataset``: a fixed, seeded subset of a dataset's samples has one modality corrupted;
-  sample i's corruption depends only on (seed, i), so it does not change with worker count,
-  epoch or access order.
+  sample i's corruption depends only on (seed, i), or with ``redraw`` on (seed, epoch, i), so it does
+  not change with worker count or access order.
 """
 
 from __future__ import annotations
@@ -95,10 +95,15 @@ class CorruptedDataset(Dataset):
     fraction: share of samples corrupted (exactly round(fraction * len) of them);
     corruption: ``f(tensor, generator) -> tensor`` (e.g. ``PixelCorruption(0.5)``); seed: fixes both
     which samples are corrupted and how. Each item gains ``"corrupted_<key>"``: a bool tensor.
+
+    redraw: the corrupted samples stay the same, but their noise is drawn anew for every epoch
+    (``set_epoch``, which also reaches a CorruptedDataset inside this one), as a noisy sensor draws
+    it anew at every capture. Without it a sample's noise never changes, and a model that sees it
+    many times can learn the noise pattern itself as that sample's signature.
     """
 
     def __init__(self, dataset: Dataset, key: str, fraction: float, corruption: Callable[[Tensor, torch.Generator], Tensor],
-                 seed: int = 0):
+                 seed: int = 0, redraw: bool = False):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction: expected a fraction in [0, 1], got {fraction}")
         self.dataset = dataset
@@ -106,6 +111,8 @@ class CorruptedDataset(Dataset):
         self.fraction = fraction
         self.corruption = corruption
         self.seed = seed
+        self.redraw = redraw
+        self.epoch = 0
         n = len(dataset)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         self.corrupted = torch.zeros(n, dtype=torch.bool)
@@ -114,6 +121,12 @@ class CorruptedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose noise ``redraw`` draws (of this dataset and of any CorruptedDataset inside)."""
+        self.epoch = int(epoch)
+        if isinstance(self.dataset, CorruptedDataset):
+            self.dataset.set_epoch(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         sample = self.dataset[index]
         if not isinstance(sample, Mapping) or self.key not in sample:
@@ -121,8 +134,10 @@ class CorruptedDataset(Dataset):
         sample = dict(sample)
         flag = bool(self.corrupted[index])
         if flag:
-            # A generator per sample, seeded by (seed, index): reproducible in any worker and order.
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index) + 1)
+            # A generator per sample, seeded by (seed, index), with redraw by (seed, epoch, index):
+            # reproducible in any worker and order.
+            stream = self.seed * 1_000_003 + self.epoch + 1 if self.redraw else self.seed
+            generator = torch.Generator().manual_seed((stream * 1_000_003 + int(index) + 1) % 2**63)
             sample[self.key] = self.corruption(sample[self.key], generator)
         sample[f"corrupted_{self.key}"] = torch.tensor(flag)
         return sample

@@ -134,8 +134,12 @@ def test_more_samples_or_a_larger_batch_than_the_data_has(rhd_root, sim2real_roo
                                                              "--num-train", "9", "--num-eval", "4"] + TINY))
     assert "error: --num-train: 9 samples requested, but" in line and "has 8" in line
     line = one_line_error(capsys, lambda: surgical_seg.main(["--data-root", str(sim2real_root), "--out", str(tmp_path),
-                                                             "--num-train", "8", "--num-eval", "9"] + TINY))
+                                                             "--num-train", "8", "--num-eval", "9", "--split", "scene"]
+                                                            + TINY))
     assert "error: --num-eval: 9 views requested" in line
+    line = one_line_error(capsys, lambda: surgical_seg.main(["--data-root", str(sim2real_root), "--out", str(tmp_path),
+                                                             "--num-train", "8", "--num-eval", "9"] + TINY))
+    assert "error: --num-train: 8 views requested, but the 7 scenes have 5 besides the 9 test views" in line
     line = one_line_error(capsys, lambda: handpose_rhd.main(["--data-root", str(rhd_root), "--out", str(tmp_path),
                                                              "--num-train", "8", "--num-eval", "4"] + TINY
                                                             + ["--batch-size", "16"]))

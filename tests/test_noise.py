@@ -56,3 +56,27 @@ def test_corrupted_dataset_fraction_and_reproducibility():
         assert changed == (32 if flags[i] else 0)
     other = CorruptedDataset(Toy(), "rgb", 0.25, PixelCorruption(0.5), seed=8)
     assert not torch.equal(other.corrupted, data.corrupted)
+
+
+def test_redrawn_noise_changes_with_the_epoch_only():
+    fixed = CorruptedDataset(Toy(), "rgb", 0.25, PixelCorruption(0.5), seed=7)
+    fresh = CorruptedDataset(Toy(), "rgb", 0.25, PixelCorruption(0.5), seed=7, redraw=True)
+    assert torch.equal(fresh.corrupted, fixed.corrupted)  # the same samples are corrupted
+    i = int(fresh.corrupted.nonzero()[0])
+    first = fresh[i]["rgb"]
+    fixed.set_epoch(1)
+    fresh.set_epoch(1)
+    second = fresh[i]["rgb"]
+    assert not torch.equal(first, second)
+    assert torch.equal(fixed[i]["rgb"], CorruptedDataset(Toy(), "rgb", 0.25, PixelCorruption(0.5), seed=7)[i]["rgb"])
+    fresh.set_epoch(0)  # an epoch's noise is a function of (seed, epoch, index): a resumed run sees it again
+    assert torch.equal(fresh[i]["rgb"], first)
+    clean = int((~fresh.corrupted).nonzero()[0])
+    assert torch.equal(fresh[clean]["rgb"], torch.full((3, 8, 8), -1.0))
+
+
+def test_set_epoch_reaches_a_corrupted_dataset_inside():
+    inner = CorruptedDataset(Toy(), "rgb", 0.5, PixelCorruption(0.5), seed=1, redraw=True)
+    outer = CorruptedDataset(inner, "index", 0.0, PixelCorruption(0.5), seed=2)
+    outer.set_epoch(3)
+    assert inner.epoch == 3 and outer.epoch == 3

@@ -1,9 +1,12 @@
 """The pipelines' building blocks that carry no pipeline of their own: the narrow ResNet-18 family,
 FoldingNet's factorised first layer, and the parallel generation and decoding of built-in data."""
 
+import argparse
+
 import pytest
 import torch
 import torchvision
+from common.corruption import credibility_set
 from common.data import TensorDictDataset, materialize
 from common.networks import FoldingNetDecoder, ResNet18Encoder
 from common.parallel import ordered_map
@@ -68,3 +71,26 @@ def test_materialize_decodes_alike_with_worker_processes():
     parallel = materialize(source, progress=False, workers=2)
     for name in ("x", "y"):
         torch.testing.assert_close(parallel.tensors[name], serial.tensors[name], rtol=0, atol=0)
+
+
+def test_credibility_sets_corrupt_one_modality_each():
+    class Clean(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"rgb": torch.zeros(3, 4, 4), "points": torch.zeros(8, 3)}
+
+    args = argparse.Namespace(seed=0, train_pixel_corruption=0.9, point_noise=1.0)
+    sets = credibility_set(Clean(), args)
+    assert {name: corruption for name, (_, corruption) in sets.items()} == {
+        "rgb": {"pixel_corruption": 0.9}, "points": {"point_noise": 1.0}}
+    for name, (dataset, _) in sets.items():
+        items = [dataset[i] for i in range(10)]
+        assert sum(bool(item[f"corrupted_{name}"]) for item in items) == 5  # a half
+        for item in items:
+            assert bool(item[name].abs().sum() > 0) == bool(item[f"corrupted_{name}"])
+            other = "points" if name == "rgb" else "rgb"
+            assert f"corrupted_{other}" not in item and not item[other].abs().sum()  # the other stays clean
+    args.point_noise = 0.0
+    assert set(credibility_set(Clean(), args)) == {"rgb"}

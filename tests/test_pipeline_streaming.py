@@ -12,7 +12,7 @@ import surgical_seg
 from common import corruption, distributed
 from common.checkpoint import load_checkpoint
 from common.data import TensorDictDataset, eval_loader
-from common.training import TrainConfig, make_loader
+from common.training import TrainConfig, make_loader, start_epoch
 from rhd.synthetic import generate_rhd
 from sim2real.synthetic import generate_sim2real
 
@@ -34,10 +34,12 @@ def assert_same_items(a: dict, b: dict) -> None:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("noise", ["fixed", "fresh"])
 @pytest.mark.parametrize("script", [handpose_rhd, surgical_seg], ids=["rhd", "sim2real"])
-def test_streamed_data_equals_the_in_memory_data(script, roots, tmp_path):
+def test_streamed_data_equals_the_in_memory_data(script, noise, roots, tmp_path):
     env = distributed.setup("cpu")
-    argv = ["--data-root", str(roots[script]), "--out", str(tmp_path)] + TINY + SIZES[script]
+    argv = (["--data-root", str(roots[script]), "--out", str(tmp_path), "--training-noise", noise]
+            + TINY + SIZES[script])
     args = script.parse_args(argv + ["--no-in-memory", "--workers", "2"])
     streamed = script.load_data(args, env)
     in_memory = script.load_data(script.parse_args(argv + ["--in-memory", "--workers", "0"]), env)
@@ -47,19 +49,28 @@ def test_streamed_data_equals_the_in_memory_data(script, roots, tmp_path):
         for i in range(len(s)):
             assert_same_items(s[i], m[i])
 
-    # Batch for batch through the training loader (noise applied per item, in the workers) and the
-    # evaluation loader: two worker processes reading from disk give what one process reads from memory.
+    # Batch for batch through the training loader (noise applied per item, in the workers; fresh noise
+    # drawn per epoch there too) and the evaluation loader: two worker processes reading from disk give
+    # what one process reads from memory.
     loaders = [make_loader(corruption.training_noise(data[0], args),
                            TrainConfig(batch_size=4, seed=5, num_workers=workers), env)
                for data, workers in ((streamed, 2), (in_memory, 0))]
     for epoch in (0, 1):
         for loader in loaders:
-            loader.sampler.set_epoch(epoch)
+            start_epoch(loader, epoch)
         pairs = list(zip(*loaders))
         assert len(pairs) == 2
         for a, b in pairs:
             assert_same_items(a, b)
             assert "corrupted_rgb" in a and "corrupted_points" in a
+    # --training-noise: a corrupted sample's noise is the same in every epoch, or drawn anew.
+    noisy = corruption.training_noise(in_memory[0], args)
+    i = int(noisy.dataset.corrupted.nonzero()[0])  # the first sample with corrupted RGB
+    by_epoch = []
+    for epoch in (0, 1):
+        noisy.set_epoch(epoch)
+        by_epoch.append(noisy[i]["rgb"])
+    assert torch.equal(*by_epoch) == (noise == "fixed")
     args_memory = script.parse_args(argv + ["--workers", "0"])
     pairs = list(zip(eval_loader(corruption.test_corruption(streamed[1], 0.5, 0), args),
                      eval_loader(corruption.test_corruption(in_memory[1], 0.5, 0), args_memory)))

@@ -14,7 +14,7 @@ from common.networks import DCGANDecoder
 from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
 
 # 7 scenes x 2 views: 8 training views (scenes 1-4) and 2 test views (scene 7).
-TINY = ["--num-train", "8", "--num-eval", "2", "--epochs", "2", "--batch-size", "4", "--image-size", "16",
+TINY = ["--split", "scene", "--num-train", "8", "--num-eval", "2", "--epochs", "2", "--batch-size", "4", "--image-size", "16",
         "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
 
 
@@ -44,6 +44,8 @@ def test_one_training_step_per_fusion(sim2real_root, tmp_path, fusion, credibili
     assert any(key.endswith("->mask") for key in out.terms) and any(key.endswith("->points") for key in out.terms)
     model.eval()
     assert model.predict(batch["rgb"], "mask").shape == (4, NUM_CLASSES, 16, 16)
+    convolutions = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
 
 
 def test_tiny_compare_run_writes_results_and_tables(sim2real_root, tmp_path):
@@ -86,6 +88,33 @@ def test_more_views_than_the_split_has_is_a_clear_error(sim2real_root, tmp_path)
         surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
 
 
+def test_random_split_tests_on_views_of_every_scene(sim2real_root, tmp_path):
+    def args_of(*extra):
+        return surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--split", "random", "--num-train", "10",
+                                                 "--num-eval", "3", *extra))
+
+    args = args_of()
+    parts = surgical_seg.split_indices(14, args)
+    assert len(parts["test"]) == 3 and len(parts["train"]) == 10 and not set(parts["test"]) & set(parts["train"])
+    for other in (surgical_seg.split_indices(14, args_of("--seed", "3")), surgical_seg.split_indices(14, args)):
+        assert all(np.array_equal(parts[k], other[k]) for k in parts)  # every seed of a study tests the same views
+    assert surgical_seg.builtin_views_per_scene(args) == 2  # 13 views over 7 scenes
+    train_set, eval_set = surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+    every = Sim2RealDataset(sim2real_root, scenes=range(1, 8), image_size=16, num_points=32)
+    for dataset, split in ((train_set, "train"), (eval_set, "test")):
+        assert len(dataset) == len(parts[split])
+        for i, j in enumerate(parts[split]):
+            assert torch.equal(dataset.tensors["mask"][i], every[j]["mask"])
+    assert len({every.views[j][0] for j in parts["train"]}) >= 5  # 10 of 14 views reach 5 scenes at least
+    with pytest.raises(UsageError, match="--num-train: 12 views requested, but the 7 scenes have 11 besides the 3 test"):
+        surgical_seg.split_indices(14, args_of("--num-train", "12"))
+    with pytest.raises(UsageError, match="--num-eval: 15 views requested, but the 7 scenes have 14"):
+        surgical_seg.split_indices(14, args_of("--num-eval", "15"))
+    defaults = surgical_seg.parse_args(["--data-root", str(sim2real_root), "--split", "random"])
+    defaults.num_train = defaults.num_eval = None
+    assert [len(v) for v in surgical_seg.split_indices(14, defaults).values()] == [1, 13]  # a tenth tests
+
+
 def test_image_size_must_suit_the_segmentation_decoder(sim2real_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--image-size", "48"))
@@ -126,7 +155,8 @@ def test_intrinsics_option_reaches_the_point_clouds(sim2real_root, tmp_path):
 def test_segmentation_decoder_shapes_and_channel_floor():
     decoder = DCGANDecoder(8, NUM_CLASSES, out_size=32, base=64, min_channels=16)
     convs = [m for m in decoder.net if isinstance(m, torch.nn.ConvTranspose2d)]
-    assert [c.out_channels for c in convs] == [32, 16, 16]
+    assert [c.out_channels for c in convs] == [32, 16, NUM_CLASSES]
+    assert decoder.net[-1] is convs[-1]  # the logits come straight from the last transposed convolution
     assert decoder(torch.randn(2, 8)).shape == (2, NUM_CLASSES, 32, 32)
     with pytest.raises(ValueError, match="out_size: expected a power of two"):
         DCGANDecoder(8, NUM_CLASSES, out_size=48)

@@ -23,15 +23,17 @@ CREDIBILITY_FRACTION = 0.5
 
 def training_noise(dataset: Dataset, args: argparse.Namespace, rgb_key: str = "rgb", points_key: str = "points") -> Dataset:
     """Corrupt the RGB of a seeded fraction of the samples (pixel corruption) and, independently,
-    the point cloud of another seeded fraction (Gaussian noise), as in Section 4.3."""
+    the point cloud of another seeded fraction (Gaussian noise), as in Section 4.3; with
+    --training-noise fresh their noise is drawn anew every epoch (the training loop's ``set_epoch``)."""
     if args.data_corruption <= 0:
         return dataset
     seed = args.seed * 10
+    redraw = args.training_noise == "fresh"
     dataset = CorruptedDataset(dataset, rgb_key, args.data_corruption, PixelCorruption(args.train_pixel_corruption),
-                               seed=seed + _SEED_RGB)
+                               seed=seed + _SEED_RGB, redraw=redraw)
     if args.point_noise > 0:
         dataset = CorruptedDataset(dataset, points_key, args.data_corruption, GaussianPointNoise(args.point_noise),
-                                   seed=seed + _SEED_POINTS)
+                                   seed=seed + _SEED_POINTS, redraw=redraw)
     return dataset
 
 
@@ -43,24 +45,27 @@ def test_corruption(dataset: Dataset, level: float, seed: int, key: str = "rgb")
 
 
 def credibility_set(dataset: Dataset, args: argparse.Namespace, rgb_key: str = "rgb",
-                    points_key: str = "points") -> tuple[Dataset, dict[str, dict[str, float]]]:
-    """Held-out samples with known corruption: the RGB of a seeded half of ``dataset`` pixel-corrupted
-    at the training strength (--train-pixel-corruption) and, independently, the point cloud of another
-    seeded half noised at --point-noise, with the training noise's corruptions; each item flags its
-    own (``corrupted_<key>``, bool).
+                    points_key: str = "points") -> dict[str, tuple[Dataset, dict[str, float]]]:
+    """Held-out samples with known corruption, one set per corrupted modality: the RGB of a seeded half
+    of ``dataset`` pixel-corrupted at the training strength (--train-pixel-corruption), or the point
+    cloud of a seeded half noised at --point-noise, with the training noise's corruptions, every other
+    modality clean. Each item flags its own (``corrupted_<key>``, bool).
 
-    Returns the dataset and, per corrupted modality, its corruption:
-    ``{"rgb": {"pixel_corruption": p}, "points": {"point_noise": sigma}}``. A modality whose training
-    strength is 0 is left clean and out: its "corrupted" samples would equal the clean ones.
+    One modality at a time, because a fusion's weights share out a whole: with both modalities
+    corrupted the weight of neither needs to fall, so a set corrupting both would blur what each
+    modality's weight does when that modality alone is corrupted.
+
+    Returns modality -> (its set, its corruption: ``{"pixel_corruption": p}`` or ``{"point_noise": sigma}``).
+    A modality whose training strength is 0 is left out: its "corrupted" samples would equal the clean ones.
     """
     seed = args.seed * 10
-    corruptions = {}
+    sets = {}
     if args.train_pixel_corruption > 0:
-        dataset = CorruptedDataset(dataset, rgb_key, CREDIBILITY_FRACTION, PixelCorruption(args.train_pixel_corruption),
-                                   seed=seed + _SEED_CREDIBILITY_RGB)
-        corruptions[rgb_key] = {"pixel_corruption": args.train_pixel_corruption}
+        sets[rgb_key] = (CorruptedDataset(dataset, rgb_key, CREDIBILITY_FRACTION,
+                                          PixelCorruption(args.train_pixel_corruption), seed=seed + _SEED_CREDIBILITY_RGB),
+                         {"pixel_corruption": args.train_pixel_corruption})
     if args.point_noise > 0:
-        dataset = CorruptedDataset(dataset, points_key, CREDIBILITY_FRACTION, GaussianPointNoise(args.point_noise),
-                                   seed=seed + _SEED_CREDIBILITY_POINTS)
-        corruptions[points_key] = {"point_noise": args.point_noise}
-    return dataset, corruptions
+        sets[points_key] = (CorruptedDataset(dataset, points_key, CREDIBILITY_FRACTION,
+                                             GaussianPointNoise(args.point_noise), seed=seed + _SEED_CREDIBILITY_POINTS),
+                            {"point_noise": args.point_noise})
+    return sets

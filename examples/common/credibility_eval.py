@@ -51,33 +51,31 @@ def _finite(value: float) -> float | None:
 @torch.no_grad()
 def held_out_credibility(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace,
                          device: torch.device) -> tuple[dict[str, dict], dict[str, dict[str, list]]]:
-    """The fusion's weights on the credibility set built from the evaluation ``dataset``
-    (``corruption.credibility_set``: a seeded half of the samples with RGB corrupted at the training
-    strength, independently a seeded half with noisy points).
+    """The fusion's weights on the credibility sets built from the evaluation ``dataset``
+    (``corruption.credibility_set``: per modality, a seeded half of the samples with that modality
+    corrupted at the training strength, the other modalities clean).
 
-    Returns (report, samples). report: modality -> ``diagnostics.credibility_report``'s measures
-    (``auroc`` of the fusion's own weight, ``auroc_alpha``, ``auroc_share``, ``weight_clean``,
+    Returns (report, samples). report: modality -> ``diagnostics.credibility_report``'s measures on
+    its set (``auroc`` of the fusion's own weight, ``auroc_alpha``, ``auroc_share``, ``weight_clean``,
     ``weight_corrupted``, ``alpha_clean``, ``alpha_corrupted``, ``effective_experts``, ``samples``)
     and the corruption used (``pixel_corruption`` or ``point_noise``); None where a group is
     empty. samples: modality -> {"weight": each sample's weight (mean over D), "corrupted": its
     flag}, for the figure of the two distributions.
     """
-    held_out, corruptions = credibility_set(dataset, args)
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {"weights": [], "alpha": [], "logvar": []}
-    flags: dict[str, list[torch.Tensor]] = {name: [] for name in corruptions}
-    for batch in eval_loader(held_out, args):
-        for name in corruptions:
-            flags[name].append(batch[f"corrupted_{name}"])
-        out = model.credibility({name: batch[name].to(device) for name in model.modalities})
-        for key in parts:
-            parts[key].append(getattr(out, key).float().cpu())
-    weights, alpha, logvar = (torch.cat(parts[key], dim=1) for key in ("weights", "alpha", "logvar"))
-    flags = {name: torch.cat(values) for name, values in flags.items()}
-    report = credibility_report(alpha, logvar, flags, model.modalities, weights=weights)
-    report = {name: {**{k: _finite(v) for k, v in measures.items()}, **corruptions[name]}
-              for name, measures in report.items()}
-    per_sample = weights.double().mean(-1)  # [M, B]
-    samples = {name: {"weight": [round(w, 5) for w in per_sample[model.modalities.index(name)].tolist()],
-                      "corrupted": flags[name].bool().tolist()} for name in corruptions}
+    report, samples = {}, {}
+    for name, (held_out, corruption) in credibility_set(dataset, args).items():
+        parts: dict[str, list[torch.Tensor]] = {"weights": [], "alpha": [], "logvar": []}
+        flags = []
+        for batch in eval_loader(held_out, args):
+            flags.append(batch[f"corrupted_{name}"])
+            out = model.credibility({m: batch[m].to(device) for m in model.modalities})
+            for key in parts:
+                parts[key].append(getattr(out, key).float().cpu())
+        weights, alpha, logvar = (torch.cat(parts[key], dim=1) for key in ("weights", "alpha", "logvar"))
+        flag = torch.cat(flags)
+        measures = credibility_report(alpha, logvar, {name: flag}, model.modalities, weights=weights)[name]
+        report[name] = {**{k: _finite(v) for k, v in measures.items()}, **corruption}
+        per_sample = weights.double().mean(-1)[model.modalities.index(name)]  # [B]
+        samples[name] = {"weight": [round(w, 5) for w in per_sample.tolist()], "corrupted": flag.bool().tolist()}
     return report, samples

@@ -127,6 +127,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share of pixels replaced in a corrupted training image")
     noise.add_argument("--point-noise", type=non_negative_float, metavar="X", default=None,
                        help="std of the Gaussian noise on a corrupted training point cloud (normalised units)")
+    noise.add_argument("--training-noise", choices=("fixed", "fresh"), default=None,
+                       help="fixed: a corrupted training sample has the same noise in every epoch (a dataset "
+                            "recorded once); fresh: the same samples are corrupted, with noise drawn anew every "
+                            "epoch (a sensor's noise at every capture), so that a model cannot learn a sample's "
+                            "noise pattern by heart")
     noise.add_argument("--test-corruption", type=fraction, nargs="+", metavar="P", default=None,
                        help="test-time pixel-corruption levels")
     noise.add_argument("--corruption-sweep", type=fraction, nargs="+", metavar="X", default=None,

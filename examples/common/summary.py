@@ -140,8 +140,8 @@ def credibility_markdown(study: Study, floatfmt: str = ".3f") -> str:
 
     rows = [[f"{FUSION_LABELS[f]} ({FUSION_WEIGHTS[f]})"] + [cell(f, m, key) for m in modalities
                                                               for _, key in _CREDIBILITY_COLUMNS] for f in results]
-    text = (f"Credibility on held-out samples: the evaluation samples with a seeded half of each modality corrupted "
-            f"as in training ({corruption}). AUROC that the fusion's own weight of the modality (gPoE: alpha, "
+    text = (f"Credibility on held-out samples: for each modality, the evaluation samples with a seeded half of them "
+            f"corrupted in that modality as in training ({corruption}), the other modality clean. AUROC that the fusion's own weight of the modality (gPoE: alpha, "
             f"PoE: its precision share, MoE: its mixture weight) is lower on the corrupted samples than on the "
             f"clean ones (0.5: blind to the corruption), the same for the precision share alpha T / sum, and "
             f"the mean weight on each.\n\n{markdown_table(header, rows, floatfmt=floatfmt)}")

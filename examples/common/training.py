@@ -9,8 +9,9 @@ reparameterisation noise those of the global batch. So every rank seeds the glob
 
 Exact resumption: every source of randomness is a function of (seed, epoch) — the sampler's
 shuffle (``set_epoch``), the global torch seed set at the start of each epoch (reparameterised
-draws) and the datasets' own per-index seeds — so a run resumed from the checkpoint of epoch e
-continues exactly as the uninterrupted run did after epoch e. A checkpoint is resumed only by a
+draws) and the datasets' own per-index seeds (per epoch too, where the dataset has ``set_epoch``)
+— so a run resumed from the checkpoint of epoch e continues exactly as the uninterrupted run did
+after epoch e. A checkpoint is resumed only by a
 run of the same configuration (``TrainConfig`` and its ``signature``, less how the run executes).
 
 ``max_steps`` ends training after that many optimizer steps; the schedule stays that of
@@ -40,7 +41,7 @@ from gpoe_fusion import GPoE
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistEnv, barrier, match_single_process
 
-__all__ = ["ConfigMismatch", "TrainConfig", "fit", "make_loader", "train_one_epoch"]
+__all__ = ["ConfigMismatch", "TrainConfig", "fit", "make_loader", "start_epoch", "train_one_epoch"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -92,9 +93,18 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, env: DistEnv, shuffle: bool 
     """Each rank's shard of ``dataset``; its order is a function of (seed, epoch) via ``set_epoch``."""
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle,
                                  seed=cfg.seed, drop_last=shuffle)
+    # Workers hold copies of the dataset: one that changes with the epoch (set_epoch) needs new ones.
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                       pin_memory=env.device.type == "cuda", drop_last=shuffle,
-                      persistent_workers=cfg.num_workers > 0)
+                      persistent_workers=cfg.num_workers > 0 and not hasattr(dataset, "set_epoch"))
+
+
+def start_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set ``epoch`` on make_loader's sampler (its shuffle) and on its dataset where that draws per
+    epoch (``set_epoch``: e.g. noise drawn anew every epoch)."""
+    loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
 
 
 def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -215,7 +225,7 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, ou
             break
         limit = None if cfg.max_steps is None else cfg.max_steps - done
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009)  # alike on every rank: see GlobalBatchNoise
-        loader.sampler.set_epoch(epoch)
+        start_epoch(loader, epoch)
         began = time.perf_counter()
         stats = train_one_epoch(ddp, loader, optimizer, scheduler, env, epoch, cfg, max_batches=limit)
         stats["epoch"] = epoch + 1

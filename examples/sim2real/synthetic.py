@@ -3,7 +3,7 @@
 The real dataset renders each scene, one fixed 3-D anatomy built from a liver mesh, from random camera
 poses. So does this generator: scene k is one fixed procedural laparoscopic anatomy, in world coordinates:
 abdominal wall and fat/stomach regions split by a smooth random level set, a large two-lobed liver in
-front of them, a small gallbladder at the liver's lower rim, and a thin curved ligament band running from
+front of them, a small gallbladder at the liver's lower rim, and a narrow curved ligament band running from
 the liver towards the wall. Every pixel belongs to one of the five classes, as in the real data (which
 has no background colour). Each view (512 x 256) shows the scene from a random camera pose: a pan over
 it (mostly onto the liver, now and then far enough off that the liver leaves the view), a distance (a
@@ -56,7 +56,7 @@ from sim2real.dataset import (
 
 __all__ = ["GENERATOR_VERSION", "generate_sim2real", "ensure_builtin_sim2real"]
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bumped whenever the generated images change, so cached data of an older generator is not reused."""
 
 H, W = IMAGE_HEIGHT, IMAGE_WIDTH
@@ -321,7 +321,11 @@ class _SceneAnatomy:
         self.ligament_heading = (float(np.cos(heading)), float(np.sin(heading)))
         self.ligament_length = _uniform(rng, 0.45, 0.8)
         self.ligament_bend = (_uniform(rng, -0.12, 0.12), _uniform(rng, 4.0, 8.0))
-        self.ligament_width = _uniform(rng, 0.018, 0.03)
+        # Its half-width in world units: the band is 18-31 pixels wide in a 512 x 256 view at the
+        # reference distance, 5-8 in the demo's 64 x 64 crops. Generator v2 drew half of that, a band
+        # 2-4 pixels wide at 64 x 64, which the demo's model hardly ever predicted (IoU at most 0.04,
+        # docs/surgical.md).
+        self.ligament_width = _uniform(rng, 0.036, 0.06)
 
         # The gallbladder: a blob hanging at the liver's lower rim, near the scene centre.
         phi = _uniform(rng, 0.2 * np.pi, 0.8 * np.pi) + tilt
@@ -535,7 +539,7 @@ def ensure_builtin_sim2real(cache_dir: str | Path, views_per_scene: int, seed: i
     """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use.
 
     Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
-    ``sim2real_builtin_v2_7x100_seed0``; a different size or seed therefore generates anew, and an existing
+    ``sim2real_builtin_v3_7x100_seed0``; a different size or seed therefore generates anew, and an existing
     folder is reused. Generation happens in a temporary folder that is renamed into place only when
     complete, so an interrupted run leaves no half-written dataset; concurrent callers may both generate,
     and the first rename wins.
