@@ -441,6 +441,8 @@ def test_the_pipeline_on_two_gloo_processes_gives_the_metrics_of_one_process(scr
     worst = max(differences, key=differences.get)
     assert differences[worst] <= 1e-4, (worst, differences[worst])
     # The test can fail: with each rank's own batch statistics and noise the loss and the metrics differ.
+    # (The total loss at initialisation can move little: the segmentation cross-entropy, near log 5 per
+    # decode, dominates it; its terms, the KL above all, do move.)
     differences = relative_differences(one, per_process)
-    assert differences["history/0/loss"] > 1e-3
+    assert max(v for k, v in differences.items() if k.startswith("history/")) > 1e-2
     assert max(v for k, v in differences.items() if k.startswith("metrics/")) > 1e-2
