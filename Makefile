@@ -8,6 +8,13 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.* csrc/cpu/capability/* csrc/cuda/*)
 OUT ?= runs/demo
+# CUDA architectures of the kernel build: setup.py's default (the visible GPUs', PTX of the newest) on
+# a machine with a GPU; on one without (CI), Hopper alone, which keeps the build short. Set
+# TORCH_CUDA_ARCH_LIST to build for other GPUs, e.g. `make install TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX"`.
+ifeq ($(shell nvidia-smi -L 2>/dev/null),)
+TORCH_CUDA_ARCH_LIST ?= 9.0+PTX
+export TORCH_CUDA_ARCH_LIST
+endif
 
 .PHONY: install demo compare test test-slow bench clean
 

@@ -1,10 +1,29 @@
 // Plain-old-data descriptions of a fusion call, handed from the ATen host code to the CPU and
-// CUDA kernels (which include no ATen tensor headers).
+// CUDA kernels (which include no ATen tensor headers), and the ONE place where an element's
+// address is computed from strides or shapes: the CPU and CUDA kernels address every operand,
+// output and partial sum through the helpers below and do no index arithmetic of their own
+// (tests/test_kernel_sources.py holds them to it), so an addressing bug cannot hide in the CUDA
+// copy where no CPU test reaches.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define GPOE_HD __host__ __device__ __forceinline__
+#define GPOE_UNROLL _Pragma("unroll")
+#else
+#define GPOE_HD inline
+#define GPOE_UNROLL
+#endif
+
 namespace gpoe {
+
+// Element [i, r, c] of a contiguous [*, rows, cols] buffer (the kernels' outputs and partial sums;
+// [rows, cols] buffers with i = 0).
+GPOE_HD int64_t dense_index(int64_t i, int64_t r, int64_t c, int64_t rows, int64_t cols) {
+  return (i * rows + r) * cols + c;
+}
 
 // MoPoE: the most experts whose subsets are enumerated (2^8 - 1 = 255 subsets).
 inline constexpr int kMaxSubsetExperts = 8;
@@ -19,6 +38,22 @@ struct Operand {
   int64_t stride_m = 0;
   int64_t stride_n = 0;
   int64_t stride_d = 1;
+
+  GPOE_HD bool present() const { return data != nullptr; }
+  // The element [i, n, d]; a vector of consecutive d starts there and is read with stride_d.
+  template <class T>
+  GPOE_HD const T* at(int64_t i, int64_t n, int64_t d) const {
+    return static_cast<const T*>(data) + (i * stride_m + n * stride_n + d * stride_d);
+  }
+  // A vector along d is one element repeated (broadcast), else consecutive elements.
+  GPOE_HD bool broadcast_d() const { return stride_d == 0; }
+  // Whether every vector of `vec` elements (of `element_bytes` each) that starts at a d divisible
+  // by `vec` is aligned to its own size, so that it can be one wide load.
+  bool vectors_aligned(int64_t vec, size_t element_bytes) const {
+    const auto bytes = static_cast<uintptr_t>(vec) * element_bytes;
+    return data != nullptr && reinterpret_cast<uintptr_t>(data) % bytes == 0 && stride_m % vec == 0 &&
+           stride_n % vec == 0;
+  }
 };
 
 // Which axes broadcast logits share, i.e. which axes the logits gradient is summed over.
@@ -42,6 +77,14 @@ struct FuseArgs {
   int64_t mask_stride_n = 0;
   bool prior = false;  // add the N(0, I) prior expert
   LogitReduce logit_reduce = LogitReduce::kNone;
+
+  // Whether expert i of row `row` is present.
+  GPOE_HD bool present(int64_t i, int64_t row) const {
+    return mask == nullptr || mask[i * mask_stride_m + row * mask_stride_n];
+  }
+  // Element [i, row, dim] of a contiguous [K, N, D] output (the weights, the gradients, MoPoE's
+  // components; K = 1 for the joint [N, D]).
+  GPOE_HD int64_t out_index(int64_t i, int64_t row, int64_t dim) const { return dense_index(i, row, dim, n, d); }
 };
 
 // Forward outputs: joint_mu, joint_logvar contiguous [N, D] in the inputs' dtype; weights, when

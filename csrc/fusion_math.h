@@ -49,13 +49,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define GPOE_HD __host__ __device__ __forceinline__
-#define GPOE_UNROLL _Pragma("unroll")
-#else
-#define GPOE_HD inline
-#define GPOE_UNROLL
-#endif
+#include "fusion_args.h"  // GPOE_HD, GPOE_UNROLL
 
 namespace gpoe {
 

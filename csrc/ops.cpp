@@ -21,9 +21,21 @@ bool compiled_with_cuda() {
 
 std::string cpu_capability() { return gpoe::cpu::capability_name(); }
 
+// The CUDA architectures the kernels were compiled for, comma-separated: "sm_XY" for machine code,
+// "compute_XY" for PTX (setup.py passes them as GPOE_CUDA_ARCHS); empty without CUDA.
+#define GPOE_STRINGIFY(...) #__VA_ARGS__
+#define GPOE_EXPAND_STRINGIFY(...) GPOE_STRINGIFY(__VA_ARGS__)
+std::string cuda_architectures() {
+#if defined(WITH_CUDA) && defined(GPOE_CUDA_ARCHS)
+  return GPOE_EXPAND_STRINGIFY(GPOE_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
+
 // Raised whenever the operator schemas or their meaning change; gpoe_fusion/ops.py refuses a
 // build whose number differs from its own (a stale build left from an earlier version).
-int64_t interface_version() { return 3; }
+int64_t interface_version() { return 4; }
 
 }  // namespace
 
@@ -56,6 +68,8 @@ TORCH_LIBRARY(gpoe_fusion, m) {
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
   // The instruction set of the CPU kernels in use ("AVX512", "AVX2" or "DEFAULT").
   m.def("cpu_capability() -> str", &cpu_capability);
+  // The CUDA architectures of the kernels ("sm_90,compute_90"; empty without CUDA).
+  m.def("cuda_architectures() -> str", &cuda_architectures);
   m.def("interface_version() -> int", &interface_version);
 }
 

@@ -34,6 +34,7 @@ __all__ = [
     "credibility",
     "diagnostics",
     "extension_available",
+    "extension_info",
     "functional",
     "likelihoods",
     "noise",
@@ -42,6 +43,9 @@ __all__ = [
     "set_validation",
     "validation_enabled",
 ]
+
+
+extension_info = ops.extension_info
 
 
 def extension_available() -> bool:

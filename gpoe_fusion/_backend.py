@@ -13,19 +13,20 @@ from torch import Tensor
 
 from . import _reference, ops
 
-__all__ = ["BACKENDS", "fuse", "kernel_supports", "subsets"]
+__all__ = ["BACKENDS", "fuse", "kernel_supports", "subsets", "use_kernel"]
 
 BACKENDS = ("auto", "kernel", "torch")
 
 
-def kernel_supports(mu: Tensor) -> str | None:
-    """None if the fused kernel can take experts like ``mu``, else the reason it cannot."""
+def kernel_supports(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if the fused kernel can take experts of ``dtype`` on ``device``, else the reason it cannot."""
     if not ops.available():
         return f"the compiled extension is not available ({ops.load_error()})"
-    if mu.dtype not in ops.KERNEL_DTYPES:
-        return f"dtype {mu.dtype} is not one of {ops.KERNEL_DTYPES}"
-    if not ops.supports_device(mu.device):
-        return f"the extension has no kernel for device {mu.device}"
+    if dtype not in ops.KERNEL_DTYPES:
+        return f"dtype {dtype} is not one of {ops.KERNEL_DTYPES}"
+    if not ops.supports_device(device):
+        problem = ops.cuda_device_problem(device.index or 0) if device.type == "cuda" else ""
+        return problem or f"the extension has no kernel for device {device}"
     return None
 
 
@@ -71,13 +72,14 @@ class _KernelLayout:
         return t.reshape(lead + self.batch_shape + (t.shape[-1],)).to(self.dtype)
 
 
-def _use_kernel(mu: Tensor, backend: str) -> bool:
-    """Whether ``backend`` runs the fused kernel for experts like ``mu`` (an error if it must and cannot)."""
+def use_kernel(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
+    """Whether ``backend`` runs the fused kernel for experts of ``dtype`` on ``device`` (an error if
+    it must and cannot)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    reason = kernel_supports(mu)
+    reason = kernel_supports(device, dtype)
     if reason is not None and backend == "kernel":
         raise RuntimeError(f"backend='kernel' was requested but {reason}")
     return reason is None
@@ -94,7 +96,7 @@ def fuse(
 ) -> tuple[Tensor, ...]:
     """Joint ``(mu, logvar)`` [*batch, D] of checked experts mu, logvar [M, *batch, D], and with
     ``return_weights`` every expert's weight [M, *batch, D] (see ``_reference.fuse``)."""
-    if not _use_kernel(mu, backend):
+    if not use_kernel(mu.device, mu.dtype, backend):
         return _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights)
     flat = _KernelLayout(mu, logvar, logits, mask, expand_logits=False)
     outputs = ops.fuse(flat.mu, flat.logvar, flat.logits, flat.mask, prior_expert, return_weights)
@@ -112,7 +114,7 @@ def subsets(
 ) -> tuple[Tensor, Tensor]:
     """Every subset's product (MoPoE's components), [S, *batch, D], of checked experts
     [M, *batch, D] (see ``_reference.subsets``)."""
-    if not _use_kernel(mu, backend):
+    if not use_kernel(mu.device, mu.dtype, backend):
         return _reference.subsets(mu, logvar, logits, mask, prior_expert)
     flat = _KernelLayout(mu, logvar, logits, mask, expand_logits=True)
     joint_mu, joint_logvar = ops.mopoe(flat.mu, flat.logvar, flat.logits, flat.mask, prior_expert)

@@ -84,7 +84,9 @@ class FeatureStandardizer(nn.Module):
         self.register_buffer("running_var", torch.ones(dim))
 
     def forward(self, x: Tensor, present: Tensor | None = None) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        # Statistics in float32 at least: bfloat16 features (GPU autocast) would round the running
+        # mean of features near 10 to steps of 1/16, and every evaluation-time input with it.
+        flat = x.reshape(-1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
         keep = (torch.ones(flat.shape[0], 1, dtype=torch.bool, device=x.device) if present is None
                 else present.reshape(-1, 1))
         # where, not a product: absent rows may hold NaN or inf, and 0 * inf is NaN (also in backward).
@@ -112,7 +114,7 @@ class FeatureStandardizer(nn.Module):
                 self.running_mean.copy_(torch.where(enough, running_mean.lerp(batch_mean, self.momentum), running_mean))
                 self.running_var.copy_(torch.where(enough, running_var.lerp(unbiased, self.momentum), running_var))
         out = torch.where(keep, (clean - mean) * torch.rsqrt(var + self.eps), 0.0)
-        return out.reshape(x.shape)
+        return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         sync = ", sync" if self.sync else ""

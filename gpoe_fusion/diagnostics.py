@@ -25,17 +25,18 @@ def auroc(scores: Tensor, positive: Tensor) -> float:
     """Area under the ROC curve of ``scores`` [B] for the labels ``positive`` bool [B]: the probability
     that a random positive scores above a random negative, ties counting one half (the Mann-Whitney
     U statistic over the two groups' sizes). NaN when either group is empty."""
-    scores, positive = scores.detach().double().flatten(), positive.flatten().bool()
+    scores = scores.detach().double().flatten()
+    positive = positive.flatten().bool().to(scores.device)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     # Average ranks (ties share the mean of their ranks), 1-based.
     order = torch.argsort(scores)
     ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=scores.dtype)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=scores.dtype, device=scores.device)
     values, inverse = torch.unique(scores, return_inverse=True)
-    tie_sum = torch.zeros(values.numel(), dtype=scores.dtype).index_add_(0, inverse, ranks)
-    tie_count = torch.zeros(values.numel(), dtype=scores.dtype).index_add_(0, inverse, torch.ones_like(ranks))
+    tie_sum = scores.new_zeros(values.numel()).index_add_(0, inverse, ranks)
+    tie_count = scores.new_zeros(values.numel()).index_add_(0, inverse, torch.ones_like(ranks))
     ranks = (tie_sum / tie_count)[inverse]
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
@@ -93,7 +94,7 @@ def credibility_report(alpha: Tensor, logvar: Tensor, corrupted: Mapping[str, Te
         flags = flags.flatten().bool().to(alpha.device)
         if flags.numel() != alpha.shape[1]:
             raise ValueError(f"corrupted[{name!r}]: expected {alpha.shape[1]} flags, got {flags.numel()}")
-        keep = torch.ones_like(flags) if mask is None else mask[i]
+        keep = torch.ones_like(flags) if mask is None else mask[i].to(alpha.device)
         w, a, s, f = weight_per_sample[i][keep], alpha_per_sample[i][keep], share_per_sample[i][keep], flags[keep]
         report[name] = {
             # Lower weight on corrupted samples = a corrupted sample scores higher under -weight.

@@ -11,9 +11,12 @@ The extension defines (csrc/ops.cpp):
                                 output_mask[3]) -> (grad_mu, grad_logvar, grad_logits)
     gpoe_fusion::compiled_with_cuda() -> bool
     gpoe_fusion::cpu_capability() -> str
+    gpoe_fusion::cuda_architectures() -> str
     gpoe_fusion::interface_version() -> int
 
-with CPU and (when built with CUDA) CUDA kernels. This module adds the fake kernels that let
+with CPU and (when built with CUDA) CUDA kernels. A CUDA device is served only if the build holds
+machine code for its architecture or PTX it can compile (``cuda_device_problem``); otherwise the
+``auto`` backend takes the pure-PyTorch path with one warning naming the rebuild. This module adds the fake kernels that let
 ``torch.compile`` trace them (checking shapes and dtypes as the real kernels do) and the autograd
 formula of ``fuse_forward``, whose backward recomputes from the saved inputs (it saves no
 [M, N, D] temporary). A backward that must itself be differentiable (``create_graph=True``) is
@@ -25,8 +28,11 @@ is an ImportError instead of a silent fallback to the pure-PyTorch path (CI sets
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -36,9 +42,13 @@ from . import _reference
 __all__ = [
     "KERNEL_DTYPES",
     "REQUIRE_ENV",
+    "arch_serves",
     "available",
     "compiled_with_cuda",
     "cpu_capability",
+    "cuda_architectures",
+    "cuda_device_problem",
+    "extension_info",
     "fuse",
     "load_error",
     "mopoe",
@@ -48,7 +58,7 @@ __all__ = [
 REQUIRE_ENV = "GPOE_FUSION_REQUIRE_EXTENSION"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The operator interface this Python code speaks (csrc/ops.cpp interface_version()).
-_INTERFACE_VERSION = 3
+_INTERFACE_VERSION = 4
 
 _LOAD_ERROR: str | None = None
 
@@ -111,9 +121,85 @@ _DEVICE_KERNELS = {
 }
 
 
+def cuda_architectures() -> tuple[str, ...]:
+    """The CUDA architectures the kernels were built for: "sm_XY" (machine code) and "compute_XY"
+    (PTX, compiled for newer GPUs when loaded); empty without CUDA kernels."""
+    if not _AVAILABLE:
+        return ()
+    return tuple(arch for arch in str(torch.ops.gpoe_fusion.cuda_architectures()).split(",") if arch)
+
+
+def _arch_number(arch: str) -> tuple[int, int, str]:
+    """"sm_90a" -> (9, 0, "a"); "compute_120" -> (12, 0, "")."""
+    digits = arch.partition("_")[2]
+    suffix = digits.lstrip("0123456789")
+    digits = digits[:len(digits) - len(suffix)]
+    return int(digits[:-1]), int(digits[-1]), suffix
+
+
+def arch_serves(capability: tuple[int, int], architectures: Sequence[str]) -> bool:
+    """Whether kernels built for ``architectures`` run on a GPU of compute ``capability`` (major,
+    minor): machine code sm_XY runs on X.Y' with Y' >= Y (sm_XYa only on X.Y itself), PTX
+    compute_XY on every capability >= X.Y."""
+    for arch in architectures:
+        major, minor, suffix = _arch_number(arch)
+        if arch.startswith("sm_"):
+            if major == capability[0] and (minor == capability[1] if suffix == "a" else minor <= capability[1]):
+                return True
+        elif arch.startswith("compute_") and (major, minor) <= tuple(capability):
+            return True
+    return False
+
+
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_problem(index: int) -> str:
+    if not _DEVICE_KERNELS["cuda"]:
+        return ""
+    capability = tuple(_device_capability(index))
+    built = cuda_architectures()
+    if arch_serves(capability, built):
+        return ""
+    problem = (f"the CUDA kernels were built for {', '.join(built) or 'no architecture'}, which cannot run on "
+               f"cuda:{index} (compute capability {capability[0]}.{capability[1]}); rebuild for it with "
+               f"TORCH_CUDA_ARCH_LIST=\"{capability[0]}.{capability[1]}\" pip install --no-build-isolation -e .")
+    warnings.warn(f"gpoe_fusion: {problem}. backend='auto' uses the pure-PyTorch path on this device.",
+                  RuntimeWarning, stacklevel=2)
+    return problem
+
+
+@torch.compiler.assume_constant_result
+def cuda_device_problem(index: int) -> str:
+    """Why the CUDA kernels cannot run on GPU ``index`` (its architecture was not built), or "" when
+    they can. Found out once per device, with one RuntimeWarning; torch.compile takes the answer as
+    a constant."""
+    return _cuda_device_problem(index)
+
+
 def supports_device(device: torch.device) -> bool:
-    """Whether a kernel is registered for ``device``'s type."""
-    return _DEVICE_KERNELS.get(device.type, False)
+    """Whether a kernel is registered for ``device``'s type and, on a GPU, built for its architecture."""
+    if not _DEVICE_KERNELS.get(device.type, False):
+        return False
+    return device.type != "cuda" or not cuda_device_problem(device.index or 0)
+
+
+def extension_info() -> dict:
+    """What the compiled extension offers on this machine: whether it loaded (and why not), the CPU
+    kernels' instruction set, whether it has CUDA kernels and for which architectures, and each visible
+    GPU with whether the kernels serve it."""
+    gpus = []
+    if _DEVICE_KERNELS["cuda"] and torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            capability = tuple(_device_capability(index))
+            gpus.append({"index": index, "name": torch.cuda.get_device_name(index),
+                         "capability": f"{capability[0]}.{capability[1]}",
+                         "served": arch_serves(capability, cuda_architectures())})
+    return {"available": _AVAILABLE, "load_error": _LOAD_ERROR, "torch": torch.__version__,
+            "cpu_capability": cpu_capability(), "cuda": compiled_with_cuda(),
+            "cuda_architectures": list(cuda_architectures()), "cuda_devices": gpus}
 
 
 def fuse(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool,

@@ -174,3 +174,47 @@ def test_joint_credibility_compiles_without_graph_breaks(training):
     torch.testing.assert_close(compiled(feats, mask), eager(feats, mask), rtol=1e-6, atol=1e-6)
     for (name, a), b in zip(eager.named_buffers(), compiled_net.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_bfloat16_features_get_float32_statistics():
+    """GPU autocast gives the credibility networks bfloat16 features; their statistics are float32
+    anyway: features of mean 10 give running means of 10.000 (in bfloat16 they stall at 9.75-9.875)."""
+    g = torch.Generator().manual_seed(0)
+    exact, rounded = FeatureStandardizer(4), FeatureStandardizer(4)
+    for _ in range(100):
+        x = 10.0 + torch.randn(64, 4, generator=g)
+        x16 = x.bfloat16()
+        out_exact = exact(x16.float())
+        out = rounded(x16)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, out_exact.bfloat16(), rtol=0, atol=0)
+    assert rounded.running_mean.dtype == torch.float32
+    torch.testing.assert_close(rounded.running_mean, exact.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(rounded.running_var, exact.running_var, rtol=0, atol=0)
+    assert (rounded.running_mean - 10.0).abs().max() < 0.05
+
+
+def test_credibility_under_cpu_bfloat16_autocast_matches_float32():
+    """A GPoE layer's alpha under bfloat16 autocast against float32, with trained-like statistics."""
+    torch.manual_seed(0)
+    layer = gf.GPoE(len(DIMS), 6, list(DIMS), hidden=(8,))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    g = torch.Generator().manual_seed(1)
+    mu, logvar = torch.randn(len(DIMS), 32, 6, generator=g), torch.randn(len(DIMS), 32, 6, generator=g)
+    # As an encoder under autocast makes them: bfloat16 (the float32 reference gets the same values).
+    feats16 = [(10.0 + torch.randn(32, dim, generator=g)).bfloat16() for dim in DIMS]
+    feats = [f.float() for f in feats16]
+    reference = copy.deepcopy(layer)
+    for _ in range(20):  # running statistics under autocast and in float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(mu, logvar, features=feats16)
+        reference(mu, logvar, features=feats)
+    for got, want in zip(buffers(layer).values(), buffers(reference).values()):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    layer.eval(), reference.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, alpha = layer(mu, logvar, features=feats16, return_alpha=True)
+    _, alpha_exact = reference(mu, logvar, features=feats, return_alpha=True)
+    torch.testing.assert_close(alpha.float(), alpha_exact, rtol=0, atol=0.03)

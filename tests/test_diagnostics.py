@@ -75,3 +75,31 @@ def test_credibility_report_of_a_fusions_own_weights():
     assert plain["auroc"] == plain["auroc_alpha"] == 0.5 and plain["weight_clean"] == plain["alpha_clean"]
     with pytest.raises(ValueError, match="weights: shape"):
         diagnostics.credibility_report(uniform, logvar, {"rgb": flags}, ["rgb", "depth"], weights=shares[:, :2])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_diagnostics_work_on_tensors_of_any_device(device):
+    """Every measure on ``device`` (flags and mask may stay on the CPU) equals the CPU result."""
+    g = torch.Generator().manual_seed(3)
+    alpha = torch.softmax(torch.randn(2, 40, 5, generator=g), dim=0)
+    logvar = torch.randn(2, 40, 5, generator=g)
+    mask = torch.rand(2, 40, generator=g) > 0.2
+    mask[0] |= ~mask[1]
+    flags = {"rgb": torch.rand(40, generator=g) > 0.5}
+    scores = torch.randint(0, 6, (40,), generator=g).double()  # ties
+    want_auroc = diagnostics.auroc(scores, flags["rgb"])
+    want = diagnostics.credibility_report(alpha, logvar, flags, ["rgb", "depth"], mask=mask)
+    on = lambda t: t.to(device)  # noqa: E731
+    assert diagnostics.auroc(on(scores), flags["rgb"]) == pytest.approx(want_auroc, abs=1e-12)
+    assert diagnostics.auroc(on(scores), on(flags["rgb"])) == pytest.approx(want_auroc, abs=1e-12)
+    got = diagnostics.credibility_report(on(alpha), on(logvar), flags, ["rgb", "depth"], mask=mask)
+    assert got.keys() == want.keys()
+    for key, value in want["rgb"].items():
+        assert got["rgb"][key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+    share = diagnostics.precision_share(on(alpha), on(logvar), on(mask))
+    assert share.device.type == device
+    torch.testing.assert_close(share.cpu(), diagnostics.precision_share(alpha, logvar, mask))
+    assert diagnostics.effective_experts(share).device.type == device

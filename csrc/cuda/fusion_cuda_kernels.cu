@@ -87,12 +87,12 @@ struct RawVector<8> { using type = uint2; };
 template <>
 struct RawVector<16> { using type = uint4; };
 
-// kVec elements starting at p (stride_d 0: one broadcast element), in their storage type.
-// `aligned`: p is aligned to the whole group, so it is one 64/128-bit load; `valid` elements
-// exist (fewer at the row's tail; the rest are zero).
+// kVec consecutive elements starting at p (`broadcast`: the one element at p repeated), in their
+// storage type. `aligned`: p is aligned to the whole group, so it is one 64/128-bit load; `valid`
+// elements exist (fewer at the row's tail; the rest are zero).
 template <class T, int kVec>
-__device__ __forceinline__ void load_raw(const T* p, int64_t stride_d, bool aligned, int64_t valid, T (&out)[kVec]) {
-  if (stride_d == 0) {
+__device__ __forceinline__ void load_raw(const T* p, bool broadcast, bool aligned, int64_t valid, T (&out)[kVec]) {
+  if (broadcast) {
     const T x = p[0];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) out[j] = x;
@@ -106,12 +106,19 @@ __device__ __forceinline__ void load_raw(const T* p, int64_t stride_d, bool alig
   }
 }
 
+// The group [n, d0, d0 + kVec) of slice i of operand o, in its storage type.
+template <class T, int kVec>
+__device__ __forceinline__ void load_operand(const Operand& o, int64_t i, int64_t n, int64_t d0, bool aligned,
+                                             int64_t valid, T (&out)[kVec]) {
+  load_raw<T, kVec>(o.at<T>(i, n, d0), o.broadcast_d(), aligned, valid, out);
+}
+
 // The same, converted to the accumulation type.
 template <class T, int kVec>
-__device__ __forceinline__ void load_group(const T* p, int64_t stride_d, bool aligned, int64_t valid,
-                                           acc_t<T> (&out)[kVec]) {
+__device__ __forceinline__ void load_group(const Operand& o, int64_t i, int64_t n, int64_t d0, bool aligned,
+                                           int64_t valid, acc_t<T> (&out)[kVec]) {
   T values[kVec];
-  load_raw<T, kVec>(p, stride_d, aligned, valid, values);
+  load_operand<T, kVec>(o, i, n, d0, aligned, valid, values);
 #pragma unroll
   for (int j = 0; j < kVec; ++j) out[j] = to_acc(values[j]);
 }
@@ -137,13 +144,6 @@ __device__ __forceinline__ void store_group(T* p, bool aligned, int64_t valid, c
 #pragma unroll
   for (int j = 0; j < kVec; ++j) values[j] = from_acc<T>(in[j]);
   store_raw<T, kVec>(p, aligned, valid, values);
-}
-
-// Whether every group of an operand starts on a vector boundary: base and strides.
-bool aligned(const Operand& o, int vec, size_t element_bytes) {
-  if (o.data == nullptr) return false;
-  const auto bytes = static_cast<uintptr_t>(vec) * element_bytes;
-  return reinterpret_cast<uintptr_t>(o.data) % bytes == 0 && o.stride_m % vec == 0 && o.stride_n % vec == 0;
 }
 
 struct Alignment {
@@ -224,33 +224,19 @@ struct InPlaceSink {
   }
 };
 
-__device__ __forceinline__ bool is_present(const FuseArgs& a, int i, int64_t n) {
-  return a.mask == nullptr || a.mask[i * a.mask_stride_m + n * a.mask_stride_n];
-}
-
 template <class T, bool kLogits, int kM, int kVec, bool kWeightGrad>
 __device__ __forceinline__ void load_registers(const FuseArgs& a, const Alignment& al, int64_t n, int64_t d0,
                                                int64_t valid, Registers<T, kM, kVec, kWeightGrad>& r,
                                                const Operand& grad_weights = Operand{}) {
 #pragma unroll
   for (int i = 0; i < kM; ++i) {
-    r.present[i] = is_present(a, i, n);
+    r.present[i] = a.present(i, n);
     // Masked experts are not read: they may hold anything, NaN included.
     if (!r.present[i]) continue;
-    load_raw<T, kVec>(static_cast<const T*>(a.mu.data) + i * a.mu.stride_m + n * a.mu.stride_n + d0, 1, al.mu, valid,
-                      r.mu[i]);
-    load_raw<T, kVec>(static_cast<const T*>(a.logvar.data) + i * a.logvar.stride_m + n * a.logvar.stride_n + d0, 1,
-                      al.logvar, valid, r.logvar[i]);
-    if constexpr (kLogits) {
-      load_raw<T, kVec>(static_cast<const T*>(a.logits.data) + i * a.logits.stride_m + n * a.logits.stride_n +
-                            d0 * a.logits.stride_d,
-                        a.logits.stride_d, al.logits, valid, r.logit[i]);
-    }
-    if constexpr (kWeightGrad) {
-      load_raw<T, kVec>(static_cast<const T*>(grad_weights.data) + i * grad_weights.stride_m +
-                            n * grad_weights.stride_n + d0,
-                        1, al.grad_weights, valid, r.weight_grad[i]);
-    }
+    load_operand<T, kVec>(a.mu, i, n, d0, al.mu, valid, r.mu[i]);
+    load_operand<T, kVec>(a.logvar, i, n, d0, al.logvar, valid, r.logvar[i]);
+    if constexpr (kLogits) load_operand<T, kVec>(a.logits, i, n, d0, al.logits, valid, r.logit[i]);
+    if constexpr (kWeightGrad) load_operand<T, kVec>(grad_weights, i, n, d0, al.grad_weights, valid, r.weight_grad[i]);
   }
 }
 
@@ -262,20 +248,11 @@ struct GlobalExperts {
   const FuseArgs& a;
   int64_t n, d;
   __device__ __forceinline__ int count() const { return static_cast<int>(a.m); }
-  __device__ __forceinline__ bool present(int i) const { return is_present(a, i, n); }
-  __device__ __forceinline__ value_type mu(int i) const {
-    return to_acc(static_cast<const T*>(a.mu.data)[i * a.mu.stride_m + n * a.mu.stride_n + d]);
-  }
-  __device__ __forceinline__ value_type logvar(int i) const {
-    return to_acc(static_cast<const T*>(a.logvar.data)[i * a.logvar.stride_m + n * a.logvar.stride_n + d]);
-  }
-  __device__ __forceinline__ value_type logit(int i) const {
-    return to_acc(
-        static_cast<const T*>(a.logits.data)[i * a.logits.stride_m + n * a.logits.stride_n + d * a.logits.stride_d]);
-  }
-  __device__ __forceinline__ value_type weight_grad(int i) const {
-    return to_acc(static_cast<const T*>(grad_weights->data)[i * grad_weights->stride_m + n * grad_weights->stride_n + d]);
-  }
+  __device__ __forceinline__ bool present(int i) const { return a.present(i, n); }
+  __device__ __forceinline__ value_type mu(int i) const { return to_acc(*a.mu.at<T>(i, n, d)); }
+  __device__ __forceinline__ value_type logvar(int i) const { return to_acc(*a.logvar.at<T>(i, n, d)); }
+  __device__ __forceinline__ value_type logit(int i) const { return to_acc(*a.logits.at<T>(i, n, d)); }
+  __device__ __forceinline__ value_type weight_grad(int i) const { return to_acc(*grad_weights->at<T>(i, n, d)); }
   const Operand* grad_weights = nullptr;  // the weights' incoming gradient (backward with it only)
 };
 
@@ -285,7 +262,7 @@ struct GlobalWeights {
   const FuseArgs& a;
   T* weights;
   int64_t n, d;
-  __device__ __forceinline__ void weight(int i, acc_t<T> v) { weights[(i * a.n + n) * a.d + d] = from_acc<T>(v); }
+  __device__ __forceinline__ void weight(int i, acc_t<T> v) { weights[a.out_index(i, n, d)] = from_acc<T>(v); }
 };
 
 // General path's gradients: stored directly; broadcast logits' gradients added into the
@@ -297,7 +274,7 @@ struct GlobalSink {
   const BackwardArgs& g;
   A* partial;
   int64_t n, d, row_slot, column_slot, columns;
-  __device__ __forceinline__ int64_t offset(int i) const { return (i * a.n + n) * a.d + d; }
+  __device__ __forceinline__ int64_t offset(int i) const { return a.out_index(i, n, d); }
   __device__ __forceinline__ void mu(int i, A v) {
     if (g.grad_mu != nullptr) static_cast<T*>(g.grad_mu)[offset(i)] = from_acc<T>(v);
   }
@@ -312,9 +289,9 @@ struct GlobalSink {
     if (partial == nullptr) return;
     switch (a.logit_reduce) {
       case LogitReduce::kNone: break;
-      case LogitReduce::kRows: partial[(row_slot * a.m + i) * a.d + d] += v; break;
-      case LogitReduce::kDims: atomicAdd(partial + i * a.n + n, v); break;
-      case LogitReduce::kAll: partial[(row_slot * a.m + i) * columns + column_slot] += v; break;
+      case LogitReduce::kRows: partial[dense_index(row_slot, i, d, a.m, a.d)] += v; break;
+      case LogitReduce::kDims: atomicAdd(partial + dense_index(0, i, n, a.m, a.n), v); break;
+      case LogitReduce::kAll: partial[dense_index(row_slot, i, column_slot, a.m, columns)] += v; break;
     }
   }
 };
@@ -349,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const Fus
       if constexpr (kWeights) {
 #pragma unroll
         for (int i = 0; i < kM; ++i) {
-          store_group<T, kVec>(static_cast<T*>(out.weights) + (i * a.n + n) * a.d + d0, al.out, valid, weights[i]);
+          store_group<T, kVec>(static_cast<T*>(out.weights) + a.out_index(i, n, d0), al.out, valid, weights[i]);
         }
       }
     } else {
@@ -362,8 +339,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const Fus
         forward_point<DeviceOps<A>, kLogits, false>(experts, a.prior, joint_mu[0], joint_logvar[0], sink);
       }
     }
-    store_group<T, kVec>(static_cast<T*>(out.joint_mu) + n * a.d + d0, al.out, valid, joint_mu);
-    store_group<T, kVec>(static_cast<T*>(out.joint_logvar) + n * a.d + d0, al.out, valid, joint_logvar);
+    store_group<T, kVec>(static_cast<T*>(out.joint_mu) + a.out_index(0, n, d0), al.out, valid, joint_mu);
+    store_group<T, kVec>(static_cast<T*>(out.joint_logvar) + a.out_index(0, n, d0), al.out, valid, joint_logvar);
   }
 }
 
@@ -388,8 +365,6 @@ __global__ void __launch_bounds__(kThreads, kReduce || kWeightGrad ? 1 : kMinBlo
   const bool in_row = d0 < a.d;
   const int64_t valid = a.d - d0;
   const LogitReduce reduce = kReduce ? a.logit_reduce : LogitReduce::kNone;
-  const auto* grad_joint_mu = static_cast<const T*>(g.grad_joint_mu.data);
-  const auto* grad_joint_logvar = static_cast<const T*>(g.grad_joint_logvar.data);
 
   constexpr int kSums = kReduce && kM > 0 ? kM : 1;
   [[maybe_unused]] A row_sums[kSums][kReduce ? kVec : 1] = {};  // kRows, static path
@@ -400,13 +375,9 @@ __global__ void __launch_bounds__(kThreads, kReduce || kWeightGrad ? 1 : kMinBlo
     const int64_t n = first + threadIdx.y;
     const bool active = in_row && n < a.n;
     A g_mu[kVec] = {}, g_logvar[kVec] = {};
-    if (active && grad_joint_mu != nullptr) {
-      load_group<T, kVec>(grad_joint_mu + n * g.grad_joint_mu.stride_n + d0 * g.grad_joint_mu.stride_d,
-                          g.grad_joint_mu.stride_d, al.grad_mu, valid, g_mu);
-    }
-    if (active && grad_joint_logvar != nullptr) {
-      load_group<T, kVec>(grad_joint_logvar + n * g.grad_joint_logvar.stride_n + d0 * g.grad_joint_logvar.stride_d,
-                          g.grad_joint_logvar.stride_d, al.grad_logvar, valid, g_logvar);
+    if (active && g.grad_joint_mu.present()) load_group<T, kVec>(g.grad_joint_mu, 0, n, d0, al.grad_mu, valid, g_mu);
+    if (active && g.grad_joint_logvar.present()) {
+      load_group<T, kVec>(g.grad_joint_logvar, 0, n, d0, al.grad_logvar, valid, g_logvar);
     }
     if constexpr (kM > 0) {
       [[maybe_unused]] A dim_sums[kSums] = {};  // kDims
@@ -421,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, kReduce || kWeightGrad ? 1 : kMinBlo
         }
 #pragma unroll
         for (int i = 0; i < kM; ++i) {
-          const int64_t offset = (i * a.n + n) * a.d + d0;
+          const int64_t offset = a.out_index(i, n, d0);
           if (g.grad_mu != nullptr) store_raw<T, kVec>(static_cast<T*>(g.grad_mu) + offset, al.out, valid, r.mu[i]);
           if (g.grad_logvar != nullptr) {
             store_raw<T, kVec>(static_cast<T*>(g.grad_logvar) + offset, al.out, valid, r.logvar[i]);
@@ -440,7 +411,7 @@ __global__ void __launch_bounds__(kThreads, kReduce || kWeightGrad ? 1 : kMinBlo
 #pragma unroll
           for (int i = 0; i < kM; ++i) {
             const A total = segment_sum(dim_sums[i], width);
-            if (threadIdx.x % width == 0 && n < a.n) partial[(slice * a.m + i) * a.n + n] = total;
+            if (threadIdx.x % width == 0 && n < a.n) partial[dense_index(slice, i, n, a.m, a.n)] = total;
           }
         }
       }
@@ -456,13 +427,13 @@ __global__ void __launch_bounds__(kThreads, kReduce || kWeightGrad ? 1 : kMinBlo
       for (int i = 0; i < kM; ++i) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          if (j < valid) partial[(row_slot * a.m + i) * a.d + d0 + j] += row_sums[i][j];
+          if (j < valid) partial[dense_index(row_slot, i, d0 + j, a.m, a.d)] += row_sums[i][j];
         }
       }
     }
     if (reduce == LogitReduce::kAll) {
 #pragma unroll
-      for (int i = 0; i < kM; ++i) partial[(row_slot * a.m + i) * columns + column] += all_sums[i];
+      for (int i = 0; i < kM; ++i) partial[dense_index(row_slot, i, column, a.m, columns)] += all_sums[i];
     }
   }
 }
@@ -492,16 +463,13 @@ struct PointExperts {
 // The present experts of point (n, d); masked ones are not read (they may hold NaN).
 template <class T, bool kLogits, int kM>
 __device__ __forceinline__ void load_point(const FuseArgs& a, int64_t n, int64_t d, PointExperts<acc_t<T>, kM>& e) {
-  const auto* mu = static_cast<const T*>(a.mu.data);
-  const auto* logvar = static_cast<const T*>(a.logvar.data);
-  const auto* logits = static_cast<const T*>(a.logits.data);
 #pragma unroll
   for (int i = 0; i < PointExperts<acc_t<T>, kM>::kSlots; ++i) {
-    if (i >= e.count() || !is_present(a, i, n)) continue;
+    if (i >= e.count() || !a.present(i, n)) continue;
     e.present_bits |= 1u << i;
-    e.mu_[i] = to_acc(mu[i * a.mu.stride_m + n * a.mu.stride_n + d]);
-    e.logvar_[i] = to_acc(logvar[i * a.logvar.stride_m + n * a.logvar.stride_n + d]);
-    if constexpr (kLogits) e.logit_[i] = to_acc(logits[i * a.logits.stride_m + n * a.logits.stride_n + d]);
+    e.mu_[i] = to_acc(*a.mu.at<T>(i, n, d));
+    e.logvar_[i] = to_acc(*a.logvar.at<T>(i, n, d));
+    if constexpr (kLogits) e.logit_[i] = to_acc(*a.logits.at<T>(i, n, d));
   }
 }
 
@@ -523,7 +491,7 @@ __global__ void __launch_bounds__(kThreads) mopoe_forward_kernel(const FuseArgs 
         Subset<PointExperts<A, kM>> subset{e, members};
         forward_point<DeviceOps<A>, kLogits, false>(subset, a.prior, joint_mu, joint_logvar, none);
       }
-      const int64_t offset = ((members - 1) * a.n + n) * a.d + d;
+      const int64_t offset = a.out_index(members - 1, n, d);
       static_cast<T*>(out.joint_mu)[offset] = from_acc<T>(joint_mu);
       static_cast<T*>(out.joint_logvar)[offset] = from_acc<T>(joint_logvar);
     }
@@ -554,10 +522,8 @@ __global__ void __launch_bounds__(kThreads) mopoe_backward_kernel(const FuseArgs
   using E = PointExperts<A, kM>;
   const int64_t points = a.n * a.d;
   const uint32_t subsets = (1u << a.m) - 1;
-  const auto* grad_mu = static_cast<const T*>(g.grad_joint_mu.data);
-  const auto* grad_logvar = static_cast<const T*>(g.grad_joint_logvar.data);
-  auto incoming = [&](const T* base, const Operand& o, uint32_t members, int64_t n, int64_t d) {
-    return base == nullptr ? A(0) : to_acc(base[(members - 1) * o.stride_m + n * o.stride_n + d * o.stride_d]);
+  auto incoming = [&](const Operand& o, uint32_t members, int64_t n, int64_t d) {
+    return o.present() ? to_acc(*o.at<T>(members - 1, n, d)) : A(0);
   };
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < points;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -570,11 +536,11 @@ __global__ void __launch_bounds__(kThreads) mopoe_backward_kernel(const FuseArgs
     for (uint32_t members = 1; members <= subsets; ++members) {
       if ((members & ~e.present_bits) != 0) continue;  // not a component of this row: no gradient
       Subset<E> subset{e, members};
-      backward_point<DeviceOps<A>, kLogits, false>(subset, a.prior, incoming(grad_mu, g.grad_joint_mu, members, n, d),
-                                                   incoming(grad_logvar, g.grad_joint_logvar, members, n, d), sink);
+      backward_point<DeviceOps<A>, kLogits, false>(subset, a.prior, incoming(g.grad_joint_mu, members, n, d),
+                                                   incoming(g.grad_joint_logvar, members, n, d), sink);
     }
     for (int i = 0; i < e.count(); ++i) {
-      const int64_t offset = (i * a.n + n) * a.d + d;
+      const int64_t offset = a.out_index(i, n, d);
       if (g.grad_mu != nullptr) static_cast<T*>(g.grad_mu)[offset] = from_acc<T>(sums.mu[i]);
       if (g.grad_logvar != nullptr) static_cast<T*>(g.grad_logvar)[offset] = from_acc<T>(sums.logvar[i]);
       if (kLogits && g.grad_logits != nullptr) static_cast<T*>(g.grad_logits)[offset] = from_acc<T>(sums.logit[i]);
@@ -618,13 +584,13 @@ decltype(auto) dispatch_cuda(const FuseArgs& a, F&& f) {
 Alignment alignment(const FuseArgs& a, const BackwardArgs* g, int vec) {
   const size_t bytes = element_bytes(a.dtype);
   Alignment al;
-  al.mu = aligned(a.mu, vec, bytes);
-  al.logvar = aligned(a.logvar, vec, bytes);
-  al.logits = aligned(a.logits, vec, bytes);
+  al.mu = a.mu.vectors_aligned(vec, bytes);
+  al.logvar = a.logvar.vectors_aligned(vec, bytes);
+  al.logits = a.logits.vectors_aligned(vec, bytes);
   if (g != nullptr) {
-    al.grad_mu = aligned(g->grad_joint_mu, vec, bytes);
-    al.grad_logvar = aligned(g->grad_joint_logvar, vec, bytes);
-    al.grad_weights = aligned(g->grad_weights, vec, bytes);
+    al.grad_mu = g->grad_joint_mu.vectors_aligned(vec, bytes);
+    al.grad_logvar = g->grad_joint_logvar.vectors_aligned(vec, bytes);
+    al.grad_weights = g->grad_weights.vectors_aligned(vec, bytes);
   }
   al.out = a.d % vec == 0;
   return al;

@@ -115,12 +115,12 @@ struct VecOps<double> {
   static V log(const V& x) { return x.log(); }
 };
 
-// `count` (<= the vector width) elements from p with stride 0 or 1, as a vector of acc_t;
-// lanes past `count` are zero.
+// `count` (<= the vector width) consecutive elements from p (or, `broadcast`, the one element at
+// p repeated), as a vector of acc_t; lanes past `count` are zero.
 template <class scalar_t, class acc_t = acc_type<scalar_t>>
-inline Vec<acc_t> load_vec(const scalar_t* p, int64_t stride_d, int64_t count) {
+inline Vec<acc_t> load_vec(const scalar_t* p, bool broadcast, int64_t count) {
   using V = Vec<acc_t>;
-  if (stride_d == 0) return V(static_cast<acc_t>(*p));
+  if (broadcast) return V(static_cast<acc_t>(*p));
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return V::loadu(p, count);
   } else {
@@ -139,6 +139,18 @@ inline void store_vec(scalar_t* p, const Vec<acc_t>& v, int64_t count) {
     v.store(buffer);
     for (int64_t j = 0; j < count; ++j) p[j] = static_cast<scalar_t>(buffer[j]);
   }
+}
+
+// The vector of positions [n, d0, d0 + count) of slice i of operand o, as a vector of acc_t.
+template <class scalar_t, class acc_t = acc_type<scalar_t>>
+inline Vec<acc_t> load_operand(const Operand& o, int64_t i, int64_t n, int64_t d0, int64_t count) {
+  return load_vec<scalar_t, acc_t>(o.at<scalar_t>(i, n, d0), o.broadcast_d(), count);
+}
+
+// The same, or zeros for an absent operand (an incoming gradient that is zero).
+template <class scalar_t, class acc_t = acc_type<scalar_t>>
+inline Vec<acc_t> load_operand_or_zero(const Operand& o, int64_t i, int64_t n, int64_t d0, int64_t count) {
+  return o.present() ? load_operand<scalar_t, acc_t>(o, i, n, d0, count) : Vec<acc_t>(acc_t(0));
 }
 
 // Per-expert storage: a fixed array when M is a compile-time constant (kM > 0), which the
@@ -190,42 +202,32 @@ struct RowInputs {
   template <class E>
   void load_presence(E& e) const {
     for (int i = 0; i < e.count(); ++i) {
-      e.present_[i] = a.mask == nullptr || a.mask[i * a.mask_stride_m + n * a.mask_stride_n];
+      e.present_[i] = a.present(i, n);
     }
   }
 
   // The inputs of one vector of positions; with kWeightGrad also the weights' incoming gradient.
   template <bool kLogits, bool kWeightGrad = false, class E>
   void load(E& e, int64_t d0, int64_t count, const Operand* grad_weights = nullptr) const {
-    const auto* mu = static_cast<const scalar_t*>(a.mu.data);
-    const auto* logvar = static_cast<const scalar_t*>(a.logvar.data);
-    const auto* logits = static_cast<const scalar_t*>(a.logits.data);
     for (int i = 0; i < e.count(); ++i) {
       // Masked experts are not read: they may hold anything, NaN included.
       if (!e.present(i)) continue;
-      e.mu_[i] = load_vec(mu + i * a.mu.stride_m + n * a.mu.stride_n + d0, 1, count);
-      e.logvar_[i] = load_vec(logvar + i * a.logvar.stride_m + n * a.logvar.stride_n + d0, 1, count);
-      if constexpr (kLogits) {
-        e.logit_[i] = load_vec(logits + i * a.logits.stride_m + n * a.logits.stride_n + d0 * a.logits.stride_d,
-                              a.logits.stride_d, count);
-      }
-      if constexpr (kWeightGrad) {
-        const auto* g = static_cast<const scalar_t*>(grad_weights->data);
-        e.weight_grad_[i] = load_vec(g + i * grad_weights->stride_m + n * grad_weights->stride_n + d0, 1, count);
-      }
+      e.mu_[i] = load_operand<scalar_t>(a.mu, i, n, d0, count);
+      e.logvar_[i] = load_operand<scalar_t>(a.logvar, i, n, d0, count);
+      if constexpr (kLogits) e.logit_[i] = load_operand<scalar_t>(a.logits, i, n, d0, count);
+      if constexpr (kWeightGrad) e.weight_grad_[i] = load_operand<scalar_t>(*grad_weights, i, n, d0, count);
     }
   }
 };
 
-// Stores the experts' weights of one vector of positions into the [M, N, D] output.
+// Stores the experts' weights of one vector of positions [n, d0, d0 + count) into the [M, N, D] output.
 template <class scalar_t>
 struct WeightStore {
   using V = Vec<acc_type<scalar_t>>;
+  const FuseArgs& a;
   scalar_t* weights;
-  int64_t experts_stride;  // N * D
-  int64_t offset = 0;      // n * D + d0
-  int64_t count = 0;
-  void weight(int i, const V& v) { store_vec(weights + i * experts_stride + offset, v, count); }
+  int64_t n = 0, d0 = 0, count = 0;
+  void weight(int i, const V& v) { store_vec(weights + a.out_index(i, n, d0), v, count); }
 };
 
 template <class scalar_t, int kM, bool kLogits, bool kWeights>
@@ -236,7 +238,7 @@ void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, i
   Experts<V, kM> e(static_cast<int>(a.m));
   auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
   auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
-  WeightStore<scalar_t> weights{static_cast<scalar_t*>(out.weights), a.n * a.d};
+  WeightStore<scalar_t> weights{a, static_cast<scalar_t*>(out.weights)};
   NoWeights none;
   for (int64_t n = row_begin; n < row_end; ++n) {
     const RowInputs<scalar_t> row{a, n};
@@ -246,14 +248,15 @@ void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, i
       row.template load<kLogits>(e, d0, count);
       V mu, logvar;
       if constexpr (kWeights) {
-        weights.offset = n * a.d + d0;
+        weights.n = n;
+        weights.d0 = d0;
         weights.count = count;
         forward_point<VecOps<acc_t>, kLogits, true>(e, a.prior, mu, logvar, weights);
       } else {
         forward_point<VecOps<acc_t>, kLogits, false>(e, a.prior, mu, logvar, none);
       }
-      store_vec(joint_mu + n * a.d + d0, mu, count);
-      store_vec(joint_logvar + n * a.d + d0, logvar, count);
+      store_vec(joint_mu + a.out_index(0, n, d0), mu, count);
+      store_vec(joint_logvar + a.out_index(0, n, d0), logvar, count);
     }
   }
 }
@@ -272,7 +275,7 @@ struct GradSink {
   // kDims: this row's sums; kAll: this chunk's sums (one vector per expert).
   Slots<V, kM>& sums;
 
-  int64_t offset(int i) const { return (i * a.n + n) * a.d + d0; }
+  int64_t offset(int i) const { return a.out_index(i, n, d0); }
   void mu(int i, const V& v) {
     if (g.grad_mu != nullptr) store_vec(static_cast<scalar_t*>(g.grad_mu) + offset(i), v, count);
   }
@@ -286,7 +289,7 @@ struct GradSink {
         store_vec(static_cast<scalar_t*>(g.grad_logits) + offset(i), v, count);
         break;
       case LogitReduce::kRows: {
-        acc_t* p = static_cast<acc_t*>(g.grad_logits) + (chunk * a.m + i) * a.d + d0;
+        acc_t* p = static_cast<acc_t*>(g.grad_logits) + dense_index(chunk, i, d0, a.m, a.d);
         (V::loadu(p, count) + v).store(p, count);
         break;
       }
@@ -317,8 +320,6 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
   Experts<V, kM> e(m);
   Slots<V, kM> sums(m);
   for (int i = 0; i < m; ++i) sums[i] = V(acc_t(0));
-  const auto* grad_mu = static_cast<const scalar_t*>(g.grad_joint_mu.data);
-  const auto* grad_logvar = static_cast<const scalar_t*>(g.grad_joint_logvar.data);
   GradSink<scalar_t, kM> sink{a, g, chunk, 0, 0, 0, sums};
   for (int64_t n = row_begin; n < row_end; ++n) {
     const RowInputs<scalar_t> row{a, n};
@@ -327,27 +328,23 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
     for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
       const int64_t count = std::min(kWidth, a.d - d0);
       row.template load<kLogits, kWeightGrad>(e, d0, count, &g.grad_weights);
-      const V g_mu = grad_mu == nullptr
-          ? V(acc_t(0))
-          : load_vec(grad_mu + n * g.grad_joint_mu.stride_n + d0 * g.grad_joint_mu.stride_d,
-                 g.grad_joint_mu.stride_d, count);
-      const V g_logvar = grad_logvar == nullptr
-          ? V(acc_t(0))
-          : load_vec(grad_logvar + n * g.grad_joint_logvar.stride_n + d0 * g.grad_joint_logvar.stride_d,
-                 g.grad_joint_logvar.stride_d, count);
+      const V g_mu = load_operand_or_zero<scalar_t>(g.grad_joint_mu, 0, n, d0, count);
+      const V g_logvar = load_operand_or_zero<scalar_t>(g.grad_joint_logvar, 0, n, d0, count);
       sink.d0 = d0;
       sink.count = count;
       backward_point<VecOps<acc_t>, kLogits, kWeightGrad>(e, a.prior, g_mu, g_logvar, sink);
     }
     if (kLogits && g.grad_logits != nullptr && a.logit_reduce == LogitReduce::kDims) {
       for (int i = 0; i < m; ++i) {
-        static_cast<acc_t*>(g.grad_logits)[i * a.n + n] = horizontal_sum(sums[i]);
+        static_cast<acc_t*>(g.grad_logits)[dense_index(0, i, n, a.m, a.n)] = horizontal_sum(sums[i]);
         sums[i] = V(acc_t(0));
       }
     }
   }
   if (kLogits && g.grad_logits != nullptr && a.logit_reduce == LogitReduce::kAll) {
-    for (int i = 0; i < m; ++i) static_cast<acc_t*>(g.grad_logits)[chunk * a.m + i] = horizontal_sum(sums[i]);
+    for (int i = 0; i < m; ++i) {
+      static_cast<acc_t*>(g.grad_logits)[dense_index(0, chunk, i, 0, a.m)] = horizontal_sum(sums[i]);
+    }
   }
 }
 
@@ -390,7 +387,7 @@ void subsets_forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_
   for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, [&](int64_t n, int64_t d0, int64_t count,
                                                                    uint32_t present) {
     for (uint32_t members = 1; members <= subsets; ++members) {
-      const int64_t offset = ((members - 1) * a.n + n) * a.d + d0;
+      const int64_t offset = a.out_index(members - 1, n, d0);
       V mu(acc_t(0)), logvar(acc_t(0));
       // A subset with a missing member is not a component of this row: zeros, never its NaN.
       if ((members & ~present) == 0) {
@@ -430,16 +427,9 @@ void subsets_backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t row
   SubsetGradSums<V, kM> sums(m);
   SubsetGradSink<V, kM> sink{sums};
   const uint32_t subsets = (1u << a.m) - 1;
-  const auto* grad_mu = static_cast<const scalar_t*>(g.grad_joint_mu.data);
-  const auto* grad_logvar = static_cast<const scalar_t*>(g.grad_joint_logvar.data);
-  auto incoming = [&](const scalar_t* base, const Operand& o, uint32_t members, int64_t n, int64_t d0,
-                      int64_t count) {
-    if (base == nullptr) return V(acc_t(0));
-    return load_vec(base + (members - 1) * o.stride_m + n * o.stride_n + d0 * o.stride_d, o.stride_d, count);
-  };
   auto store = [&](void* out, const Slots<V, kM>& values, int64_t n, int64_t d0, int64_t count) {
     if (out == nullptr) return;
-    for (int i = 0; i < m; ++i) store_vec(static_cast<scalar_t*>(out) + (i * a.n + n) * a.d + d0, values[i], count);
+    for (int i = 0; i < m; ++i) store_vec(static_cast<scalar_t*>(out) + a.out_index(i, n, d0), values[i], count);
   };
   for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, [&](int64_t n, int64_t d0, int64_t count,
                                                                    uint32_t present) {
@@ -447,10 +437,9 @@ void subsets_backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t row
     for (uint32_t members = 1; members <= subsets; ++members) {
       if ((members & ~present) != 0) continue;  // not a component of this row: no gradient
       Subset<Experts<V, kM>> subset{e, members};
-      backward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior,
-                                                    incoming(grad_mu, g.grad_joint_mu, members, n, d0, count),
-                                                    incoming(grad_logvar, g.grad_joint_logvar, members, n, d0, count),
-                                                    sink);
+      backward_point<VecOps<acc_t>, kLogits, false>(
+          subset, a.prior, load_operand_or_zero<scalar_t>(g.grad_joint_mu, members - 1, n, d0, count),
+          load_operand_or_zero<scalar_t>(g.grad_joint_logvar, members - 1, n, d0, count), sink);
     }
     store(g.grad_mu, sums.mu, n, d0, count);
     store(g.grad_logvar, sums.logvar, n, d0, count);
