@@ -26,6 +26,9 @@ def kernel_supports(mu: Tensor) -> str | None:
         return f"dtype {mu.dtype} is not one of {ops.KERNEL_DTYPES}"
     if not ops.supports_device(mu.device):
         return f"the extension has no kernel for device {mu.device}"
+    if torch._C._are_functorch_transforms_active():
+        # The ops' autograd formula is not a torch.func one; the pure-PyTorch path is, and vmap batches it.
+        return "a torch.func transform (vmap, grad, jacrev, ...) is active; the kernels do not support them"
     return None
 
 
@@ -80,7 +83,9 @@ def _use_kernel(mu: Tensor, backend: str) -> bool:
     reason = kernel_supports(mu)
     if reason is not None and backend == "kernel":
         raise RuntimeError(f"backend='kernel' was requested but {reason}")
-    return reason is None
+    # Under torch.export "auto" traces the pure-PyTorch math: the exported program then holds ATen
+    # ops only (ONNX, AOTInductor and other consumers need neither the extension nor a decomposition).
+    return reason is None and (backend == "kernel" or not torch.compiler.is_exporting())
 
 
 def fuse(
