@@ -27,6 +27,9 @@ def kernel_supports(device: torch.device, dtype: torch.dtype) -> str | None:
     if not ops.supports_device(device):
         problem = ops.cuda_device_problem(device.index or 0) if device.type == "cuda" else ""
         return problem or f"the extension has no kernel for device {device}"
+    if torch._C._are_functorch_transforms_active():
+        # The ops' autograd formula is not a torch.func one; the pure-PyTorch path is, and vmap batches it.
+        return "a torch.func transform (vmap, grad, jacrev, ...) is active; the kernels do not support them"
     return None
 
 
@@ -82,7 +85,9 @@ def use_kernel(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
     reason = kernel_supports(device, dtype)
     if reason is not None and backend == "kernel":
         raise RuntimeError(f"backend='kernel' was requested but {reason}")
-    return reason is None
+    # Under torch.export "auto" traces the pure-PyTorch math: the exported program then holds ATen
+    # ops only (ONNX, AOTInductor and other consumers need neither the extension nor a decomposition).
+    return reason is None and (backend == "kernel" or not torch.compiler.is_exporting())
 
 
 def fuse(

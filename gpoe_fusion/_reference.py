@@ -117,7 +117,10 @@ def subset_members(m: int) -> list[list[int]]:
 def subset_masks(m: int, device: torch.device | str | None = None) -> Tensor:
     """``subset_members`` as bool [S = 2^M - 1, M]."""
     codes = torch.arange(1, 2**m, device=device).unsqueeze(1)
-    return (codes >> torch.arange(m, device=device)) & 1 == 1
+    # Expert i's bit 2^i, tested with a bitwise and rather than a shift (ONNX shifts only unsigned
+    # integers), formed in floating point (exact) as AOTInductor miscompiles integer powers.
+    bits = (2.0 ** torch.arange(m, device=device)).long()
+    return codes & bits != 0
 
 
 def subsets(

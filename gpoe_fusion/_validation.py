@@ -41,8 +41,10 @@ def set_validation(enabled: bool | None) -> None:
 
 def validation_enabled(override: bool | None = None, device: torch.device | None = None) -> bool:
     """Whether value checks run for a call on ``device``: ``override`` if given, else the global
-    setting, whose default runs them on the CPU only; never while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():
+    setting, whose default runs them on the CPU only; never while ``torch.compile``, ``torch.export``
+    or ``torch.jit.trace`` traces, nor under a ``torch.func`` transform (vmap, grad, ...): a check
+    reads its result on the host, which a traced or batched tensor cannot give."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
         return False
     setting = _validate if override is None else override
     if setting is None:

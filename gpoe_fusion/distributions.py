@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
@@ -276,3 +277,30 @@ class GaussianMixture:
 
     def detach(self) -> GaussianMixture:
         return GaussianMixture(self.mu.detach(), self.logvar.detach(), self.mask, self.subsets)
+
+
+def _register_pytree(cls: type) -> None:
+    """Make ``cls`` a pytree of its tensor fields (its ``__slots__``), so that
+    a model returning it can be exported (``torch.export``, ``torch.onnx.export``: one output per field)
+    and a function returning it can be transformed (``torch.func.vmap``, ``jacrev``)."""
+    fields = cls.__slots__
+
+    def unflatten(children, _context):
+        # Without __init__'s shape checks: pytree utilities also unflatten placeholders (vmap's out_dims).
+        result = object.__new__(cls)
+        for name, child in zip(fields, children):
+            setattr(result, name, child)
+        return result
+
+    pytree.register_pytree_node(
+        cls,
+        lambda result: ([getattr(result, name) for name in fields], None),
+        unflatten,
+        serialized_type_name=f"gpoe_fusion.{cls.__name__}",
+        flatten_with_keys_fn=lambda result: ([(pytree.GetAttrKey(name), getattr(result, name)) for name in fields],
+                                             None),
+    )
+
+
+_register_pytree(Gaussian)
+_register_pytree(GaussianMixture)

@@ -48,6 +48,7 @@ __all__ = [
     "cpu_capability",
     "cuda_architectures",
     "cuda_device_problem",
+    "decompositions",
     "extension_info",
     "fuse",
     "load_error",
@@ -367,3 +368,33 @@ if _AVAILABLE:
     torch.library.register_fake("gpoe_fusion::fuse_forward")(_fuse_forward_fake)
     torch.library.register_fake("gpoe_fusion::fuse_backward")(_fuse_backward_fake)
     torch.library.register_autograd("gpoe_fusion::fuse_forward", _fuse_backward, setup_context=_setup_context)
+
+
+# ---- Decompositions into ATen ops, for exported programs that hold the ops -----------------------
+
+def _fuse_forward_decomposition(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None,
+                                prior_expert: bool, return_weights: bool = False):
+    """``fuse_forward`` as ATen ops (``_reference.fuse``): joint mu, logvar [N, D] and the weights
+    [M, N, D] (an empty [0] without ``return_weights``, as the kernel returns)."""
+    outputs = _reference.fuse(mu, logvar, logits, mask, prior_expert, return_weights)
+    weights = outputs[2] if return_weights else mu.new_empty((0,))
+    return outputs[0], outputs[1], weights
+
+
+def _mopoe_forward_decomposition(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None,
+                                 prior_expert: bool):
+    """``mopoe_forward`` as ATen ops (``_reference.subsets``): every subset's product [S, N, D]."""
+    return _reference.subsets(mu, logvar, logits, mask, prior_expert)
+
+
+def decompositions() -> dict:
+    """The forward ops as the exact pure-PyTorch (ATen) math, a decomposition table for
+    ``ExportedProgram.run_decompositions``: ``ep.run_decompositions(gpoe_fusion.ops.decompositions())``
+    turns a program that holds the fused ops (exported with ``backend="kernel"``, or calling
+    ``torch.ops.gpoe_fusion`` directly) into one of ATen ops only, which ``torch.onnx.export`` and other
+    ATen consumers take. The default ``backend="auto"`` needs none of this: under ``torch.export`` the
+    layers and functions trace the same math directly. Empty when the extension is not loaded."""
+    if not _AVAILABLE:
+        return {}
+    return {torch.ops.gpoe_fusion.fuse_forward.default: _fuse_forward_decomposition,
+            torch.ops.gpoe_fusion.mopoe_forward.default: _mopoe_forward_decomposition}
