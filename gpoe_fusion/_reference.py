@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["component_mask", "compute_dtype", "credibility", "fuse", "subset_masks", "subset_members", "subsets"]
+__all__ = ["component_mask", "compute_dtype", "credibility", "fuse", "mopoe", "subset_masks", "subset_members"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,7 +120,7 @@ def subset_masks(m: int, device: torch.device | str | None = None) -> Tensor:
     return (codes >> torch.arange(m, device=device)) & 1 == 1
 
 
-def subsets(
+def mopoe(
     mu: Tensor,
     logvar: Tensor,
     logits: Tensor | None = None,
@@ -150,6 +150,10 @@ def subsets(
         joint_mu = torch.where(complete, joint_mu, 0.0)
         joint_logvar = torch.where(complete, joint_logvar, 0.0)
     return joint_mu, joint_logvar
+
+
+# The name gpoe_fusion.ops still calls MoPoE's reference by (its backward recomputes through it).
+subsets = mopoe
 
 
 def component_mask(mask: Tensor, members: Tensor) -> Tensor:

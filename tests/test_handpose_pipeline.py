@@ -28,15 +28,15 @@ def test_one_training_step_per_fusion(rhd_root, tmp_path, fusion, credibility):
     train_set, _ = handpose_rhd.load_data(args, env)
     model = handpose_rhd.build_model(args, fusion)
     batch = {k: v[:4] for k, v in train_set.tensors.items()}
-    out = model(batch)
+    out = model(batch, return_weights=True)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for name in ("rgb", "points"):
         grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads)
     # Every fusion returns its experts' weights (gPoE's alpha, PoE's precision shares, MoE's and
-    # MoPoE's mixture weights), summing to 1 over the modalities (MoPoE: over its subsets).
-    torch.testing.assert_close(out.alpha.float().sum(0), torch.ones(out.alpha.shape[1:]))
+    # MoPoE's mixture weights of the subsets holding each modality), summing to 1 over the modalities.
+    torch.testing.assert_close(out.weights.float().sum(0), torch.ones(out.weights.shape[1:]))
 
 
 def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):

@@ -56,11 +56,12 @@ class CrossModalVAE(nn.Module):
             features[name] = feats
         return posteriors, features
 
-    def forward(self, batch: Mapping[str, Tensor], mask: Tensor | None = None) -> ObjectiveOutput:
+    def forward(self, batch: Mapping[str, Tensor], mask: Tensor | None = None,
+                return_weights: bool = False) -> ObjectiveOutput:
         """The training loss of a batch. mask: bool [M, B] of present modalities, or None."""
         posteriors, features = self.encode(batch)
         targets = {name: batch[name] for name in self.objective.decoders}
-        return self.objective(posteriors, targets, mask=mask, features=features)
+        return self.objective(posteriors, targets, mask=mask, features=features, return_weights=return_weights)
 
     @torch.no_grad()
     def predict(self, inputs: Tensor, decoded: str) -> Tensor:
@@ -75,7 +76,7 @@ class CrossModalVAE(nn.Module):
         posteriors, features = self.encode(batch)
         mu = torch.stack([posteriors[n][0] for n in self.modalities])
         logvar = torch.stack([posteriors[n][1] for n in self.modalities])
-        joint, weights = fusion(mu, logvar, features=[features[n] for n in self.modalities], return_alpha=True)
+        joint, weights = fusion(mu, logvar, features=[features[n] for n in self.modalities], return_weights=True)
         subsets = getattr(joint, "subsets", None)
         if subsets is not None:  # MoPoE: weights [S, B, D] of its subsets -> [M, B, D] of the modalities
             weights = torch.einsum("sm,sbd->mbd", subsets.to(weights.dtype), weights)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gpoe_fusion.credibility import all_reduce_sum
+from gpoe_fusion.distributed import all_reduce_sum
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 

@@ -159,13 +159,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     core = model.module if isinstance(model, DistributedDataParallel) else model
     sums: dict[str, float] = defaultdict(float)
     use_amp = cfg.amp and env.device.type == "cuda"
+    log_alpha = isinstance(core.objective.fusion, GPoE)  # credibility alpha (other fusions' weights are not)
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
     bar = tqdm(itertools.islice(loader, total), total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not (cfg.progress and env.is_main), leave=False, dynamic_ncols=True)
     for batch in bar:
         batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(batch)
+            out = model(batch, return_weights=log_alpha)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.grad_clip > 0:
@@ -176,8 +177,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         sums["#samples"] += n
         for key, value in out.terms.items():
             sums[key] += value.item() * n
-        if isinstance(core.objective.fusion, GPoE):  # credibility alpha (other fusions' weights are not)
-            _alpha_stats(out.alpha, batch, core.modalities, sums)
+        if log_alpha:
+            _alpha_stats(out.weights, batch, core.modalities, sums)
         bar.set_postfix(loss=f"{out.terms['loss'].item():.3f}")
     return _reduce(sums, env)
 
