@@ -14,13 +14,15 @@ RGB, Gaussian noise on the points); at test time the mask comes from RGB alone
     python examples/surgical_seg.py --preset full --data-root /data/sim2real --rgb-weights resnet18-f37072fd.pth
     torchrun --nproc_per_node 2 examples/surgical_seg.py  # data-parallel (gloo on CPU, nccl on GPU)
 
-See docs/surgical.md.
+The script reads top to bottom as examples/handpose_rhd.py does: options, data, model, evaluation,
+report, and ``main``, whose one run trains in common/training.py. See docs/surgical.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,23 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-import gpoe_fusion as gf
-from common import distributed
+from common import report, study, training
 from common.checkpoint import write_json
-from common.cli import Parser, UsageError, positive_float, positive_int
-from common.data import Fields, eval_loader, load_splits
-from common.corruption import test_corruption
-from common.experiment import run_experiment
-from common.fusions import make_fusion, mixture_kl
-from common.model import CrossModalVAE
-from common.networks import DCGANDecoder, FoldingNetDecoder, ResNet18Encoder, ResPELEncoder
-from common.options import add_common_arguments, apply_preset, finish_help
-from common.report import (FUSION_LABELS, alpha_plots, corruption_levels, corruption_plot, credibility_plots,
-                           fusion_table, image_grid, markdown_table, metric_cell)
-from common.study import Study, SweepPoint
-from common.summary import (credibility_markdown, describe_size, differences_markdown, seeds_phrase, write_summary,
-                            write_sweep_summary)
-from gpoe_fusion.likelihoods import chamfer_distance, cross_entropy
+from common.cli import Parser, UsageError, add_common_arguments, apply_preset, finish_help, positive_float, positive_int
+from common.data import Fields, builtin_root, eval_loader, load_splits, test_corruption, training_noise
+from common.evaluation import fusion_weights
+from common.networks import CrossModalVAE, DCGANDecoder, cross_modal_vae
+from common.report import FUSION_LABELS
+from gpoe_fusion.likelihoods import cross_entropy
 from sim2real.dataset import (CLASS_COLORS, CLASS_NAMES, DEFAULT_HFOV_DEG, IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES,
                               SPLITS, Sim2RealDataset, classes_to_colors, default_intrinsics)
 from sim2real.metrics import SegmentationEvaluator
@@ -96,9 +89,10 @@ FIELDS = ("rgb", "mask", "points")  # what training and evaluation read of a vie
 VIEWS_PER_SCENE = 3000
 # Paper Table 1 compares PoE and gPoE at these test pixel-corruption levels.
 TABLE1_LEVELS = (0.0, 0.5, 0.7)
-# The tables' metrics, (header, key), and the one the sweep shows.
+TASK = report.Task("surgical_seg", "Surgical segmentation on Sim2Real", "Sim2Real", PRESETS, FROM_PAPER,
+                   ("iou", "IoU (macro)"), ".4f")
+# The tables' metrics, (header, key).
 COLUMNS = [("IoU", "iou"), ("F1", "f1")]
-MAIN_METRIC = ("iou", "IoU (macro)")
 AVERAGING = ("IoU and F1 per class from one confusion matrix accumulated over every evaluated pixel of the test set; "
              "the single IoU and F1 are macro averages, the unweighted mean over the classes present in the "
              "ground truth or the prediction (torchmetrics' average='macro'); pixels labelled ignore_index "
@@ -133,8 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.image_size < 8 or args.image_size & (args.image_size - 1):
         parser.error(f"argument --image-size: expected a power of two >= 8 (the segmentation decoder doubles a 4x4 "
                      f"map up to it), got {args.image_size}")
-    if args.out is None:
-        args.out = Path(f"runs/surgical_{args.preset}" + ("_compare" if args.compare else f"_{args.fusion}"))
+    args.out = args.out or Path(f"runs/surgical_{args.preset}" + ("_compare" if args.compare else f"_{args.fusion}"))
     return args
 
 
@@ -187,28 +180,19 @@ def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
     return {EVAL_SPLIT: np.sort(order[:num_eval]), TRAIN_SPLIT: np.sort(order[num_eval:num_eval + num_train])}
 
 
-def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Dataset, Dataset]:
-    """The training and test views of --split: scenes 1-4 and scene 7 (a count below a split's size
-    takes views evenly spaced over the split), or a seeded random split of the views of all scenes.
-
-    Streamed: each view is decoded from disk when it is used (in the loader's workers), so memory
-    does not grow with the dataset; with --in-memory the same dataset is decoded once into memory.
-    Built-in data is generated once under --cache-dir. A folder that is no Sim2Real (or a damaged
-    one) raises UsageError naming --data-root: one view of each split is decoded here to find out.
-    """
+def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
+    """The training and test views of --split of --data-root, or of the built-in data (generated once
+    under --cache-dir): scenes 1-4 and scene 7 (a count below a split's size takes views evenly spaced
+    over the split), or a seeded random split of the views of all scenes. Streamed: each view is decoded
+    from disk when it is used, in the loader's workers; with --in-memory decoded once into memory. A
+    folder that is no Sim2Real (or a damaged one) raises UsageError naming --data-root."""
     if env.is_main:
         record = intrinsics_record(args)
         print(f"intrinsics: fx {record['fx']:g}, fy {record['fy']:g}, cx {record['cx']:g}, cy {record['cy']:g} "
               f"({record['source'].split(' (')[0]})")
-    if args.data_root is None:
-        views = builtin_views_per_scene(args)
-        if env.is_main:
-            root = ensure_builtin_sim2real(args.cache_dir, views, progress=not args.no_progress)
-            print(f"built-in data: {root} {describe_size(root)}")
-        distributed.barrier(env)
-        root = ensure_builtin_sim2real(args.cache_dir, views, progress=False)
-    else:
-        root = args.data_root
+    root = args.data_root or builtin_root(
+        lambda progress: ensure_builtin_sim2real(args.cache_dir, builtin_views_per_scene(args), progress=progress),
+        not args.no_progress, env)
 
     def views_of(scenes: Sequence[int]) -> Sim2RealDataset:
         return Sim2RealDataset(root, scenes=scenes, image_size=args.image_size, num_points=args.num_points,
@@ -224,13 +208,10 @@ def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Datas
         if count > len(full):
             raise UsageError(option, f"{count} views requested, but the {split} split (scenes "
                                      f"{', '.join(map(str, full.scenes))}) of {root} has {len(full)}")
-        indices = np.linspace(0, len(full) - 1, count).round().astype(int).tolist()
-        return Fields(Subset(full, indices), FIELDS)
+        return Fields(Subset(full, np.linspace(0, len(full) - 1, count).round().astype(int).tolist()), FIELDS)
 
-    train_set, eval_set = load_splits(split_of, [(TRAIN_SPLIT, args.num_train, "--num-train"),
-                                                 (EVAL_SPLIT, args.num_eval, "--num-eval")],
-                                      args.in_memory, progress=not args.no_progress and env.is_main)
-    return train_set, eval_set
+    return load_splits(split_of, [(TRAIN_SPLIT, args.num_train, "--num-train"), (EVAL_SPLIT, args.num_eval, "--num-eval")],
+                       args.in_memory, progress=not args.no_progress and env.is_main)
 
 
 def splits_record(args: argparse.Namespace) -> dict:
@@ -242,78 +223,48 @@ def splits_record(args: argparse.Namespace) -> dict:
     return {"kind": "scene", "train": list(SPLITS[TRAIN_SPLIT]), "eval": list(SPLITS[EVAL_SPLIT])}
 
 
-def build_model(args: argparse.Namespace, fusion: str) -> CrossModalVAE:
-    """Encoders and decoders are built first from the same seed, so every fusion starts alike."""
-    torch.manual_seed(args.seed)
-    rgb = ResNet18Encoder(args.latent_dim, weights=args.rgb_weights, width=args.rgb_width,
-                          stem_pool=args.rgb_stem_pool)
-    points = ResPELEncoder(args.latent_dim, width=args.pel_width)
-    decoders = {"mask": DCGANDecoder(args.latent_dim, NUM_CLASSES, out_size=args.image_size, base=args.seg_base,
-                                     min_channels=args.seg_min_channels),
-                "points": FoldingNetDecoder(args.latent_dim, grid_size=args.grid_size, hidden=args.fold_hidden)}
-    layer = make_fusion(fusion, args.latent_dim, [rgb.feature_dim, points.feature_dim], args.credibility)
-    likelihoods = {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX), "points": chamfer_distance}
-    objective = gf.CrossModalObjective(layer, decoders, likelihoods, beta=args.beta,
-                                       weights={"points": args.points_weight}, kl=mixture_kl(fusion))
-    return CrossModalVAE({"rgb": rgb, "points": points}, objective)
+def build_model(args: argparse.Namespace) -> CrossModalVAE:
+    """RGB and point-cloud encoders, --fusion, and the segmentation decoder (per-pixel cross-entropy,
+    ignore index 255) besides the point-cloud one (``networks.cross_modal_vae``)."""
+    return cross_modal_vae(args, lambda: {"mask": DCGANDecoder(args.latent_dim, NUM_CLASSES, out_size=args.image_size,
+                                                               base=args.seg_base, min_channels=args.seg_min_channels)},
+                           {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX)})
 
 
 @torch.no_grad()
-def evaluate(model: CrossModalVAE, dataset, level: float, args: argparse.Namespace, device: torch.device) -> dict:
-    """Masks from RGB alone with every test image pixel-corrupted at ``level`` (paper Section 5.3).
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's metric groups: ``metrics``, the masks from RGB alone with every test image
+    pixel-corrupted at each --test-corruption level (paper Section 5.3; SegmentationEvaluator's ``iou``,
+    ``f1`` macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class
+    absent from target and prediction, ``support``, ``pixels``, and ``num_samples``), and the fusion's
+    weights under noise (``evaluation.fusion_weights``)."""
+    def masks(dataset: Dataset) -> dict:
+        evaluator = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX)
+        for batch in eval_loader(dataset, args):
+            evaluator.update(model.predict(batch["rgb"].to(device), "mask").float(), batch["mask"].to(device))
+        scores = evaluator.compute()
+        for key in ("iou_per_class", "f1_per_class"):  # NaN is no JSON value
+            scores[key] = [None if math.isnan(v) else v for v in scores[key]]
+        return {**scores, "num_samples": len(dataset)}
 
-    Returns SegmentationEvaluator's scores (``iou``, ``f1`` macro-averaged, ``pixel_accuracy``,
-    ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and prediction,
-    ``support``, ``pixels``) and ``num_samples``.
-    """
     model.eval()
-    evaluator = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX)
-    for batch in eval_loader(test_corruption(dataset, level, args.seed), args):
-        logits = model.predict(batch["rgb"].to(device), "mask")
-        evaluator.update(logits.float(), batch["mask"].to(device))
-    scores = evaluator.compute()
-    for key in ("iou_per_class", "f1_per_class"):  # NaN is no JSON value
-        scores[key] = [None if math.isnan(v) else v for v in scores[key]]
-    return {**scores, "num_samples": len(dataset)}
+    metrics = {str(level): masks(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+    return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
 
 
-def results_table(study: Study) -> str:
-    """Paper Table 4 layout: a row per fusion, IoU and F1 (macro) per corruption level; over seeds,
-    mean ± 95 % CI half-width."""
-    return fusion_table(study.results, COLUMNS, floatfmt=".4f", statistics=study.statistics)
-
-
-def table_rows(study: Study, fusions: list[str], levels: list[str]) -> list[dict]:
+def table_rows(runs: study.Study, fusions: list[str], levels: list[str]) -> list[dict]:
     """A row per level and fusion: its IoU and F1, over seeds their means and 95 % intervals."""
-    statistics = study.statistics
     rows = []
-    for lv in levels:
-        for f in fusions:
-            row = {"corruption": float(lv), "fusion": f}
-            for _, key in COLUMNS:
-                if statistics is None:
-                    row[key] = study.results[f]["metrics"][lv][key]
-                else:
-                    summary = statistics["metrics"][f][lv][key]
-                    row.update({key: summary["mean"], f"{key}_ci95": summary["ci95"], "seeds": summary["n"]})
-            rows.append(row)
+    for lv, f in itertools.product(levels, fusions):
+        row = {"corruption": float(lv), "fusion": f}
+        for _, key in COLUMNS:
+            if runs.statistics is None:
+                row[key] = runs.results[f]["metrics"][lv][key]
+            else:
+                summary = runs.statistics["metrics"][f][lv][key]
+                row.update({key: summary["mean"], f"{key}_ci95": summary["ci95"], "seeds": summary["n"]})
+        rows.append(row)
     return rows
-
-
-def table1_rows(study: Study) -> list[dict]:
-    """Paper Table 1: PoE and gPoE at the evaluated levels among 0, 50 and 70 % (empty without both)."""
-    if not {"poe", "gpoe"} <= set(study.fusions):
-        return []
-    return table_rows(study, ["poe", "gpoe"], [lv for lv in corruption_levels(study.results)
-                                               if float(lv) in TABLE1_LEVELS])
-
-
-def table1_markdown(study: Study) -> str:
-    levels = [lv for lv in corruption_levels(study.results) if float(lv) in TABLE1_LEVELS]
-    cells = [[f"{float(lv):.0%}" if i == 0 else "", FUSION_LABELS[f]]
-             + [metric_cell(study.results, study.statistics, f, lv, key, ".4f") for _, key in COLUMNS]
-             for lv in levels for i, f in enumerate(("poe", "gpoe"))]
-    return markdown_table(["Pixel corruption", "Method", "IoU", "F1"], cells, floatfmt=".4f")
 
 
 def per_class_table(results: dict) -> str:
@@ -323,7 +274,7 @@ def per_class_table(results: dict) -> str:
 
     rows = [[FUSION_LABELS[f], f"{float(lv):.0%}"] + list(map(pair, m["iou_per_class"], m["f1_per_class"]))
             for f, r in results.items() for lv, m in r["metrics"].items()]
-    return markdown_table(["Fusion", "Corruption"] + [f"{name} IoU / F1" for name in CLASS_NAMES], rows)
+    return report.markdown_table(["Fusion", "Corruption"] + [f"{name} IoU / F1" for name in CLASS_NAMES], rows)
 
 
 def to_image(rgb: torch.Tensor) -> np.ndarray:
@@ -332,73 +283,73 @@ def to_image(rgb: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def qualitative_figure(models: dict[str, CrossModalVAE], eval_set, args: argparse.Namespace, path: Path,
+def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 2) -> None:
     """Like paper Fig. 6: per sample, the input, the ground truth, then each fusion's mask from RGB
     alone; the test pixel corruption grows from left to right."""
     rows, labels = [], []
     for i in range(min(samples, len(eval_set))):
         inputs = torch.stack([test_corruption(eval_set, level, args.seed)[i]["rgb"] for level in args.test_corruption])
-        truth = classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)
-        rows += [[to_image(x) for x in inputs], [truth] * len(inputs)]
-        labels += [f"#{i} input", f"#{i} ground truth"]
-        for name, model in models.items():
-            model.eval()
-            pred = model.predict(inputs.to(next(model.parameters()).device), "mask").argmax(1).cpu().numpy()
-            rows.append([classes_to_colors(p) for p in pred])
-            labels.append(f"#{i} {FUSION_LABELS[name]}")
+        rows += [[to_image(x) for x in inputs], [classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)] * len(inputs)]
+        rows += [[classes_to_colors(p) for p in model.predict(inputs, "mask").argmax(1).numpy()] for model in models.values()]
+        labels += [f"#{i} input", f"#{i} ground truth"] + [f"#{i} {FUSION_LABELS[name]}" for name in models]
     key = dict(zip(CLASS_NAMES, CLASS_COLORS))
     if args.unknown_colors == "ignore":
         key["not a class (ignored)"] = (0, 0, 0)
-    image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
-               legend=key)
+    report.image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
+                      legend=key)
 
 
-def write_report(args: argparse.Namespace, study: Study, eval_set, seconds: float) -> str:
-    """results.json, results.md, the Table 4 and Table 1 layouts (markdown and JSON; over seeds, means
-    with 95 % intervals), the paired differences over seeds, the held-out credibility, the IoU / F1,
-    alpha and credibility plots and the qualitative figure (of the first seed's models), in --out.
+def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
+    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds,
+    means with 95 % intervals), the paired differences over seeds, the held-out credibility, the IoU /
+    F1, alpha and credibility plots and the qualitative figure (of the first seed's models), in --out.
     Returns the tables as markdown."""
-    out = Path(args.out)
-    data = str(args.data_root) if args.data_root is not None else "built-in synthetic Sim2Real"
-    summary = write_summary(args, "surgical_seg", data, study, seconds, PRESETS, FROM_PAPER[args.preset],
-                            classes=list(CLASS_NAMES), averaging=AVERAGING, intrinsics=intrinsics_record(args),
-                            splits=splits_record(args))
-    table4 = results_table(study)
+    out, results, statistics = Path(args.out), runs.results, runs.statistics
+    summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,
+                                  intrinsics=intrinsics_record(args), splits=splits_record(args))
+    levels = report.corruption_levels(results)
+    table4 = report.fusion_table(results, COLUMNS, ".4f", statistics)
     write_json(out / "table4.json", {"layout": "paper Table 4", "averaging": AVERAGING,
-                                     "rows": table_rows(study, study.fusions, corruption_levels(study.results))})
+                                     "rows": table_rows(runs, runs.fusions, levels)})
     (out / "table4.md").write_text(table4)
-    spread = f", mean ± 95 % CI half-width over {len(study.seeds)} seeds" if len(study.seeds) > 1 else ""
-    tables = f"Paper Table 4 layout: IoU and F1 (macro) from RGB alone{spread}.\n\n{table4}"
-    rows = table1_rows(study)
-    if rows:
-        table1 = table1_markdown(study)
-        write_json(out / "table1.json", {"layout": "paper Table 1", "averaging": AVERAGING, "rows": rows})
+    tables = f"Paper Table 4 layout: IoU and F1 (macro) from RGB alone{report.spread(runs.seeds)}.\n\n{table4}"
+    table1_levels = [lv for lv in levels if float(lv) in TABLE1_LEVELS]
+    if {"poe", "gpoe"} <= set(runs.fusions):  # paper Table 1: PoE and gPoE at its levels
+        table1 = report.markdown_table(["Pixel corruption", "Method", "IoU", "F1"], [
+            [f"{float(lv):.0%}" if i == 0 else "", FUSION_LABELS[f]]
+            + [report.metric_cell(results, statistics, f, lv, key, ".4f") for _, key in COLUMNS]
+            for lv in table1_levels for i, f in enumerate(("poe", "gpoe"))])
+        write_json(out / "table1.json", {"layout": "paper Table 1", "averaging": AVERAGING,
+                                         "rows": table_rows(runs, ["poe", "gpoe"], table1_levels)})
         (out / "table1.md").write_text(table1)
         tables += f"\nPaper Table 1 layout: PoE vs gPoE.\n\n{table1}"
-    tables += f"\n{differences_markdown(study.statistics, COLUMNS, '.4f')}\n{credibility_markdown(study)}"
-    first = f" (seed {study.seeds[0]})" if len(study.seeds) > 1 else ""
+    tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f')}\n"
+               f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(
-        f"# Surgical segmentation on Sim2Real ({summary['data']}, preset {args.preset}, {seeds_phrase(study.seeds)})"
-        f"\n\nMasks from RGB alone (z_rgb -> segmentation decoder), {len(eval_set)} test views. {AVERAGING}.\n\n"
-        f"{tables}\nPer class{first}, IoU / F1:\n\n{per_class_table(study.results)}")
-    for key, name, label in (("iou", "iou_vs_corruption.png", "IoU (macro)"), ("f1", "f1_vs_corruption.png", "F1 (macro)")):
-        corruption_plot(study.results, key, out / name, label, "Segmentation from RGB", statistics=study.statistics)
-    alpha_plots(study.results, out)
-    credibility_plots(study.results, out)
-    qualitative_figure(study.models, eval_set, args, out / "qualitative.png")
+        f"# {TASK.title} ({summary['data']}, preset {args.preset}, {report.seeds_phrase(runs.seeds)})\n\nMasks from "
+        f"RGB alone (z_rgb -> segmentation decoder), {len(eval_set)} test views. {AVERAGING}.\n\n{tables}\nPer class"
+        f"{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
+    for key, label in (("iou", "IoU (macro)"), ("f1", "F1 (macro)")):
+        report.corruption_plot(results, key, out / f"{key}_vs_corruption.png", label, "Segmentation from RGB", statistics)
+    report.weight_plots(results, out)
+    qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 
 
-def write_sweep_report(args: argparse.Namespace, points: list[SweepPoint], seconds: float) -> str:
-    """The sweep over the training data corruption: results.json, results.md and its figure in --out."""
-    data = str(args.data_root) if args.data_root is not None else "built-in synthetic Sim2Real"
-    return write_sweep_summary(args, "surgical_seg", data, points, MAIN_METRIC, PRESETS, FROM_PAPER[args.preset],
-                               seconds, heading="Surgical segmentation on Sim2Real", floatfmt=".4f")
+def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | None:
+    """The segmentation runs of the command line: the views, then each run's model trained and evaluated."""
+    args = parse_args(argv)
+    with training.session(args) as env:
+        train_set, eval_set = load_data(args, env)
 
+        def run(run_args: argparse.Namespace) -> dict | None:
+            model = build_model(run_args)
+            history = training.train(model, training_noise(train_set, run_args), run_args, env)
+            if env.is_main:
+                return training.write_results(run_args, history, evaluate(model, eval_set, run_args, env.device))
 
-def main(argv: list[str] | None = None) -> Study | list[SweepPoint] | None:
-    return run_experiment(parse_args(argv), load_data, build_model, evaluate, write_report, write_sweep_report)
+        return study.run(args, env, TASK, run, lambda point, runs: write_report(point, runs, eval_set))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ import argparse
 import pytest
 import torch
 import torchvision
-from common.corruption import credibility_set
-from common.data import TensorDictDataset, materialize
+from common.data import TensorDictDataset, credibility_set, materialize, ordered_map
 from common.networks import FoldingNetDecoder, ResNet18Encoder
-from common.parallel import ordered_map
 
 
 @pytest.mark.parametrize("width, stem_pool", [(16, True), (8, False)])

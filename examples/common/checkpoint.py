@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_write_bytes", "load_checkpoint", "save_checkpoint", "write_json"]
+CHECKPOINT = "checkpoint.pt"  # a run's checkpoint in its folder
 
 
 @contextlib.contextmanager
@@ -33,12 +33,6 @@ def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
-    with _atomic_file(path) as f:
-        f.write(data)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -98,4 +92,5 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """JSON-dump ``obj`` (indented) to ``path`` atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    with _atomic_file(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())

@@ -1,16 +1,21 @@
-"""Readable results: markdown tables and matplotlib figures (written headless, as PNG).
+"""Readable results both pipelines write: results.json's header (the run's settings and where they come
+from), markdown tables and matplotlib figures (written headless, as PNG).
 
-The fusion-comparison helpers read the results both pipelines produce:
-``{fusion: {"metrics": {str(level): {metric: value}}, "alpha": {str(level): {modality: mean alpha}} | None,
-"credibility": {modality: {measure: value}}, "credibility_samples": {modality: {"weight", "corrupted"}}}}``,
-and, over several seeds, ``statistics`` (``common.statistics.study_statistics``): then a table cell
-is the mean ± the half-width of its 95 % confidence interval and a plotted point has that error bar.
+The fusion-comparison helpers read a study's results, ``{fusion: {"metrics": {str(level): {metric: value}},
+"alpha": {str(level): {modality: mean alpha}} | None, "credibility": {modality: {measure: value}},
+"credibility_samples": {modality: {"weight", "corrupted"}}}}``, and, over several seeds, its
+``statistics`` (``study.study_statistics``): then a table cell is the mean ± the half-width of its 95 %
+confidence interval and a plotted point has that error bar.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import platform
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -18,17 +23,70 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["FUSION_LABELS", "FUSION_WEIGHTS", "alpha_plots", "corruption_levels", "corruption_plot",
-           "credibility_plots", "fusions_title", "fusion_table", "image_grid", "interval_cell", "line_plot",
-           "markdown_table", "metric_cell"]
+import gpoe_fusion as gf  # noqa: E402
+
+from .checkpoint import CHECKPOINT  # noqa: E402
+from .cli import provenance  # noqa: E402
+from .data import describe_size  # noqa: E402
 
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
-# What each fusion's own weight of a modality is (common.model.FusionWeights).
+# What each fusion's own weight of a modality is (networks.FusionWeights).
 FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha",
                   "mopoe": "mixture weight of its subsets"}
+# The credibility table's columns per modality: (header, measure).
+_CREDIBILITY_COLUMNS = (("AUROC", "auroc"), ("AUROC of the share", "auroc_share"), ("weight clean", "weight_clean"),
+                        ("weight corrupted", "weight_corrupted"))
 
+
+@dataclass(frozen=True)
+class Task:
+    """What a pipeline's reports say of it: ``name`` (results.json's ``task``), ``title`` (of results.md),
+    ``dataset`` (the built-in data's label), its ``presets`` and the settings of each that the paper gives
+    (``from_paper``), its main ``metric`` (key, label), the one a sweep shows, and the tables' ``floatfmt``."""
+
+    name: str
+    title: str
+    dataset: str
+    presets: Mapping[str, Mapping[str, object]]
+    from_paper: Mapping[str, Mapping[str, str]]
+    metric: tuple[str, str]
+    floatfmt: str
+
+
+def header(args: argparse.Namespace, task: Task, seconds: float) -> dict:
+    """What every results.json of a command begins with: the task, preset, seed, data, time, machine, the
+    full config and where each setting comes from (``cli.provenance``)."""
+    data = str(args.data_root) if args.data_root is not None else f"built-in synthetic {task.dataset}"
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
+    return {"task": task.name, "preset": args.preset, "seed": args.seed, "data": data, "seconds": seconds,
+            "machine": platform.platform(), "torch": torch.__version__, "kernel_extension": gf.extension_available(),
+            "config": config, "provenance": provenance(args, task.presets, task.from_paper[args.preset])}
+
+
+def seeds_phrase(seeds: Sequence[int]) -> str:
+    """``"seed 0"`` or ``"seeds 0-7"``."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+
+
+def spread(seeds: Sequence[int]) -> str:
+    """What a table's cells are over several seeds, to end a sentence with (nothing for one seed)."""
+    return f", mean ± 95 % CI half-width over {len(seeds)} seeds" if len(seeds) > 1 else ""
+
+
+def first_seed(seeds: Sequence[int]) -> str:
+    """The note that a figure shows the first seed's run, where there are several."""
+    return f" (seed {seeds[0]})" if len(seeds) > 1 else ""
+
+
+def describe_checkpoints(out: str | Path) -> str:
+    """The checkpoints under ``out`` with their sizes; a count and the total beyond three."""
+    paths = sorted(Path(out).rglob(CHECKPOINT))
+    if len(paths) <= 3:
+        return "; ".join(f"{path} {describe_size(path)}" for path in paths)
+    return f"{len(paths)} checkpoints under {out} ({sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB)"
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floatfmt: str = ".4f") -> str:
     """A GitHub-markdown table; floats formatted with ``floatfmt``."""
@@ -159,6 +217,12 @@ def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Pat
               fusions_title(what, list(results), len(statistics["seeds"])), errors=errors)
 
 
+def weight_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
+    """The figures of the fusions' weights: ``alpha_plots`` and ``credibility_plots``."""
+    alpha_plots(results, out_dir)
+    credibility_plots(results, out_dir)
+
+
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
     """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each
     modality against the test pixel corruption of RGB, on alpha's whole range 0-1."""
@@ -199,3 +263,85 @@ def credibility_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> No
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(out_dir) / f"credibility_{f}.png")
         plt.close(fig)
+
+
+def difference_label(name: str) -> str:
+    a, b = name.split("-")
+    return f"{FUSION_LABELS[a]} − {FUSION_LABELS[b]}"
+
+
+def difference_cell(difference: Mapping, floatfmt: str) -> str:
+    """A paired difference as ``mean [low, high]`` (its 95 % interval)."""
+    if difference["mean"] is None:
+        return "n/a"
+    if difference["ci95"] is None:
+        return format(difference["mean"], floatfmt)
+    low, high = difference["ci95"]
+    return f"{difference['mean']:{floatfmt}} [{low:{floatfmt}}, {high:{floatfmt}}]"
+
+
+def _excluding_zero(statistics: Mapping, part: str, cells: Sequence[tuple[str, str, str]], floatfmt: str) -> str:
+    """The sentence that names the differences whose interval excludes 0. cells: (outer, inner, label)."""
+    found = []
+    for name, difference in statistics["differences"].items():
+        for outer, inner, label in cells:
+            d = difference[part][outer][inner]
+            if d["excludes_zero"]:
+                side = "higher" if d["mean"] > 0 else "lower"
+                found.append(f"{difference_label(name)} in {label} ({difference_cell(d, floatfmt)}: "
+                             f"{FUSION_LABELS[name.split('-')[0]]} {side})")
+    if not found:
+        return "No paired difference's 95 % interval excludes 0.\n"
+    return "95 % intervals that exclude 0: " + "; ".join(found) + ".\n"
+
+
+def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str, str]], floatfmt: str) -> str:
+    """The paired differences of the metrics ``columns`` (header, key) at every test level, each
+    ``mean [95 % paired-t interval]``, and a line naming those whose interval excludes 0. Empty
+    without statistics or without a pair of fusions to compare."""
+    if statistics is None or not statistics["differences"]:
+        return ""
+    levels = list(next(iter(statistics["metrics"].values())))
+    cells = [(lv, key, f"{h} @ {float(lv):.0%}") for lv in levels for h, key in columns]
+    rows = [[difference_label(name)] + [difference_cell(d["metrics"][lv][key], floatfmt) for lv, key, _ in cells]
+            for name, d in statistics["differences"].items()]
+    n = len(statistics["seeds"])
+    return (f"Paired differences over the {n} seeds (the runs of a seed share their data, training noise, test "
+            f"corruption and the initial weights of their encoders and decoders): mean [95 % paired-t "
+            f"interval].\n\n{markdown_table(['Difference'] + [label for _, _, label in cells], rows)}\n"
+            + _excluding_zero(statistics, "metrics", cells, floatfmt))
+
+
+def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, floatfmt: str = ".3f") -> str:
+    """The held-out credibility: per fusion and corrupted modality, the AUROC that the fusion's own
+    weight (and the precision share) is lower on the corrupted samples and the mean weight on clean
+    and corrupted ones; over seeds, mean ± 95 % CI half-width, then the paired AUROC differences."""
+    first = next(iter(results.values()))["credibility"]
+    if not first:
+        return ""
+    modalities = list(first)
+    corruption = ", ".join(f"{m}: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in first[m].items()
+                                                if k in ("pixel_corruption", "point_noise")) for m in modalities)
+    header = ["Fusion (its weight)"] + [f"{m} {h}" for m in modalities for h, _ in _CREDIBILITY_COLUMNS]
+
+    def cell(fusion: str, modality: str, measure: str) -> float | str:
+        if statistics is not None:
+            return interval_cell(statistics["credibility"][fusion][modality][measure], floatfmt)
+        value = results[fusion]["credibility"][modality][measure]
+        return "n/a" if value is None else value
+
+    rows = [[f"{FUSION_LABELS[f]} ({FUSION_WEIGHTS[f]})"] + [cell(f, m, key) for m in modalities
+                                                              for _, key in _CREDIBILITY_COLUMNS] for f in results]
+    text = (f"Credibility on held-out samples: for each modality, the evaluation samples with a seeded half of them "
+            f"corrupted in that modality as in training ({corruption}), the other modality clean. AUROC that the fusion's own weight of the modality (gPoE: alpha, "
+            f"PoE: its precision share, MoE: its mixture weight) is lower on the corrupted samples than on the "
+            f"clean ones (0.5: blind to the corruption), the same for the precision share alpha T / sum, and "
+            f"the mean weight on each.\n\n{markdown_table(header, rows, floatfmt=floatfmt)}")
+    if statistics is None or not statistics["differences"]:
+        return text
+    cells = [(m, "auroc", f"{m} AUROC") for m in modalities]
+    rows = [[difference_label(name)] + [difference_cell(d["credibility"][m][key], floatfmt) for m, key, _ in cells]
+            for name, d in statistics["differences"].items()]
+    return (f"{text}\nPaired differences of the AUROC: mean [95 % paired-t interval].\n\n"
+            f"{markdown_table(['Difference'] + [label for _, _, label in cells], rows)}\n"
+            + _excluding_zero(statistics, "credibility", cells, floatfmt))

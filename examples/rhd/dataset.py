@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.pointcloud import backproject, resample_points
+from common.data import backproject, resample_points
 from rhd.annotations import load_annotations
 
 __all__ = [

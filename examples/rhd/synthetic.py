@@ -2,8 +2,8 @@
 
 ``generate_rhd(root, ...)`` writes ``root/RHD_published_v2/{training,evaluation}/{color,depth,mask}/%05d.png``
 and ``anno_<split>.pickle``, so :class:`rhd.dataset.RHDDataset` reads it with the very code that reads the real
-release. ``ensure_builtin_rhd(cache_dir, ...)`` generates once and caches (growing the cached dataset when a
-run asks for more frames).
+release. ``ensure_builtin_rhd(cache_dir, ...)`` generates once and caches (a run that asks for more frames
+than any cached dataset holds gets a larger one, which shares the smaller one's frames).
 
 Each frame (``synthesize_frame``) holds two hands in the pickle (left keypoints 0..20, right 21..41, RHD order:
 0 wrist, then tip..MCP for thumb, index, middle, ring, pinky). One hand, left or right at random, is dominant:
@@ -22,12 +22,9 @@ Frame ``i`` of a split depends only on ``(seed, split, i)``, so equal arguments 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,20 +32,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.parallel import ordered_map
+from common.data import build_once, ordered_map
 from rhd.annotations import load_annotations, save_annotations
 from rhd.dataset import Frame
-
-__all__ = [
-    "IMAGE_SIZE",
-    "DATASET_DIRNAME",
-    "GENERATOR_VERSION",
-    "SyntheticFrame",
-    "encode_depth",
-    "synthesize_frame",
-    "generate_rhd",
-    "ensure_builtin_rhd",
-]
 
 IMAGE_SIZE = 320
 DATASET_DIRNAME = "RHD_published_v2"
@@ -426,66 +412,43 @@ def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int
     return dataset
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    """Serialise processes (e.g. torchrun ranks) building the same cache; a no-op where flock is missing."""
+def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
+    """The (training, evaluation) frames of a finished built-in dataset of this generator and ``seed``."""
     try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
+        found = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
+    if found.get("generator_version") != GENERATOR_VERSION or found.get("seed") != seed:
+        return None
+    return found["num_training"], found["num_evaluation"]
 
 
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                        progress: bool = True) -> Path:
-    """A built-in dataset under ``cache_dir/rhd_builtin`` with at least ``num_training`` and
-    ``num_evaluation`` frames, generated on first use; returns its ``RHD_published_v2`` folder.
+    """A built-in dataset under ``cache_dir`` with at least ``num_training`` and ``num_evaluation`` frames,
+    generated on first use; returns its ``RHD_published_v2`` folder.
 
-    A finished dataset carries ``manifest.json`` (generator version, sizes, seed). One of the same version
-    and seed with at least the frames asked for is used as it is (its first n frames are exactly those of
-    a dataset of n frames); a smaller one is grown to cover both its own sizes and the request, reusing
-    its frames, so runs of different sizes do not regenerate each other's data; one of another version or
-    seed is replaced. Generation happens in a temporary sibling folder that is renamed into place only when
-    complete, so an interrupted run is never taken for a finished one (its leftovers are removed by the
-    next call). Concurrent callers wait on a lock file and then reuse the finished result.
+    A finished dataset carries ``manifest.json`` (generator version, sizes, seed). The smallest cached one of
+    this generator and seed that holds the frames asked for is used as it is (its first n frames are exactly
+    those of a dataset of n frames). Otherwise a new one is generated (``data.build_once``), large enough for
+    both the request and the largest cached one, whose frames it links instead of drawing them again. No
+    dataset is ever changed or deleted: a concurrent run may be reading it (delete the cache to reclaim it).
     """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_dir / "rhd_builtin"
-    with _exclusive_lock(cache_dir / ".rhd_builtin.lock"):
-        found = _read_manifest(final) or {}
-        same = found.get("generator_version") == GENERATOR_VERSION and found.get("seed") == int(seed)
-        have = (found.get("num_training", 0), found.get("num_evaluation", 0)) if same else (0, 0)
-        if have[0] >= num_training and have[1] >= num_evaluation:
-            return final / DATASET_DIRNAME
-        wanted = {"generator_version": GENERATOR_VERSION, "num_training": max(int(num_training), have[0]),
-                  "num_evaluation": max(int(num_evaluation), have[1]), "seed": int(seed)}
-        for leftover in cache_dir.glob(".rhd_builtin-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=".rhd_builtin-", dir=cache_dir))
-        try:
-            generate_rhd(staging, wanted["num_training"], wanted["num_evaluation"], seed=seed, progress=progress,
-                         reuse=final / DATASET_DIRNAME if same else None)
-            (staging / "manifest.json").write_text(json.dumps(wanted, indent=2) + "\n")
-            if final.exists():
-                stale = cache_dir / f".rhd_builtin-stale-{uuid.uuid4().hex}"
-                os.rename(final, stale)
-                shutil.rmtree(stale)
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final / DATASET_DIRNAME
+    cache_dir, seed = Path(cache_dir), int(seed)
+    cached = {folder: sizes for folder in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(folder, seed))}
+    serving = [folder for folder, (t, e) in cached.items() if t >= num_training and e >= num_evaluation]
+    if serving:
+        return min(serving, key=lambda folder: sum(cached[folder])) / DATASET_DIRNAME
+    largest = max(cached, key=lambda folder: sum(cached[folder]), default=None)
+    have = cached[largest] if largest else (0, 0)
+    sizes = (max(int(num_training), have[0]), max(int(num_evaluation), have[1]))
+
+    def generate(staging: Path) -> None:
+        generate_rhd(staging, *sizes, seed=seed, progress=progress,
+                     reuse=None if largest is None else largest / DATASET_DIRNAME)
+        manifest = {"generator_version": GENERATOR_VERSION, "num_training": sizes[0], "num_evaluation": sizes[1],
+                    "seed": seed}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    folder = cache_dir / f"rhd_builtin_v{GENERATOR_VERSION}_seed{seed}_{sizes[0]}x{sizes[1]}"
+    return build_once(folder, generate) / DATASET_DIRNAME

@@ -36,7 +36,7 @@ import OpenEXR
 import torch
 from PIL import Image
 
-from common.pointcloud import backproject, resample_points
+from common.data import backproject, resample_points
 
 __all__ = [
     "CLASS_NAMES",

@@ -32,9 +32,6 @@ zlib and OpenEXR versions).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -43,18 +40,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.parallel import ordered_map
-from sim2real.dataset import (
-    CLASS_COLORS,
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
-    NUM_CLASSES,
-    default_intrinsics,
-    sample_paths,
-    write_depth_exr,
-)
-
-__all__ = ["GENERATOR_VERSION", "generate_sim2real", "ensure_builtin_sim2real"]
+from common.data import build_once, ordered_map
+from sim2real.dataset import (CLASS_COLORS, IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES, default_intrinsics, sample_paths,
+                              write_depth_exr)
 
 GENERATOR_VERSION = 3
 """Bumped whenever the generated images change, so cached data of an older generator is not reused."""
@@ -536,38 +524,17 @@ def _write_view(job: tuple[Path, int, int, int]) -> None:
 
 
 def ensure_builtin_sim2real(cache_dir: str | Path, views_per_scene: int, seed: int = 0, progress: bool = True) -> Path:
-    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use.
-
-    Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
-    ``sim2real_builtin_v3_7x100_seed0``; a different size or seed therefore generates anew, and an existing
-    folder is reused. Generation happens in a temporary folder that is renamed into place only when
-    complete, so an interrupted run leaves no half-written dataset; concurrent callers may both generate,
-    and the first rename wins.
-    """
+    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use
+    (``data.build_once``). Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
+    ``sim2real_builtin_v3_7x100_seed0``, so a run sees exactly the views of its size (a random split permutes
+    them all); an existing folder is reused, and none is ever changed or deleted."""
     scenes = 7
-    cache_dir = Path(cache_dir)
-    final = cache_dir / f"sim2real_builtin_v{GENERATOR_VERSION}_{scenes}x{views_per_scene}_seed{seed}"
-    if final.is_dir():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
-    try:
+
+    def generate(staging: Path) -> None:
         generate_sim2real(staging, scenes, views_per_scene, seed, progress)
-        manifest = {
-            "generator_version": GENERATOR_VERSION,
-            "scenes": scenes,
-            "views_per_scene": views_per_scene,
-            "seed": seed,
-            "width": W,
-            "height": H,
-        }
+        manifest = {"generator_version": GENERATOR_VERSION, "scenes": scenes, "views_per_scene": views_per_scene,
+                    "seed": seed, "width": W, "height": H}
         (staging / "builtin_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return final
+
+    return build_once(Path(cache_dir) / f"sim2real_builtin_v{GENERATOR_VERSION}_{scenes}x{views_per_scene}_seed{seed}",
+                      generate)
