@@ -1,27 +1,24 @@
 """3-D hand pose from RGB with a cross-modal VAE and MoE / PoE / gPoE fusion (paper Sections 4-5).
 
-RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and
-fused; the joint and each unimodal latent decode the 21 keypoints (linear layers) and the point
-cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE). A fraction of the training samples is
-corrupted (pixel corruption on RGB, Gaussian noise on the points); at test time the pose comes from
-RGB alone (z_rgb -> keypoint decoder) at several pixel-corruption levels.
+RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and fused; the joint and
+each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
+training samples of which a fraction is corrupted; at test time the pose comes from RGB alone (z_rgb -> keypoint
+decoder) at several pixel-corruption levels. The script reads top to bottom: options, data, model, evaluation, report
+and ``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs
+of --compare, --seeds and --corruption-sweep. See docs/handpose.md.
 
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
     python examples/handpose_rhd.py --compare             # MoE vs PoE vs gPoE (paper Table 3, Figs. 4-5)
     python examples/handpose_rhd.py --preset study        # the comparison over 6 seeds: means, CIs, paired differences
     python examples/handpose_rhd.py --compare --corruption-sweep 0 0.25 0.5 0.75   # paper Fig. 4, first panel
     python examples/handpose_rhd.py --preset full --data-root /data/RHD_published_v2 --rgb-weights resnet18-f37072fd.pth
-    python examples/handpose_rhd.py --preset full --num-train 4000 --max-steps 2    # a smoke test at full size
     torchrun --nproc_per_node 2 examples/handpose_rhd.py  # data-parallel (gloo on CPU, nccl on GPU)
-
-The script reads top to bottom: options, data, model, evaluation, report, and ``main``, whose one
-run trains in common/training.py (``train``, the epoch loop, and ``train_one_epoch``); with --compare,
---seeds or --corruption-sweep, common/study.py makes the runs. See docs/handpose.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import pickle
 from pathlib import Path
 
@@ -31,8 +28,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset
 
 from common import report, study, training
-from common.cli import Parser, UsageError, add_common_arguments, apply_preset, finish_help, positive_int
-from common.data import builtin_root, eval_loader, load_splits, test_corruption, training_noise
+from common.cli import Parser, UsageError, positive_int
+from common.data import eval_loader, load_splits, test_corruption
 from common.evaluation import fusion_weights
 from common.networks import CrossModalVAE, KeypointDecoder, cross_modal_vae
 from common.report import FUSION_LABELS
@@ -42,34 +39,27 @@ from rhd.metrics import KeypointEvaluator
 from rhd.synthetic import ensure_builtin_rhd
 
 PRESETS = {
-    # Built-in data at small sizes: the whole method in about two minutes on a 2-core CPU (once the
-    # data is generated), the 8300 decoded samples (64x64 crops, 128 points) held in memory. What
-    # made the model learn (docs/handpose.md, "How the demo was made to learn"): enough distinct
-    # hands (8000; with 1200 a supervised ResNet plateaus near 30 mm), a ResNet-18 of width 16,
-    # which trains on 64-pixel crops four times faster than width 64 at the same error, a point
-    # branch and decoder sized to the 128-point clouds, and batches of 64. Training noise strong
-    # enough to destroy a modality's content (90 percent of the pixels of a corrupted image, about
-    # one bone length of noise on a corrupted point cloud) on 30 percent of the samples: at 50
-    # percent the RGB encoder sees too few clean hands to learn the pose in the time.
+    # Built-in data at small sizes, held in memory: about two minutes on a 2-core CPU once the data exist. What
+    # made it learn (docs/handpose.md, "How the demo was made to learn"): 8000 distinct hands, a ResNet-18 of
+    # width 16 (on 64-pixel crops four times faster than 64 at the same error), a point branch sized to 128 points,
+    # batches of 64; noise that destroys a modality's content (90 % of an image's pixels, about a bone length on
+    # the points) on 30 % of the samples (at 50 % too few clean hands remain to learn the pose in the time).
     "demo": dict(num_train=8000, num_eval=300, crop_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, keypoint_hidden=256, epochs=10,
                  batch_size=64, eval_batch_size=150, lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, beta=1e-3,
                  points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0, in_memory=True,
                  workers=0, low_memory=False, seeds=1, training_noise="fixed"),
-    # The real RHD at the crop size of the preprocessing the paper follows (Yang et al.), samples
-    # streamed from disk by worker processes. The paper publishes the data sizes only (FROM_PAPER);
-    # schedule, widths, latent size, point count and noise strengths are our choices.
+    # The real RHD at the crop size of the preprocessing the paper follows (Yang et al.), streamed from disk; the
+    # paper publishes the data sizes only (FROM_PAPER), the rest are our choices.
     "full": dict(num_train=41258, num_eval=2728, crop_size=256, num_points=1024, latent_dim=64, rgb_width=64,
                  rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, keypoint_hidden=512, epochs=60,
                  batch_size=64, eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, beta=1e-3,
                  points_weight=1.0, data_corruption=0.5, train_pixel_corruption=0.9, point_noise=1.0, in_memory=False,
                  workers=4, low_memory=True, seeds=1, training_noise="fresh"),
 }
-# The demo's settings (whatever they are tuned to), MoE, PoE and gPoE trained at several seeds: the
-# comparison with confidence intervals and paired differences (docs/handpose.md).
+# The demo's settings, MoE, PoE and gPoE at several seeds: intervals and paired differences (docs/handpose.md).
 PRESETS["study"] = dict(PRESETS["demo"], compare=True, seeds=6)
-# The settings of each preset that the paper publishes, and where; every other one is our choice
-# (results.json lists both, docs/handpose.md explains the choices).
+# The settings of each preset that the paper publishes, and where; the others are our choices (results.json).
 FROM_PAPER = {"demo": {}, "study": {}, "full": {"num_train": "Section 4.1: RHD's 41258 training samples",
                                                 "num_eval": "Section 4.1: RHD's 2728 evaluation samples"}}
 TASK = report.Task("handpose_rhd", "Hand pose on RHD", "RHD", PRESETS, FROM_PAPER, ("mean_epe_mm", "mean EPE (mm)"),
@@ -83,25 +73,19 @@ COLOURS = {"moe": (40, 160, 40), "poe": (220, 40, 40), "gpoe": (40, 80, 230), "m
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = Parser(description=__doc__.split("\n\n")[0], epilog="See docs/handpose.md.")
-    add_common_arguments(parser)
-    group = parser.add_argument_group("hand pose")
-    group.add_argument("--crop-size", type=positive_int, metavar="N", default=None,
-                       help="side of the square RGB crop of the hand")
-    group.add_argument("--keypoint-hidden", type=positive_int, metavar="N", default=None,
-                       help="width of the keypoint decoder's hidden layers")
-    finish_help(parser, PRESETS, out="runs/handpose_<preset>_<fusion>, or runs/handpose_<preset>_compare")
-    args = apply_preset(parser, parser.parse_args(argv), PRESETS)
-    args.out = args.out or Path(f"runs/handpose_{args.preset}" + ("_compare" if args.compare else f"_{args.fusion}"))
-    return args
+    parser = Parser(__doc__, "docs/handpose.md")
+    add = parser.add_argument_group("hand pose").add_argument
+    add("--crop-size", type=positive_int, metavar="N", help="side of the square RGB crop of the hand")
+    add("--keypoint-hidden", type=positive_int, metavar="N", help="width of the keypoint decoder's hidden layers")
+    return parser.parse(argv, PRESETS, "handpose")
 
 
 def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
-    """The first --num-train training and --num-eval evaluation samples of --data-root, or of the
-    built-in data (generated once under --cache-dir). Streamed: each sample is decoded from disk when it
-    is used, in the loader's workers; with --in-memory decoded once into memory. A folder that is no RHD
-    (or a damaged one) raises UsageError naming --data-root."""
-    root = args.data_root or builtin_root(
+    """The first --num-train training and --num-eval evaluation samples of --data-root, or of the built-in data
+    (generated once under --cache-dir). Streamed: each sample is decoded from disk when it is used, in the loader's
+    workers; with --in-memory decoded once into memory. A folder that is no RHD (or a damaged one) raises UsageError
+    naming --data-root."""
+    root = args.data_root or training.builtin_root(
         lambda progress: ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=progress),
         not args.no_progress, env)
 
@@ -111,23 +95,23 @@ def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
             raise UsageError(option, f"{count} samples requested, but {root / split} has {len(full)}")
         return Subset(full, range(count))
 
-    return load_splits(split_of, [("training", args.num_train, "--num-train"), ("evaluation", args.num_eval, "--num-eval")],
-                       args.in_memory, progress=not args.no_progress and env.is_main,
+    splits = [("training", args.num_train, "--num-train"), ("evaluation", args.num_eval, "--num-eval")]
+    return load_splits(split_of, splits, args.in_memory, progress=not args.no_progress and env.is_main,
                        errors=(OSError, ValueError, KeyError, pickle.UnpicklingError))
 
 
 def build_model(args: argparse.Namespace) -> CrossModalVAE:
-    """RGB and point-cloud encoders, --fusion, and the keypoint decoder (squared error) besides the
-    point-cloud one (``networks.cross_modal_vae``)."""
+    """RGB and point-cloud encoders, --fusion, and the keypoint decoder (squared error) besides the point-cloud one
+    (``networks.cross_modal_vae``)."""
     return cross_modal_vae(args, lambda: {"keypoints": KeypointDecoder(args.latent_dim, hidden=args.keypoint_hidden)},
                            {"keypoints": squared_error})
 
 
 @torch.no_grad()
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups: ``metrics``, the pose from RGB alone with every test image
-    pixel-corrupted at each --test-corruption level (paper Section 4.4; ``KeypointEvaluator``'s EPE,
-    PCK and AUC), and the fusion's weights under noise (``evaluation.fusion_weights``)."""
+    """The run's metric groups: ``metrics``, the pose from RGB alone with every test image pixel-corrupted at each
+    --test-corruption level (paper Section 4.4; ``KeypointEvaluator``'s EPE, PCK and AUC), and the fusion's weights
+    under noise (``evaluation.fusion_weights``)."""
     def pose(dataset: Dataset) -> dict:
         evaluator = KeypointEvaluator()
         for batch in eval_loader(dataset, args):
@@ -148,8 +132,8 @@ def project(keypoints: torch.Tensor, scale: torch.Tensor, root: torch.Tensor, K:
 
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 3, zoom: int = 3) -> None:
-    """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each
-    fusion's prediction from RGB alone; corruption grows from left to right; a key of the colours below."""
+    """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each fusion's prediction
+    from RGB alone; corruption grows from left to right; a key of the colours below."""
     def drawn(base: Image.Image, poses: list[tuple[np.ndarray, tuple[int, int, int]]]) -> np.ndarray:
         image = base.copy()
         for uv, colour in poses:
@@ -178,9 +162,9 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, the
-    held-out credibility), the EPE, PCK, alpha and credibility plots and the qualitative figure (of the
-    first seed's models), in --out. Returns the tables as markdown."""
+    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, the held-out
+    credibility), the EPE and PCK plots and the qualitative figure (of the first seed's models), in --out. Returns the
+    tables as markdown."""
     out, results, statistics = Path(args.out), runs.results, runs.statistics
     summary = study.write_summary(args, TASK, runs)
     tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "
@@ -195,25 +179,18 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
         report.line_plot(next(iter(r["metrics"].values()))["pck_thresholds_mm"],
                          {f"{float(lv):.0%}": m["pck_curve"] for lv, m in r["metrics"].items()}, out / f"pck_{f}.png",
                          "error threshold (mm)", "3D PCK",
-                         f"{FUSION_LABELS[f]}: PCK under pixel corruption{report.first_seed(runs.seeds)}", markers=False)
-    report.weight_plots(results, out)
+                         f"{FUSION_LABELS[f]}: PCK under pixel corruption{report.first_seed(runs.seeds)}",
+                         markers=False)
     qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 
 
 def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | None:
-    """The hand-pose runs of the command line: the data, then each run's model trained and evaluated."""
     args = parse_args(argv)
     with training.session(args) as env:
         train_set, eval_set = load_data(args, env)
-
-        def run(run_args: argparse.Namespace) -> dict | None:
-            model = build_model(run_args)
-            history = training.train(model, training_noise(train_set, run_args), run_args, env)
-            if env.is_main:
-                return training.write_results(run_args, history, evaluate(model, eval_set, run_args, env.device))
-
-        return study.run(args, env, TASK, run, lambda point, runs: write_report(point, runs, eval_set))
+        return study.run(args, env, TASK, training.runner(build_model, evaluate, train_set, eval_set, env),
+                         functools.partial(write_report, eval_set=eval_set))
 
 
 if __name__ == "__main__":

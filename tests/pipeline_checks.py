@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common import training
-from common.checkpoint import load_checkpoint
+from common.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CREDIBILITY_KEYS = {"auroc", "auroc_alpha", "auroc_share", "weight_clean", "weight_corrupted", "alpha_clean",

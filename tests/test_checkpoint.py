@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from common import distributed, training
-from common.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from common import training
+from common.training import CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 class Tiny(nn.Module):
@@ -37,7 +37,7 @@ def tiny_fit(out_dir, resume=False):
     data = [{"x": x} for x in torch.randn(8, 3, generator=torch.Generator().manual_seed(1))]
     args = argparse.Namespace(epochs=2, batch_size=4, lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5, seed=0, no_amp=True,
                               workers=0, no_progress=True, max_steps=None, out=out_dir, resume=resume)
-    history = training.train(model, data, args, distributed.setup("cpu"), log=lambda _: None)
+    history = training.train(model, data, args, training.setup("cpu"), log=lambda _: None)
     return model, history
 
 

@@ -7,7 +7,7 @@ import torch
 
 import handpose_rhd
 from common.cli import provenance
-from common.distributed import setup
+from common.training import setup
 from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
 
 TINY = ["--num-train", "8", "--num-eval", "4", "--epochs", "2", "--batch-size", "4", "--crop-size", "32",
@@ -28,7 +28,7 @@ def test_one_training_step_per_fusion(rhd_root, tmp_path, fusion, credibility):
     env = setup("cpu")
     train_set, _ = handpose_rhd.load_data(args, env)
     model = handpose_rhd.build_model(args)
-    batch = {k: v[:4] for k, v in train_set.tensors.items()}
+    batch = {k: v[:4] for k, v in train_set.datasets.items()}
     out = model(batch, return_weights=True)
     assert torch.isfinite(out.loss)
     out.loss.backward()

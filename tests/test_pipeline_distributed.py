@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import gpoe_fusion as gf
-from common import distributed, training
-from common.checkpoint import load_checkpoint
-from common.distributed import DistEnv
+from common import training
+from common.training import load_checkpoint
+from common.training import DistEnv
 from common.training import make_loader
 from gpoe_fusion.credibility import FeatureStandardizer, sync_feature_statistics
 from gpoe_fusion.distributed import GlobalBatchNoise, SyncBatchNorm, convert_sync_batchnorm, match_single_process
@@ -82,7 +82,7 @@ def train(rank: int, world_size: int, root: Path, out: Path, port: int) -> None:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    env = distributed.setup("cpu")
+    env = training.setup("cpu")
     torch.manual_seed(0)
     model = Regression()
     # 4 steps per epoch; --max-steps 6 stops in the middle of the second epoch.
@@ -95,7 +95,7 @@ def train(rank: int, world_size: int, root: Path, out: Path, port: int) -> None:
             held_out = torch.from_numpy(np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32))
             metric = model.net(held_out).pow(2).mean().item()
         torch.save({"history": history, "metric": metric}, out / "final.pt")
-    distributed.cleanup(env)
+    training.cleanup(env)
 
 
 def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_path):

@@ -10,10 +10,11 @@ import torch
 
 import handpose_rhd
 import surgical_seg
-from common import data, distributed
-from common.checkpoint import load_checkpoint
-from common.data import TensorDictDataset, eval_loader
-from common.training import make_loader, start_epoch
+from torch.utils.data import StackDataset
+
+from common import data, training
+from common.data import eval_loader
+from common.training import load_checkpoint, make_loader, start_epoch
 from rhd.synthetic import generate_rhd
 from sim2real.synthetic import generate_sim2real
 
@@ -38,13 +39,13 @@ def assert_same_items(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("noise", ["fixed", "fresh"])
 @pytest.mark.parametrize("script", [handpose_rhd, surgical_seg], ids=["rhd", "sim2real"])
 def test_streamed_data_equals_the_in_memory_data(script, noise, roots, tmp_path):
-    env = distributed.setup("cpu")
+    env = training.setup("cpu")
     argv = (["--data-root", str(roots[script]), "--out", str(tmp_path), "--training-noise", noise]
             + TINY + SIZES[script])
     args = script.parse_args(argv + ["--no-in-memory", "--workers", "2"])
     streamed = script.load_data(args, env)
     in_memory = script.load_data(script.parse_args(argv + ["--in-memory", "--workers", "0"]), env)
-    assert not isinstance(streamed[0], TensorDictDataset) and isinstance(in_memory[0], TensorDictDataset)
+    assert not isinstance(streamed[0], StackDataset) and isinstance(in_memory[0], StackDataset)
     for s, m in zip(streamed, in_memory):
         assert len(s) == len(m) > 0
         for i in range(len(s)):

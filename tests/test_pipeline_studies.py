@@ -10,7 +10,7 @@ import torchvision
 import handpose_rhd
 import surgical_seg
 from common import study, training
-from common.checkpoint import write_json
+from common.training import write_json
 from common.cli import provenance, run_signature
 
 HANDPOSE = ["--num-train", "8", "--num-eval", "4", "--epochs", "1", "--batch-size", "4", "--crop-size", "32",

@@ -9,7 +9,7 @@ import torch
 
 import surgical_seg
 from common.cli import UsageError
-from common.distributed import setup
+from common.training import setup
 from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
 from common.networks import DCGANDecoder
 from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
@@ -32,7 +32,7 @@ def test_one_training_step_per_fusion(sim2real_root, tmp_path, fusion, credibili
     train_set, eval_set = surgical_seg.load_data(args, env)
     assert len(train_set) == 8 and len(eval_set) == 2
     model = surgical_seg.build_model(args)
-    batch = {k: v[:4] for k, v in train_set.tensors.items()}
+    batch = {k: v[:4] for k, v in train_set.datasets.items()}
     out = model(batch, return_weights=True)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -105,7 +105,7 @@ def test_random_split_tests_on_views_of_every_scene(sim2real_root, tmp_path):
     for dataset, split in ((train_set, "train"), (eval_set, "test")):
         assert len(dataset) == len(parts[split])
         for i, j in enumerate(parts[split]):
-            assert torch.equal(dataset.tensors["mask"][i], every[j]["mask"])
+            assert torch.equal(dataset.datasets["mask"][i], every[j]["mask"])
     assert len({every.views[j][0] for j in parts["train"]}) >= 5  # 10 of 14 views reach 5 scenes at least
     with pytest.raises(UsageError, match="--num-train: 12 views requested, but the 7 scenes have 11 besides the 3 test"):
         surgical_seg.split_indices(14, args_of("--num-train", "12"))
@@ -140,7 +140,7 @@ def test_fewer_views_are_spread_over_the_split(sim2real_root, tmp_path):
     full = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32)
     # Views 0, 2, 5, 7 of the 8: one of every scene, not the first two scenes.
     for i, j in enumerate([0, 2, 5, 7]):
-        assert torch.equal(train_set.tensors["mask"][i], full[j]["mask"])
+        assert torch.equal(train_set.datasets["mask"][i], full[j]["mask"])
 
 
 def test_intrinsics_option_reaches_the_point_clouds(sim2real_root, tmp_path):
@@ -150,7 +150,7 @@ def test_intrinsics_option_reaches_the_point_clouds(sim2real_root, tmp_path):
     train_set, _ = surgical_seg.load_data(args, setup("cpu"))
     expected = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32, intrinsics=K)[0]["points"]
     default = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32)[0]["points"]
-    assert torch.equal(train_set.tensors["points"][0], expected) and not torch.equal(expected, default)
+    assert torch.equal(train_set.datasets["points"][0], expected) and not torch.equal(expected, default)
 
 
 def test_segmentation_decoder_shapes_and_channel_floor():

@@ -10,7 +10,7 @@ import torch
 import gpoe_fusion as gf
 import handpose_rhd
 from common import data, training
-from common.distributed import setup
+from common.training import setup
 
 # Every way Python code reads a tensor's value.
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")

@@ -1,19 +1,14 @@
-"""How both pipelines get their data: built-in data generated once into a cache, the splits streamed
-from disk or held in memory behind the same ``Dataset`` interface, the corruptions of the experiments,
-and the point-cloud and parallel helpers the datasets and generators share.
-
-- Streamed (the default at full size): the dataset decodes sample i from disk when it is asked for,
-  so memory does not grow with the dataset; the DataLoader's worker processes do the decoding.
-- In memory (``materialize``): every sample decoded once, by the very same dataset, into one stacked
-  tensor per field; fast when the whole set fits easily (the demo).
-
-Either way an item is the same dict of tensors, so training, noise and evaluation do not know which.
+"""How both pipelines get their data: built-in data generated once into a cache; the splits streamed from disk (each
+sample decoded when it is used, by the loader's workers: memory does not grow with the dataset) or decoded once into
+memory (``materialize``, the demo), the same dict of tensors either way; the corruptions of the experiments; the
+point-cloud and parallel helpers of the datasets and generators.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import itertools
 import multiprocessing
 import os
@@ -25,19 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, StackDataset, Subset
 from tqdm import tqdm
 
 from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption
 
 from .cli import UsageError
-from .distributed import DistEnv, barrier
 
 
 def backproject(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Camera-frame points [P, 3] float32 ``z * K^-1 [u, v, 1]`` of the (masked) pixels with depth > 0 of a
-    z-depth map [H, W] through pinhole intrinsics K [3, 3]. Pixel (u, v) sits at integer coordinates, the
-    convention of the RHD annotations (``uv = (xyz @ K.T)[:, :2] / z``): a point projects back to its pixel."""
+    """Camera-frame points [P, 3] float32 ``z * K^-1 [u, v, 1]`` of the (masked) pixels with depth > 0 of a z-depth map
+    [H, W] through pinhole intrinsics K [3, 3]. Pixel (u, v) sits at integer coordinates, the convention of the RHD
+    annotations (``uv = (xyz @ K.T)[:, :2] / z``): a point projects back to its pixel."""
     keep = depth > 0 if mask is None else (depth > 0) & mask
     v, u = np.nonzero(keep)
     z = depth[v, u].astype(np.float64)
@@ -45,8 +39,8 @@ def backproject(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None
 
 
 def resample_points(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Exactly ``count`` of ``points`` [P, 3]: a random subset when there are more, all of them plus
-    random repeats when there are fewer; an empty cloud becomes ``count`` points at the origin."""
+    """Exactly ``count`` of ``points`` [P, 3]: a random subset when there are more, all of them plus random repeats
+    when there are fewer; an empty cloud becomes ``count`` points at the origin."""
     n = len(points)
     if n == 0:
         return np.zeros((count, 3), dtype=points.dtype)
@@ -61,9 +55,9 @@ def default_workers() -> int:
 
 
 def ordered_map(function: Callable, jobs: Iterable, workers: int | None = None, chunksize: int = 8) -> Iterator:
-    """``function(job)`` for every job, in the jobs' order, computed by ``workers`` processes (default: one
-    per core; 1 runs them here). The generators' jobs depend only on their arguments, so the files they
-    write are byte-identical in any order. ``function`` must be a module-level function."""
+    """``function(job)`` for every job, in the jobs' order, computed by ``workers`` processes (default: one per core; 1
+    runs them here). The generators' jobs depend only on their arguments, so the files they write are byte-identical in
+    any order. ``function`` must be a module-level function."""
     workers = default_workers() if workers is None else workers
     if workers <= 1:
         yield from map(function, jobs)
@@ -77,26 +71,18 @@ def ordered_map(function: Callable, jobs: Iterable, workers: int | None = None, 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``path`` (a no-op where flock is missing)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
+    """Hold an exclusive lock on the file ``path`` (released when the file closes)."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def build_once(folder: Path, generate: Callable[[Path], None]) -> Path:
-    """``folder``, written by ``generate(staging)`` unless it exists: into a temporary sibling folder,
-    renamed into place once complete, so an interrupted run leaves nothing that passes for it (its
-    leftovers go with the next generation). The built-in generators' cache: concurrent callers (e.g.
-    torchrun ranks) wait on a lock in the cache folder and then find the finished result. A finished
-    folder is never changed or deleted, because a running job may be reading it."""
+    """``folder``, written by ``generate(staging)`` unless it exists: into a temporary sibling folder, renamed into
+    place once complete, so an interrupted run leaves nothing that passes for it (its leftovers go with the next
+    generation). The built-in generators' cache: concurrent callers (e.g. torchrun ranks) wait on a lock in the cache
+    folder and then find the finished result. A finished folder is never changed or deleted, because a running job may
+    be reading it."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.parent / ".lock"):
@@ -120,56 +106,29 @@ def describe_size(path: str | Path) -> str:
     return f"({sum(os.path.getsize(p) for p in files) / 1e6:.0f} MB)"
 
 
-def builtin_root(ensure: Callable[[bool], Path], progress: bool, env: DistEnv) -> Path:
-    """The built-in dataset ``ensure(progress)`` finds or generates: the main process first (printing
-    where and how large), the others once it is there."""
-    if env.is_main:
-        root = ensure(progress)
-        print(f"built-in data: {root} {describe_size(root)}")
-    barrier(env)
-    return ensure(False)
-
-
-class TensorDictDataset(Dataset):
-    """Items ``{name: tensors[name][i]}`` of a dict of tensors that share their first dimension."""
-
-    def __init__(self, tensors: dict[str, Tensor]):
-        lengths = {name: len(t) for name, t in tensors.items()}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"tensors: first dimensions differ: {lengths}")
-        self.tensors = tensors
-        self.length = next(iter(lengths.values()), 0)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {name: t[index] for name, t in self.tensors.items()}
-
-
 class Fields(Dataset):
-    """The entries ``keys`` of every item of ``dataset`` (what the model and the evaluation read)."""
+    """The items ``indices`` of ``dataset``, of them the entries ``keys`` (what the model and evaluation read)."""
 
-    def __init__(self, dataset: Dataset, keys: Sequence[str]):
-        self.dataset, self.keys = dataset, tuple(keys)
+    def __init__(self, dataset: Dataset, indices: Sequence[int], keys: Sequence[str]):
+        self.dataset, self.indices, self.keys = dataset, list(indices), tuple(keys)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        return {key: item[key] for key in self.keys}
+        return {key: value for key, value in self.dataset[self.indices[index]].items() if key in self.keys}
 
 
 def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
-                workers: int | None = None) -> TensorDictDataset:
-    """Every item of ``dataset`` (dicts; their tensor entries are kept) read once into one tensor per field,
-    allocated up front from the first item, so the peak memory is the result's size. workers: processes
-    decoding items (default: one per core; 0 decodes here), in order."""
+                workers: int | None = None) -> StackDataset:
+    """Every item of ``dataset`` (dicts; their tensor entries are kept) read once into one tensor per field
+    (``datasets``), allocated up front from the first item, so the peak memory is the result's size. workers:
+    processes decoding items (default: one per core; 0 decodes here), in order."""
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
     first = dataset[0]
-    tensors = {k: torch.empty((len(dataset), *v.shape), dtype=v.dtype) for k, v in first.items() if isinstance(v, Tensor)}
+    tensors = {k: torch.empty((len(dataset), *v.shape), dtype=v.dtype) for k, v in first.items()
+               if isinstance(v, Tensor)}
     workers = default_workers() if workers is None else workers
     # Worker processes pay off only beyond a few items (each costs a fork and a pickled item per sample).
     rest = DataLoader(Subset(dataset, range(1, len(dataset))), batch_size=None,
@@ -178,15 +137,16 @@ def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
                                   leave=False)):
         for name, t in tensors.items():
             t[i] = item[name]
-    return TensorDictDataset(tensors)
+    return StackDataset(**tensors)  # items {name: tensors[name][i]}
 
 
 def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequence[tuple[str, int | None, str]],
-                in_memory: bool, progress: bool, errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list:
+                in_memory: bool, progress: bool,
+                errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list:
     """``make(split, count, option)`` for every (split, count, option): that split's dataset, streamed or, with
-    ``in_memory``, decoded once into memory. Its first sample is decoded here, so that a folder of the wrong
-    layout or a damaged one fails now with one line naming --data-root (``errors``: what reading such a folder
-    raises), not later in a loader worker. ``make`` raises UsageError itself for a count it cannot serve."""
+    ``in_memory``, decoded once into memory. Its first sample is decoded here, so that a folder of the wrong layout or
+    a damaged one fails now with one line naming --data-root (``errors``: what reading such a folder raises), not later
+    in a loader worker. ``make`` raises UsageError itself for a count it cannot serve."""
     sets = []
     for split, count, option in splits:
         try:
@@ -212,9 +172,9 @@ CREDIBILITY_FRACTION = 0.5
 
 
 def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
-    """The RGB of a seeded --data-corruption of the samples pixel-corrupted and, independently, the point
-    cloud of another such fraction noised; with --training-noise fresh their noise is drawn anew every
-    epoch (the training loop's ``set_epoch``). Items gain ``corrupted_rgb`` / ``corrupted_points``."""
+    """The RGB of a seeded --data-corruption of the samples pixel-corrupted and, independently, the point cloud of
+    another such fraction noised; with --training-noise fresh their noise is drawn anew every epoch (the training
+    loop's ``set_epoch``). Items gain ``corrupted_rgb`` / ``corrupted_points``."""
     if args.data_corruption <= 0:
         return dataset
     redraw = args.training_noise == "fresh"
@@ -234,22 +194,21 @@ def test_corruption(dataset: Dataset, level: float, seed: int) -> Dataset:
 
 
 def credibility_set(dataset: Dataset, args: argparse.Namespace) -> dict[str, tuple[Dataset, dict[str, float]]]:
-    """Held-out samples with known corruption, one set per corrupted modality: the RGB of a seeded half of
-    ``dataset`` pixel-corrupted at --train-pixel-corruption, or the point cloud of a seeded half noised at
-    --point-noise, every other modality clean; each item flags its own (``corrupted_<modality>``).
-
-    One modality at a time, because a fusion's weights share out a whole: with both modalities corrupted
-    the weight of neither needs to fall. Returns modality -> (its set, its corruption:
-    ``{"pixel_corruption": p}`` or ``{"point_noise": sigma}``); a modality whose training strength is 0
-    is left out (its "corrupted" samples would be clean).
+    """Held-out samples with known corruption, one set per corrupted modality: the RGB of a seeded half of ``dataset``
+    pixel-corrupted at --train-pixel-corruption, or the points of a seeded half noised at --point-noise, each item
+    flagging its own (``corrupted_<modality>``), every other modality clean: a fusion's weights share out a whole, so
+    with both corrupted neither weight needs to fall. Returns modality -> (its set, ``{"pixel_corruption": p}`` or
+    ``{"point_noise": sigma}``); a modality whose training strength is 0 is left out.
     """
     sets = {}
     if args.train_pixel_corruption > 0:
-        sets["rgb"] = (CorruptedDataset(dataset, "rgb", CREDIBILITY_FRACTION, PixelCorruption(args.train_pixel_corruption),
+        sets["rgb"] = (CorruptedDataset(dataset, "rgb", CREDIBILITY_FRACTION,
+                                        PixelCorruption(args.train_pixel_corruption),
                                         seed=args.seed * 10 + _SEED_CREDIBILITY_RGB),
                        {"pixel_corruption": args.train_pixel_corruption})
     if args.point_noise > 0:
-        sets["points"] = (CorruptedDataset(dataset, "points", CREDIBILITY_FRACTION, GaussianPointNoise(args.point_noise),
+        sets["points"] = (CorruptedDataset(dataset, "points", CREDIBILITY_FRACTION,
+                                           GaussianPointNoise(args.point_noise),
                                            seed=args.seed * 10 + _SEED_CREDIBILITY_POINTS),
                           {"point_noise": args.point_noise})
     return sets

@@ -1,17 +1,12 @@
-"""Studies: the runs one command makes, a layer above a pipeline's run. Every fusion of --fusions (with
---compare) at every seed of --seeds, at every fraction of --corruption-sweep, each a run of the pipeline
-into its own folder; the reuse of finished runs; the statistics over seeds; the sweep's report.
-
-Where each run goes: --out, then ``corruption<X>/`` per fraction of a sweep, ``<fusion>/`` with
---compare, ``seed<k>/`` with more than one seed. In a study of several runs (more than one seed, or a
-sweep) a run whose folder holds its checkpoint and a results.json of the same signature
-(``cli.run_signature``) at the same test levels is finished: it is loaded, not trained again, so a
+"""Studies, a layer above a pipeline's run: every fusion of --fusions (with --compare) at every seed of --seeds, at
+every fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/``
+with --compare, ``seed<k>/`` with several seeds); the reuse of finished runs; the statistics over seeds; the sweep's
+report. In a study of several runs (several seeds, or a sweep) a run whose folder holds its checkpoint and a
+results.json of the same signature (``cli.run_signature``) at the same test levels is loaded, not trained again, so a
 killed study continues with its unfinished runs (--resume continues the killed one from its checkpoint).
 
-Runs of the same seed are paired: they train on the same data with the same training noise, start from
-the same initial weights of the parts they share (encoders and decoders are built from the seed before
-the fusion layer) and are tested on the same corruption, so the seed-to-seed spread that the fusions
-share cancels in their difference and the paired t interval is the narrower, right one.
+The runs of a seed are paired: the same data, training noise, test corruption and initial weights of the parts they
+share (built from the seed before the fusion layer), so the spread the fusions share cancels in their difference.
 """
 
 from __future__ import annotations
@@ -30,9 +25,8 @@ from scipy import stats
 from torch import nn
 
 from . import report
-from .checkpoint import CHECKPOINT, load_checkpoint, write_json
+from .training import CHECKPOINT, DistEnv, load_checkpoint, write_json
 from .cli import run_signature
-from .distributed import DistEnv
 from .report import FUSION_LABELS, Task
 
 CONFIDENCE = 0.95
@@ -52,10 +46,9 @@ def _present(value: object) -> bool:
 
 
 def t_interval(values: Sequence[float | None]) -> dict:
-    """``{"mean", "std", "n", "ci95", "half_width"}`` of ``values`` (None and NaN left out): the mean, the
-    sample standard deviation (n - 1), n, and the 95 % Student-t interval ``[mean - h, mean + h]``,
-    ``h = t(0.975, n - 1) * std / sqrt(n)``. With fewer than two values std, ci95 and half_width are None
-    (with none the mean too)."""
+    """``{"mean", "std", "n", "ci95", "half_width"}`` of ``values`` (None and NaN left out): the mean, the sample
+    standard deviation (n - 1), n, and the 95 % Student-t interval ``[mean - h, mean + h]``, ``h = t(0.975, n - 1) *
+    std / sqrt(n)``. With fewer than two values std, ci95 and half_width are None (with none the mean too)."""
     xs = [float(v) for v in values if _present(v)]
     n = len(xs)
     out = {"mean": math.fsum(xs) / n if n else None, "std": None, "n": n, "ci95": None, "half_width": None}
@@ -67,8 +60,8 @@ def t_interval(values: Sequence[float | None]) -> dict:
 
 
 def paired_difference(a: Sequence[float | None], b: Sequence[float | None]) -> dict:
-    """The paired differences ``a[i] - b[i]`` (``per_seed``, None where either is missing), their
-    ``t_interval`` (the paired t interval) and ``excludes_zero``: whether it lies above or below 0."""
+    """The paired differences ``a[i] - b[i]`` (``per_seed``, None where either is missing), their ``t_interval`` (the
+    paired t interval) and ``excludes_zero``: whether it lies above or below 0."""
     if len(a) != len(b):
         raise ValueError(f"b: expected {len(a)} values to pair with a's, got {len(b)}")
     per_seed = [x - y if _present(x) and _present(y) else None for x, y in zip(a, b)]
@@ -78,10 +71,10 @@ def paired_difference(a: Sequence[float | None], b: Sequence[float | None]) -> d
 
 
 def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[int]) -> dict:
-    """Statistics of a study's runs (fusion -> seed -> result) over its seeds: ``{"confidence", "seeds",
-    "metrics": {fusion: {level: {metric: t_interval}}}, "credibility": {fusion: {modality: {measure:
-    t_interval}}}, "differences": {"gpoe-poe": {"metrics": ..., "credibility": ...} of paired_difference,
-    ...}}``: the float metrics and CREDIBILITY_MEASURES, the differences of DIFFERENCES of the fusions trained."""
+    """Statistics of a study's runs (fusion -> seed -> result) over its seeds: ``{"confidence", "seeds", "metrics":
+    {fusion: {level: {metric: t_interval}}}, "credibility": {fusion: {modality: {measure: t_interval}}}, "differences":
+    {"gpoe-poe": {"metrics": ..., "credibility": ...} of paired_difference, ...}}``: the float metrics and
+    CREDIBILITY_MEASURES, the differences of DIFFERENCES of the fusions trained."""
     def series(fusion: str) -> dict[str, dict]:
         first = runs[fusion][seeds[0]]
         return {"metrics": {level: {key: [runs[fusion][s]["metrics"][level][key] for s in seeds]
@@ -99,15 +92,15 @@ def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[
     return {"confidence": CONFIDENCE, "seeds": list(seeds),
             "metrics": {f: combine(v, None, "metrics") for f, v in values.items()},
             "credibility": {f: combine(v, None, "credibility") for f, v in values.items()},
-            "differences": {f"{a}-{b}": {part: combine(values[a], values[b], part) for part in ("metrics", "credibility")}
+            "differences": {f"{a}-{b}": {p: combine(values[a], values[b], p) for p in ("metrics", "credibility")}
                             for a, b in DIFFERENCES if a in values and b in values}}
 
 
 @dataclass
 class Study:
-    """The runs of one training data corruption, in the order trained. runs: fusion -> seed -> the run's
-    result (its results.json), filled on the main process; first: fusion -> the arguments of its first
-    seed's run, whose model the figures show; began: when it started (``time.perf_counter``)."""
+    """The runs of one training data corruption, in the order trained. runs: fusion -> seed -> the run's result (its
+    results.json), filled on the main process; first: fusion -> the arguments of its first seed's run, whose model the
+    figures show; began: when it started (``time.perf_counter``)."""
 
     fusions: list[str]
     seeds: list[int]
@@ -126,8 +119,8 @@ class Study:
         return study_statistics(self.runs, self.seeds) if len(self.seeds) > 1 else None
 
     def record(self) -> dict:
-        """What results.json holds of the study. One seed: ``{"fusions": {fusion: result}}``. More:
-        ``{"seeds", "fusions": {fusion: {"runs": {seed: result without its history}}}, "statistics"}``."""
+        """What results.json holds of the study. One seed: ``{"fusions": {fusion: result}}``. More: ``{"seeds",
+        "fusions": {fusion: {"runs": {seed: result without its history}}}, "statistics"}``."""
         def kept(result: dict, *dropped: str) -> dict:
             return {k: v for k, v in result.items() if k not in _RUN_ONLY + dropped}
 
@@ -151,8 +144,8 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 
 
 def finished_run(args: argparse.Namespace) -> dict | None:
-    """The result in --out/results.json if it is that of this very run (the same signature, evaluated at the
-    same test levels) and its checkpoint is there too; else None."""
+    """The result in --out/results.json if it is that of this very run (the same signature, evaluated at the same test
+    levels) and its checkpoint is there too; else None."""
     out = Path(args.out)
     if not (out / CHECKPOINT).is_file():
         return None
@@ -167,8 +160,8 @@ def finished_run(args: argparse.Namespace) -> dict | None:
 
 def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argparse.Namespace], dict | None],
                heading: str = "") -> Study:
-    """args.fusion, or with --compare each of --fusions, at each seed of --seeds, each into its folder: a
-    seed's fusions one after the other, so that the paired comparisons of the first seeds come first."""
+    """args.fusion, or with --compare each of --fusions, at each seed of --seeds, each into its folder: a seed's
+    fusions one after the other, so that the paired comparisons of the first seeds come first."""
     log = print if env.is_main else (lambda _: None)
     study = Study(list(args.fusions) if args.compare else [args.fusion], list(range(args.seed, args.seed + args.seeds)))
     study.runs = {f: {} for f in study.fusions}
@@ -194,18 +187,21 @@ def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[a
         write_report: Callable[[argparse.Namespace, Study], str]) -> Study | list[Study] | None:
     """The command's runs, ``run_one(args of the run)`` each (the pipeline's run: it trains into its
     --out and returns its results.json, on the main process), then on the main process the report of
-    each study, ``write_report(args of the study, study)`` (its tables as markdown), with a sweep the
-    sweep's own, and the tables printed. Returns the study (with a sweep, one per fraction), or None on
+    each study, ``write_report(args of the study, study)`` (its results.json, tables and figures; returns
+    the tables as markdown) and the figures of the fusions' weights, with a sweep the sweep's own report,
+    and the tables printed. Returns the study (with a sweep, one per fraction), or None on
     the other processes."""
     began = time.perf_counter()
     fractions = args.corruption_sweep or [None]
     studies = []
     for fraction in fractions:
-        point = args if fraction is None else _with(args, data_corruption=fraction, given=sorted({*args.given, "data_corruption"}),
-                                                    out=Path(args.out) / f"corruption{fraction:g}")
-        studies.append(_run_point(point, env, run_one, "" if fraction is None else f"training corruption {fraction:.0%}: "))
+        point = args if fraction is None else _with(args, data_corruption=fraction, given=sorted(
+            {*args.given, "data_corruption"}), out=Path(args.out) / f"corruption{fraction:g}")
+        heading = "" if fraction is None else f"training corruption {fraction:.0%}: "
+        studies.append(_run_point(point, env, run_one, heading))
         if env.is_main:
             tables = write_report(point, studies[-1])
+            report.weight_plots(studies[-1].results, point.out)
     if not env.is_main:
         return None
     if args.corruption_sweep:
@@ -230,11 +226,10 @@ def _cell(study: Study, fusion: str, level: str, metric: str) -> dict:
 
 
 def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study], seconds: float) -> str:
-    """The sweep's report in --out: results.json (``report.header`` and ``sweep``: ``{"metric", "fractions",
-    "points": {str(fraction): {"out", **Study.record()}}}``), results.md (the main metric per training
-    fraction, fusion and test level, and over seeds the paired differences) and
-    ``training_corruption_sweep.png`` (the metric at the levels of SWEEP_LEVELS against the fraction).
-    Returns the table."""
+    """The sweep's report in --out: results.json (``report.header`` and ``sweep``: ``{"metric", "fractions", "points":
+    {str(fraction): {"out", **Study.record()}}}``), results.md (the main metric per training fraction, fusion and test
+    level, and over seeds the paired differences) and ``training_corruption_sweep.png`` (the metric at the levels of
+    SWEEP_LEVELS against the fraction). Returns the table."""
     out, (key, label), fractions = Path(args.out), task.metric, args.corruption_sweep
     head = report.header(args, task, seconds)
     write_json(out / "results.json", {**head, "sweep": {
@@ -247,10 +242,12 @@ def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study
         rows += [[f"{fraction:.0%}", FUSION_LABELS[f]] + [report.interval_cell(_cell(study, f, lv, key), task.floatfmt)
                                                          for lv in levels] for f in study.fusions]
         rows += [[f"{fraction:.0%}", report.difference_label(name)]
-                 + [report.difference_cell(d["metrics"][lv][key], task.floatfmt) for lv in levels]
+                 + [report.interval_cell(d["metrics"][lv][key], task.floatfmt, True) for lv in levels]
                  for name, d in (study.statistics or {"differences": {}})["differences"].items()]
-    spread = "mean ± 95 % CI half-width, differences: mean [95 % paired-t interval]" if len(first.seeds) > 1 else "one seed"
-    table = report.markdown_table(["Training corruption", "Fusion"] + [f"{label} @ {float(lv):.0%}" for lv in levels], rows)
+    spread = ("mean ± 95 % CI half-width, differences: mean [95 % paired-t interval]" if len(first.seeds) > 1
+              else "one seed")
+    table = report.markdown_table(["Training corruption", "Fusion", *(f"{label} @ {float(lv):.0%}" for lv in levels)],
+                                  rows)
     (out / "results.md").write_text(
         f"# {task.title}: sweep over the training data corruption ({head['data']}, "
         f"preset {args.preset}, {report.seeds_phrase(first.seeds)})\n\n{label} from RGB alone, by the fraction of "

@@ -1,19 +1,13 @@
-"""Training one run, the same for both pipelines: AdamW with a linear warm-up and cosine decay, gradient
-clipping, bf16 autocast on GPU, data parallelism under torchrun, a checkpoint after every epoch, exact
-resumption, and a stop after --max-steps optimizer steps; then the run's results.json.
+"""The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written
+atomically and loaded safely, and one run of either pipeline (``runner``): AdamW with a linear warm-up and cosine
+decay, gradient clipping, bf16 autocast on GPU, data parallelism, a checkpoint after every epoch, exact resumption, a
+stop after --max-steps optimizer steps (the first steps of the full schedule), results.json.
 
-``train`` is the epoch loop (as torchvision's references write it in ``main``) and ``train_one_epoch``
-the step loop. No step waits for the device: the epoch's statistics are summed on it and read once
-when the epoch ends (the progress bar reads the loss every PROGRESS_EVERY steps).
-
-Data parallelism trains as one process does with the global batch (W ranks of batch b: one of W * b),
-to float rounding: the ranks' batches of a step make up the single process's batch, the gradients are
-averaged, and ``gpoe_fusion.distributed.match_single_process`` makes batch statistics and reparameterisation noise
-those of the global batch; so every rank seeds the global RNG alike. Exact resumption: every source of
-randomness is a function of (seed, epoch), the sampler's shuffle, the global torch seed set at the start
-of each epoch and the datasets' own per-index (and, with ``set_epoch``, per-epoch) seeds, so a run
-resumed from the checkpoint of epoch e continues as the uninterrupted run did. ``--max-steps`` keeps the
-schedule of --epochs: the steps taken are the first steps of the full run.
+``train`` is the epoch loop (torchvision's references write it in ``main``), ``train_one_epoch`` the step loop. No
+step waits for the device: the epoch's statistics are summed on it and read when it ends. The ranks of a data-parallel
+run train as one process with their global batch (``gpoe_fusion.distributed.match_single_process``), so every rank
+seeds alike; every source of randomness is a function of (seed, epoch), so a resumed run continues as the
+uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -24,10 +18,16 @@ import ctypes
 import ctypes.util
 import gc
 import itertools
+import json
 import math
+import os
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -40,13 +40,139 @@ from tqdm import tqdm
 import gpoe_fusion as gf
 from gpoe_fusion.distributed import match_single_process
 
-from . import distributed
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_json
 from .cli import UsageError, exit_with, run_signature
-from .distributed import DistEnv, barrier
+from .data import describe_size, training_noise
 
+CHECKPOINT = "checkpoint.pt"  # a run's checkpoint in its folder
 GRAD_CLIP = 10.0  # the largest gradient norm a step applies
 PROGRESS_EVERY = 20  # steps between the progress bar's readings of the loss (each waits for the device)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the run: rank of world_size processes, on device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    launched: bool = False  # by torchrun: a process group exists, also for one process (the same collective path)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.launched
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Join the process group that torchrun describes in the environment (if any) and pick the device: "auto" (CUDA
+    when available), "cpu" or "cuda"."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    launched = "WORLD_SIZE" in os.environ  # torchrun sets it for every process it starts
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError("--device", f"process {local_rank} of this node needs CUDA device {local_rank}, but only "
+                                         f"{torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if launched and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistEnv(rank, world_size, dev, launched)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def builtin_root(ensure: Callable[[bool], Path], progress: bool, env: DistEnv) -> Path:
+    """The built-in dataset ``ensure(progress)`` finds or generates: the main process first (printing where and how
+    large), the others once it is there."""
+    if env.is_main:
+        root = ensure(progress)
+        print(f"built-in data: {root} {describe_size(root)}")
+    barrier(env)
+    return ensure(False)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A temporary file in ``path``'s folder to write; flushed to disk and renamed over ``path`` when the block ends,
+    removed if it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save ``state`` (what ``load_checkpoint`` accepts: tensors, numbers, strings, None and lists/tuples/dicts
+    of them) to ``path`` atomically, streamed to the file rather than serialised in memory first (a full-size model and
+    its optimizer state are about 160 MB)."""
+    with _atomic_file(path) as f:
+        torch.save(state, f)
+
+
+def _unsafe_reason(exc: Exception) -> str:
+    """The line of a torch.load error that says what was wrong, without torch's general advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    specific = [line for line in lines if "weights_only" not in line and "documentation" not in line]
+    return f"{type(exc).__name__}: {(specific or lines or ['no detail'])[0]}"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The state saved at ``path`` by ``save_checkpoint``, or None if there is none yet. Loaded with
+    ``weights_only=True``, so a tampered or foreign file cannot run code: anything but tensors and plain values
+    (another kind of file, a truncated one, a pickle of other objects) is a RuntimeError naming it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    reason = None
+    try:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this also catches truncated files
+            reason = "not a torch zip archive: truncated, or another kind of file"
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+            reason = None if isinstance(state, dict) else f"it holds a {type(state).__name__}, not a dict"
+    except OSError as exc:
+        raise RuntimeError(f"checkpoint {path}: cannot be read ({exc})") from exc
+    except Exception as exc:
+        reason = _unsafe_reason(exc)
+    if reason is not None:
+        raise RuntimeError(f"checkpoint {path}: not a gpoe_fusion checkpoint or unsafe to load ({reason}); delete "
+                           f"it to start over")
+    return state
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """JSON-dump ``obj`` (indented) to ``path`` atomically."""
+    with _atomic_file(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
@@ -66,19 +192,19 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
 
 @contextlib.contextmanager
 def session(args: argparse.Namespace) -> Iterator[DistEnv]:
-    """The process's part in the command: --low-memory, the process group (under torchrun) and the device;
-    a value found wrong on the way (UsageError) ends the program with one line and exit status 2."""
+    """The process's part in the command: --low-memory, the process group (under torchrun) and the device; a value
+    found wrong on the way (UsageError) ends the program with one line and exit status 2."""
     if args.low_memory:
         pin_mmap_threshold()
     try:
-        env = distributed.setup(args.device)
+        env = setup(args.device)
         if env.is_main and args.rgb_weights is None:
             print("note: the RGB encoder (ResNet-18) starts from random weights; the paper starts from ImageNet "
                   "weights (give torchvision's resnet18 checkpoint file with --rgb-weights)")
         yield env
     except UsageError as error:
         exit_with(str(error))
-    distributed.cleanup(env)
+    cleanup(env)
 
 
 def make_loader(dataset: Dataset, args: argparse.Namespace, env: DistEnv, shuffle: bool = True) -> DataLoader:
@@ -111,8 +237,7 @@ def _schedule(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int],
 
 def _add(sums: dict[str, list], key: str, total: Tensor, count: Tensor | int) -> None:
     """sums[key] += (total, count), without reading either."""
-    value = sums.setdefault(key, [0.0, 0])
-    value[0], value[1] = value[0] + total.detach().double(), value[1] + count
+    sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0)), (total.detach().double(), count))]
 
 
 def _alpha_statistics(sums: dict[str, list], alpha: Tensor, batch: dict[str, Tensor], modalities: list[str]) -> None:
@@ -139,10 +264,10 @@ def _means(sums: dict[str, list], env: DistEnv) -> dict[str, float]:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, args: argparse.Namespace,
                     env: DistEnv, steps: int | None = None) -> dict[str, float]:
-    """One pass over ``loader`` (its first ``steps`` batches if given): each batch's loss
-    (``CrossModalVAE.forward``, the library's objective), its gradient, one clipped AdamW step and one
-    step of the schedule. Returns the epoch means of the objective's terms and, for gPoE, of alpha per
-    modality, overall and by corruption flag (the fusion returns its weights only then)."""
+    """One pass over ``loader`` (its first ``steps`` batches if given): each batch's loss (``CrossModalVAE.forward``,
+    the library's objective), its gradient, one clipped AdamW step and one step of the schedule. Returns the epoch
+    means of the objective's terms and, for gPoE, of alpha per modality, overall and by corruption flag (the fusion
+    returns its weights only then)."""
     model.train()
     core = model.module if isinstance(model, DistributedDataParallel) else model
     log_alpha = isinstance(core.objective.fusion, gf.GPoE)
@@ -168,20 +293,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if not bar.disable and step % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{out.terms['loss'].item():.3f}")
     return _means(sums, env)
-
-
-@contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """The garbage collector leaves the objects that exist now alone. Loader workers are forked from this
-    process and share its pages until they write to them; the cyclic collector writes to every object it
-    visits, so without this the workers soon hold private copies of the interpreter's heap (at the
-    full-size preset two workers added 240 MB to the process tree; frozen, 50-100 MB)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _resume(path: Path, model: nn.Module, optimizer, scheduler, args: argparse.Namespace, env: DistEnv,
@@ -231,7 +342,12 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args, len(loader)))
     history, start = _resume(path, model, optimizer, scheduler, args, env, log) if args.resume else ([], 0)
     ddp = DistributedDataParallel(model) if env.distributed else model
-    with _frozen_heap():
+    # Loader workers are forked from this process and share its pages until they write to them; the
+    # garbage collector writes to every object it visits, so unless they are frozen the workers soon hold
+    # copies of the interpreter's heap (at full size two workers added 240 MB; frozen, 50-100 MB).
+    gc.collect()
+    gc.freeze()
+    try:
         for epoch in range(start, args.epochs):
             done = epoch * len(loader)  # optimizer steps before this epoch
             if args.max_steps is not None and done >= args.max_steps:
@@ -252,14 +368,26 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
                 log(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s, "
                     f"{stats['steps']} steps{stopped})")
             barrier(env)
+    finally:
+        gc.unfreeze()
     return history
 
 
-def write_results(args: argparse.Namespace, history: list[dict], evaluation: dict) -> dict:
-    """The run's record in --out/results.json, returned: ``{"fusion", "seed", **evaluation (the
-    pipeline's metric groups), "train_seconds", "history", "dir", "signature"}``."""
-    result = {"fusion": args.fusion, "seed": args.seed, **evaluation,
-              "train_seconds": sum(h["seconds"] for h in history), "history": history, "dir": str(args.out),
-              "signature": run_signature(args)}
-    write_json(Path(args.out) / "results.json", result)
-    return result
+def runner(build_model: Callable[[argparse.Namespace], nn.Module], evaluate: Callable[..., dict], train_set: Dataset,
+           eval_set: Dataset, env: DistEnv) -> Callable[[argparse.Namespace], dict | None]:
+    """A pipeline's run, ``run(args)``: the model ``build_model(args)`` trained on ``train_set`` with the
+    noise of ``args`` (``data.training_noise``), then, on the main process, its record written to
+    --out/results.json and returned: ``{"fusion", "seed", **evaluate(model, eval_set, args, device)}`` (the
+    pipeline's metric groups), ``"train_seconds", "history", "dir", "signature"}``."""
+    def run(args: argparse.Namespace) -> dict | None:
+        model = build_model(args)
+        history = train(model, training_noise(train_set, args), args, env)
+        if not env.is_main:
+            return None
+        result = {"fusion": args.fusion, "seed": args.seed, **evaluate(model, eval_set, args, env.device),
+                  "train_seconds": sum(h["seconds"] for h in history), "history": history, "dir": str(args.out),
+                  "signature": run_signature(args)}
+        write_json(Path(args.out) / "results.json", result)
+        return result
+
+    return run

@@ -1,23 +1,15 @@
-"""The built-in hand-pose data: procedural articulated hands written in exactly the RHD on-disk format.
+"""The built-in hand-pose data: procedural articulated hands written in exactly the RHD on-disk format
+(``generate_rhd``), so ``rhd.dataset.RHDDataset`` reads it with the code that reads the real release;
+``ensure_builtin_rhd`` generates once into a cache.
 
-``generate_rhd(root, ...)`` writes ``root/RHD_published_v2/{training,evaluation}/{color,depth,mask}/%05d.png``
-and ``anno_<split>.pickle``, so :class:`rhd.dataset.RHDDataset` reads it with the very code that reads the real
-release. ``ensure_builtin_rhd(cache_dir, ...)`` generates once and caches (a run that asks for more frames
-than any cached dataset holds gets a larger one, which shares the smaller one's frames).
-
-Each frame (``synthesize_frame``) holds two hands in the pickle (left keypoints 0..20, right 21..41, RHD order:
-0 wrist, then tip..MCP for thumb, index, middle, ring, pinky). One hand, left or right at random, is dominant:
-its middle MCP (keypoint 12) sits near the image centre 0.3-0.8 m from the camera; the other is farther and
-off towards or beyond the image border, so "the hand with more mask pixels" picks either side across frames.
-A hand is a kinematic skeleton (per-frame size and per-bone length variation; MCP/PIP/DIP flexion, MCP
-abduction and thumb opposition within joint limits; a palm/back flip, +-50 degree tilts and a +-90 degree
-roll about the viewing axis) drawn as Lambert-shaded capsules that are intersected with each pixel's ray
-exactly and z-buffered, with a forearm (mask id 1). So that pose is learnable from small crops, every finger
-has its own hue blended into a per-frame skin tone, segments get lighter towards the tip, and the palm side
-of the hand is lighter than the back. Backgrounds are low-frequency colour textures plus a gradient, with a
-slanted far plane (1-5 m) in the depth map.
-
-Frame ``i`` of a split depends only on ``(seed, split, i)``, so equal arguments give byte-identical files.
+A frame holds two hands in the pickle (RHD order). One, left or right at random, is dominant: its middle MCP
+(keypoint 12) near the image centre, 0.3-0.8 m away; the other farther, towards or beyond the border, so "the hand
+with more mask pixels" picks either side. A hand is a kinematic skeleton (size, bone lengths, flexion, abduction and
+thumb opposition within joint limits; a palm/back flip, +-50 degree tilts, a +-90 degree roll) drawn as Lambert-shaded
+capsules intersected exactly with each pixel's ray and z-buffered, with a forearm (mask id 1). So that pose is
+learnable from small crops, every finger has its own hue in a per-frame skin tone, segments lighten towards the tip
+and the palm side is lighter than the back. Backgrounds: low-frequency colour textures, a slanted far plane (1-5 m).
+Frame ``i`` of a split depends only on ``(seed, split, i)``: equal arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -70,19 +62,6 @@ _SKIN_TONES = np.array([[0.98, 0.84, 0.72], [0.90, 0.72, 0.58], [0.78, 0.57, 0.4
 _PALM_BONES = ((0, 4), (0, 8), (0, 12), (0, 16), (0, 20), (4, 8), (8, 12), (12, 16), (16, 20), (4, 16), (4, 20))
 
 
-@dataclass
-class SyntheticFrame(Frame):
-    """One rendered frame in RHD's conventions: a loader :class:`Frame` plus the hand placed in front.
-
-    color: uint8 [320, 320, 3]; depth: float32 [320, 320] z-depth in metres (hands, forearms, far plane);
-    mask: uint8 [320, 320] RHD ids (0 background, 1 person, 2..17 left hand, 18..33 right hand);
-    xyz: float32 [42, 3] metres, camera frame; uv_vis: float32 [42, 3]; K: float32 [3, 3];
-    dominant: 0 (left) or 1 (right), the hand placed in front (the mask decides which one the loader keeps).
-    """
-
-    dominant: int
-
-
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
     skew = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
@@ -91,16 +70,16 @@ def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
 
 def _finger_chain(base: np.ndarray, forward: np.ndarray, bend: np.ndarray, lengths: np.ndarray,
                   angles: np.ndarray) -> np.ndarray:
-    """Joints after ``base`` of a planar chain: bone k points along cos(phi_k) forward + sin(phi_k) bend,
-    phi_k the cumulative flexion. Returns [len(lengths), 3], from the base outwards."""
+    """Joints after ``base`` of a planar chain: bone k points along cos(phi_k) forward + sin(phi_k) bend, phi_k the
+    cumulative flexion. Returns [len(lengths), 3], from the base outwards."""
     phi = np.cumsum(angles)
     directions = np.cos(phi)[:, None] * forward + np.sin(phi)[:, None] * bend
     return base + np.cumsum(lengths[:, None] * directions, axis=0)
 
 
 def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """A right hand in its own frame (see ``_FINGER_MCP_REST``): keypoints [21, 3] in RHD order,
-    per-keypoint radii [21] and the size factor applied to it."""
+    """A right hand in its own frame (see ``_FINGER_MCP_REST``): keypoints [21, 3] in RHD order, per-keypoint radii
+    [21] and the size factor applied to it."""
     size = rng.uniform(0.85, 1.15)
 
     def jitter(count: int) -> np.ndarray:  # per-bone (and per-joint-position) variation of +-5 %
@@ -268,8 +247,8 @@ def _hand_capsules(keypoints: np.ndarray, radii: np.ndarray, side: int, skin: np
 
 
 def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Colour uint8 [320, 320, 3]: a coarse grid of random colours mixed with a linear two-colour gradient,
-    upsampled bicubically (low-frequency texture); depth float32 [320, 320]: a slanted far plane in metres."""
+    """Colour uint8 [320, 320, 3]: a coarse grid of random colours mixed with a linear two-colour gradient, upsampled
+    bicubically (low-frequency texture); depth float32 [320, 320]: a slanted far plane in metres."""
     cells = int(rng.integers(3, 8))
     ramp = np.linspace(-1.0, 1.0, cells)
     angle = rng.uniform(0.0, 2 * np.pi)
@@ -285,8 +264,8 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return color, np.clip(depth, 1.0, DEPTH_RANGE_M - 0.05)
 
 
-def synthesize_frame(rng: np.random.Generator) -> SyntheticFrame:
-    """Render one random frame (see the module docstring for what varies)."""
+def synthesize_frame(rng: np.random.Generator) -> Frame:
+    """Render one random frame (see the module docstring for what varies), in float32 and uint8 [320, 320]."""
     focal = rng.uniform(263.0, 306.0)
     center = IMAGE_SIZE / 2
     K = np.array([[focal, 0.0, center], [0.0, focal, center], [0.0, 0.0, 1.0]], dtype=np.float32)
@@ -338,12 +317,12 @@ def synthesize_frame(rng: np.random.Generator) -> SyntheticFrame:
     surface[inside] = canvas.depth[pixel[inside, 1], pixel[inside, 0]]
     visible = inside & (surface >= xyz[:, 2] - joint_radius - 0.005)
     uv_vis = np.concatenate([uv, visible[:, None].astype(np.float64)], axis=1).astype(np.float32)
-    return SyntheticFrame(canvas.color, canvas.depth, canvas.mask, xyz, uv_vis, K, dominant)
+    return Frame(canvas.color, canvas.depth, canvas.mask, xyz, uv_vis, K)
 
 
 def encode_depth(depth: np.ndarray) -> np.ndarray:
-    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R,
-    the bottom byte in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
+    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R, the bottom
+    byte in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
     code = np.rint(np.clip(depth, 0.0, DEPTH_RANGE_M) / DEPTH_RANGE_M * 65535.0).astype(np.uint16)
     encoded = np.zeros(depth.shape + (3,), dtype=np.uint8)
     encoded[..., 0] = code >> 8
@@ -352,9 +331,9 @@ def encode_depth(depth: np.ndarray) -> np.ndarray:
 
 
 def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm, reuse: Path | None = None) -> None:
-    """Frames 0..count-1 of one split. Frames that ``reuse`` (the same split of a dataset generated with
-    the same seed and generator) already holds are hard-linked from it rather than drawn again: frame i
-    depends only on (seed, split, i), so they are the very same bytes."""
+    """Frames 0..count-1 of one split. Frames that ``reuse`` (the same split of a dataset generated with the same seed
+    and generator) already holds are hard-linked from it rather than drawn again: frame i depends only on (seed, split,
+    i), so they are the very same bytes."""
     for folder in ("color", "depth", "mask"):
         (split_dir / folder).mkdir(parents=True)
     annotations = {}
@@ -392,12 +371,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                  progress: bool = True, reuse: str | os.PathLike | None = None) -> Path:
-    """Write a synthetic dataset in the RHD layout under ``root`` and return ``root/RHD_published_v2`` (the
-    folder :class:`rhd.dataset.RHDDataset` takes). Sample ids run 0..n-1 in each split. Refuses to write
-    into an existing ``RHD_published_v2`` so that frames of different runs never mix.
+    """Write a synthetic dataset in the RHD layout under ``root`` and return ``root/RHD_published_v2`` (the folder
+    :class:`rhd.dataset.RHDDataset` takes). Sample ids run 0..n-1 in each split. Refuses to write into an existing
+    ``RHD_published_v2`` so that frames of different runs never mix.
 
-    reuse: an ``RHD_published_v2`` folder written by this generator (same version) with the same seed;
-    the frames it holds are linked from it instead of being drawn again (the result is the same).
+    reuse: an ``RHD_published_v2`` folder written by this generator (same version) with the same seed; the frames it
+    holds are linked from it instead of being drawn again (the result is the same).
     """
     for name, value in (("num_training", num_training), ("num_evaluation", num_evaluation)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -425,17 +404,13 @@ def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
 
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                        progress: bool = True) -> Path:
-    """A built-in dataset under ``cache_dir`` with at least ``num_training`` and ``num_evaluation`` frames,
-    generated on first use; returns its ``RHD_published_v2`` folder.
-
-    A finished dataset carries ``manifest.json`` (generator version, sizes, seed). The smallest cached one of
-    this generator and seed that holds the frames asked for is used as it is (its first n frames are exactly
-    those of a dataset of n frames). Otherwise a new one is generated (``data.build_once``), large enough for
-    both the request and the largest cached one, whose frames it links instead of drawing them again. No
-    dataset is ever changed or deleted: a concurrent run may be reading it (delete the cache to reclaim it).
+    """The ``RHD_published_v2`` folder of a built-in dataset under ``cache_dir`` with at least ``num_training`` and
+    ``num_evaluation`` frames: the smallest cached one of this generator and seed that has them (its first n frames
+    are those of a dataset of n frames), else a new one (``data.build_once``) large enough for the request and the
+    largest cached one, whose frames it links. None is changed or deleted: a running job may be reading it.
     """
     cache_dir, seed = Path(cache_dir), int(seed)
-    cached = {folder: sizes for folder in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(folder, seed))}
+    cached = {f: sizes for f in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(f, seed))}
     serving = [folder for folder, (t, e) in cached.items() if t >= num_training and e >= num_evaluation]
     if serving:
         return min(serving, key=lambda folder: sum(cached[folder])) / DATASET_DIRNAME

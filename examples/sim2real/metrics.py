@@ -1,24 +1,14 @@
-"""Segmentation metrics from an accumulated confusion matrix: IoU, F1 and pixel accuracy.
-
-For class c, with TP/FP/FN counted over all evaluated pixels of the whole test set (not per image):
-
-    IoU_c = TP / (TP + FP + FN)          F1_c = 2 TP / (2 TP + FP + FN)
-
-The single IoU and F1 reported per setting (as in the paper's Tables 1 and 4) are **macro averages**:
-the unweighted mean over classes. A class absent from both the predictions and the ground truth
-(TP + FP + FN = 0) has no defined score: its per-class value is NaN and it is **excluded** from the macro
-mean. This is the convention of torchmetrics' ``MulticlassJaccardIndex`` / ``MulticlassF1Score`` with
-``average="macro"``. A class present in either but never correctly predicted scores 0 and counts.
-
-Pixels whose target equals ``ignore_index`` are dropped before counting (their predictions too).
-Pixel accuracy is the fraction of the remaining pixels predicted correctly.
+"""Segmentation metrics from a confusion matrix accumulated over every evaluated pixel of the test set (not per
+image): ``IoU_c = TP / (TP + FP + FN)``, ``F1_c = 2 TP / (2 TP + FP + FN)``, and pixel accuracy. The single IoU and F1
+(paper Tables 1 and 4) are macro averages over the classes present in the prediction or the ground truth: an absent
+class (TP + FP + FN = 0) is NaN and left out, as torchmetrics' ``average="macro"`` does; a present class never
+predicted right scores 0. Pixels whose target is ``ignore_index`` are dropped before counting.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["confusion_matrix", "scores_from_confusion", "SegmentationEvaluator"]
 
 
 def confusion_matrix(
@@ -26,8 +16,8 @@ def confusion_matrix(
 ) -> torch.Tensor:
     """Counts int64 [C, C]: entry (t, p) is the number of pixels of target class t predicted as p.
 
-    pred, target: integer tensors of the same shape (any, e.g. [B, H, W]). Target pixels equal to
-    ``ignore_index`` are skipped; any other value outside 0..C-1, in either tensor, is an error.
+    pred, target: integer tensors of the same shape (any, e.g. [B, H, W]). Target pixels equal to ``ignore_index`` are
+    skipped; any other value outside 0..C-1, in either tensor, is an error.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {list(pred.shape)} and {list(target.shape)}")
@@ -49,10 +39,10 @@ def confusion_matrix(
 def scores_from_confusion(confusion: torch.Tensor) -> dict:
     """IoU, F1 and pixel accuracy of a confusion matrix [C, C] (rows: target, columns: prediction).
 
-    Returns a dict of Python numbers: ``"iou"`` and ``"f1"`` (macro means over the classes present in
-    prediction or target), ``"pixel_accuracy"``, ``"iou_per_class"`` and ``"f1_per_class"`` (lists of C
-    floats, NaN for absent classes), ``"support"`` (target pixels per class) and ``"pixels"`` (total).
-    Raises ``ValueError`` when the matrix counts no pixel.
+    Returns a dict of Python numbers: ``"iou"`` and ``"f1"`` (macro means over the classes present in prediction or
+    target), ``"pixel_accuracy"``, ``"iou_per_class"`` and ``"f1_per_class"`` (lists of C floats, NaN for absent
+    classes), ``"support"`` (target pixels per class) and ``"pixels"`` (total). Raises ``ValueError`` when the matrix
+    counts no pixel.
     """
     confusion = confusion.detach().to("cpu", torch.float64)
     total = confusion.sum()
@@ -79,8 +69,8 @@ def scores_from_confusion(confusion: torch.Tensor) -> dict:
 class SegmentationEvaluator:
     """Accumulates a confusion matrix over batches; ``compute()`` gives IoU/F1/accuracy (module docs).
 
-    ``confusion`` (int64 [C, C], on the device of the first batch) is a plain tensor: to evaluate across
-    data-parallel ranks, ``torch.distributed.all_reduce`` it before calling ``compute()``.
+    ``confusion`` (int64 [C, C], on the device of the first batch) is a plain tensor: to evaluate across data-parallel
+    ranks, ``torch.distributed.all_reduce`` it before calling ``compute()``.
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
@@ -100,8 +90,8 @@ class SegmentationEvaluator:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add one batch.
 
-        pred: per-class logits (or probabilities) float [B, C, H, W], reduced by argmax over dim 1; or
-        labels, integer [B, H, W]. target: integer [B, H, W] class ids or ``ignore_index``.
+        pred: per-class logits (or probabilities) float [B, C, H, W], reduced by argmax over dim 1; or labels, integer
+        [B, H, W]. target: integer [B, H, W] class ids or ``ignore_index``.
         """
         if pred.dtype.is_floating_point:
             if pred.dim() != target.dim() + 1 or pred.shape[1] != self.num_classes:
