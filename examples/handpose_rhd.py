@@ -4,8 +4,8 @@ RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussia
 each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
 training samples of which a fraction is corrupted; at test time the pose comes from RGB alone (z_rgb -> keypoint
 decoder) at several pixel-corruption levels. The script reads top to bottom: options, data, model, evaluation, report
-and ``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs
-of --compare, --seeds and --corruption-sweep. See docs/handpose.md.
+and ``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs of
+--compare, --seeds and --corruption-sweep. See docs/handpose.md.
 
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
     python examples/handpose_rhd.py --compare             # MoE vs PoE vs gPoE (paper Table 3, Figs. 4-5)
@@ -81,10 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
-    """The first --num-train training and --num-eval evaluation samples of --data-root, or of the built-in data
-    (generated once under --cache-dir). Streamed: each sample is decoded from disk when it is used, in the loader's
-    workers; with --in-memory decoded once into memory. A folder that is no RHD (or a damaged one) raises UsageError
-    naming --data-root."""
+    """The first --num-train training and --num-eval evaluation samples of --data-root or of the built-in data,
+    streamed or (--in-memory) decoded once into memory. A folder that is no RHD raises UsageError naming
+    --data-root."""
     root = args.data_root or training.builtin_root(
         lambda progress: ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=progress),
         not args.no_progress, env)
@@ -101,8 +100,7 @@ def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
 
 
 def build_model(args: argparse.Namespace) -> CrossModalVAE:
-    """RGB and point-cloud encoders, --fusion, and the keypoint decoder (squared error) besides the point-cloud one
-    (``networks.cross_modal_vae``)."""
+    """``networks.cross_modal_vae`` with the keypoint decoder (squared error) besides the point-cloud one."""
     return cross_modal_vae(args, lambda: {"keypoints": KeypointDecoder(args.latent_dim, hidden=args.keypoint_hidden)},
                            {"keypoints": squared_error})
 
@@ -163,8 +161,7 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
     """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, the held-out
-    credibility), the EPE and PCK plots and the qualitative figure (of the first seed's models), in --out. Returns the
-    tables as markdown."""
+    credibility), the EPE and PCK plots and the qualitative figure (first seed), in --out; returns the tables."""
     out, results, statistics = Path(args.out), runs.results, runs.statistics
     summary = study.write_summary(args, TASK, runs)
     tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "

@@ -271,8 +271,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds, means with 95
-    % intervals), the paired differences over seeds, the held-out credibility, the IoU / F1 plots and the qualitative
+    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds, means with 95 %
+    intervals), the paired differences over seeds, the held-out credibility, the IoU / F1 plots and the qualitative
     figure (of the first seed's models), in --out. Returns the tables as markdown."""
     out, results, statistics = Path(args.out), runs.results, runs.statistics
     summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,

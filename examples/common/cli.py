@@ -1,8 +1,8 @@
 """The command line both pipelines share: the options, the presets that fill them (a value given on the command line
 wins: ``args.given`` lists them), their checks, where each value comes from (the paper, the command line, or our
-choice), and a run's signature. A bad invocation ends with one line on stderr and exit status 2, e.g.
-``handpose_rhd.py: error: argument --epochs: expected a positive integer, got -1``: argparse's errors and UsageError,
-for a value found wrong once it is used (a data folder of another layout).
+choice), and a run's signature. A bad invocation ends with one line on stderr and exit status 2, e.g. ``handpose_rhd.py:
+error: argument --epochs: expected a positive integer, got -1``: argparse's errors and UsageError, for a value found
+wrong once it is used (a data folder of another layout).
 """
 
 from __future__ import annotations
@@ -147,9 +147,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """The command line of a pipeline: the options both take (``add_common_arguments``), one-line errors (``--help``
-    shows the usage), the script's docstring as written. doc: the script's docstring, whose first paragraph describes
-    it; page: its documentation."""
+    """A pipeline's command line: the options both take (``add_common_arguments``), one-line errors, and ``doc`` (the
+    script's docstring; its first paragraph describes it) and ``page`` (its documentation) in the help."""
 
     def __init__(self, doc: str, page: str):
         super().__init__(description=doc.split("\n\n")[0], epilog=f"See {page}.",
@@ -176,8 +175,7 @@ def _shown(value: object) -> str:
 
 
 def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, object]], **notes: str) -> None:
-    """End every option's help with its default: each preset's value, the fixed one, or ``notes[dest]`` where words say
-    it better (e.g. ``out``)."""
+    """End every option's help with its default: each preset's value, the fixed one, or words (``notes[dest]``)."""
     notes = {"test_corruption": f"{_shown(TEST_CORRUPTION)}, the paper's levels",
              "compare": ", ".join(f"{name} {'on' if p.get('compare') else 'off'}" for name, p in presets.items()),
              "eval_batch_size": ", ".join(f"{name} {p['eval_batch_size'] or 'the training batch size'}"

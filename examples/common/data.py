@@ -39,8 +39,8 @@ def backproject(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None
 
 
 def resample_points(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Exactly ``count`` of ``points`` [P, 3]: a random subset when there are more, all of them plus random repeats
-    when there are fewer; an empty cloud becomes ``count`` points at the origin."""
+    """Exactly ``count`` of ``points`` [P, 3]: a random subset when there are more, all of them plus random repeats when
+    there are fewer; an empty cloud becomes ``count`` points at the origin."""
     n = len(points)
     if n == 0:
         return np.zeros((count, 3), dtype=points.dtype)
@@ -122,8 +122,8 @@ class Fields(Dataset):
 def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
                 workers: int | None = None) -> StackDataset:
     """Every item of ``dataset`` (dicts; their tensor entries are kept) read once into one tensor per field
-    (``datasets``), allocated up front from the first item, so the peak memory is the result's size. workers:
-    processes decoding items (default: one per core; 0 decodes here), in order."""
+    (``datasets``), allocated up front from the first item, so the peak memory is the result's size. workers: processes
+    decoding items (default: one per core; 0 decodes here), in order."""
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
     first = dataset[0]
@@ -144,9 +144,9 @@ def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequenc
                 in_memory: bool, progress: bool,
                 errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list:
     """``make(split, count, option)`` for every (split, count, option): that split's dataset, streamed or, with
-    ``in_memory``, decoded once into memory. Its first sample is decoded here, so that a folder of the wrong layout or
-    a damaged one fails now with one line naming --data-root (``errors``: what reading such a folder raises), not later
-    in a loader worker. ``make`` raises UsageError itself for a count it cannot serve."""
+    ``in_memory``, decoded once into memory. Its first sample is decoded here, so that a folder of the wrong layout or a
+    damaged one fails now with one line naming --data-root (``errors``: what reading such a folder raises), not later in
+    a loader worker. ``make`` raises UsageError itself for a count it cannot serve."""
     sets = []
     for split, count, option in splits:
         try:
@@ -173,8 +173,8 @@ CREDIBILITY_FRACTION = 0.5
 
 def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
     """The RGB of a seeded --data-corruption of the samples pixel-corrupted and, independently, the point cloud of
-    another such fraction noised; with --training-noise fresh their noise is drawn anew every epoch (the training
-    loop's ``set_epoch``). Items gain ``corrupted_rgb`` / ``corrupted_points``."""
+    another such fraction noised; with --training-noise fresh their noise is drawn anew every epoch (the training loop's
+    ``set_epoch``). Items gain ``corrupted_rgb`` / ``corrupted_points``."""
     if args.data_corruption <= 0:
         return dataset
     redraw = args.training_noise == "fresh"

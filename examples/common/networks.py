@@ -38,10 +38,9 @@ class GaussianHead(nn.Module):
 
 
 def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
-    """The ResNet-18 weights in a local file: torchvision's checkpoint (e.g. ``resnet18-f37072fd.pth``, the ImageNet
-    weights) or any ``torch.save(resnet18().state_dict(), path)``, loaded with ``weights_only=True`` (a file of tensors
-    only cannot run code). FileNotFoundError for a missing file, ValueError naming the file for one that is no
-    ResNet-18 state dict."""
+    """The ResNet-18 weights in a local file (torchvision's ``resnet18-f37072fd.pth``, the ImageNet weights, or any
+    ResNet-18 state dict), loaded with ``weights_only=True`` (a file of tensors only cannot run code). FileNotFoundError
+    for a missing file, ValueError naming the file for one that is no such state dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -59,9 +58,9 @@ class ResNet18Encoder(nn.Module):
 
     width: channels of the first stage (the stages have 1, 2, 4 and 8 times width; 64 with ``stem_pool`` is
     torchvision's ResNet-18). A narrower one (the same blocks, depths and strides) suits small crops on a CPU: the
-    compute falls with width squared. stem_pool: the max-pool after the stem (without it a 64-pixel crop keeps a 4x4
-    map in the last stage). weights: a local ResNet-18 weights file (``load_resnet18_state``; the paper's are
-    ImageNet's), width 64 with stem_pool only; nothing is downloaded.
+    compute falls with width squared. stem_pool: the max-pool after the stem (without it a 64-pixel crop keeps a 4x4 map
+    in the last stage). weights: a local ResNet-18 weights file (``load_resnet18_state``; the paper's are ImageNet's),
+    width 64 with stem_pool only; nothing is downloaded.
     """
 
     MEAN = (0.485, 0.456, 0.406)
@@ -173,8 +172,7 @@ class FoldingNetDecoder(nn.Module):
     @staticmethod
     def _fold(mlp: nn.Sequential, z: Tensor, points: Tensor) -> Tensor:
         """mlp applied to [z, point] for every point: z [B, D], points [B or 1, P, k] -> [B, P, 3]. The first layer's
-        product with z is computed once per sample, not per point (the same layer, split by its input columns): a third
-        of a fold's work at the demo's sizes."""
+        product with z is computed once per sample, not per point: a third of a fold's work at the demo's sizes."""
         first, d = mlp[0], z.shape[1]
         hidden = (nn.functional.linear(z, first.weight[:, :d], first.bias).unsqueeze(1)
                   + nn.functional.linear(points, first.weight[:, d:]))
@@ -229,8 +227,8 @@ class DCGANDecoder(nn.Module):
 
 
 class CrossModalVAE(nn.Module):
-    """encoders: encoded modality name -> module giving (mu, logvar, features); the first one is the input modality
-    used alone at test time. objective: the library's CrossModalObjective, whose decoders name the decoded modalities.
+    """encoders: encoded modality name -> module giving (mu, logvar, features); the first one is the input modality used
+    alone at test time. objective: the library's CrossModalObjective, whose decoders name the decoded modalities.
     Batches are mappings of modality name -> tensor. Convolution weights are kept in channels-last memory order.
     """
 
@@ -261,16 +259,6 @@ class CrossModalVAE(nn.Module):
         return self.objective.decoders[decoded](mu)
 
 
-def make_fusion(name: str, latent_dim: int, feature_dims: list[int], credibility: str = "joint") -> nn.Module:
-    """The fusion layer named ``name`` (one of FUSIONS)."""
-    layers: dict[str, Callable[[], nn.Module]] = {
-        "moe": gf.MoE, "poe": gf.PoE, "mopoe": gf.MoPoE,
-        "gpoe": lambda: gf.GPoE(len(feature_dims), latent_dim, feature_dims, credibility=credibility, hidden=(128,))}
-    if name not in layers:
-        raise ValueError(f"fusion: expected one of {FUSIONS}, got {name!r}")
-    return layers[name]()
-
-
 def cross_modal_vae(args: argparse.Namespace, task_decoders: Callable[[], Mapping[str, nn.Module]],
                     likelihoods: Mapping[str, Callable[[Tensor, Tensor], Tensor]]) -> CrossModalVAE:
     """The paper's model of both pipelines: RGB (ResNet-18) and point-cloud (ResPEL) encoders, the fusion layer of
@@ -282,7 +270,9 @@ def cross_modal_vae(args: argparse.Namespace, task_decoders: Callable[[], Mappin
     points = ResPELEncoder(args.latent_dim, width=args.pel_width)
     decoders = {**task_decoders(),
                 "points": FoldingNetDecoder(args.latent_dim, grid_size=args.grid_size, hidden=args.fold_hidden)}
-    layer = make_fusion(args.fusion, args.latent_dim, [rgb.feature_dim, points.feature_dim], args.credibility)
+    dims = [rgb.feature_dim, points.feature_dim]
+    layer = {"moe": gf.MoE, "poe": gf.PoE, "mopoe": gf.MoPoE, "gpoe": lambda: gf.GPoE(
+        2, args.latent_dim, dims, credibility=args.credibility, hidden=(128,))}[args.fusion]()  # FUSIONS
     objective = gf.CrossModalObjective(layer, decoders, {**likelihoods, "points": chamfer_distance}, beta=args.beta,
                                        weights={"points": args.points_weight})
     return CrossModalVAE({"rgb": rgb, "points": points}, objective)

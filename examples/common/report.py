@@ -34,8 +34,7 @@ from .data import describe_size  # noqa: E402
 
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
 # What each fusion's own weight of a modality is (``CrossModalObjective.fusion_weights``).
-FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha",
-                  "mopoe": "mixture weight of its subsets"}
+FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha", "mopoe": "subsets' weight"}
 # The credibility table's columns per modality: (header, measure).
 _CREDIBILITY_COLUMNS = (("AUROC", "auroc"), ("AUROC of the share", "auroc_share"), ("weight clean", "weight_clean"),
                         ("weight corrupted", "weight_corrupted"))
@@ -122,8 +121,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_label
                col_labels: Sequence[str] = (), cell: float = 1.6,
                legend: Mapping[str, Sequence[int]] | None = None) -> None:
     """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]) with optional row/column labels. legend: label -> RGB
-    colour (0..255), drawn as colour patches in a strip below the grid (e.g. class colours), in as many columns as the
-    grid's width holds."""
+    colour (0..255), colour patches in a strip below the grid, in as many columns as its width holds."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     width, strip, columns = cell * n_cols, 0.0, 1
     if legend:
@@ -153,8 +151,8 @@ def corruption_levels(results: Mapping[str, Mapping]) -> list[str]:
 
 
 def fusions_title(what: str, fusions: Sequence[str], seeds: int = 1) -> str:
-    """A figure's title that says what it compares: "what: gPoE" for one fusion, "what: MoE vs PoE vs gPoE" for
-    several, and over how many seeds the points are means."""
+    """A figure's title that says what it compares: "what: gPoE" for one fusion, "what: MoE vs PoE vs gPoE" for several,
+    and over how many seeds the points are means."""
     title = f"{what}: {' vs '.join(FUSION_LABELS[f] for f in fusions)}"
     return title + (f"\nmean and 95 % CI over {seeds} seeds" if seeds > 1 else "")
 
@@ -203,12 +201,6 @@ def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Pat
               fusions_title(what, list(results), len(statistics["seeds"]) if statistics else 1), errors=errors)
 
 
-def weight_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
-    """The figures of the fusions' weights: ``alpha_plots`` and ``credibility_plots``."""
-    alpha_plots(results, out_dir)
-    credibility_plots(results, out_dir)
-
-
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
     """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each modality against the
     test pixel corruption of RGB, on alpha's whole range 0-1."""
@@ -222,9 +214,9 @@ def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
 
 
 def credibility_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
-    """For every fusion, ``credibility_<fusion>.png``: per corrupted modality of the held-out credibility set, box
-    plots of the fusion's own weight (each sample's mean over the latent dimensions, dots: the samples) on its clean
-    and its corrupted samples, on the weights' range 0-1."""
+    """For every fusion, ``credibility_<fusion>.png``: per corrupted modality of the held-out credibility set, box plots
+    of the fusion's own weight (each sample's mean over the latent dimensions, dots: the samples) on its clean and its
+    corrupted samples, on the weights' range 0-1."""
     for f, r in results.items():
         samples = r.get("credibility_samples")
         if not samples:
@@ -284,8 +276,8 @@ def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str
 
 def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, floatfmt: str = ".3f") -> str:
     """The held-out credibility: per fusion and corrupted modality, the AUROC that the fusion's own weight (and the
-    precision share) is lower on the corrupted samples and the mean weight on clean and corrupted ones; over seeds,
-    mean ± 95 % CI half-width, then the paired AUROC differences."""
+    precision share) is lower on the corrupted samples and the mean weight on clean and corrupted ones; over seeds, mean
+    ± 95 % CI half-width, then the paired AUROC differences."""
     first = next(iter(results.values()))["credibility"]
     if not first:
         return ""

@@ -1,9 +1,9 @@
 """Studies, a layer above a pipeline's run: every fusion of --fusions (with --compare) at every seed of --seeds, at
-every fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/``
-with --compare, ``seed<k>/`` with several seeds); the reuse of finished runs; the statistics over seeds; the sweep's
-report. In a study of several runs (several seeds, or a sweep) a run whose folder holds its checkpoint and a
-results.json of the same signature (``cli.run_signature``) at the same test levels is loaded, not trained again, so a
-killed study continues with its unfinished runs (--resume continues the killed one from its checkpoint).
+every fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/`` with
+--compare, ``seed<k>/`` with several seeds); the reuse of finished runs; the statistics over seeds; the sweep's report.
+In a study of several runs (several seeds, or a sweep) a run whose folder holds its checkpoint and a results.json of the
+same signature (``cli.run_signature``) at the same test levels is loaded, not trained again, so a killed study continues
+with its unfinished runs (--resume continues the killed one from its checkpoint).
 
 The runs of a seed are paired: the same data, training noise, test corruption and initial weights of the parts they
 share (built from the seed before the fusion layer), so the spread the fusions share cancels in their difference.
@@ -47,8 +47,8 @@ def _present(value: object) -> bool:
 
 def t_interval(values: Sequence[float | None]) -> dict:
     """``{"mean", "std", "n", "ci95", "half_width"}`` of ``values`` (None and NaN left out): the mean, the sample
-    standard deviation (n - 1), n, and the 95 % Student-t interval ``[mean - h, mean + h]``, ``h = t(0.975, n - 1) *
-    std / sqrt(n)``. With fewer than two values std, ci95 and half_width are None (with none the mean too)."""
+    standard deviation (n - 1), n, and the 95 % Student-t interval ``[mean - h, mean + h]``, ``h = t(0.975, n - 1) * std
+    / sqrt(n)``. With fewer than two values std, ci95 and half_width are None (with none the mean too)."""
     xs = [float(v) for v in values if _present(v)]
     n = len(xs)
     out = {"mean": math.fsum(xs) / n if n else None, "std": None, "n": n, "ci95": None, "half_width": None}
@@ -160,8 +160,8 @@ def finished_run(args: argparse.Namespace) -> dict | None:
 
 def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argparse.Namespace], dict | None],
                heading: str = "") -> Study:
-    """args.fusion, or with --compare each of --fusions, at each seed of --seeds, each into its folder: a seed's
-    fusions one after the other, so that the paired comparisons of the first seeds come first."""
+    """args.fusion, or with --compare each of --fusions, at each seed of --seeds, each into its folder: a seed's fusions
+    one after the other, so that the paired comparisons of the first seeds come first."""
     log = print if env.is_main else (lambda _: None)
     study = Study(list(args.fusions) if args.compare else [args.fusion], list(range(args.seed, args.seed + args.seeds)))
     study.runs = {f: {} for f in study.fusions}
@@ -201,7 +201,8 @@ def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[a
         studies.append(_run_point(point, env, run_one, heading))
         if env.is_main:
             tables = write_report(point, studies[-1])
-            report.weight_plots(studies[-1].results, point.out)
+            report.alpha_plots(studies[-1].results, point.out)
+            report.credibility_plots(studies[-1].results, point.out)
     if not env.is_main:
         return None
     if args.corruption_sweep:

@@ -1,13 +1,13 @@
-"""The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written
-atomically and loaded safely, and one run of either pipeline (``runner``): AdamW with a linear warm-up and cosine
-decay, gradient clipping, bf16 autocast on GPU, data parallelism, a checkpoint after every epoch, exact resumption, a
-stop after --max-steps optimizer steps (the first steps of the full schedule), results.json.
+"""The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written atomically
+and loaded safely, and one run of either pipeline (``runner``): AdamW with a linear warm-up and cosine decay, gradient
+clipping, bf16 autocast on GPU, data parallelism, a checkpoint after every epoch, exact resumption, a stop after
+--max-steps optimizer steps (the first steps of the full schedule), results.json.
 
-``train`` is the epoch loop (torchvision's references write it in ``main``), ``train_one_epoch`` the step loop. No
-step waits for the device: the epoch's statistics are summed on it and read when it ends. The ranks of a data-parallel
-run train as one process with their global batch (``gpoe_fusion.distributed.match_single_process``), so every rank
-seeds alike; every source of randomness is a function of (seed, epoch), so a resumed run continues as the
-uninterrupted one did.
+``train`` is the epoch loop (torchvision's references write it in ``main``), ``train_one_epoch`` the step loop. No step
+waits for the device: the epoch's statistics are summed on it and read when it ends. The ranks of a data-parallel run
+train as one process with their global batch (``gpoe_fusion.distributed.match_single_process``), so every rank seeds
+alike; every source of randomness is a function of (seed, epoch), so a resumed run continues as the uninterrupted one
+did.
 """
 
 from __future__ import annotations
@@ -67,8 +67,7 @@ class DistEnv:
 
 
 def setup(device: str = "auto") -> DistEnv:
-    """Join the process group that torchrun describes in the environment (if any) and pick the device: "auto" (CUDA
-    when available), "cpu" or "cuda"."""
+    """Join the process group that torchrun describes (if any) and pick the device: "auto", "cpu" or "cuda"."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     launched = "WORLD_SIZE" in os.environ  # torchrun sets it for every process it starts
@@ -99,8 +98,7 @@ def cleanup(env: DistEnv) -> None:
 
 
 def builtin_root(ensure: Callable[[bool], Path], progress: bool, env: DistEnv) -> Path:
-    """The built-in dataset ``ensure(progress)`` finds or generates: the main process first (printing where and how
-    large), the others once it is there."""
+    """The built-in dataset ``ensure(progress)`` finds or makes: the main process first (printing it), then the rest."""
     if env.is_main:
         root = ensure(progress)
         print(f"built-in data: {root} {describe_size(root)}")
@@ -110,8 +108,7 @@ def builtin_root(ensure: Callable[[bool], Path], progress: bool, env: DistEnv) -
 
 @contextlib.contextmanager
 def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """A temporary file in ``path``'s folder to write; flushed to disk and renamed over ``path`` when the block ends,
-    removed if it raises."""
+    """A temporary file by ``path``, flushed and renamed over it at the block's end, removed if it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -128,9 +125,8 @@ def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """torch.save ``state`` (what ``load_checkpoint`` accepts: tensors, numbers, strings, None and lists/tuples/dicts
-    of them) to ``path`` atomically, streamed to the file rather than serialised in memory first (a full-size model and
-    its optimizer state are about 160 MB)."""
+    """torch.save ``state`` (tensors, numbers, strings, None and lists/tuples/dicts of them: what ``load_checkpoint``
+    accepts) to ``path`` atomically, streamed to the file, not serialised in memory first (160 MB at full size)."""
     with _atomic_file(path) as f:
         torch.save(state, f)
 
@@ -147,8 +143,8 @@ def _unsafe_reason(exc: Exception) -> str:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
     """The state saved at ``path`` by ``save_checkpoint``, or None if there is none yet. Loaded with
-    ``weights_only=True``, so a tampered or foreign file cannot run code: anything but tensors and plain values
-    (another kind of file, a truncated one, a pickle of other objects) is a RuntimeError naming it."""
+    ``weights_only=True``, so a tampered or foreign file cannot run code: anything but tensors and plain values (another
+    kind of file, a truncated one, a pickle of other objects) is a RuntimeError naming it."""
     path = Path(path)
     if not path.exists():
         return None
@@ -192,8 +188,8 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
 
 @contextlib.contextmanager
 def session(args: argparse.Namespace) -> Iterator[DistEnv]:
-    """The process's part in the command: --low-memory, the process group (under torchrun) and the device; a value
-    found wrong on the way (UsageError) ends the program with one line and exit status 2."""
+    """The process's part in the command: --low-memory, the process group (under torchrun) and the device; a value found
+    wrong on the way (UsageError) ends the program with one line and exit status 2."""
     if args.low_memory:
         pin_mmap_threshold()
     try:
@@ -265,9 +261,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, args: argparse.Namespace,
                     env: DistEnv, steps: int | None = None) -> dict[str, float]:
     """One pass over ``loader`` (its first ``steps`` batches if given): each batch's loss (``CrossModalVAE.forward``,
-    the library's objective), its gradient, one clipped AdamW step and one step of the schedule. Returns the epoch
-    means of the objective's terms and, for gPoE, of alpha per modality, overall and by corruption flag (the fusion
-    returns its weights only then)."""
+    the library's objective), its gradient, a clipped AdamW step and a step of the schedule. Returns the epoch means of
+    the objective's terms and, for gPoE (only then asked for its weights), of alpha per modality and corruption flag."""
     model.train()
     core = model.module if isinstance(model, DistributedDataParallel) else model
     log_alpha = isinstance(core.objective.fusion, gf.GPoE)

@@ -63,11 +63,8 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that admits only plain containers, str/bytes/int/float/bool/None and numpy arrays, dtypes and
-    scalars. Any other global raises :class:`UnsafePickleError` naming ``path`` and the refused ``module.name``.
-
-    file: a binary file object; path: the file's name, used in error messages.
-    """
+    """An unpickler of a binary ``file`` that admits only plain containers, str/bytes/int/float/bool/None and numpy
+    arrays, dtypes and scalars: any other global raises UnsafePickleError naming ``path`` and ``module.name``."""
 
     def __init__(self, file: io.BufferedIOBase, path: str | os.PathLike):
         super().__init__(file, encoding="latin1")
@@ -77,18 +74,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise UnsafePickleError(
-                f"{self.path}: refusing to load global '{module}.{name}' (only plain containers, "
-                "numbers, strings and numpy arrays are admitted in an annotation pickle)"
-            ) from None
+            raise UnsafePickleError(f"{self.path}: refusing to load global '{module}.{name}' (only plain containers, "
+                                    "numbers, strings and numpy arrays are admitted in an annotation pickle)") from None
 
 
 def _validate_entry(path: Path, key: Any, entry: Any) -> tuple[int, dict[str, np.ndarray]]:
     if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
         raise AnnotationError(f"{path}: sample ids must be integers, got {key!r}")
     if not isinstance(entry, dict):
-        raise AnnotationError(
-            f"{path}: sample {key}: expected a dict with 'xyz', 'uv_vis', 'K', got {type(entry).__name__}")
+        raise AnnotationError(f"{path}: sample {key}: expected a dict with 'xyz', 'uv_vis', 'K', got "
+                              f"{type(entry).__name__}")
     checked = {}
     for field, shape in _ENTRY_SHAPES.items():
         if field not in entry:
@@ -106,13 +101,9 @@ def _validate_entry(path: Path, key: Any, entry: Any) -> tuple[int, dict[str, np
 
 
 def load_annotations(path: str | os.PathLike) -> dict[int, dict[str, np.ndarray]]:
-    """Read and validate an RHD annotation pickle with :class:`RestrictedUnpickler`.
-
-    Returns ``{sample_id: {'xyz': [42, 3], 'uv_vis': [42, 3], 'K': [3, 3]}}`` as float64 arrays (lossless for the
-    float32 data of the release), sorted by sample id; other fields of an entry are dropped. Raises FileNotFoundError
-    (missing file), UnsafePickleError (a refused global) or AnnotationError (truncated/corrupt file or malformed
-    entries), each naming the file.
-    """
+    """An RHD annotation pickle read with ``RestrictedUnpickler`` and checked: ``{sample_id: {'xyz': [42, 3], 'uv_vis':
+    [42, 3], 'K': [3, 3]}}`` as float64 arrays, by sample id (other fields dropped). FileNotFoundError,
+    UnsafePickleError (a refused global) or AnnotationError (a corrupt file, malformed entries), naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"RHD annotation file not found: {path}")
@@ -122,8 +113,7 @@ def load_annotations(path: str | os.PathLike) -> dict[int, dict[str, np.ndarray]
         except UnsafePickleError:
             raise
         except Exception as error:  # a corrupt pickle can fail with almost any exception type
-            raise AnnotationError(
-                f"{path}: not a readable annotation pickle ({type(error).__name__}: {error})") from error
+            raise AnnotationError(f"{path}: no readable annotation pickle ({type(error).__name__}: {error})") from error
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a dict sample_id -> entry, got {type(data).__name__}")
     entries = dict(_validate_entry(path, key, entry) for key, entry in data.items())

@@ -122,15 +122,15 @@ def _hand_pixels(mask: np.ndarray, hand: int) -> np.ndarray:
 
 
 def choose_hand(mask: np.ndarray) -> int:
-    """The hand with more mask pixels: 0 left (ids 2..17), 1 right (ids 18..33). A tie goes to the right hand, as in
-    the reference RHD code (left is kept only when it has strictly more pixels)."""
+    """The hand with more mask pixels: 0 left (ids 2..17), 1 right (ids 18..33). A tie goes to the right hand, as in the
+    reference RHD code (left is kept only when it has strictly more pixels)."""
     return 0 if _hand_pixels(mask, 0).sum() > _hand_pixels(mask, 1).sum() else 1
 
 
 def crop_box(uv: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, float]:
     """Square crop around the root keypoint: centre = uv of keypoint 12, half-size = 1.3 x the largest Euclidean
-    distance of a visible keypoint from the centre (all keypoints when none is visible), at least
-    ``MIN_CROP_HALF_SIZE`` pixels. uv: [21, 2]; visible: bool [21]. Returns (centre [2], half_size)."""
+    distance of a visible keypoint from the centre (all keypoints when none is visible), at least ``MIN_CROP_HALF_SIZE``
+    pixels. uv: [21, 2]; visible: bool [21]. Returns (centre [2], half_size)."""
     centre = uv[ROOT_KEYPOINT].astype(np.float64)
     counted = uv[visible] if visible.any() else uv
     reach = np.linalg.norm(counted - centre, axis=1).max()
@@ -138,9 +138,9 @@ def crop_box(uv: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def crop_intrinsics(K: np.ndarray, centre: np.ndarray, half_size: float, crop_size: int) -> np.ndarray:
-    """Intrinsics of the crop: with pixel centres at integer coordinates, the box [centre - h, centre + h] (edges of
-    the output's outer pixels) maps to [-0.5, S - 0.5], i.e. ``u' = s (u - c_u + h) - 0.5`` with ``s = S / 2h``;
-    returns ``A @ K`` for that affine map A. K: [3, 3]; returns float64 [3, 3]."""
+    """Intrinsics of the crop: with pixel centres at integer coordinates, the box [centre - h, centre + h] (edges of the
+    output's outer pixels) maps to [-0.5, S - 0.5], i.e. ``u' = s (u - c_u + h) - 0.5`` with ``s = S / 2h``; returns ``A
+    @ K`` for that affine map A. K: [3, 3]; returns float64 [3, 3]."""
     s = crop_size / (2.0 * half_size)
     affine = np.array([[s, 0.0, s * (half_size - centre[0]) - 0.5],
                        [0.0, s, s * (half_size - centre[1]) - 0.5],
@@ -177,12 +177,12 @@ class RHDDataset(Dataset):
     - "K": float32 [3, 3], the crop's intrinsics: K @ (keypoints * scale + root) projects onto "uv";
     - "hand": int64 [], 0 left, 1 right; "index": int64 [], the sample id.
 
-    The hand is the one with more mask pixels (a tie keeps the right one; left hands are not mirrored); root =
-    keypoint 12 (middle MCP, as in Yang et al., whose set-up the paper follows), scale = ||kp12 - kp11||, normalised
-    = (xyz - root) / scale, for keypoints and points alike; the crop is ``crop_box``'s, padded with RGB 127 and
-    resized bilinearly, "K" the frame's composed exactly with it (``crop_intrinsics``); the points are the hand's
-    mask pixels back-projected with the frame's K and depth, those within 0.2 m of the root, resampled to P (a hand
-    without any gives P copies of the origin).
+    The hand is the one with more mask pixels (a tie keeps the right one; left hands are not mirrored); root = keypoint
+    12 (middle MCP, as in Yang et al., whose set-up the paper follows), scale = ||kp12 - kp11||, normalised = (xyz -
+    root) / scale, for keypoints and points alike; the crop is ``crop_box``'s, padded with RGB 127 and resized
+    bilinearly, "K" the frame's composed exactly with it (``crop_intrinsics``); the points are the hand's mask pixels
+    back-projected with the frame's K and depth, those within 0.2 m of the root, resampled to P (a hand without any
+    gives P copies of the origin).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training", crop_size: int = 256, num_points: int = 1024,
@@ -225,8 +225,7 @@ class RHDDataset(Dataset):
         root = keypoints[ROOT_KEYPOINT]
         scale = float(np.linalg.norm(keypoints[SCALE_KEYPOINTS[0]] - keypoints[SCALE_KEYPOINTS[1]]))
         if not scale > 0:
-            raise ValueError(
-                f"{self.root / self.split}: sample {index}: keypoints 12 and 11 coincide, so the scale is 0")
+            raise ValueError(f"{self.root / self.split}: sample {index}: keypoints 12 and 11 coincide: the scale is 0")
 
         centre, half_size = crop_box(uv, visible)
         crop = _crop_image(frame.color, centre, half_size, self.crop_size)
@@ -237,15 +236,8 @@ class RHDDataset(Dataset):
         points = points[np.linalg.norm(points - root, axis=1) < POINT_RADIUS_M]
         points = resample_points((points - root) / scale, self.num_points, np.random.default_rng([self.seed, index]))
 
-        return {
-            "rgb": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0),
-            "points": torch.from_numpy(points.astype(np.float32)),
-            "keypoints": torch.from_numpy(((keypoints - root) / scale).astype(np.float32)),
-            "scale": torch.tensor(scale, dtype=torch.float32),
-            "root": torch.from_numpy(root.astype(np.float32)),
-            "uv": torch.from_numpy(crop_uv.astype(np.float32)),
-            "visible": torch.from_numpy(visible),
-            "K": torch.from_numpy(crop_K.astype(np.float32)),
-            "hand": torch.tensor(hand, dtype=torch.int64),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
+        floats = {"points": points, "keypoints": (keypoints - root) / scale, "root": root, "uv": crop_uv, "K": crop_K}
+        return {"rgb": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0),
+                **{k: torch.from_numpy(v.astype(np.float32)) for k, v in floats.items()},
+                "scale": torch.tensor(scale, dtype=torch.float32), "visible": torch.from_numpy(visible),
+                "hand": torch.tensor(hand, dtype=torch.int64), "index": torch.tensor(index, dtype=torch.int64)}

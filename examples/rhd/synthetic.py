@@ -2,14 +2,14 @@
 (``generate_rhd``), so ``rhd.dataset.RHDDataset`` reads it with the code that reads the real release;
 ``ensure_builtin_rhd`` generates once into a cache.
 
-A frame holds two hands in the pickle (RHD order). One, left or right at random, is dominant: its middle MCP
-(keypoint 12) near the image centre, 0.3-0.8 m away; the other farther, towards or beyond the border, so "the hand
-with more mask pixels" picks either side. A hand is a kinematic skeleton (size, bone lengths, flexion, abduction and
-thumb opposition within joint limits; a palm/back flip, +-50 degree tilts, a +-90 degree roll) drawn as Lambert-shaded
-capsules intersected exactly with each pixel's ray and z-buffered, with a forearm (mask id 1). So that pose is
-learnable from small crops, every finger has its own hue in a per-frame skin tone, segments lighten towards the tip
-and the palm side is lighter than the back. Backgrounds: low-frequency colour textures, a slanted far plane (1-5 m).
-Frame ``i`` of a split depends only on ``(seed, split, i)``: equal arguments give byte-identical files.
+A frame holds two hands in the pickle (RHD order). One, left or right at random, is dominant: its middle MCP (keypoint
+12) near the image centre, 0.3-0.8 m away; the other farther, towards or beyond the border, so "the hand with more mask
+pixels" picks either side. A hand is a kinematic skeleton (size, bone lengths, flexion, abduction and thumb opposition
+within joint limits; a palm/back flip, +-50 degree tilts, a +-90 degree roll) drawn as Lambert-shaded capsules
+intersected exactly with each pixel's ray and z-buffered, with a forearm (mask id 1). So that pose is learnable from
+small crops, every finger has its own hue in a per-frame skin tone, segments lighten towards the tip and the palm side
+is lighter than the back. Backgrounds: low-frequency colour textures, a slanted far plane (1-5 m). Frame ``i`` of a
+split depends only on ``(seed, split, i)``: equal arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ def _finger_chain(base: np.ndarray, forward: np.ndarray, bend: np.ndarray, lengt
 
 
 def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """A right hand in its own frame (see ``_FINGER_MCP_REST``): keypoints [21, 3] in RHD order, per-keypoint radii
-    [21] and the size factor applied to it."""
+    """A right hand in its own frame (``_FINGER_MCP_REST``): keypoints [21, 3] (RHD order), their radii, its size."""
     size = rng.uniform(0.85, 1.15)
 
     def jitter(count: int) -> np.ndarray:  # per-bone (and per-joint-position) variation of +-5 %
@@ -321,8 +320,8 @@ def synthesize_frame(rng: np.random.Generator) -> Frame:
 
 
 def encode_depth(depth: np.ndarray) -> np.ndarray:
-    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R, the bottom
-    byte in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
+    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R, the bottom byte
+    in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
     code = np.rint(np.clip(depth, 0.0, DEPTH_RANGE_M) / DEPTH_RANGE_M * 65535.0).astype(np.uint16)
     encoded = np.zeros(depth.shape + (3,), dtype=np.uint8)
     encoded[..., 0] = code >> 8
@@ -331,9 +330,8 @@ def encode_depth(depth: np.ndarray) -> np.ndarray:
 
 
 def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm, reuse: Path | None = None) -> None:
-    """Frames 0..count-1 of one split. Frames that ``reuse`` (the same split of a dataset generated with the same seed
-    and generator) already holds are hard-linked from it rather than drawn again: frame i depends only on (seed, split,
-    i), so they are the very same bytes."""
+    """Frames 0..count-1 of one split; those that ``reuse`` (the split of a dataset of this generator and seed) holds
+    are hard-linked from it: frame i depends only on (seed, split, i), so they are the very same bytes."""
     for folder in ("color", "depth", "mask"):
         (split_dir / folder).mkdir(parents=True)
     annotations = {}
@@ -405,9 +403,9 @@ def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                        progress: bool = True) -> Path:
     """The ``RHD_published_v2`` folder of a built-in dataset under ``cache_dir`` with at least ``num_training`` and
-    ``num_evaluation`` frames: the smallest cached one of this generator and seed that has them (its first n frames
-    are those of a dataset of n frames), else a new one (``data.build_once``) large enough for the request and the
-    largest cached one, whose frames it links. None is changed or deleted: a running job may be reading it.
+    ``num_evaluation`` frames: the smallest cached one of this generator and seed that has them (its first n frames are
+    those of a dataset of n frames), else a new one (``data.build_once``) large enough for the request and the largest
+    cached one, whose frames it links. None is changed or deleted: a running job may be reading it.
     """
     cache_dir, seed = Path(cache_dir), int(seed)
     cached = {f: sizes for f in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(f, seed))}

@@ -7,11 +7,11 @@ Layout under ``root`` (k = scene 1..7, N = view ``0000``..``2999``; every image 
     segmentation_random_views/random_views/scene_k/segmentation/segmentation{N}.png colour-coded classes
     depth_random_views/random_views/scene_k/depth/depth{N}.exr                       float EXR, channel 'Y'
 
-The dataset documents no geometry, so these are choices: depth is z-depth in scene units; the camera a pinhole,
-by default of a 90 degree horizontal field of view (``fx = fy = 256, cx = 255.5, cy = 127.5``; pixel (u, v) at
-integer coordinates); a view is centre-cropped to its largest square (columns 128..383, the principal point moved
-by the offset), whose depth becomes the point cloud, centred on its centroid and divided by POINT_SCALE = 100
-scene units (most depths are below 300, so coordinates are of order 1, relative sizes kept).
+The dataset documents no geometry, so these are choices: depth is z-depth in scene units; the camera a pinhole, by
+default of a 90 degree horizontal field of view (``fx = fy = 256, cx = 255.5, cy = 127.5``; pixel (u, v) at integer
+coordinates); a view is centre-cropped to its largest square (columns 128..383, the principal point moved by the
+offset), whose depth becomes the point cloud, centred on its centroid and divided by POINT_SCALE = 100 scene units (most
+depths are below 300, so coordinates are of order 1, relative sizes kept).
 """
 
 from __future__ import annotations
@@ -38,12 +38,8 @@ DEFAULT_HFOV_DEG = 90.0
 POINT_SCALE = 100.0
 
 # The four modalities: (top folder, per-scene sub folder, file prefix, suffix).
-_MODALITIES = {
-    "translation": ("translation_random_views", "translation", "translation", ".png"),
-    "input": ("input_random_views", "input", "input", ".png"),
-    "segmentation": ("segmentation_random_views", "segmentation", "segmentation", ".png"),
-    "depth": ("depth_random_views", "depth", "depth", ".exr"),
-}
+_MODALITIES = {name: (f"{name}_random_views", name, name, ".exr" if name == "depth" else ".png")
+               for name in ("translation", "input", "segmentation", "depth")}
 # The modalities a sample needs; the raw render is optional.
 _SAMPLE_MODALITIES = ("translation", "segmentation", "depth")
 
@@ -114,8 +110,7 @@ def colors_to_classes(rgb: np.ndarray, unknown_colors: str = "error", ignore_ind
 
 
 def classes_to_colors(classes: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-    """The colour coding uint8 [H, W, 3] of class ids [H, W]; ``ignore_index`` pixels become black, any other id
-    outside 0..4 is a ValueError."""
+    """The colours uint8 [H, W, 3] of class ids [H, W]; ``ignore_index`` becomes black, other ids a ValueError."""
     classes = np.asarray(classes)
     valid = (classes >= 0) & (classes < NUM_CLASSES)
     bad = ~valid & (classes != ignore_index)
@@ -199,10 +194,10 @@ class Sim2RealDataset(torch.utils.data.Dataset):
     ``default_intrinsics`` of its size); unknown_colors: ``"error"`` or ``"ignore"`` (``colors_to_classes``);
     ignore_index: the mask value of ignored pixels; seed: view (scene, N) resamples its points with
     ``np.random.default_rng([seed, scene, N])``. ``views``: (scene, digits of N) in dataset order. A sample: "rgb"
-    float32 [3, S, S] in [0, 1], the square crop resized bilinearly; "mask" int64 [S, S] class ids (or
-    ignore_index), the same crop resized nearest; "points" float32 [num_points, 3], ``depth_to_points`` of the
-    crop's depth with the crop's intrinsics; "scene" and "index" (N), ints. A missing file is a FileNotFoundError
-    (checked for every view when the dataset is built), an unreadable one a ValueError, each naming the file.
+    float32 [3, S, S] in [0, 1], the square crop resized bilinearly; "mask" int64 [S, S] class ids (or ignore_index),
+    the same crop resized nearest; "points" float32 [num_points, 3], ``depth_to_points`` of the crop's depth with the
+    crop's intrinsics; "scene" and "index" (N), ints. A missing file is a FileNotFoundError (checked for every view when
+    the dataset is built), an unreadable one a ValueError, each naming the file.
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", scenes: Sequence[int] | None = None,

@@ -2,10 +2,10 @@
 
 As the real dataset renders each scene, one fixed 3-D anatomy, from random camera poses, scene k here is one fixed
 procedural laparoscopic anatomy in world coordinates (abdominal wall and fat/stomach regions split by a smooth level
-set, a two-lobed liver, a gallbladder at its lower rim, a curved ligament band; every pixel one of the five classes)
-and each 512 x 256 view a random pose: a pan (mostly onto the liver), a distance (weak perspective: the image scales by
-215 / distance) and a roll of up to 30 degrees. A view's masks are therefore a function of four pose parameters per
-scene (docs/surgical.md). It writes:
+set, a two-lobed liver, a gallbladder at its lower rim, a curved ligament band; every pixel one of the five classes) and
+each 512 x 256 view a random pose: a pan (mostly onto the liver), a distance (weak perspective: the image scales by 215
+/ distance) and a roll of up to 30 degrees. A view's masks are therefore a function of four pose parameters per scene
+(docs/surgical.md). It writes:
 
 * depth: z-depth in scene units, about 75..290: a tilted wall, fat bulging out of it, the liver a dome in
   front, the gallbladder in front of the liver, the ligament a thin sheet on top;
@@ -87,9 +87,9 @@ def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
 
 
 def _smooth_field(rng: np.random.Generator, cell: tuple[int, int], out: np.ndarray) -> None:
-    """Writes a smooth random texture field into ``out`` float32 [_TILE[0] + 1, _TILE[1] + 1], which repeats with
-    period _TILE (its last row and column repeat the first): Gaussian noise on a periodic grid of cells of ``cell``
-    (rows, columns) pixels, which divide _TILE, bicubically upsampled, so its features are about that size."""
+    """Writes a smooth random texture field into ``out`` float32 [_TILE[0] + 1, _TILE[1] + 1], which repeats with period
+    _TILE (its last row and column repeat the first): Gaussian noise on a periodic grid of cells of ``cell`` (rows,
+    columns) pixels, which divide _TILE, bicubically upsampled, so its features are about that size."""
     cells = (_TILE[0] // cell[0], _TILE[1] // cell[1])
     # Wrapped by 2 cells (bicubic interpolation's reach), so that the upsampled tile wraps around as well.
     coarse = Image.fromarray(np.pad(rng.standard_normal(cells, dtype=np.float32), 2, mode="wrap"))
@@ -325,9 +325,8 @@ def _bilinear(maps: np.ndarray, index: np.ndarray, across: np.ndarray, down: np.
 
 
 def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One view of a scene from a camera pose drawn from ``rng`` (first, then its colours): ``translation`` uint8 [H,
-    W, 3]; ``input`` uint8 [H, W], indices into _RENDER_PALETTE; ``classes`` uint8 [H, W]; ``depth`` float32 [H, W]
-    (z-depth, scene units)."""
+    """One view from a camera pose drawn from ``rng`` (then its colours): ``translation`` uint8 [H, W, 3], ``input``
+    uint8 [H, W] (indices into _RENDER_PALETTE), ``classes`` uint8 [H, W], ``depth`` float32 [H, W] (z-depth)."""
     _, _, vignetting = _view_axes()
     pose = _CameraPose.draw(rng)
 
@@ -428,9 +427,8 @@ def _write_palette_png(path: Path, indices: np.ndarray, palette: np.ndarray) -> 
 
 def generate_sim2real(root: str | Path, scenes: int = 7, views_per_scene: int = 100, seed: int = 0,
                       progress: bool = True) -> Path:
-    """Write ``scenes`` x ``views_per_scene`` synthetic views under ``root`` in the Sim2Real layout (scenes
-    ``1..scenes``, views ``0000..``; existing files of the same names are overwritten); returns ``root``. Same
-    arguments give byte-identical files."""
+    """Write ``scenes`` x ``views_per_scene`` views (scenes ``1..``, views ``0000..``) under ``root`` in the Sim2Real
+    layout, overwriting files of the same names; returns ``root``. Same arguments give byte-identical files."""
     if not (isinstance(scenes, int) and scenes > 0):
         raise ValueError(f"scenes must be a positive int, got {scenes!r}")
     if not (isinstance(views_per_scene, int) and 0 < views_per_scene <= 10000):
@@ -468,8 +466,8 @@ def _write_view(job: tuple[Path, int, int, int]) -> None:
 def ensure_builtin_sim2real(cache_dir: str | Path, views_per_scene: int, seed: int = 0, progress: bool = True) -> Path:
     """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use (``data.build_once``).
     Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
-    ``sim2real_builtin_v3_7x100_seed0``, so a run sees exactly the views of its size (a random split permutes them
-    all); an existing folder is reused, and none is ever changed or deleted."""
+    ``sim2real_builtin_v3_7x100_seed0``, so a run sees exactly the views of its size (a random split permutes them all);
+    an existing folder is reused, and none is ever changed or deleted."""
     scenes = 7
 
     def generate(staging: Path) -> None:
