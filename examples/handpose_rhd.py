@@ -81,9 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
-    """The first --num-train training and --num-eval evaluation samples of --data-root or of the built-in data,
-    streamed or (--in-memory) decoded once into memory. A folder that is no RHD raises UsageError naming
-    --data-root."""
+    """The first --num-train training and --num-eval evaluation samples of --data-root or of the built-in data, streamed
+    or (--in-memory) decoded once into memory. A folder that is no RHD raises UsageError naming --data-root."""
     root = args.data_root or training.builtin_root(
         lambda progress: ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=progress),
         not args.no_progress, env)
@@ -122,19 +121,16 @@ def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, 
     return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
 
 
-def project(keypoints: torch.Tensor, scale: torch.Tensor, root: torch.Tensor, K: torch.Tensor) -> np.ndarray:
-    """Normalised keypoints [21, 3] -> crop pixels [21, 2] through the crop intrinsics K."""
-    uvw = (keypoints.double() * scale.double() + root.double()) @ K.double().T
-    return (uvw[:, :2] / uvw[:, 2:3]).numpy()
-
-
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 3, zoom: int = 3) -> None:
     """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each fusion's prediction
     from RGB alone; corruption grows from left to right; a key of the colours below."""
-    def drawn(base: Image.Image, poses: list[tuple[np.ndarray, tuple[int, int, int]]]) -> np.ndarray:
+    def drawn(base: Image.Image, item: dict, poses: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> np.ndarray:
+        """``base`` with each of ``poses`` (normalised keypoints [21, 3], colour) drawn through the crop's K."""
         image = base.copy()
-        for uv, colour in poses:
+        for keypoints, colour in poses:
+            uvw = (keypoints.double() * item["scale"].double() + item["root"].double()) @ item["K"].double().T
+            uv = (uvw[:, :2] / uvw[:, 2:3]).numpy()
             for a, b in BONES:
                 ImageDraw.Draw(image).line([tuple(uv[a] * zoom), tuple(uv[b] * zoom)], fill=colour, width=2)
         return np.asarray(image)
@@ -146,12 +142,11 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
             item = test_corruption(eval_set, level, args.seed)[i]
             base = Image.fromarray((item["rgb"].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
             base = base.resize((base.width * zoom, base.height * zoom), Image.NEAREST)
-            truth = (project(item["keypoints"], item["scale"], item["root"], item["K"]), (0, 0, 0))
-            per_model["input"].append(drawn(base, [truth]))
+            truth = (item["keypoints"], (0, 0, 0))
+            per_model["input"].append(drawn(base, item, [truth]))
             for name, model in models.items():
                 pred = model.predict(item["rgb"][None], "keypoints")[0].float()
-                per_model[name].append(drawn(base, [truth, (project(pred, item["scale"], item["root"], item["K"]),
-                                                            COLOURS[name])]))
+                per_model[name].append(drawn(base, item, [truth, (pred, COLOURS[name])]))
         rows += per_model.values()
         labels += [f"#{i} " + ("input + GT" if name == "input" else FUSION_LABELS[name]) for name in per_model]
     key = {"ground truth": (0, 0, 0), **{FUSION_LABELS[name]: COLOURS[name] for name in models}}

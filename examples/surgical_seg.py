@@ -137,9 +137,9 @@ def builtin_views_per_scene(args: argparse.Namespace) -> int:
 
 
 def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """--split random: the positions of the test and the training views among ``size`` views of all
-    scenes, each sorted. A permutation from RANDOM_SPLIT_SEED: its first --num-eval views (default a
-    tenth) are the test views, the next --num-train (default all others) the training views."""
+    """--split random: the positions of the test and the training views among ``size`` views of all scenes, each sorted.
+    A permutation from RANDOM_SPLIT_SEED: its first --num-eval views (default a tenth) are the test views, the next
+    --num-train (default all others) the training views."""
     order = np.random.default_rng(RANDOM_SPLIT_SEED).permutation(size)
     num_eval = size // 10 if args.num_eval is None else args.num_eval
     if num_eval > size:
@@ -245,11 +245,6 @@ def per_class_table(results: dict) -> str:
     return report.markdown_table(["Fusion", "Corruption"] + [f"{name} IoU / F1" for name in CLASS_NAMES], rows)
 
 
-def to_image(rgb: torch.Tensor) -> np.ndarray:
-    """rgb float [3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
-    return (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
 @torch.no_grad()
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 2) -> None:
@@ -259,7 +254,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     for i in range(min(samples, len(eval_set))):
         inputs = torch.stack([test_corruption(eval_set, level, args.seed)[i]["rgb"] for level in args.test_corruption])
         truth = classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)
-        rows += [[to_image(x) for x in inputs], [truth] * len(inputs),
+        rows += [[(x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in inputs],
+                 [truth] * len(inputs),
                  *([classes_to_colors(p) for p in m.predict(inputs, "mask").argmax(1).numpy()]
                    for m in models.values())]
         labels += [f"#{i} input", f"#{i} ground truth"] + [f"#{i} {FUSION_LABELS[name]}" for name in models]

@@ -22,12 +22,10 @@ import gpoe_fusion as gf
 from .networks import FUSIONS, load_resnet18_state
 
 COMPARED = ("moe", "poe", "gpoe")  # what --compare trains unless --fusions says otherwise: the paper's comparison
-# The paper's test pixel-corruption levels: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent).
-TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)
+TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)  # the paper's test pixel-corruption levels
 TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent)"
-# Options that change how a run executes or what it reports, or which runs a study makes (each run's own
-# seed, fusion and data corruption are in its signature), not the model it trains: a run resumed or
-# reused with other values of these is the same run.
+# Options of how a run executes or reports, or of which runs a study makes (a run's own seed, fusion and data
+# corruption are in its signature), not of the model it trains: with other values of these it is the same run.
 NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
                     "device", "cache_dir", "workers", "in_memory", "eval_batch_size", "test_corruption", "given",
                     "rgb_weights"}

@@ -78,11 +78,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def build_once(folder: Path, generate: Callable[[Path], None]) -> Path:
-    """``folder``, written by ``generate(staging)`` unless it exists: into a temporary sibling folder, renamed into
-    place once complete, so an interrupted run leaves nothing that passes for it (its leftovers go with the next
-    generation). The built-in generators' cache: concurrent callers (e.g. torchrun ranks) wait on a lock in the cache
-    folder and then find the finished result. A finished folder is never changed or deleted, because a running job may
-    be reading it."""
+    """``folder``, written by ``generate(staging)`` unless it exists, into a temporary sibling renamed into place once
+    complete (an interrupted run leaves nothing that passes for it), under a lock that concurrent callers (torchrun
+    ranks) wait on. The generators' cache: a finished folder is never changed or deleted (a job may be reading it)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.parent / ".lock"):

@@ -19,12 +19,11 @@ from .networks import CrossModalVAE
 @torch.no_grad()
 def fusion_weights(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
     """The metric groups of the fusion's weights on the evaluation ``dataset``: ``alpha``, gPoE's mean alpha per
-    modality with the test RGB corrupted at each --test-corruption level (``{level: {modality: mean}}``; None for the
-    other fusions); ``credibility``, per corrupted modality of ``data.credibility_set``, the measures of
-    ``diagnostics.credibility_report`` (``auroc`` of the fusion's own weight, ``auroc_alpha``, ``auroc_share``,
-    ``weight_clean``, ``weight_corrupted``, ``alpha_clean``, ``alpha_corrupted``, ``effective_experts``, ``samples``;
-    None where a group is empty) and the corruption used; ``credibility_samples``, each sample's weight (mean over D)
-    and flag."""
+    modality at each --test-corruption level of the RGB (``{level: {modality: mean}}``; None for the other fusions);
+    ``credibility``, per modality of ``data.credibility_set``, ``diagnostics.credibility_report``'s measures (``auroc``
+    of the fusion's own weight, ``auroc_alpha``, ``auroc_share``, ``weight_clean``, ``weight_corrupted``,
+    ``alpha_clean``, ``alpha_corrupted``, ``effective_experts``, ``samples``; None where a group is empty) and the
+    corruption; ``credibility_samples``, each sample's weight (mean over D) and flag."""
     model.eval()
 
     def measure(data: Dataset, flag: str | None = None) -> dict[str, torch.Tensor]:

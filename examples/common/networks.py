@@ -1,7 +1,5 @@
-"""The networks of the paper (Section 4.5), shared by both pipelines, and the cross-modal VAE around the library's
-objective that both train.
-
-Encoders return ``(mu, logvar, features)``: the Gaussian posterior [B, D] and the features [B, F] it was computed from,
+"""The networks of the paper (Section 4.5) and the cross-modal VAE around the library's objective that both pipelines
+train. Encoders return ``(mu, logvar, features)``: the posterior [B, D] and the features [B, F] it was computed from,
 which gPoE's credibility network reads (paper Fig. 2).
 """
 
@@ -263,8 +261,8 @@ def cross_modal_vae(args: argparse.Namespace, task_decoders: Callable[[], Mappin
                     likelihoods: Mapping[str, Callable[[Tensor, Tensor], Tensor]]) -> CrossModalVAE:
     """The paper's model of both pipelines: RGB (ResNet-18) and point-cloud (ResPEL) encoders, the fusion layer of
     --fusion, and the objective over the task's decoders (``task_decoders()``, with their ``likelihoods``) and a
-    FoldingNet decoding the point cloud. Encoders and decoders are built first, from --seed, so every fusion starts
-    from the same weights; the fusion layer comes last."""
+    FoldingNet decoding the point cloud. Encoders and decoders are built first, from --seed, so every fusion starts from
+    the same weights; the fusion layer comes last."""
     torch.manual_seed(args.seed)
     rgb = ResNet18Encoder(args.latent_dim, weights=args.rgb_weights, width=args.rgb_width, stem_pool=args.rgb_stem_pool)
     points = ResPELEncoder(args.latent_dim, width=args.pel_width)

@@ -1,10 +1,7 @@
-"""Readable results both pipelines write: results.json's header (the run's settings and where they come from), markdown
-tables and matplotlib figures (written headless, as PNG).
-
-The fusion-comparison helpers read a study's results, ``{fusion: {"metrics": {str(level): {metric: value}}, "alpha":
-{str(level): {modality: mean alpha}} | None, "credibility": {modality: {measure: value}}, "credibility_samples":
-{modality: {"weight", "corrupted"}}}}``, and, over several seeds, its ``statistics`` (``study.study_statistics``): then
-a table cell is the mean ± the half-width of its 95 % confidence interval and a plotted point has that error bar.
+"""Readable results both pipelines write: results.json's header (the settings and where they come from), markdown tables
+and matplotlib figures (headless PNG), of a study's results (``{fusion: {"metrics": {str(level): {metric: value}},
+"alpha", "credibility", "credibility_samples"}}``, its runs' results.json) and, over seeds, its ``statistics``: then a
+cell is the mean ± the half-width of its 95 % interval and a plotted point has that error bar.
 """
 
 from __future__ import annotations
@@ -35,16 +32,14 @@ from .data import describe_size  # noqa: E402
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
 # What each fusion's own weight of a modality is (``CrossModalObjective.fusion_weights``).
 FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha", "mopoe": "subsets' weight"}
-# The credibility table's columns per modality: (header, measure).
 _CREDIBILITY_COLUMNS = (("AUROC", "auroc"), ("AUROC of the share", "auroc_share"), ("weight clean", "weight_clean"),
                         ("weight corrupted", "weight_corrupted"))
 
 
 @dataclass(frozen=True)
 class Task:
-    """What a pipeline's reports say of it: ``name`` (results.json's ``task``), ``title`` (of results.md), ``dataset``
-    (the built-in data's label), its ``presets`` and the settings of each that the paper gives (``from_paper``), its
-    main ``metric`` (key, label), the one a sweep shows, and the tables' ``floatfmt``."""
+    """What a pipeline's reports say of it: results.json's ``task``, results.md's ``title``, the built-in data's label,
+    its presets and what the paper gives of them, the main metric (key, label: a sweep's) and the tables' format."""
 
     name: str
     title: str

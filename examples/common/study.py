@@ -1,12 +1,9 @@
 """Studies, a layer above a pipeline's run: every fusion of --fusions (with --compare) at every seed of --seeds, at
 every fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/`` with
---compare, ``seed<k>/`` with several seeds); the reuse of finished runs; the statistics over seeds; the sweep's report.
-In a study of several runs (several seeds, or a sweep) a run whose folder holds its checkpoint and a results.json of the
-same signature (``cli.run_signature``) at the same test levels is loaded, not trained again, so a killed study continues
-with its unfinished runs (--resume continues the killed one from its checkpoint).
-
-The runs of a seed are paired: the same data, training noise, test corruption and initial weights of the parts they
-share (built from the seed before the fusion layer), so the spread the fusions share cancels in their difference.
+--compare, ``seed<k>/`` with several seeds); the reuse of finished runs (in a study of several, a run whose folder holds
+its checkpoint and a results.json of the same signature at the same test levels is loaded, not trained again); the
+statistics over seeds, whose runs are paired (the same data, noise and initial weights of the parts they share, built
+from the seed before the fusion layer, so the spread the fusions share cancels in their difference); the sweep's report.
 """
 
 from __future__ import annotations
@@ -146,16 +143,13 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 def finished_run(args: argparse.Namespace) -> dict | None:
     """The result in --out/results.json if it is that of this very run (the same signature, evaluated at the same test
     levels) and its checkpoint is there too; else None."""
-    out = Path(args.out)
-    if not (out / CHECKPOINT).is_file():
-        return None
     try:
-        result = json.loads((out / "results.json").read_text())
+        result = json.loads((Path(args.out) / "results.json").read_text())
     except (OSError, ValueError):  # none, half a file of an older version, or unreadable: train again
         return None
-    if not isinstance(result, dict) or result.get("signature") != run_signature(args):
-        return None
-    return result if list(result.get("metrics", {})) == [str(level) for level in args.test_corruption] else None
+    same = isinstance(result, dict) and result.get("signature") == run_signature(args)
+    levels = [str(level) for level in args.test_corruption]
+    return result if same and list(result["metrics"]) == levels and (Path(args.out) / CHECKPOINT).is_file() else None
 
 
 def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argparse.Namespace], dict | None],
@@ -163,8 +157,8 @@ def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argpar
     """args.fusion, or with --compare each of --fusions, at each seed of --seeds, each into its folder: a seed's fusions
     one after the other, so that the paired comparisons of the first seeds come first."""
     log = print if env.is_main else (lambda _: None)
-    study = Study(list(args.fusions) if args.compare else [args.fusion], list(range(args.seed, args.seed + args.seeds)))
-    study.runs = {f: {} for f in study.fusions}
+    fusions = list(args.fusions) if args.compare else [args.fusion]
+    study = Study(fusions, list(range(args.seed, args.seed + args.seeds)), {f: {} for f in fusions})
     runs = list(itertools.product(study.seeds, study.fusions))
     for count, (seed, fusion) in enumerate(runs, start=1):
         out = Path(args.out) / (fusion if args.compare else "") / (f"seed{seed}" if args.seeds > 1 else "")
@@ -185,12 +179,10 @@ def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argpar
 
 def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[argparse.Namespace], dict | None],
         write_report: Callable[[argparse.Namespace, Study], str]) -> Study | list[Study] | None:
-    """The command's runs, ``run_one(args of the run)`` each (the pipeline's run: it trains into its
-    --out and returns its results.json, on the main process), then on the main process the report of
-    each study, ``write_report(args of the study, study)`` (its results.json, tables and figures; returns
-    the tables as markdown) and the figures of the fusions' weights, with a sweep the sweep's own report,
-    and the tables printed. Returns the study (with a sweep, one per fraction), or None on
-    the other processes."""
+    """The command's runs, ``run_one(args of the run)`` each (the pipeline's run: it trains into its --out and returns
+    its results.json on the main process), then on the main process each study's report, ``write_report(args, study)``
+    (its results.json, tables and figures; returns the tables) and the fusions' weight figures, a sweep's own report,
+    and the tables printed. Returns the study (with a sweep, one per fraction), None on the other processes."""
     began = time.perf_counter()
     fractions = args.corruption_sweep or [None]
     studies = []

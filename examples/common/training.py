@@ -1,13 +1,11 @@
 """The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written atomically
-and loaded safely, and one run of either pipeline (``runner``): AdamW with a linear warm-up and cosine decay, gradient
-clipping, bf16 autocast on GPU, data parallelism, a checkpoint after every epoch, exact resumption, a stop after
---max-steps optimizer steps (the first steps of the full schedule), results.json.
+and loaded safely, and one run of either pipeline (``runner``): AdamW, warm-up and cosine decay, gradient clipping, bf16
+autocast on GPU, data parallelism, a checkpoint every epoch, exact resumption, --max-steps, results.json.
 
-``train`` is the epoch loop (torchvision's references write it in ``main``), ``train_one_epoch`` the step loop. No step
-waits for the device: the epoch's statistics are summed on it and read when it ends. The ranks of a data-parallel run
-train as one process with their global batch (``gpoe_fusion.distributed.match_single_process``), so every rank seeds
-alike; every source of randomness is a function of (seed, epoch), so a resumed run continues as the uninterrupted one
-did.
+``train`` is the epoch loop (torchvision's references write it in ``main``), ``train_one_epoch`` the step loop, which
+reads nothing of the device per step. The ranks of a data-parallel run train as one process with their global batch
+(``gpoe_fusion.distributed.match_single_process``), so every rank seeds alike; all randomness is a function of (seed,
+epoch), so a resumed run continues as the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -172,12 +170,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and those it forks (loader
-    workers). glibc maps a block over its threshold afresh and unmaps it when freed, but raises the
-    threshold (up to 32 MiB) to every mapped block freed, so after the first step the activations come
-    from the heap, which fragments: a full-size step of 8 at 256x256 peaked at 1.88 GB in the first step
-    and 2.29 GB by the third; with the threshold fixed, 1.93 GB, four steps in 10.5 s instead of 8.4 s
-    (a page fault per fresh page). Returns whether it took effect (False without glibc)."""
+    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and those it forks (loader workers).
+    glibc maps a block over its threshold afresh and unmaps it when freed, but raises the threshold (up to 32 MiB) to
+    every mapped block freed, so after the first step the activations come from the heap, which fragments: a full-size
+    step of 8 at 256x256 peaked at 1.88 GB in the first step and 2.29 GB by the third; with the threshold fixed, 1.93
+    GB, four steps in 10.5 s instead of 8.4 s (a page fault per fresh page). Returns whether it took effect (False
+    without glibc)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
@@ -317,10 +315,10 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler, args: argparse.N
 def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: DistEnv,
           log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` on ``train_set`` for --epochs (or --max-steps optimizer steps), checkpointing to
-    --out/checkpoint.pt after every epoch; with --resume, continue from that checkpoint (exactly), which
-    a run of another signature may not. With more than one process ``model`` is changed in place to
-    train as one process with the global batch would (``match_single_process``). Returns the history:
-    per epoch, ``train_one_epoch``'s means, ``epoch``, ``steps`` (taken by its end) and ``seconds``.
+    --out/checkpoint.pt after every epoch; with --resume, continue from that checkpoint (exactly), which a run of
+    another signature may not. With more than one process ``model`` is changed in place to train as one process with the
+    global batch would (``match_single_process``). Returns the history: per epoch, ``train_one_epoch``'s means,
+    ``epoch``, ``steps`` (taken by its end) and ``seconds``.
     """
     log = log or (print if env.is_main else lambda _: None)
     per_rank = len(train_set) // env.world_size
@@ -370,10 +368,10 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
 
 def runner(build_model: Callable[[argparse.Namespace], nn.Module], evaluate: Callable[..., dict], train_set: Dataset,
            eval_set: Dataset, env: DistEnv) -> Callable[[argparse.Namespace], dict | None]:
-    """A pipeline's run, ``run(args)``: the model ``build_model(args)`` trained on ``train_set`` with the
-    noise of ``args`` (``data.training_noise``), then, on the main process, its record written to
-    --out/results.json and returned: ``{"fusion", "seed", **evaluate(model, eval_set, args, device)}`` (the
-    pipeline's metric groups), ``"train_seconds", "history", "dir", "signature"}``."""
+    """A pipeline's run, ``run(args)``: the model ``build_model(args)`` trained on ``train_set`` with the noise of
+    ``args`` (``data.training_noise``), then, on the main process, its record written to --out/results.json and
+    returned: ``{"fusion", "seed", **evaluate(model, eval_set, args, device)}`` (the pipeline's metric groups),
+    ``"train_seconds", "history", "dir", "signature"}``."""
     def run(args: argparse.Namespace) -> dict | None:
         model = build_model(args)
         history = train(model, training_noise(train_set, args), args, env)

@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 from common.data import backproject, resample_points
 from rhd.annotations import load_annotations
 
-
 SPLITS = ("training", "evaluation")
 ROOT_KEYPOINT = 12  # middle-finger MCP (Yang et al. lineage)
 SCALE_KEYPOINTS = (12, 11)  # scale = ||kp12 - kp11||, the middle finger's proximal bone
@@ -38,11 +37,8 @@ RIGHT_IDS = (18, 33)
 
 @dataclass
 class Frame:
-    """One raw RHD frame.
-
-    color: uint8 [H, W, 3]; depth: float32 [H, W] metres; mask: uint8 [H, W] ids; xyz: float64 [42, 3] metres, camera
-    frame; uv_vis: float64 [42, 3]; K: float64 [3, 3] (keypoints 0..20 left hand, 21..41 right hand).
-    """
+    """One raw RHD frame: color uint8 [H, W, 3]; depth float32 [H, W] metres; mask uint8 [H, W] ids; xyz [42, 3]
+    metres, camera frame; uv_vis [42, 3]; K [3, 3] (keypoints 0..20 left hand, 21..41 right hand)."""
 
     color: np.ndarray
     depth: np.ndarray
@@ -68,9 +64,7 @@ def _read_png(path: Path, modes: tuple[str, ...], what: str) -> np.ndarray:
 
 
 def decode_depth(encoded: np.ndarray) -> np.ndarray:
-    """RHD depth PNG pixels -> metres: ``(R * 256 + G) / 65535 * 5``.
-
-    encoded: uint8 [H, W, >=2]; returns float32 [H, W]."""
+    """RHD depth PNG pixels uint8 [H, W, >=2] -> metres float32 [H, W]: ``(R * 256 + G) / 65535 * 5``."""
     code = encoded[..., 0].astype(np.float64) * 256.0 + encoded[..., 1].astype(np.float64)
     return (code / 65535.0 * DEPTH_RANGE_M).astype(np.float32)
 

@@ -369,13 +369,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                  progress: bool = True, reuse: str | os.PathLike | None = None) -> Path:
-    """Write a synthetic dataset in the RHD layout under ``root`` and return ``root/RHD_published_v2`` (the folder
-    :class:`rhd.dataset.RHDDataset` takes). Sample ids run 0..n-1 in each split. Refuses to write into an existing
-    ``RHD_published_v2`` so that frames of different runs never mix.
-
-    reuse: an ``RHD_published_v2`` folder written by this generator (same version) with the same seed; the frames it
-    holds are linked from it instead of being drawn again (the result is the same).
-    """
+    """Write a synthetic dataset in the RHD layout (ids 0..n-1 per split) under ``root``, never into an existing one,
+    and return ``root/RHD_published_v2``. reuse: such a folder of this generator and seed, whose frames are linked from
+    it instead of being drawn again (the same bytes)."""
     for name, value in (("num_training", num_training), ("num_evaluation", num_evaluation)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -37,10 +37,9 @@ IMAGE_WIDTH, IMAGE_HEIGHT = 512, 256
 DEFAULT_HFOV_DEG = 90.0
 POINT_SCALE = 100.0
 
-# The four modalities: (top folder, per-scene sub folder, file prefix, suffix).
+# The four modalities: (top folder, per-scene sub folder, file prefix, suffix); a sample needs all but the raw render.
 _MODALITIES = {name: (f"{name}_random_views", name, name, ".exr" if name == "depth" else ".png")
                for name in ("translation", "input", "segmentation", "depth")}
-# The modalities a sample needs; the raw render is optional.
 _SAMPLE_MODALITIES = ("translation", "segmentation", "depth")
 
 
@@ -155,20 +154,6 @@ def write_depth_exr(path: str | Path, depth: np.ndarray) -> None:
         exr.write(str(path))
 
 
-def center_crop_box(width: int, height: int) -> tuple[int, int, int]:
-    """``(left, top, side)`` of the largest centred square: for 512 x 256, ``(128, 0, 256)``."""
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, side
-
-
-def crop_intrinsics(K: np.ndarray, left: int, top: int) -> np.ndarray:
-    """Intrinsics [3, 3] of the crop starting at pixel (left, top): the principal point moves."""
-    K = np.array(K, dtype=np.float64)
-    K[0, 2] -= left
-    K[1, 2] -= top
-    return K
-
-
 def depth_to_points(depth: np.ndarray, K: np.ndarray, num_points: int, rng: np.random.Generator) -> np.ndarray:
     """Normalised point cloud float32 [num_points, 3] of a z-depth map [H, W]: every pixel with a finite depth > 0
     back-projected through ``K`` [3, 3], centred on the centroid of them all, divided by POINT_SCALE, resampled with
@@ -203,21 +188,15 @@ class Sim2RealDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str | None = "train", scenes: Sequence[int] | None = None,
                  image_size: int = 256, num_points: int = 1024, intrinsics: np.ndarray | None = None,
                  unknown_colors: str = "error", ignore_index: int = 255, seed: int = 0) -> None:
-        self.root = Path(root)
-        if scenes is None:
-            if split not in SPLITS:
-                raise ValueError(f"split must be one of {sorted(SPLITS)} (or pass scenes=...), got {split!r}")
-            scenes = SPLITS[split]
-            self.split = split
-        else:
-            self.split = None
-        self.scenes = tuple(int(s) for s in scenes)
+        if scenes is None and split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)} (or pass scenes=...), got {split!r}")
+        self.root, self.split = Path(root), split if scenes is None else None
+        self.scenes = tuple(int(s) for s in (SPLITS[split] if scenes is None else scenes))
         if not self.scenes:
             raise ValueError("scenes must name at least one scene")
-        if not (isinstance(image_size, int) and image_size > 0):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        if not (isinstance(num_points, int) and num_points > 0):
-            raise ValueError(f"num_points must be a positive int, got {num_points!r}")
+        for name, value in (("image_size", image_size), ("num_points", num_points)):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if unknown_colors not in ("error", "ignore"):
             raise ValueError(f"unknown_colors must be 'error' or 'ignore', got {unknown_colors!r}")
         if 0 <= ignore_index < NUM_CLASSES:
@@ -266,7 +245,8 @@ class Sim2RealDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{paths[name]}: size {shape[1]} x {shape[0]} differs from its RGB image "
                                  f"{paths['translation']} ({width} x {height})")
 
-        left, top, side = center_crop_box(width, height)
+        side = min(width, height)  # the largest centred square: for 512 x 256, columns 128..383
+        left, top = (width - side) // 2, (height - side) // 2
         box = (left, top, left + side, top + side)
         size = (self.image_size, self.image_size)
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, box=box))
@@ -274,11 +254,11 @@ class Sim2RealDataset(torch.utils.data.Dataset):
         # grid as the bilinear RGB, also holds for any ignore_index.
         mask = np.asarray(Image.fromarray(classes.astype(np.int32)).resize(size, Image.Resampling.NEAREST, box=box))
 
-        K = self.intrinsics if self.intrinsics is not None else default_intrinsics(width, height)
+        K = np.array(self.intrinsics if self.intrinsics is not None else default_intrinsics(width, height))
+        K[:2, 2] -= (left, top)  # the crop's intrinsics: the principal point moves
         rng = np.random.default_rng([self.seed, scene, int(digits)])
         try:
-            points = depth_to_points(depth[top:top + side, left:left + side], crop_intrinsics(K, left, top),
-                                     self.num_points, rng)
+            points = depth_to_points(depth[top:top + side, left:left + side], K, self.num_points, rng)
         except ValueError as error:
             raise ValueError(f"{paths['depth']}: {error}") from error
         return {"rgb": torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0),
