@@ -18,7 +18,7 @@ loop under ``torch.compile``, and against a loop of the fused ``F.poe``, at M = 
 
 The "layer" section then times the path users call at M=4, B=16384 (CPU) or 65536 (CUDA),
 D=256: ``F.gpoe`` with default value checks against ``validate=False``; the ``PoE`` and
-``GPoE`` modules (global and joint credibility, with and without ``return_alpha``) against
+``GPoE`` modules (global and joint credibility, with and without ``return_weights``) against
 ``backend="torch"``, its ``torch.compile``, and the bare op, in the same alternating rounds. Throughput is reported against
 the minimum bytes a pass must move (each input read once, each output written once), and
 
@@ -261,7 +261,7 @@ LAYER_TARGETS = [
     ("default checks, F.gpoe forward", ("F.gpoe", "forward"), ("F.gpoe validate=False", "forward"), "<=", 1.10),
     ("GPoE(global) layer vs F.gpoe(validate=False), fwd+bwd", ("GPoE global", "forward+backward"),
      ("F.gpoe global validate=False", "forward+backward"), "<=", 1.15),
-    ("return_alpha=True, GPoE(global) fwd+bwd", ("GPoE global +alpha", "forward+backward"),
+    ("return_weights=True, GPoE(global) fwd+bwd", ("GPoE global +alpha", "forward+backward"),
      ("GPoE global", "forward+backward"), "<=", 1.15),
     ("PoE layer: backend=torch over kernel, fwd+bwd", ("PoE torch", "forward+backward"),
      ("PoE", "forward+backward"), ">=", 5.0),
@@ -310,7 +310,7 @@ def layer_paths(device: str, batch: int, m: int = 4, d: int = 256, feature_dim: 
         return (out.mu, out.logvar)
 
     def with_alpha(out):
-        # alpha is returned, as CrossModalObjective asks for it; the loss uses the joint only.
+        # alpha is returned, as a training loop that logs it asks for it; the loss uses the joint only.
         return (out[0].mu, out[0].logvar)
 
     flat_global = lambda: global_logits.unsqueeze(1)  # noqa: E731  [M, 1, D] for the bare op
@@ -322,16 +322,16 @@ def layer_paths(device: str, batch: int, m: int = 4, d: int = 256, feature_dim: 
         "F.gpoe global validate=False": (lambda: joint(F.gpoe(mu, logvar, flat_global(), validate=False)),
                                          base + [global_logits]),
         "GPoE global": (lambda: joint(gpoe_global["auto"](mu, logvar)), base + [global_logits]),
-        "GPoE global +alpha": (lambda: with_alpha(gpoe_global["auto"](mu, logvar, return_alpha=True)),
+        "GPoE global +alpha": (lambda: with_alpha(gpoe_global["auto"](mu, logvar, return_weights=True)),
                                base + [global_logits]),
         "GPoE global torch": (lambda: joint(gpoe_global["torch"](mu, logvar)), base),
         "GPoE global compile": (lambda: joint(compiled_global(mu, logvar)), base),
-        "GPoE joint +alpha": (lambda: with_alpha(gpoe_joint["auto"](mu, logvar, features=features, return_alpha=True)),
+        "GPoE joint +alpha": (lambda: with_alpha(gpoe_joint["auto"](mu, logvar, features=features, return_weights=True)),
                               base),
         "GPoE joint +alpha torch": (lambda: with_alpha(gpoe_joint["torch"](mu, logvar, features=features,
-                                                                           return_alpha=True)), base),
+                                                                           return_weights=True)), base),
         "GPoE joint +alpha compile": (lambda: with_alpha(compiled_joint(mu, logvar, features=features,
-                                                                        return_alpha=True)), base),
+                                                                        return_weights=True)), base),
         "op poe": (lambda: ops.fuse(mu, logvar, None, None, False), base),
         "PoE": (lambda: joint(poe["auto"](mu, logvar)), base),
         "PoE torch": (lambda: joint(poe["torch"](mu, logvar)), base),

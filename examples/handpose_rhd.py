@@ -1,25 +1,24 @@
 """3-D hand pose from RGB with a cross-modal VAE and MoE / PoE / gPoE fusion (paper Sections 4-5).
 
-RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and
-fused; the joint and each unimodal latent decode the 21 keypoints (linear layers) and the point
-cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE). A fraction of the training samples is
-corrupted (pixel corruption on RGB, Gaussian noise on the points); at test time the pose comes from
-RGB alone (z_rgb -> keypoint decoder) at several pixel-corruption levels.
+RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and fused; the joint and
+each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
+training samples of which a fraction is corrupted; at test time the pose comes from RGB alone (z_rgb -> keypoint
+decoder) at several pixel-corruption levels. The script reads top to bottom: options, data, model, evaluation, report
+and ``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs of
+--compare, --seeds and --corruption-sweep. See docs/handpose.md.
 
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
     python examples/handpose_rhd.py --compare             # MoE vs PoE vs gPoE (paper Table 3, Figs. 4-5)
     python examples/handpose_rhd.py --preset study        # the comparison over 6 seeds: means, CIs, paired differences
     python examples/handpose_rhd.py --compare --corruption-sweep 0 0.25 0.5 0.75   # paper Fig. 4, first panel
     python examples/handpose_rhd.py --preset full --data-root /data/RHD_published_v2 --rgb-weights resnet18-f37072fd.pth
-    python examples/handpose_rhd.py --preset full --num-train 4000 --max-steps 2    # a smoke test at full size
     torchrun --nproc_per_node 2 examples/handpose_rhd.py  # data-parallel (gloo on CPU, nccl on GPU)
-
-See docs/handpose.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import pickle
 from pathlib import Path
 
@@ -28,101 +27,65 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset
 
-import gpoe_fusion as gf
-from common import distributed
+from common import report, study, training
 from common.cli import Parser, UsageError, positive_int
-from common.data import eval_loader, load_splits
-from common.corruption import test_corruption
-from common.experiment import run_experiment
-from common.fusions import make_fusion, mixture_kl
-from common.model import CrossModalVAE
-from common.networks import FoldingNetDecoder, KeypointDecoder, ResNet18Encoder, ResPELEncoder
-from common.options import add_common_arguments, apply_preset, finish_help
-from common.report import (FUSION_LABELS, alpha_plots, corruption_plot, credibility_plots, fusion_table, image_grid,
-                           line_plot)
-from common.study import Study, SweepPoint
-from common.summary import (credibility_markdown, describe_size, differences_markdown, seeds_phrase, write_summary,
-                            write_sweep_summary)
-from gpoe_fusion.likelihoods import chamfer_distance, squared_error
+from common.data import eval_loader, load_splits, test_corruption
+from common.evaluation import fusion_weights
+from common.networks import CrossModalVAE, KeypointDecoder, cross_modal_vae
+from common.report import FUSION_LABELS
+from gpoe_fusion.likelihoods import squared_error
 from rhd.dataset import RHDDataset
 from rhd.metrics import KeypointEvaluator
 from rhd.synthetic import ensure_builtin_rhd
 
 PRESETS = {
-    # Built-in data at small sizes: the whole method in about two minutes on a 2-core CPU (once the
-    # data is generated), the 8300 decoded samples (64x64 crops, 128 points) held in memory. What
-    # made the model learn (docs/handpose.md, "How the demo was made to learn"): enough distinct
-    # hands (8000; with 1200 a supervised ResNet plateaus near 30 mm), a ResNet-18 of width 16,
-    # which trains on 64-pixel crops four times faster than width 64 at the same error, a point
-    # branch and decoder sized to the 128-point clouds, and batches of 64. Training noise strong
-    # enough to destroy a modality's content (90 percent of the pixels of a corrupted image, about
-    # one bone length of noise on a corrupted point cloud) on 30 percent of the samples: at 50
-    # percent the RGB encoder sees too few clean hands to learn the pose in the time.
+    # Built-in data at small sizes, held in memory: about two minutes on a 2-core CPU once the data exist. What
+    # made it learn (docs/handpose.md, "How the demo was made to learn"): 8000 distinct hands, a ResNet-18 of
+    # width 16 (on 64-pixel crops four times faster than 64 at the same error), a point branch sized to 128 points,
+    # batches of 64; noise that destroys a modality's content (90 % of an image's pixels, about a bone length on
+    # the points) on 30 % of the samples (at 50 % too few clean hands remain to learn the pose in the time).
     "demo": dict(num_train=8000, num_eval=300, crop_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, keypoint_hidden=256, epochs=10,
                  batch_size=64, eval_batch_size=150, lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, beta=1e-3,
                  points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0, in_memory=True,
                  workers=0, low_memory=False, seeds=1, training_noise="fixed"),
-    # The real RHD at the crop size of the preprocessing the paper follows (Yang et al.), samples
-    # streamed from disk by worker processes. The paper publishes the data sizes only (FROM_PAPER);
-    # schedule, widths, latent size, point count and noise strengths are our choices.
+    # The real RHD at the crop size of the preprocessing the paper follows (Yang et al.), streamed from disk; the
+    # paper publishes the data sizes only (FROM_PAPER), the rest are our choices.
     "full": dict(num_train=41258, num_eval=2728, crop_size=256, num_points=1024, latent_dim=64, rgb_width=64,
-                 rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, keypoint_hidden=512, epochs=60, batch_size=64, eval_batch_size=None,
-                 lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, beta=1e-3, points_weight=1.0, data_corruption=0.5,
-                 train_pixel_corruption=0.9, point_noise=1.0, in_memory=False, workers=4, low_memory=True, seeds=1,
-                 training_noise="fresh"),
+                 rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, keypoint_hidden=512, epochs=60,
+                 batch_size=64, eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, beta=1e-3,
+                 points_weight=1.0, data_corruption=0.5, train_pixel_corruption=0.9, point_noise=1.0, in_memory=False,
+                 workers=4, low_memory=True, seeds=1, training_noise="fresh"),
 }
-# The demo's settings (whatever they are tuned to), MoE, PoE and gPoE trained at several seeds: the
-# comparison with confidence intervals and paired differences (docs/handpose.md).
+# The demo's settings, MoE, PoE and gPoE at several seeds: intervals and paired differences (docs/handpose.md).
 PRESETS["study"] = dict(PRESETS["demo"], compare=True, seeds=6)
-# The settings of each preset that the paper publishes, and where; every other one is our choice
-# (results.json lists both, docs/handpose.md explains the choices).
-FROM_PAPER = {
-    "demo": {},
-    "study": {},
-    "full": {"num_train": "Section 4.1: RHD's 41258 training samples",
-             "num_eval": "Section 4.1: RHD's 2728 evaluation samples"},
-}
+# The settings of each preset that the paper publishes, and where; the others are our choices (results.json).
+FROM_PAPER = {"demo": {}, "study": {}, "full": {"num_train": "Section 4.1: RHD's 41258 training samples",
+                                                "num_eval": "Section 4.1: RHD's 2728 evaluation samples"}}
+TASK = report.Task("handpose_rhd", "Hand pose on RHD", "RHD", PRESETS, FROM_PAPER, ("mean_epe_mm", "mean EPE (mm)"),
+                   ".3f")
+# The tables' metrics, (header, key).
+COLUMNS = [("mean EPE (mm)", "mean_epe_mm"), ("AUC", "auc_20_50")]
 # Skeleton of one RHD hand: the wrist to each finger's MCP, then MCP -> PIP -> DIP -> tip.
 BONES = [(0, 4), (4, 3), (3, 2), (2, 1), (0, 8), (8, 7), (7, 6), (6, 5), (0, 12), (12, 11), (11, 10), (10, 9),
          (0, 16), (16, 15), (15, 14), (14, 13), (0, 20), (20, 19), (19, 18), (18, 17)]
 COLOURS = {"moe": (40, 160, 40), "poe": (220, 40, 40), "gpoe": (40, 80, 230), "mopoe": (200, 120, 20)}
-# The tables' metrics, (header, key), and the one the plots and the sweep show.
-COLUMNS = [("mean EPE (mm)", "mean_epe_mm"), ("AUC", "auc_20_50")]
-MAIN_METRIC = ("mean_epe_mm", "mean EPE (mm)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = Parser(description=__doc__.split("\n\n")[0], epilog="See docs/handpose.md.")
-    add_common_arguments(parser)
-    group = parser.add_argument_group("hand pose")
-    group.add_argument("--crop-size", type=positive_int, metavar="N", default=None,
-                       help="side of the square RGB crop of the hand")
-    group.add_argument("--keypoint-hidden", type=positive_int, metavar="N", default=None,
-                       help="width of the keypoint decoder's hidden layers")
-    finish_help(parser, PRESETS, out="runs/handpose_<preset>_<fusion>, or runs/handpose_<preset>_compare")
-    args = apply_preset(parser, parser.parse_args(argv), PRESETS)
-    if args.out is None:
-        args.out = Path(f"runs/handpose_{args.preset}" + ("_compare" if args.compare else f"_{args.fusion}"))
-    return args
+    parser = Parser(__doc__, "docs/handpose.md")
+    add = parser.add_argument_group("hand pose").add_argument
+    add("--crop-size", type=positive_int, metavar="N", help="side of the square RGB crop of the hand")
+    add("--keypoint-hidden", type=positive_int, metavar="N", help="width of the keypoint decoder's hidden layers")
+    return parser.parse(argv, PRESETS, "handpose")
 
 
-def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Dataset, Dataset]:
-    """The first --num-train training and --num-eval evaluation samples.
-
-    Streamed: each sample is decoded from disk when it is used (in the loader's workers), so memory
-    does not grow with the dataset; with --in-memory the same dataset is decoded once into memory.
-    Built-in data is generated once under --cache-dir. A folder that is no RHD (or a damaged one)
-    raises UsageError naming --data-root: one sample of each split is decoded here to find out.
-    """
-    if args.data_root is None:
-        if env.is_main:
-            root = ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=not args.no_progress)
-            print(f"built-in data: {root.parent} {describe_size(root.parent)}")
-        distributed.barrier(env)
-        root = ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=False)
-    else:
-        root = args.data_root
+def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
+    """The first --num-train training and --num-eval evaluation samples of --data-root or of the built-in data, streamed
+    or (--in-memory) decoded once into memory. A folder that is no RHD raises UsageError naming --data-root."""
+    root = args.data_root or training.builtin_root(
+        lambda progress: ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=progress),
+        not args.no_progress, env)
 
     def split_of(split: str, count: int, option: str) -> Dataset:
         full = RHDDataset(root, split, crop_size=args.crop_size, num_points=args.num_points, seed=args.seed)
@@ -130,122 +93,96 @@ def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Datas
             raise UsageError(option, f"{count} samples requested, but {root / split} has {len(full)}")
         return Subset(full, range(count))
 
-    train_set, eval_set = load_splits(split_of, [("training", args.num_train, "--num-train"),
-                                                 ("evaluation", args.num_eval, "--num-eval")],
-                                      args.in_memory, progress=not args.no_progress and env.is_main,
-                                      errors=(OSError, ValueError, KeyError, pickle.UnpicklingError))
-    return train_set, eval_set
+    splits = [("training", args.num_train, "--num-train"), ("evaluation", args.num_eval, "--num-eval")]
+    return load_splits(split_of, splits, args.in_memory, progress=not args.no_progress and env.is_main,
+                       errors=(OSError, ValueError, KeyError, pickle.UnpicklingError))
 
 
-def build_model(args: argparse.Namespace, fusion: str) -> CrossModalVAE:
-    """Encoders and decoders are built first from the same seed, so every fusion starts alike."""
-    torch.manual_seed(args.seed)
-    rgb = ResNet18Encoder(args.latent_dim, weights=args.rgb_weights, width=args.rgb_width,
-                          stem_pool=args.rgb_stem_pool)
-    points = ResPELEncoder(args.latent_dim, width=args.pel_width)
-    decoders = {"keypoints": KeypointDecoder(args.latent_dim, hidden=args.keypoint_hidden),
-                "points": FoldingNetDecoder(args.latent_dim, grid_size=args.grid_size, hidden=args.fold_hidden)}
-    layer = make_fusion(fusion, args.latent_dim, [rgb.feature_dim, points.feature_dim], args.credibility)
-    objective = gf.CrossModalObjective(layer, decoders, {"keypoints": squared_error, "points": chamfer_distance},
-                                       beta=args.beta, weights={"points": args.points_weight}, kl=mixture_kl(fusion))
-    return CrossModalVAE({"rgb": rgb, "points": points}, objective)
+def build_model(args: argparse.Namespace) -> CrossModalVAE:
+    """``networks.cross_modal_vae`` with the keypoint decoder (squared error) besides the point-cloud one."""
+    return cross_modal_vae(args, lambda: {"keypoints": KeypointDecoder(args.latent_dim, hidden=args.keypoint_hidden)},
+                           {"keypoints": squared_error})
 
 
 @torch.no_grad()
-def evaluate(model: CrossModalVAE, dataset, level: float, args: argparse.Namespace, device: torch.device) -> dict:
-    """Pose from RGB alone with every test image pixel-corrupted at ``level`` (paper Section 4.4)."""
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's metric groups: ``metrics``, the pose from RGB alone with every test image pixel-corrupted at each
+    --test-corruption level (paper Section 4.4; ``KeypointEvaluator``'s EPE, PCK and AUC), and the fusion's weights
+    under noise (``evaluation.fusion_weights``)."""
+    def pose(dataset: Dataset) -> dict:
+        evaluator = KeypointEvaluator()
+        for batch in eval_loader(dataset, args):
+            evaluator.update(model.predict(batch["rgb"].to(device), "keypoints").float().cpu(), batch["keypoints"],
+                             batch["scale"])
+        return evaluator.compute()
+
     model.eval()
-    evaluator = KeypointEvaluator()
-    for batch in eval_loader(test_corruption(dataset, level, args.seed), args):
-        pred = model.predict(batch["rgb"].to(device), "keypoints")
-        evaluator.update(pred.float().cpu(), batch["keypoints"], batch["scale"])
-    return evaluator.compute()
+    metrics = {str(level): pose(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+    return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
 
 
-def results_table(study: Study) -> str:
-    """Paper Table 3 layout: a row per fusion, mean EPE (mm) and AUC (20-50 mm) per corruption level;
-    over seeds, mean ± 95 % CI half-width."""
-    return fusion_table(study.results, COLUMNS, floatfmt=".3f", statistics=study.statistics)
-
-
-def project(keypoints: torch.Tensor, scale: torch.Tensor, root: torch.Tensor, K: torch.Tensor) -> np.ndarray:
-    """Normalised keypoints [21, 3] -> crop pixels [21, 2] through the crop intrinsics K."""
-    xyz = keypoints.double() * scale.double() + root.double()
-    uvw = xyz @ K.double().T
-    return (uvw[:, :2] / uvw[:, 2:3]).numpy()
-
-
-def draw_pose(image: Image.Image, uv: np.ndarray, colour: tuple[int, int, int], zoom: float) -> None:
-    draw = ImageDraw.Draw(image)
-    for a, b in BONES:
-        draw.line([tuple(uv[a] * zoom), tuple(uv[b] * zoom)], fill=colour, width=2)
-
-
-def qualitative_figure(models: dict[str, CrossModalVAE], eval_set, args: argparse.Namespace, path: Path,
+def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 3, zoom: int = 3) -> None:
-    """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each
-    fusion's prediction from RGB alone; corruption grows from left to right; a key of the colours below."""
+    """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each fusion's prediction
+    from RGB alone; corruption grows from left to right; a key of the colours below."""
+    def drawn(base: Image.Image, item: dict, poses: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> np.ndarray:
+        """``base`` with each of ``poses`` (normalised keypoints [21, 3], colour) drawn through the crop's K."""
+        image = base.copy()
+        for keypoints, colour in poses:
+            uvw = (keypoints.double() * item["scale"].double() + item["root"].double()) @ item["K"].double().T
+            uv = (uvw[:, :2] / uvw[:, 2:3]).numpy()
+            for a, b in BONES:
+                ImageDraw.Draw(image).line([tuple(uv[a] * zoom), tuple(uv[b] * zoom)], fill=colour, width=2)
+        return np.asarray(image)
+
     rows, labels = [], []
     for i in range(min(samples, len(eval_set))):
-        per_model: dict[str, list] = {name: [] for name in ["input"] + list(models)}
+        per_model: dict[str, list] = {name: [] for name in ["input", *models]}
         for level in args.test_corruption:
             item = test_corruption(eval_set, level, args.seed)[i]
             base = Image.fromarray((item["rgb"].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
             base = base.resize((base.width * zoom, base.height * zoom), Image.NEAREST)
-            gt = project(item["keypoints"], item["scale"], item["root"], item["K"])
-            image = base.copy()
-            draw_pose(image, gt, (0, 0, 0), zoom)
-            per_model["input"].append(np.asarray(image))
+            truth = (item["keypoints"], (0, 0, 0))
+            per_model["input"].append(drawn(base, item, [truth]))
             for name, model in models.items():
-                pred = model.predict(item["rgb"][None].to(next(model.parameters()).device), "keypoints")[0].float().cpu()
-                image = base.copy()
-                draw_pose(image, gt, (0, 0, 0), zoom)
-                draw_pose(image, project(pred, item["scale"], item["root"], item["K"]), COLOURS[name], zoom)
-                per_model[name].append(np.asarray(image))
-        for name, images in per_model.items():
-            rows.append(images)
-            labels.append(f"#{i} " + ("input + GT" if name == "input" else FUSION_LABELS[name]))
+                pred = model.predict(item["rgb"][None], "keypoints")[0].float()
+                per_model[name].append(drawn(base, item, [truth, (pred, COLOURS[name])]))
+        rows += per_model.values()
+        labels += [f"#{i} " + ("input + GT" if name == "input" else FUSION_LABELS[name]) for name in per_model]
     key = {"ground truth": (0, 0, 0), **{FUSION_LABELS[name]: COLOURS[name] for name in models}}
-    image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
-               legend=key)
+    report.image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
+                      legend=key)
 
 
-def write_report(args: argparse.Namespace, study: Study, eval_set, seconds: float) -> str:
-    """results.json, results.md (the Table 3 layout, over seeds the paired differences, the held-out
-    credibility), the EPE, PCK, alpha and credibility plots and the qualitative figure (of the first
-    seed's models), in --out. Returns the tables as markdown."""
-    out = Path(args.out)
-    data = str(args.data_root) if args.data_root is not None else "built-in synthetic RHD"
-    summary = write_summary(args, "handpose_rhd", data, study, seconds, PRESETS, FROM_PAPER[args.preset])
-    spread = (f", mean ± 95 % CI half-width over {len(study.seeds)} seeds" if len(study.seeds) > 1 else "")
+def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
+    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, the held-out
+    credibility), the EPE and PCK plots and the qualitative figure (first seed), in --out; returns the tables."""
+    out, results, statistics = Path(args.out), runs.results, runs.statistics
+    summary = study.write_summary(args, TASK, runs)
     tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "
-              f"better){spread}.\n\n{results_table(study)}\n"
-              f"{differences_markdown(study.statistics, COLUMNS, '.3f')}\n{credibility_markdown(study)}")
-    (out / "results.md").write_text(f"# Hand pose on RHD ({summary['data']}, preset {args.preset}, "
-                                    f"{seeds_phrase(study.seeds)})\n\n{tables}")
-    corruption_plot(study.results, "mean_epe_mm", out / "epe_vs_corruption.png", "mean EPE (mm)", "Pose from RGB",
-                    statistics=study.statistics)
-    first = f" (seed {study.seeds[0]})" if len(study.seeds) > 1 else ""
-    for f, r in study.results.items():
-        curves = {f"{float(lv):.0%}": m["pck_curve"] for lv, m in r["metrics"].items()}
-        line_plot(next(iter(r["metrics"].values()))["pck_thresholds_mm"], curves, out / f"pck_{f}.png",
-                  "error threshold (mm)", "3D PCK", f"{FUSION_LABELS[f]}: PCK under pixel corruption{first}",
-                  markers=False)
-    alpha_plots(study.results, out)
-    credibility_plots(study.results, out)
-    qualitative_figure(study.models, eval_set, args, out / "qualitative.png")
+              f"better){report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.3f', statistics)}\n"
+              f"{report.differences_markdown(statistics, COLUMNS, '.3f')}\n"
+              f"{report.credibility_markdown(results, statistics)}")
+    (out / "results.md").write_text(f"# {TASK.title} ({summary['data']}, preset {args.preset}, "
+                                    f"{report.seeds_phrase(runs.seeds)})\n\n{tables}")
+    report.corruption_plot(results, "mean_epe_mm", out / "epe_vs_corruption.png", "mean EPE (mm)", "Pose from RGB",
+                           statistics)
+    for f, r in results.items():
+        report.line_plot(next(iter(r["metrics"].values()))["pck_thresholds_mm"],
+                         {f"{float(lv):.0%}": m["pck_curve"] for lv, m in r["metrics"].items()}, out / f"pck_{f}.png",
+                         "error threshold (mm)", "3D PCK",
+                         f"{FUSION_LABELS[f]}: PCK under pixel corruption{report.first_seed(runs.seeds)}",
+                         markers=False)
+    qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 
 
-def write_sweep_report(args: argparse.Namespace, points: list[SweepPoint], seconds: float) -> str:
-    """The sweep over the training data corruption: results.json, results.md and its figure in --out."""
-    data = str(args.data_root) if args.data_root is not None else "built-in synthetic RHD"
-    return write_sweep_summary(args, "handpose_rhd", data, points, MAIN_METRIC, PRESETS, FROM_PAPER[args.preset],
-                               seconds, heading="Hand pose on RHD", floatfmt=".3f")
-
-
-def main(argv: list[str] | None = None) -> Study | list[SweepPoint] | None:
-    return run_experiment(parse_args(argv), load_data, build_model, evaluate, write_report, write_sweep_report)
+def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | None:
+    args = parse_args(argv)
+    with training.session(args) as env:
+        train_set, eval_set = load_data(args, env)
+        return study.run(args, env, TASK, training.runner(build_model, evaluate, train_set, eval_set, env),
+                         functools.partial(write_report, eval_set=eval_set))
 
 
 if __name__ == "__main__":

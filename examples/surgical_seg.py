@@ -1,90 +1,66 @@
 """Surgical scene segmentation from RGB with a cross-modal VAE and MoE / PoE / gPoE fusion (paper Tables 1, 4).
 
-RGB (ResNet-18) and the view's depth point cloud (ResPEL) are encoded to Gaussian posteriors and
-fused; the joint and each unimodal latent decode the five-class segmentation mask (DCGAN-style
-decoder to per-class logits, cross-entropy) and the point cloud (FoldingNet, Chamfer), paper
-Eq. 12-15 (Eq. 16 for MoE). A fraction of the training samples is corrupted (pixel corruption on
-RGB, Gaussian noise on the points); at test time the mask comes from RGB alone
-(z_rgb -> segmentation decoder) at several pixel-corruption levels, scored by IoU and F1.
+RGB (ResNet-18) and the view's depth point cloud (ResPEL) are encoded and fused; the joint and each unimodal latent
+decode the five-class mask (a DCGAN-style decoder, cross-entropy) and the point cloud (FoldingNet), paper Eq. 12-15 (Eq.
+16 for MoE), on training views of which a fraction is corrupted; at test time the mask comes from RGB alone at several
+pixel-corruption levels, scored by IoU and F1. The script reads as examples/handpose_rhd.py does. See docs/surgical.md.
 
     python examples/surgical_seg.py                       # demo: built-in data, gPoE, under 3 min on 2 CPU cores
     python examples/surgical_seg.py --compare             # MoE vs PoE vs gPoE (paper Tables 1 and 4, Fig. 6)
     python examples/surgical_seg.py --preset study        # the comparison over 6 seeds: means, CIs, paired differences
-    python examples/surgical_seg.py --compare --corruption-sweep 0 0.25 0.5 0.75   # IoU against training corruption
     python examples/surgical_seg.py --preset full --data-root /data/sim2real --rgb-weights resnet18-f37072fd.pth
     torchrun --nproc_per_node 2 examples/surgical_seg.py  # data-parallel (gloo on CPU, nccl on GPU)
-
-See docs/surgical.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-import gpoe_fusion as gf
-from common import distributed
-from common.checkpoint import write_json
+from common import report, study, training
 from common.cli import Parser, UsageError, positive_float, positive_int
-from common.data import Fields, eval_loader, load_splits
-from common.corruption import test_corruption
-from common.experiment import run_experiment
-from common.fusions import make_fusion, mixture_kl
-from common.model import CrossModalVAE
-from common.networks import DCGANDecoder, FoldingNetDecoder, ResNet18Encoder, ResPELEncoder
-from common.options import add_common_arguments, apply_preset, finish_help
-from common.report import (FUSION_LABELS, alpha_plots, corruption_levels, corruption_plot, credibility_plots,
-                           fusion_table, image_grid, markdown_table, metric_cell)
-from common.study import Study, SweepPoint
-from common.summary import (credibility_markdown, describe_size, differences_markdown, seeds_phrase, write_summary,
-                            write_sweep_summary)
-from gpoe_fusion.likelihoods import chamfer_distance, cross_entropy
+from common.data import Fields, eval_loader, load_splits, test_corruption
+from common.evaluation import fusion_weights
+from common.networks import CrossModalVAE, DCGANDecoder, cross_modal_vae
+from common.report import FUSION_LABELS
+from gpoe_fusion.likelihoods import cross_entropy
 from sim2real.dataset import (CLASS_COLORS, CLASS_NAMES, DEFAULT_HFOV_DEG, IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES,
                               SPLITS, Sim2RealDataset, classes_to_colors, default_intrinsics)
 from sim2real.metrics import SegmentationEvaluator
 from sim2real.synthetic import ensure_builtin_sim2real
 
 PRESETS = {
-    # Built-in data at small sizes: the whole method in a few minutes on a 2-core CPU, the decoded
-    # views held in memory. The RGB encoder is the narrow ResNet-18 and the point branch the small
-    # one of the hand-pose demo (the same reasons, docs/handpose.md), and the training noise is the
-    # hand-pose demo's: 90 percent of the pixels of a corrupted image, about the cloud's extent of
-    # noise on a corrupted point cloud, on 30 percent of the views.
+    # Built-in data at small sizes, held in memory: a few minutes on a 2-core CPU. The networks and the training
+    # noise are the hand-pose demo's (docs/handpose.md): 90 % of an image's pixels, about the cloud's extent of
+    # noise on the points, on 30 % of the views.
     "demo": dict(num_train=1200, num_eval=200, image_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, seg_base=128, seg_min_channels=16,
                  epochs=48, batch_size=32, eval_batch_size=100, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.5,
                  beta=1e-3, points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0,
-                 in_memory=True, workers=0, low_memory=False, seeds=1, split="random",
-                 training_noise="fresh"),
-    # The real Sim2Real random views at the paper's image size, streamed from disk by worker
-    # processes; num_train / num_eval None means every view of the split (12000 training views of
-    # scenes 1-4, 3000 test views of scene 7). The paper publishes the image size and the data
-    # (FROM_PAPER); schedule, widths, latent size, point count, split and noise strengths are ours.
+                 in_memory=True, workers=0, low_memory=False, seeds=1, split="random", training_noise="fresh"),
+    # The real random views at the paper's image size, streamed from disk; num_train / num_eval None: every view of
+    # the split (12000 of scenes 1-4, 3000 of scene 7). The paper gives the image size and the data (FROM_PAPER).
     "full": dict(num_train=None, num_eval=None, image_size=256, num_points=1024, latent_dim=64, rgb_width=64,
-                 rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, seg_base=256, seg_min_channels=32, epochs=60, batch_size=64,
-                 eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, beta=1e-3, points_weight=1.0,
-                 data_corruption=0.5, train_pixel_corruption=0.9, point_noise=1.0, in_memory=False, workers=4,
-                 low_memory=True, seeds=1, split="scene", training_noise="fresh"),
+                 rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, seg_base=256, seg_min_channels=32,
+                 epochs=60, batch_size=64, eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0,
+                 beta=1e-3, points_weight=1.0, data_corruption=0.5, train_pixel_corruption=0.9, point_noise=1.0,
+                 in_memory=False, workers=4, low_memory=True, seeds=1, split="scene", training_noise="fresh"),
 }
-# The demo's settings (whatever they are tuned to), MoE, PoE and gPoE trained at several seeds: the
-# comparison with confidence intervals and paired differences (docs/surgical.md).
+# The demo's settings, MoE, PoE and gPoE at several seeds: intervals and paired differences (docs/surgical.md).
 PRESETS["study"] = dict(PRESETS["demo"], compare=True, seeds=6)
-# The settings of each preset that the paper publishes, and where; every other one is our choice
-# (results.json lists both, docs/surgical.md explains the choices).
-FROM_PAPER = {
-    "demo": {},
-    "study": {},
-    "full": {"image_size": "Section 4.2: RGB centre-cropped and resized to 256x256",
-             "num_train": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)",
-             "num_eval": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)"},
-}
+# The settings of each preset that the paper publishes, and where; the others are our choices (results.json).
+FROM_PAPER = {"demo": {}, "study": {}, "full": {
+    "image_size": "Section 4.2: RGB centre-cropped and resized to 256x256",
+    "num_train": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)",
+    "num_eval": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)"}}
 IGNORE_INDEX = 255
 TRAIN_SPLIT, EVAL_SPLIT = "train", "test"
 # --split random: a permutation of the views of every scene drawn from this seed, whatever --seed is,
@@ -96,9 +72,10 @@ FIELDS = ("rgb", "mask", "points")  # what training and evaluation read of a vie
 VIEWS_PER_SCENE = 3000
 # Paper Table 1 compares PoE and gPoE at these test pixel-corruption levels.
 TABLE1_LEVELS = (0.0, 0.5, 0.7)
-# The tables' metrics, (header, key), and the one the sweep shows.
+TASK = report.Task("surgical_seg", "Surgical segmentation on Sim2Real", "Sim2Real", PRESETS, FROM_PAPER,
+                   ("iou", "IoU (macro)"), ".4f")
+# The tables' metrics, (header, key).
 COLUMNS = [("IoU", "iou"), ("F1", "f1")]
-MAIN_METRIC = ("iou", "IoU (macro)")
 AVERAGING = ("IoU and F1 per class from one confusion matrix accumulated over every evaluated pixel of the test set; "
              "the single IoU and F1 are macro averages, the unweighted mean over the classes present in the "
              "ground truth or the prediction (torchmetrics' average='macro'); pixels labelled ignore_index "
@@ -106,63 +83,51 @@ AVERAGING = ("IoU and F1 per class from one confusion matrix accumulated over ev
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = Parser(description=__doc__.split("\n\n")[0], epilog="See docs/surgical.md.")
-    add_common_arguments(parser)
-    group = parser.add_argument_group("segmentation")
-    group.add_argument("--image-size", type=positive_int, metavar="N", default=None,
-                       help="side of the square RGB and mask, a power of two >= 8 (the paper's: 256)")
-    group.add_argument("--seg-base", type=positive_int, metavar="N", default=None,
-                       help="channels of the segmentation decoder's 4x4 map")
-    group.add_argument("--seg-min-channels", type=positive_int, metavar="N", default=None,
-                       help="fewest channels of the segmentation decoder's layers")
-    group.add_argument("--intrinsics", type=positive_float, nargs=4, metavar=("FX", "FY", "CX", "CY"), default=None,
-                       help="pinhole intrinsics of the full 512x256 views in pixels: the random views store none "
-                            "(default: assumed, a 90 degree horizontal field of view: 256 256 255.5 127.5)")
-    group.add_argument("--split", choices=("scene", "random"), default=None,
-                       help="scene: train on scenes 1-4, test on scene 7, an anatomy never seen in training; "
-                            "random: a seeded random split of the views of all 7 scenes, test views from the "
-                            "anatomies seen in training (--num-eval of them, default a tenth)")
-    group.add_argument("--unknown-colors", choices=("error", "ignore"), default="error",
-                       help=f"a segmentation colour that is no class: an error, or ignored "
-                            f"(label {IGNORE_INDEX}, left out of loss and metrics)")
-    finish_help(parser, PRESETS, out="runs/surgical_<preset>_<fusion>, or runs/surgical_<preset>_compare",
-                num_train="demo 1200, full every view of scenes 1-4 (with --split random: of the views "
-                          "that do not test)",
-                num_eval="demo 200, full every view of scene 7 (with --split random: a tenth of the views)")
-    args = apply_preset(parser, parser.parse_args(argv), PRESETS)
+    parser = Parser(__doc__, "docs/surgical.md")
+    add = parser.add_argument_group("segmentation").add_argument
+    add("--image-size", type=positive_int, metavar="N",
+        help="side of the square RGB and mask, a power of two >= 8 (the paper's: 256)")
+    add("--seg-base", type=positive_int, metavar="N", help="channels of the segmentation decoder's 4x4 map")
+    add("--seg-min-channels", type=positive_int, metavar="N", help="fewest channels of the decoder's layers")
+    add("--intrinsics", type=positive_float, nargs=4, metavar=("FX", "FY", "CX", "CY"),
+        help="pinhole intrinsics of the full 512x256 views in pixels: the random views store none (default: "
+             "assumed, a 90 degree horizontal field of view: 256 256 255.5 127.5)")
+    add("--split", choices=("scene", "random"),
+        help="scene: train on scenes 1-4, test on scene 7, an anatomy never seen in training; random: a seeded random "
+             "split of the views of all 7 scenes, test views from the anatomies seen in training (--num-eval of them, "
+             "default a tenth)")
+    add("--unknown-colors", choices=("error", "ignore"), default="error",
+        help=f"a segmentation colour that is no class: an error, or ignored (label {IGNORE_INDEX}, left out of loss "
+             f"and metrics)")
+    args = parser.parse(argv, PRESETS, "surgical",
+                        num_train="demo 1200, full every view of scenes 1-4 (with --split random: of the views that do "
+                                  "not test)", num_eval="demo 200, full every view of scene 7 (with --split random: a "
+                                                        "tenth of the views)")
     if args.image_size < 8 or args.image_size & (args.image_size - 1):
         parser.error(f"argument --image-size: expected a power of two >= 8 (the segmentation decoder doubles a 4x4 "
                      f"map up to it), got {args.image_size}")
-    if args.out is None:
-        args.out = Path(f"runs/surgical_{args.preset}" + ("_compare" if args.compare else f"_{args.fusion}"))
     return args
 
 
 def intrinsics_matrix(args: argparse.Namespace) -> np.ndarray | None:
     """--intrinsics as a [3, 3] matrix, or None for the loader's documented default."""
-    if args.intrinsics is None:
-        return None
-    fx, fy, cx, cy = args.intrinsics
-    return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    fx, fy, cx, cy = args.intrinsics or (None,) * 4
+    return None if args.intrinsics is None else np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
 
 
 def intrinsics_record(args: argparse.Namespace) -> dict:
     """The intrinsics the point clouds were made with and where they come from, for results.json."""
-    if args.intrinsics is not None:
-        fx, fy, cx, cy = args.intrinsics
-        source = "--intrinsics"
-    else:
-        K = default_intrinsics(IMAGE_WIDTH, IMAGE_HEIGHT)
-        fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-        source = (f"assumed: a pinhole with a {DEFAULT_HFOV_DEG:.0f} degree horizontal field of view (the random "
-                  f"views store no intrinsics; the paper uses the provided ones, Section 4.2)")
-    return {"fx": float(fx), "fy": float(fy), "cx": float(cx), "cy": float(cy),
+    K = intrinsics_matrix(args) if args.intrinsics else default_intrinsics(IMAGE_WIDTH, IMAGE_HEIGHT)
+    source = "--intrinsics" if args.intrinsics else (
+        f"assumed: a pinhole with a {DEFAULT_HFOV_DEG:.0f} degree horizontal field of view (the random views store "
+        f"no intrinsics; the paper uses the provided ones, Section 4.2)")
+    return {"fx": float(K[0, 0]), "fy": float(K[1, 1]), "cx": float(K[0, 2]), "cy": float(K[1, 2]),
             "image": f"{IMAGE_WIDTH}x{IMAGE_HEIGHT} (before the centre crop)", "source": source}
 
 
 def builtin_views_per_scene(args: argparse.Namespace) -> int:
-    """Views per scene of built-in data large enough for --num-train and --num-eval: with --split scene,
-    spread over scenes 1-4 and scene 7; with --split random, both together over the 7 scenes."""
+    """Views per scene of built-in data large enough for --num-train and --num-eval: with --split scene, spread over
+    scenes 1-4 and scene 7; with --split random, both together over the 7 scenes."""
     if args.num_train is None or args.num_eval is None:
         return VIEWS_PER_SCENE
     if args.split == "random":
@@ -172,9 +137,9 @@ def builtin_views_per_scene(args: argparse.Namespace) -> int:
 
 
 def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """--split random: the positions of the test and the training views among ``size`` views of all
-    scenes, each sorted. A permutation from RANDOM_SPLIT_SEED: its first --num-eval views (default a
-    tenth) are the test views, the next --num-train (default all others) the training views."""
+    """--split random: the positions of the test and the training views among ``size`` views of all scenes, each sorted.
+    A permutation from RANDOM_SPLIT_SEED: its first --num-eval views (default a tenth) are the test views, the next
+    --num-train (default all others) the training views."""
     order = np.random.default_rng(RANDOM_SPLIT_SEED).permutation(size)
     num_eval = size // 10 if args.num_eval is None else args.num_eval
     if num_eval > size:
@@ -187,28 +152,15 @@ def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
     return {EVAL_SPLIT: np.sort(order[:num_eval]), TRAIN_SPLIT: np.sort(order[num_eval:num_eval + num_train])}
 
 
-def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Dataset, Dataset]:
-    """The training and test views of --split: scenes 1-4 and scene 7 (a count below a split's size
-    takes views evenly spaced over the split), or a seeded random split of the views of all scenes.
-
-    Streamed: each view is decoded from disk when it is used (in the loader's workers), so memory
-    does not grow with the dataset; with --in-memory the same dataset is decoded once into memory.
-    Built-in data is generated once under --cache-dir. A folder that is no Sim2Real (or a damaged
-    one) raises UsageError naming --data-root: one view of each split is decoded here to find out.
-    """
-    if env.is_main:
-        record = intrinsics_record(args)
-        print(f"intrinsics: fx {record['fx']:g}, fy {record['fy']:g}, cx {record['cx']:g}, cy {record['cy']:g} "
-              f"({record['source'].split(' (')[0]})")
-    if args.data_root is None:
-        views = builtin_views_per_scene(args)
-        if env.is_main:
-            root = ensure_builtin_sim2real(args.cache_dir, views, progress=not args.no_progress)
-            print(f"built-in data: {root} {describe_size(root)}")
-        distributed.barrier(env)
-        root = ensure_builtin_sim2real(args.cache_dir, views, progress=False)
-    else:
-        root = args.data_root
+def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
+    """The training and test views of --split of --data-root, or of the built-in data (generated once under
+    --cache-dir): scenes 1-4 and scene 7 (a count below a split's size takes views evenly spaced over the split), or a
+    seeded random split of the views of all scenes. Streamed: each view is decoded from disk when it is used, in the
+    loader's workers; with --in-memory decoded once into memory. A folder that is no Sim2Real (or a damaged one) raises
+    UsageError naming --data-root."""
+    root = args.data_root or training.builtin_root(
+        lambda progress: ensure_builtin_sim2real(args.cache_dir, builtin_views_per_scene(args), progress=progress),
+        not args.no_progress, env)
 
     def views_of(scenes: Sequence[int]) -> Sim2RealDataset:
         return Sim2RealDataset(root, scenes=scenes, image_size=args.image_size, num_points=args.num_points,
@@ -218,19 +170,16 @@ def load_data(args: argparse.Namespace, env: distributed.DistEnv) -> tuple[Datas
     def split_of(split: str, count: int | None, option: str) -> Dataset:
         if args.split == "random":
             every = views_of(ALL_SCENES)
-            return Fields(Subset(every, split_indices(len(every), args)[split].tolist()), FIELDS)
+            return Fields(every, split_indices(len(every), args)[split].tolist(), FIELDS)
         full = views_of(SPLITS[split])
         count = len(full) if count is None else count
         if count > len(full):
             raise UsageError(option, f"{count} views requested, but the {split} split (scenes "
                                      f"{', '.join(map(str, full.scenes))}) of {root} has {len(full)}")
-        indices = np.linspace(0, len(full) - 1, count).round().astype(int).tolist()
-        return Fields(Subset(full, indices), FIELDS)
+        return Fields(full, np.linspace(0, len(full) - 1, count).round().astype(int).tolist(), FIELDS)
 
-    train_set, eval_set = load_splits(split_of, [(TRAIN_SPLIT, args.num_train, "--num-train"),
-                                                 (EVAL_SPLIT, args.num_eval, "--num-eval")],
-                                      args.in_memory, progress=not args.no_progress and env.is_main)
-    return train_set, eval_set
+    splits = [(TRAIN_SPLIT, args.num_train, "--num-train"), (EVAL_SPLIT, args.num_eval, "--num-eval")]
+    return load_splits(split_of, splits, args.in_memory, progress=not args.no_progress and env.is_main)
 
 
 def splits_record(args: argparse.Namespace) -> dict:
@@ -242,78 +191,48 @@ def splits_record(args: argparse.Namespace) -> dict:
     return {"kind": "scene", "train": list(SPLITS[TRAIN_SPLIT]), "eval": list(SPLITS[EVAL_SPLIT])}
 
 
-def build_model(args: argparse.Namespace, fusion: str) -> CrossModalVAE:
-    """Encoders and decoders are built first from the same seed, so every fusion starts alike."""
-    torch.manual_seed(args.seed)
-    rgb = ResNet18Encoder(args.latent_dim, weights=args.rgb_weights, width=args.rgb_width,
-                          stem_pool=args.rgb_stem_pool)
-    points = ResPELEncoder(args.latent_dim, width=args.pel_width)
-    decoders = {"mask": DCGANDecoder(args.latent_dim, NUM_CLASSES, out_size=args.image_size, base=args.seg_base,
-                                     min_channels=args.seg_min_channels),
-                "points": FoldingNetDecoder(args.latent_dim, grid_size=args.grid_size, hidden=args.fold_hidden)}
-    layer = make_fusion(fusion, args.latent_dim, [rgb.feature_dim, points.feature_dim], args.credibility)
-    likelihoods = {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX), "points": chamfer_distance}
-    objective = gf.CrossModalObjective(layer, decoders, likelihoods, beta=args.beta,
-                                       weights={"points": args.points_weight}, kl=mixture_kl(fusion))
-    return CrossModalVAE({"rgb": rgb, "points": points}, objective)
+def build_model(args: argparse.Namespace) -> CrossModalVAE:
+    """RGB and point-cloud encoders, --fusion, and the segmentation decoder (per-pixel cross-entropy, ignore index 255)
+    besides the point-cloud one (``networks.cross_modal_vae``)."""
+    return cross_modal_vae(args, lambda: {"mask": DCGANDecoder(args.latent_dim, NUM_CLASSES, out_size=args.image_size,
+                                                               base=args.seg_base, min_channels=args.seg_min_channels)},
+                           {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX)})
 
 
 @torch.no_grad()
-def evaluate(model: CrossModalVAE, dataset, level: float, args: argparse.Namespace, device: torch.device) -> dict:
-    """Masks from RGB alone with every test image pixel-corrupted at ``level`` (paper Section 5.3).
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's metric groups: ``metrics``, the masks from RGB alone with every test image pixel-corrupted at each
+    --test-corruption level (paper Section 5.3; SegmentationEvaluator's ``iou``, ``f1`` macro-averaged,
+    ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and prediction,
+    ``support``, ``pixels``, and ``num_samples``), and the fusion's weights under noise
+    (``evaluation.fusion_weights``)."""
+    def masks(dataset: Dataset) -> dict:
+        evaluator = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX)
+        for batch in eval_loader(dataset, args):
+            evaluator.update(model.predict(batch["rgb"].to(device), "mask").float(), batch["mask"].to(device))
+        scores = evaluator.compute()
+        for key in ("iou_per_class", "f1_per_class"):  # NaN is no JSON value
+            scores[key] = [None if math.isnan(v) else v for v in scores[key]]
+        return {**scores, "num_samples": len(dataset)}
 
-    Returns SegmentationEvaluator's scores (``iou``, ``f1`` macro-averaged, ``pixel_accuracy``,
-    ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and prediction,
-    ``support``, ``pixels``) and ``num_samples``.
-    """
     model.eval()
-    evaluator = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX)
-    for batch in eval_loader(test_corruption(dataset, level, args.seed), args):
-        logits = model.predict(batch["rgb"].to(device), "mask")
-        evaluator.update(logits.float(), batch["mask"].to(device))
-    scores = evaluator.compute()
-    for key in ("iou_per_class", "f1_per_class"):  # NaN is no JSON value
-        scores[key] = [None if math.isnan(v) else v for v in scores[key]]
-    return {**scores, "num_samples": len(dataset)}
+    metrics = {str(level): masks(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+    return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
 
 
-def results_table(study: Study) -> str:
-    """Paper Table 4 layout: a row per fusion, IoU and F1 (macro) per corruption level; over seeds,
-    mean ± 95 % CI half-width."""
-    return fusion_table(study.results, COLUMNS, floatfmt=".4f", statistics=study.statistics)
-
-
-def table_rows(study: Study, fusions: list[str], levels: list[str]) -> list[dict]:
+def table_rows(runs: study.Study, fusions: list[str], levels: list[str]) -> list[dict]:
     """A row per level and fusion: its IoU and F1, over seeds their means and 95 % intervals."""
-    statistics = study.statistics
     rows = []
-    for lv in levels:
-        for f in fusions:
-            row = {"corruption": float(lv), "fusion": f}
-            for _, key in COLUMNS:
-                if statistics is None:
-                    row[key] = study.results[f]["metrics"][lv][key]
-                else:
-                    summary = statistics["metrics"][f][lv][key]
-                    row.update({key: summary["mean"], f"{key}_ci95": summary["ci95"], "seeds": summary["n"]})
-            rows.append(row)
+    for lv, f in itertools.product(levels, fusions):
+        row = {"corruption": float(lv), "fusion": f}
+        for _, key in COLUMNS:
+            if runs.statistics is None:
+                row[key] = runs.results[f]["metrics"][lv][key]
+            else:
+                summary = runs.statistics["metrics"][f][lv][key]
+                row.update({key: summary["mean"], f"{key}_ci95": summary["ci95"], "seeds": summary["n"]})
+        rows.append(row)
     return rows
-
-
-def table1_rows(study: Study) -> list[dict]:
-    """Paper Table 1: PoE and gPoE at the evaluated levels among 0, 50 and 70 % (empty without both)."""
-    if not {"poe", "gpoe"} <= set(study.fusions):
-        return []
-    return table_rows(study, ["poe", "gpoe"], [lv for lv in corruption_levels(study.results)
-                                               if float(lv) in TABLE1_LEVELS])
-
-
-def table1_markdown(study: Study) -> str:
-    levels = [lv for lv in corruption_levels(study.results) if float(lv) in TABLE1_LEVELS]
-    cells = [[f"{float(lv):.0%}" if i == 0 else "", FUSION_LABELS[f]]
-             + [metric_cell(study.results, study.statistics, f, lv, key, ".4f") for _, key in COLUMNS]
-             for lv in levels for i, f in enumerate(("poe", "gpoe"))]
-    return markdown_table(["Pixel corruption", "Method", "IoU", "F1"], cells, floatfmt=".4f")
 
 
 def per_class_table(results: dict) -> str:
@@ -323,82 +242,76 @@ def per_class_table(results: dict) -> str:
 
     rows = [[FUSION_LABELS[f], f"{float(lv):.0%}"] + list(map(pair, m["iou_per_class"], m["f1_per_class"]))
             for f, r in results.items() for lv, m in r["metrics"].items()]
-    return markdown_table(["Fusion", "Corruption"] + [f"{name} IoU / F1" for name in CLASS_NAMES], rows)
-
-
-def to_image(rgb: torch.Tensor) -> np.ndarray:
-    """rgb float [3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
-    return (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return report.markdown_table(["Fusion", "Corruption"] + [f"{name} IoU / F1" for name in CLASS_NAMES], rows)
 
 
 @torch.no_grad()
-def qualitative_figure(models: dict[str, CrossModalVAE], eval_set, args: argparse.Namespace, path: Path,
+def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 2) -> None:
-    """Like paper Fig. 6: per sample, the input, the ground truth, then each fusion's mask from RGB
-    alone; the test pixel corruption grows from left to right."""
+    """Like paper Fig. 6: per sample, the input, the ground truth, then each fusion's mask from RGB alone; the test
+    pixel corruption grows from left to right."""
     rows, labels = [], []
     for i in range(min(samples, len(eval_set))):
         inputs = torch.stack([test_corruption(eval_set, level, args.seed)[i]["rgb"] for level in args.test_corruption])
         truth = classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)
-        rows += [[to_image(x) for x in inputs], [truth] * len(inputs)]
-        labels += [f"#{i} input", f"#{i} ground truth"]
-        for name, model in models.items():
-            model.eval()
-            pred = model.predict(inputs.to(next(model.parameters()).device), "mask").argmax(1).cpu().numpy()
-            rows.append([classes_to_colors(p) for p in pred])
-            labels.append(f"#{i} {FUSION_LABELS[name]}")
+        rows += [[(x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in inputs],
+                 [truth] * len(inputs),
+                 *([classes_to_colors(p) for p in m.predict(inputs, "mask").argmax(1).numpy()]
+                   for m in models.values())]
+        labels += [f"#{i} input", f"#{i} ground truth"] + [f"#{i} {FUSION_LABELS[name]}" for name in models]
     key = dict(zip(CLASS_NAMES, CLASS_COLORS))
     if args.unknown_colors == "ignore":
         key["not a class (ignored)"] = (0, 0, 0)
-    image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
-               legend=key)
+    report.image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
+                      legend=key)
 
 
-def write_report(args: argparse.Namespace, study: Study, eval_set, seconds: float) -> str:
-    """results.json, results.md, the Table 4 and Table 1 layouts (markdown and JSON; over seeds, means
-    with 95 % intervals), the paired differences over seeds, the held-out credibility, the IoU / F1,
-    alpha and credibility plots and the qualitative figure (of the first seed's models), in --out.
-    Returns the tables as markdown."""
-    out = Path(args.out)
-    data = str(args.data_root) if args.data_root is not None else "built-in synthetic Sim2Real"
-    summary = write_summary(args, "surgical_seg", data, study, seconds, PRESETS, FROM_PAPER[args.preset],
-                            classes=list(CLASS_NAMES), averaging=AVERAGING, intrinsics=intrinsics_record(args),
-                            splits=splits_record(args))
-    table4 = results_table(study)
-    write_json(out / "table4.json", {"layout": "paper Table 4", "averaging": AVERAGING,
-                                     "rows": table_rows(study, study.fusions, corruption_levels(study.results))})
+def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
+    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds, means with 95 %
+    intervals), the paired differences over seeds, the held-out credibility, the IoU / F1 plots and the qualitative
+    figure (of the first seed's models), in --out. Returns the tables as markdown."""
+    out, results, statistics = Path(args.out), runs.results, runs.statistics
+    summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,
+                                  intrinsics=intrinsics_record(args), splits=splits_record(args))
+    levels = report.corruption_levels(results)
+    table4 = report.fusion_table(results, COLUMNS, ".4f", statistics)
+    training.write_json(out / "table4.json", {"layout": "paper Table 4", "averaging": AVERAGING,
+                                     "rows": table_rows(runs, runs.fusions, levels)})
     (out / "table4.md").write_text(table4)
-    spread = f", mean ± 95 % CI half-width over {len(study.seeds)} seeds" if len(study.seeds) > 1 else ""
-    tables = f"Paper Table 4 layout: IoU and F1 (macro) from RGB alone{spread}.\n\n{table4}"
-    rows = table1_rows(study)
-    if rows:
-        table1 = table1_markdown(study)
-        write_json(out / "table1.json", {"layout": "paper Table 1", "averaging": AVERAGING, "rows": rows})
+    tables = f"Paper Table 4 layout: IoU and F1 (macro) from RGB alone{report.spread(runs.seeds)}.\n\n{table4}"
+    table1_levels = [lv for lv in levels if float(lv) in TABLE1_LEVELS]
+    if {"poe", "gpoe"} <= set(runs.fusions):  # paper Table 1: PoE and gPoE at its levels
+        table1 = report.markdown_table(["Pixel corruption", "Method", "IoU", "F1"], [
+            [f"{float(lv):.0%}" if i == 0 else "", FUSION_LABELS[f]]
+            + [report.metric_cell(results, statistics, f, lv, key, ".4f") for _, key in COLUMNS]
+            for lv in table1_levels for i, f in enumerate(("poe", "gpoe"))])
+        training.write_json(out / "table1.json", {"layout": "paper Table 1", "averaging": AVERAGING,
+                                         "rows": table_rows(runs, ["poe", "gpoe"], table1_levels)})
         (out / "table1.md").write_text(table1)
         tables += f"\nPaper Table 1 layout: PoE vs gPoE.\n\n{table1}"
-    tables += f"\n{differences_markdown(study.statistics, COLUMNS, '.4f')}\n{credibility_markdown(study)}"
-    first = f" (seed {study.seeds[0]})" if len(study.seeds) > 1 else ""
+    tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f')}\n"
+               f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(
-        f"# Surgical segmentation on Sim2Real ({summary['data']}, preset {args.preset}, {seeds_phrase(study.seeds)})"
-        f"\n\nMasks from RGB alone (z_rgb -> segmentation decoder), {len(eval_set)} test views. {AVERAGING}.\n\n"
-        f"{tables}\nPer class{first}, IoU / F1:\n\n{per_class_table(study.results)}")
-    for key, name, label in (("iou", "iou_vs_corruption.png", "IoU (macro)"), ("f1", "f1_vs_corruption.png", "F1 (macro)")):
-        corruption_plot(study.results, key, out / name, label, "Segmentation from RGB", statistics=study.statistics)
-    alpha_plots(study.results, out)
-    credibility_plots(study.results, out)
-    qualitative_figure(study.models, eval_set, args, out / "qualitative.png")
+        f"# {TASK.title} ({summary['data']}, preset {args.preset}, {report.seeds_phrase(runs.seeds)})\n\nMasks from "
+        f"RGB alone (z_rgb -> segmentation decoder), {len(eval_set)} test views. {AVERAGING}.\n\n{tables}\nPer class"
+        f"{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
+    for key, label in (("iou", "IoU (macro)"), ("f1", "F1 (macro)")):
+        report.corruption_plot(results, key, out / f"{key}_vs_corruption.png", label, "Segmentation from RGB",
+                               statistics)
+    qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 
 
-def write_sweep_report(args: argparse.Namespace, points: list[SweepPoint], seconds: float) -> str:
-    """The sweep over the training data corruption: results.json, results.md and its figure in --out."""
-    data = str(args.data_root) if args.data_root is not None else "built-in synthetic Sim2Real"
-    return write_sweep_summary(args, "surgical_seg", data, points, MAIN_METRIC, PRESETS, FROM_PAPER[args.preset],
-                               seconds, heading="Surgical segmentation on Sim2Real", floatfmt=".4f")
-
-
-def main(argv: list[str] | None = None) -> Study | list[SweepPoint] | None:
-    return run_experiment(parse_args(argv), load_data, build_model, evaluate, write_report, write_sweep_report)
+def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | None:
+    args = parse_args(argv)
+    with training.session(args) as env:
+        if env.is_main:
+            record = intrinsics_record(args)
+            print(f"intrinsics: fx {record['fx']:g}, fy {record['fy']:g}, cx {record['cx']:g}, cy {record['cy']:g} "
+                  f"({record['source'].split(' (')[0]})")
+        train_set, eval_set = load_data(args, env)
+        return study.run(args, env, TASK, training.runner(build_model, evaluate, train_set, eval_set, env),
+                         functools.partial(write_report, eval_set=eval_set))
 
 
 if __name__ == "__main__":

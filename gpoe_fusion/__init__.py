@@ -9,7 +9,7 @@ fusion of Gaussian latents.
 See README.md and docs/api.md.
 """
 
-from . import credibility, diagnostics, functional, likelihoods, noise, objectives, ops
+from . import credibility, diagnostics, distributed, functional, likelihoods, noise, objectives, ops
 from ._validation import set_validation, validation_enabled
 from .credibility import EntropyCredibility, GlobalCredibility, IndependentCredibility, JointCredibility
 from .distributions import Gaussian, GaussianMixture
@@ -33,6 +33,7 @@ __all__ = [
     "PoE",
     "credibility",
     "diagnostics",
+    "distributed",
     "extension_available",
     "extension_info",
     "functional",

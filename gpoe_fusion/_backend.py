@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _reference, ops
 
-__all__ = ["BACKENDS", "fuse", "kernel_supports", "subsets", "use_kernel"]
+__all__ = ["BACKENDS", "fuse", "kernel_supports", "mopoe", "use_kernel"]
 
 BACKENDS = ("auto", "kernel", "torch")
 
@@ -109,7 +109,7 @@ def fuse(
     return joint + (flat.unflatten(outputs[2]),) if return_weights else joint
 
 
-def subsets(
+def mopoe(
     mu: Tensor,
     logvar: Tensor,
     logits: Tensor | None,
@@ -118,9 +118,9 @@ def subsets(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Every subset's product (MoPoE's components), [S, *batch, D], of checked experts
-    [M, *batch, D] (see ``_reference.subsets``)."""
+    [M, *batch, D] (see ``_reference.mopoe``)."""
     if not use_kernel(mu.device, mu.dtype, backend):
-        return _reference.subsets(mu, logvar, logits, mask, prior_expert)
+        return _reference.mopoe(mu, logvar, logits, mask, prior_expert)
     flat = _KernelLayout(mu, logvar, logits, mask, expand_logits=True)
     joint_mu, joint_logvar = ops.mopoe(flat.mu, flat.logvar, flat.logits, flat.mask, prior_expert)
     return flat.unflatten(joint_mu), flat.unflatten(joint_logvar)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["component_mask", "compute_dtype", "credibility", "fuse", "subset_masks", "subset_members", "subsets"]
+__all__ = ["component_mask", "compute_dtype", "credibility", "fuse", "mopoe", "subset_masks", "subset_members"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,7 +123,7 @@ def subset_masks(m: int, device: torch.device | str | None = None) -> Tensor:
     return codes & bits != 0
 
 
-def subsets(
+def mopoe(
     mu: Tensor,
     logvar: Tensor,
     logits: Tensor | None = None,

@@ -12,13 +12,14 @@ runs them on every device, ``set_validation(False)`` nowhere. Never inside ``tor
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["as_experts", "check_logits", "check_mask", "check_values", "has_empty_row", "has_nan",
-           "set_validation", "validation_enabled"]
+           "set_validation", "validation_enabled", "weights_wanted"]
 
 def _setting_from_environment() -> bool | None:
     value = os.environ.get("GPOE_FUSION_VALIDATE", "")
@@ -50,6 +51,18 @@ def validation_enabled(override: bool | None = None, device: torch.device | None
     if setting is None:
         return device is None or device.type == "cpu"
     return setting
+
+
+def weights_wanted(return_weights: bool, return_alpha: bool | None, stacklevel: int = 3) -> bool:
+    """Whether a fusion returns its experts' weights: ``return_weights``, or the deprecated alias
+    ``return_alpha`` where that is given (with one DeprecationWarning, pointing ``stacklevel`` frames up)."""
+    if return_alpha is None:
+        return bool(return_weights)
+    if return_weights:
+        raise ValueError("return_alpha: give return_weights or its deprecated alias return_alpha, not both")
+    warnings.warn("return_alpha is deprecated, use return_weights (the same output: each expert's weight)",
+                  DeprecationWarning, stacklevel=stacklevel)
+    return bool(return_alpha)
 
 
 def _stack(x: Tensor | Sequence[Tensor], name: str) -> Tensor:
@@ -111,18 +124,20 @@ def check_logits(logits: Tensor | Sequence[Tensor], mu: Tensor) -> Tensor:
     return logits
 
 
-def check_mask(mask: Tensor | None, mu: Tensor) -> Tensor | None:
-    """mask: bool [M, *batch] (True = expert present) or None."""
+def check_mask(mask: Tensor | None, shape: Sequence[int] | None, device: torch.device,
+               against: str = "mu") -> Tensor | None:
+    """mask: bool [M, *batch] (True = present) or None, of ``shape`` (None: any shape) on ``device``,
+    the device of the argument named ``against``. Returns the mask."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask: expected a bool tensor [M, *batch], got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask: expected dtype torch.bool (True = expert present), got {mask.dtype}")
-    if tuple(mask.shape) != tuple(mu.shape[:-1]):
-        raise ValueError(f"mask: expected shape [M, *batch] = {tuple(mu.shape[:-1])}, got {tuple(mask.shape)}")
-    if mask.device != mu.device:
-        raise ValueError(f"mask: device {mask.device} differs from mu device {mu.device}")
+        raise TypeError(f"mask: expected dtype torch.bool (True = present), got {mask.dtype}")
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask: expected shape [M, *batch] = {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask: device {mask.device} differs from {against} device {device}")
     return mask
 
 

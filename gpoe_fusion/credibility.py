@@ -27,33 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._validation import check_mask
+from .distributed import all_reduce_sum
+
 __all__ = ["CREDIBILITIES", "EntropyCredibility", "FeatureStandardizer", "GlobalCredibility", "IndependentCredibility",
-           "JointCredibility", "all_reduce_sum", "credibility_logits", "make_credibility", "sync_feature_statistics"]
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the processes of a group, differentiable: the gradient of every process's input is the
-    sum of the gradients of the sum's copies on every process (as torch.distributed.nn.functional.all_reduce,
-    which recent torch deprecates)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
-        total = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _AllReduceSum.apply(grad, ctx.group), None
-
-
-def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """The sum of ``tensor`` over the processes of ``group`` (None: the default group), differentiable:
-    each process's input gets the sum of the gradients of every process's copy of the result (what
-    ``torch.distributed.nn.functional.all_reduce`` computes, which recent torch deprecates with a
-    warning at every call). Used for statistics over a data-parallel batch."""
-    return _AllReduceSum.apply(tensor, group)
+           "JointCredibility", "credibility_logits", "make_credibility", "sync_feature_statistics"]
 
 
 class FeatureStandardizer(nn.Module):
@@ -159,22 +137,11 @@ def _check_features(features: Sequence[Tensor] | None, feature_dims: Sequence[in
     return features
 
 
-def _check_mask(mask: Tensor | None, features: Sequence[Tensor]) -> Tensor:
-    """mask: bool [M, *batch] or None -> bool [M, *batch] (None: all present)."""
-    expected = (len(features),) + tuple(features[0].shape[:-1])
-    device = features[0].device
-    if mask is None:
-        return torch.ones(expected, dtype=torch.bool, device=device)
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask: expected a bool tensor [M, *batch], got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask: expected dtype torch.bool (True = modality present), got {mask.dtype}")
-    if tuple(mask.shape) != expected:
-        raise ValueError(f"mask: expected shape [M, *batch] = {expected} (M features, their batch shape), "
-                         f"got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask: device {mask.device} differs from features device {device}")
-    return mask
+def _present(mask: Tensor | None, features: Sequence[Tensor]) -> Tensor:
+    """mask: bool [M, *batch] or None, checked against the features -> bool [M, *batch] (None: all present)."""
+    shape = (len(features),) + tuple(features[0].shape[:-1])
+    mask = check_mask(mask, shape, features[0].device, against="features")
+    return torch.ones(shape, dtype=torch.bool, device=features[0].device) if mask is None else mask
 
 
 class JointCredibility(nn.Module):
@@ -193,7 +160,7 @@ class JointCredibility(nn.Module):
 
     def forward(self, features: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         features = _check_features(features, self.feature_dims)
-        mask = _check_mask(mask, features)
+        mask = _present(mask, features)
         blocks = [norm(f, present) for norm, f, present in zip(self.norms, features, mask)]
         dtype = blocks[0].dtype
         out = self.net(torch.cat(blocks + [mask.movedim(0, -1).to(dtype)], dim=-1))
@@ -215,7 +182,7 @@ class IndependentCredibility(nn.Module):
 
     def forward(self, features: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         features = _check_features(features, self.feature_dims)
-        mask = _check_mask(mask, features)
+        mask = _present(mask, features)
         return torch.stack([net(norm(f, present))
                             for net, norm, f, present in zip(self.nets, self.norms, features, mask)])
 

@@ -2,7 +2,7 @@
 per-sample corruption flags.
 
 The flags only measure: nothing here feeds back into training. Shapes: alpha, logvar, weights
-[M, B, D] (as the layers return them with ``return_alpha=True``); mask bool [M, B] or None; corrupted
+[M, B, D] (as the layers return them with ``return_weights=True``); mask bool [M, B] or None; corrupted
 bool [B] (True = that sample's modality was corrupted).
 
     report = credibility_report(alpha, logvar, {"rgb": corrupted_rgb}, modalities=["rgb", "depth"])
@@ -67,7 +67,7 @@ def credibility_report(alpha: Tensor, logvar: Tensor, corrupted: Mapping[str, Te
     """Per corrupted modality: how well its weight separates corrupted from clean samples.
 
     corrupted: modality name -> bool [B] flags. weights: the fusion's own weight of each expert
-    [M, B, D] summing to 1 over the experts (a layer's ``return_alpha`` output: PoE's precision
+    [M, B, D] summing to 1 over the experts (a layer's ``return_weights`` output: PoE's precision
     shares, MoE's mixture weights), default ``alpha``. For each corrupted modality, over the samples
     where it is present: ``auroc``, the AUROC of "the weight (averaged over D) is lower on corrupted
     samples"; ``auroc_alpha``, the same for alpha; ``auroc_share``, the same for the precision share

@@ -17,12 +17,18 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from ._reference import compute_dtype
 
-__all__ = ["Gaussian", "GaussianMixture", "NoiseSource"]
+__all__ = ["Gaussian", "GaussianMixture", "NoiseSource", "log_standard_normal"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 # Where reparameterised draws take their standard-normal noise from: noise(shape, dtype, device) -> [*shape].
 NoiseSource = Callable[[torch.Size, torch.dtype, torch.device], Tensor]
+
+
+def log_standard_normal(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over the last axis: [..., D] -> [...], computed in float32 for 16-bit z."""
+    (z,) = _up(z)
+    return -0.5 * (z**2 + _LOG_2PI).sum(-1)
 
 
 def _up(*tensors: Tensor) -> tuple[Tensor, ...]:

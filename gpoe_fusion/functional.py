@@ -5,6 +5,9 @@ Shapes (M experts, any batch shape, D latent dimensions):
     logits:     broadcastable to [M, *batch, D]: [M, *batch, D] per sample and dimension,
                 [M, 1, D] global per dimension, [M, *batch, 1] per sample
     mask:       bool [M, *batch], True = expert present; None = all present
+
+``return_weights=True`` adds each expert's weight to the result (``return_alpha`` is its deprecated
+alias: the same output, with a DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, _reference
-from ._validation import as_experts, check_logits, check_mask, check_values, has_empty_row, has_nan, validation_enabled
+from ._validation import (as_experts, check_logits, check_mask, check_values, has_empty_row, has_nan, validation_enabled,
+                          weights_wanted)
 from .distributions import Gaussian, GaussianMixture
 
 __all__ = ["credibility_weights", "gpoe", "moe", "mopoe", "poe"]
@@ -24,19 +28,19 @@ Experts = Tensor | Sequence[Tensor]
 
 
 def _fuse(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None, prior_expert: bool, backend: str,
-          validate: bool | None, return_alpha: bool) -> Gaussian | tuple[Gaussian, Tensor]:
+          validate: bool | None, return_weights: bool) -> Gaussian | tuple[Gaussian, Tensor]:
     """One backend call on checked experts, then the value checks (see ``gpoe_fusion._validation``)."""
-    outputs = _backend.fuse(mu, logvar, logits, mask, prior_expert, backend, return_weights=return_alpha)
+    outputs = _backend.fuse(mu, logvar, logits, mask, prior_expert, backend, return_weights=return_weights)
     if validation_enabled(validate, mu.device) and has_nan(outputs[0]):
         check_values(mu, logvar, logits, mask, prior_expert)
     joint = Gaussian(outputs[0], outputs[1])
-    return (joint, outputs[2]) if return_alpha else joint
+    return (joint, outputs[2]) if return_weights else joint
 
 
-def _with_weights(mixture: GaussianMixture, return_alpha: bool) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
-    """The mixture, and with ``return_alpha`` its weights broadcast to the components' [K, *batch, D]
+def _with_weights(mixture: GaussianMixture, return_weights: bool) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
+    """The mixture, and with ``return_weights`` its weights broadcast to the components' [K, *batch, D]
     like the other fusions' weights (an expanded view: one weight per sample)."""
-    if not return_alpha:
+    if not return_weights:
         return mixture
     weights = mixture.log_weights.exp().to(mixture.mu.dtype).unsqueeze(-1).expand(mixture.mu.shape)
     return mixture, weights
@@ -50,7 +54,8 @@ def poe(
     *,
     backend: str = "auto",
     validate: bool | None = None,
-    return_alpha: bool = False,
+    return_weights: bool = False,
+    return_alpha: bool | None = None,
 ) -> Gaussian | tuple[Gaussian, Tensor]:
     """Product of Gaussian experts: precision-weighted, computed exactly in log space.
 
@@ -59,13 +64,13 @@ def poe(
     ``backend``: "auto" (the fused kernel when built and applicable), "kernel" or "torch".
     ``validate``: run the value checks (NaN, fully masked rows); None = the global setting
     (``gpoe_fusion.set_validation``). Returns a :class:`Gaussian` [*batch, D]; with
-    ``return_alpha`` also PoE's implicit weights [M, *batch, D]: each expert's share of the joint
+    ``return_weights`` also PoE's implicit weights [M, *batch, D]: each expert's share of the joint
     precision (the weight of its mean in the joint mean; 0 when masked; with the prior expert the
     prior holds the rest), differentiable.
     """
     mu, logvar = as_experts(mu, logvar)
-    mask = check_mask(mask, mu)
-    return _fuse(mu, logvar, None, mask, prior_expert, backend, validate, return_alpha)
+    mask = check_mask(mask, mu.shape[:-1], mu.device)
+    return _fuse(mu, logvar, None, mask, prior_expert, backend, validate, weights_wanted(return_weights, return_alpha))
 
 
 def gpoe(
@@ -77,7 +82,8 @@ def gpoe(
     *,
     backend: str = "auto",
     validate: bool | None = None,
-    return_alpha: bool = False,
+    return_weights: bool = False,
+    return_alpha: bool | None = None,
 ) -> Gaussian | tuple[Gaussian, Tensor]:
     """Generalized product of experts: expert i's density raised to alpha_i (paper Eq. 7-9).
 
@@ -89,31 +95,32 @@ def gpoe(
     share out the modalities' credibility among themselves, while the prior is a fixed fallback
     (a row with every expert masked returns the prior). Equivalently: gPoE of the modalities,
     then PoE of that result with N(0, I). Returns a :class:`Gaussian` [*batch, D]; with
-    ``return_alpha`` also alpha [M, *batch, D] (0 for masked experts) from the same fused pass,
+    ``return_weights`` also alpha [M, *batch, D] (0 for masked experts) from the same fused pass,
     differentiable.
     """
     mu, logvar = as_experts(mu, logvar)
     logits = check_logits(logits, mu)
-    mask = check_mask(mask, mu)
-    return _fuse(mu, logvar, logits, mask, prior_expert, backend, validate, return_alpha)
+    mask = check_mask(mask, mu.shape[:-1], mu.device)
+    return _fuse(mu, logvar, logits, mask, prior_expert, backend, validate,
+                 weights_wanted(return_weights, return_alpha))
 
 
 def moe(mu: Experts, logvar: Experts, mask: Tensor | None = None, *, validate: bool | None = None,
-        return_alpha: bool = False) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
+        return_weights: bool = False, return_alpha: bool | None = None) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
     """Mixture of experts with uniform weights over the present experts (MMVAE).
 
     Returns a :class:`GaussianMixture`; train it with its stratified ``rsample(k)`` as in
-    ``gpoe_fusion.objectives``. With ``return_alpha`` also the mixture weights, broadcast to
+    ``gpoe_fusion.objectives``. With ``return_weights`` also the mixture weights, broadcast to
     [M, *batch, D] like the other fusions' weights (an expanded view: one weight per sample).
     """
     mu, logvar = as_experts(mu, logvar)
-    mask = check_mask(mask, mu)
+    mask = check_mask(mask, mu.shape[:-1], mu.device)
     if validation_enabled(validate, mu.device):
         # No fused output to reduce: one sum over the inputs (masked experts may hold NaN, in which
         # case the diagnosis runs and finds nothing) and the [M, *batch] mask.
         if has_nan(mu) or has_nan(logvar) or has_empty_row(mask):
             check_values(mu, logvar, None, mask, prior_expert=False)
-    return _with_weights(GaussianMixture(mu, logvar, mask), return_alpha)
+    return _with_weights(GaussianMixture(mu, logvar, mask), weights_wanted(return_weights, return_alpha))
 
 
 def mopoe(
@@ -125,7 +132,8 @@ def mopoe(
     *,
     backend: str = "auto",
     validate: bool | None = None,
-    return_alpha: bool = False,
+    return_weights: bool = False,
+    return_alpha: bool | None = None,
 ) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
     """Mixture of products of experts (MoPoE, Sutter et al. 2021): the uniform mixture over every
     non-empty subset of the M <= 8 experts of that subset's product, in one fused pass.
@@ -138,7 +146,7 @@ def mopoe(
     ``poe``/``gpoe``. In each row a component is present (``mixture.mask`` [S, *batch]) when all its
     members are, and the weights are uniform over the present components, so ``rsample(k)`` and
     ``log_prob`` work as for ``moe``; an absent component holds zeros. Every row needs at least
-    one present expert. ``return_alpha`` adds the mixture weights broadcast to [S, *batch, D].
+    one present expert. ``return_weights`` adds the mixture weights broadcast to [S, *batch, D].
     """
     mu, logvar = as_experts(mu, logvar)
     if mu.shape[0] > 8:
@@ -146,8 +154,8 @@ def mopoe(
                          f"{mu.shape[0]}")
     if logits is not None:
         logits = check_logits(logits, mu)
-    mask = check_mask(mask, mu)
-    joint_mu, joint_logvar = _backend.subsets(mu, logvar, logits, mask, prior_expert, backend)
+    mask = check_mask(mask, mu.shape[:-1], mu.device)
+    joint_mu, joint_logvar = _backend.mopoe(mu, logvar, logits, mask, prior_expert, backend)
     if validation_enabled(validate, mu.device):
         # Rows without any expert have no component (and no NaN to show it), so the [M, *batch]
         # mask is checked too; a NaN among present experts reaches the present components' means.
@@ -155,7 +163,8 @@ def mopoe(
             check_values(mu, logvar, logits, mask, prior_expert=False)
     members = _reference.subset_masks(mu.shape[0], mu.device)
     present = None if mask is None else _reference.component_mask(mask, members)
-    return _with_weights(GaussianMixture(joint_mu, joint_logvar, present, members), return_alpha)
+    return _with_weights(GaussianMixture(joint_mu, joint_logvar, present, members),
+                         weights_wanted(return_weights, return_alpha))
 
 
 def credibility_weights(logits: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
@@ -169,9 +178,7 @@ def credibility_weights(logits: Tensor | Sequence[Tensor], mask: Tensor | None =
     if not logits.is_floating_point():
         raise TypeError(f"logits: expected a floating-point dtype, got {logits.dtype}")
     shape = logits.shape
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+    if check_mask(mask, None, logits.device, against="logits") is not None:
         try:
             shape = torch.broadcast_shapes(logits.shape, mask.unsqueeze(-1).shape)
         except RuntimeError:

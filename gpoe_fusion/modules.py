@@ -1,11 +1,12 @@
 """Drop-in fusion layers with one call form:
-``fusion(mu, logvar, mask=None, features=None, return_alpha=False)``.
+``fusion(mu, logvar, mask=None, features=None, return_weights=False)``.
 
 Swapping ``PoE`` <-> ``GPoE`` <-> ``MoE`` <-> ``MoPoE`` changes one line. PoE and MoE ignore
 ``features``; GPoE (and MoPoE with a credibility) feeds them, with the mask, to its credibility
-network (see ``gpoe_fusion.credibility``). ``return_alpha=True`` adds each expert's weight
+network (see ``gpoe_fusion.credibility``). ``return_weights=True`` adds each expert's weight
 [M, *batch, D] (0 when masked): GPoE's credibility alpha, PoE's implicit weights (shares of the
 joint precision), MoE's mixture weights; MoPoE's are its S components' mixture weights.
+``return_alpha`` is the deprecated alias of ``return_weights`` (the same output, a DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import functional as F
-from ._validation import as_experts
+from ._validation import as_experts, weights_wanted
 from .credibility import credibility_logits, make_credibility
 from .distributions import Gaussian, GaussianMixture
 
 __all__ = ["GPoE", "MoE", "MoPoE", "PoE"]
+
+# How far up the stack a layer's caller is from the deprecation warning (past torch's Module.__call__).
+_CALLER = 5
 
 
 def _experts(mu: F.Experts, logvar: F.Experts, expected: int | None) -> tuple[Tensor, Tensor]:
@@ -32,7 +36,7 @@ def _experts(mu: F.Experts, logvar: F.Experts, expected: int | None) -> tuple[Te
 
 class PoE(nn.Module):
     """Product of experts. mu, logvar: [M, *batch, D] (or M tensors [*batch, D]) -> Gaussian [*batch, D],
-    or ``(Gaussian, weights)`` with ``return_alpha``."""
+    or ``(Gaussian, weights)`` with ``return_weights``."""
 
     def __init__(self, prior_expert: bool = False, backend: str = "auto"):
         super().__init__()
@@ -40,8 +44,10 @@ class PoE(nn.Module):
         self.backend = backend
 
     def forward(self, mu: F.Experts, logvar: F.Experts, mask: Tensor | None = None,
-                features: Sequence[Tensor] | None = None, return_alpha: bool = False):
-        return F.poe(mu, logvar, mask, self.prior_expert, backend=self.backend, return_alpha=return_alpha)
+                features: Sequence[Tensor] | None = None, return_weights: bool = False,
+                return_alpha: bool | None = None):
+        wanted = weights_wanted(return_weights, return_alpha, _CALLER)
+        return F.poe(mu, logvar, mask, self.prior_expert, backend=self.backend, return_weights=wanted)
 
     def extra_repr(self) -> str:
         return f"prior_expert={self.prior_expert}, backend={self.backend!r}"
@@ -49,11 +55,13 @@ class PoE(nn.Module):
 
 class MoE(nn.Module):
     """Uniform mixture of the present experts -> GaussianMixture (train with its stratified rsample),
-    or ``(GaussianMixture, weights)`` with ``return_alpha``."""
+    or ``(GaussianMixture, weights)`` with ``return_weights``."""
 
     def forward(self, mu: F.Experts, logvar: F.Experts, mask: Tensor | None = None,
-                features: Sequence[Tensor] | None = None, return_alpha: bool = False):
-        return F.moe(mu, logvar, mask, return_alpha=return_alpha)
+                features: Sequence[Tensor] | None = None, return_weights: bool = False,
+                return_alpha: bool | None = None):
+        wanted = weights_wanted(return_weights, return_alpha, _CALLER)
+        return F.moe(mu, logvar, mask, return_weights=wanted)
 
 
 class GPoE(nn.Module):
@@ -67,7 +75,7 @@ class GPoE(nn.Module):
     logits plus the joint network's); hidden: MLP widths; learn_temperature: a learned exponent on
     the entropy weights. prior_expert: multiply in N(0, I) with weight 1, outside the softmax.
 
-    ``forward(mu, logvar, mask, features, return_alpha=False)`` -> Gaussian [*batch, D], or
+    ``forward(mu, logvar, mask, features, return_weights=False)`` -> Gaussian [*batch, D], or
     ``(Gaussian, alpha)`` with alpha [M, *batch, D] (zero for masked experts) when asked, so you
     can plot which modality the model trusts; alpha comes from the same fused pass as the joint.
     The credibility network sees the mask: a missing modality's features influence nothing.
@@ -90,10 +98,12 @@ class GPoE(nn.Module):
         return credibility_logits(self.credibility, logvar, features, mask)
 
     def forward(self, mu: F.Experts, logvar: F.Experts, mask: Tensor | None = None,
-                features: Sequence[Tensor] | None = None, return_alpha: bool = False):
+                features: Sequence[Tensor] | None = None, return_weights: bool = False,
+                return_alpha: bool | None = None):
+        wanted = weights_wanted(return_weights, return_alpha, _CALLER)
         mu, logvar = _experts(mu, logvar, self.num_experts)
         logits = self.logits(mu, logvar, features, mask)
-        return F.gpoe(mu, logvar, logits, mask, self.prior_expert, backend=self.backend, return_alpha=return_alpha)
+        return F.gpoe(mu, logvar, logits, mask, self.prior_expert, backend=self.backend, return_weights=wanted)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, latent_dim={self.latent_dim}, prior_expert={self.prior_expert}, backend={self.backend!r}"
@@ -127,10 +137,12 @@ class MoPoE(nn.Module):
                                                 learn_temperature)
 
     def forward(self, mu: F.Experts, logvar: F.Experts, mask: Tensor | None = None,
-                features: Sequence[Tensor] | None = None, return_alpha: bool = False):
+                features: Sequence[Tensor] | None = None, return_weights: bool = False,
+                return_alpha: bool | None = None):
+        wanted = weights_wanted(return_weights, return_alpha, _CALLER)
         mu, logvar = _experts(mu, logvar, self.num_experts)
         logits = None if self.credibility is None else credibility_logits(self.credibility, logvar, features, mask)
-        return F.mopoe(mu, logvar, mask, logits, self.prior_expert, backend=self.backend, return_alpha=return_alpha)
+        return F.mopoe(mu, logvar, mask, logits, self.prior_expert, backend=self.backend, return_weights=wanted)
 
     def extra_repr(self) -> str:
         return f"prior_expert={self.prior_expert}, backend={self.backend!r}"

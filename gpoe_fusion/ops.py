@@ -355,7 +355,7 @@ def _fuse_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor 
 def _mopoe_backward(ctx, grad_joint_mu: Tensor | None, grad_joint_logvar: Tensor | None):
     grads = _input_grads(
         ctx, (grad_joint_mu, grad_joint_logvar),
-        lambda mu, logvar, logits, mask: _reference.subsets(mu, logvar, logits, mask, ctx.prior_expert),
+        lambda mu, logvar, logits, mask: _reference.mopoe(mu, logvar, logits, mask, ctx.prior_expert),
         lambda mu, logvar, logits, mask, wanted: torch.ops.gpoe_fusion.mopoe_backward(
             grad_joint_mu, grad_joint_logvar, mu, logvar, logits, mask, ctx.prior_expert, wanted))
     return (*grads, None, None)
@@ -383,8 +383,8 @@ def _fuse_forward_decomposition(mu: Tensor, logvar: Tensor, logits: Tensor | Non
 
 def _mopoe_forward_decomposition(mu: Tensor, logvar: Tensor, logits: Tensor | None, mask: Tensor | None,
                                  prior_expert: bool):
-    """``mopoe_forward`` as ATen ops (``_reference.subsets``): every subset's product [S, N, D]."""
-    return _reference.subsets(mu, logvar, logits, mask, prior_expert)
+    """``mopoe_forward`` as ATen ops (``_reference.mopoe``): every subset's product [S, N, D]."""
+    return _reference.mopoe(mu, logvar, logits, mask, prior_expert)
 
 
 def decompositions() -> dict:

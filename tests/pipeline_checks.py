@@ -3,6 +3,7 @@ held-out credibility every fusion's results hold."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from common import training
-from common.checkpoint import load_checkpoint
+from common.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CREDIBILITY_KEYS = {"auroc", "auroc_alpha", "auroc_share", "weight_clean", "weight_corrupted", "alpha_clean",
@@ -50,7 +51,7 @@ def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = 
     original = training.train_one_epoch
 
     def killed_in_second_epoch(*args, **kwargs):
-        if args[5] == 1:  # the epoch argument
+        if args[4] == 1:  # the epoch argument
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
@@ -69,11 +70,18 @@ def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = 
     assert metrics[0] == metrics[1]
 
 
-def check_torchrun(script: str, argv: list[str], out: Path, port: int) -> None:
+def free_port() -> int:
+    """A TCP port no process on this machine listens on now (other test runs may share the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_torchrun(script: str, argv: list[str], out: Path) -> None:
     """Two CPU processes (gloo) train one epoch of PoE on streamed data (each rank's shard decoded by
     its loader worker) and write results.json."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "examples" / script)] + argv + ["--fusion", "poe", "--epochs", "1", "--device", "cpu",
                                                       "--no-in-memory", "--workers", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

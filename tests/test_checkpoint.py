@@ -1,6 +1,7 @@
 """Checkpoints: what the training loop saves loads back exactly; a tampered, foreign, garbage or
 truncated file is refused with an error naming it, and never runs code."""
 
+import argparse
 import os
 import pickle
 import random
@@ -10,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from common import distributed, training
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common import training
+from common.training import CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 class Tiny(nn.Module):
-    """The smallest model ``training.fit`` accepts."""
+    """The smallest model ``training.train`` accepts."""
 
     modalities = ["x"]
     objective = SimpleNamespace(fusion=None)  # no credibility weights to log
@@ -25,17 +26,18 @@ class Tiny(nn.Module):
         self.lin = nn.Linear(3, 2)
         self.norm = nn.BatchNorm1d(2)  # buffers, including an integer one
 
-    def forward(self, batch):
+    def forward(self, batch, return_weights=False):
         loss = self.norm(self.lin(batch["x"])).pow(2).mean()
-        return SimpleNamespace(loss=loss, terms={"loss": loss.detach()}, alpha=None)
+        return SimpleNamespace(loss=loss, terms={"loss": loss.detach()})
 
 
 def tiny_fit(out_dir, resume=False):
     torch.manual_seed(0)
     model = Tiny()
     data = [{"x": x} for x in torch.randn(8, 3, generator=torch.Generator().manual_seed(1))]
-    cfg = training.TrainConfig(epochs=2, batch_size=4, amp=False, progress=False)
-    history = training.fit(model, data, cfg, distributed.setup("cpu"), out_dir, resume=resume, log=lambda _: None)
+    args = argparse.Namespace(epochs=2, batch_size=4, lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5, seed=0, no_amp=True,
+                              workers=0, no_progress=True, max_steps=None, out=out_dir, resume=resume)
+    history = training.train(model, data, args, training.setup("cpu"), log=lambda _: None)
     return model, history
 
 
@@ -60,8 +62,8 @@ def assert_refused(path):
 
 def test_what_the_training_loop_saves_round_trips(tmp_path):
     model, history = tiny_fit(tmp_path)
-    state = load_checkpoint(tmp_path / training.CHECKPOINT)
-    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "history", "config"}
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "history", "signature"}
     assert state["epoch"] == 1 and state["history"] == history
     for key, value in model.state_dict().items():
         assert torch.equal(state["model"][key], value), key

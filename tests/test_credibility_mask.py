@@ -215,6 +215,6 @@ def test_credibility_under_cpu_bfloat16_autocast_matches_float32():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     layer.eval(), reference.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, alpha = layer(mu, logvar, features=feats16, return_alpha=True)
-    _, alpha_exact = reference(mu, logvar, features=feats, return_alpha=True)
+        _, alpha = layer(mu, logvar, features=feats16, return_weights=True)
+    _, alpha_exact = reference(mu, logvar, features=feats, return_weights=True)
     torch.testing.assert_close(alpha.float(), alpha_exact, rtol=0, atol=0.03)

@@ -93,7 +93,7 @@ def training_step(fusion: torch.nn.Module, x: dict):
     params = list(fusion.parameters())
 
     def step():
-        joint, alpha = fusion(x["mu"], x["logvar"], x["mask"], x["features"], return_alpha=True)
+        joint, alpha = fusion(x["mu"], x["logvar"], x["mask"], x["features"], return_weights=True)
         w_mu, w_logvar, w_alpha = x["weights"]
         loss = (joint.mu * w_mu).sum() + (joint.logvar * w_logvar).sum() + (alpha * w_alpha).sum()
         grads = torch.autograd.grad(loss, [x["mu"], x["logvar"], *params])

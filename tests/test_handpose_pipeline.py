@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import handpose_rhd
-from common.options import provenance
+from common.cli import provenance
+from common.training import setup
 from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
 
 TINY = ["--num-train", "8", "--num-eval", "4", "--epochs", "2", "--batch-size", "4", "--crop-size", "32",
@@ -24,19 +25,19 @@ def tiny_args(rhd_root, out, *extra):
 def test_one_training_step_per_fusion(rhd_root, tmp_path, fusion, credibility):
     args = handpose_rhd.parse_args(tiny_args(rhd_root, tmp_path, "--fusion", fusion, "--credibility", credibility))
     args.grid_size, args.fold_hidden, args.pel_width, args.keypoint_hidden = 4, 16, 16, 16
-    env = handpose_rhd.distributed.setup("cpu")
+    env = setup("cpu")
     train_set, _ = handpose_rhd.load_data(args, env)
-    model = handpose_rhd.build_model(args, fusion)
-    batch = {k: v[:4] for k, v in train_set.tensors.items()}
-    out = model(batch)
+    model = handpose_rhd.build_model(args)
+    batch = {k: v[:4] for k, v in train_set.datasets.items()}
+    out = model(batch, return_weights=True)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for name in ("rgb", "points"):
         grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads)
     # Every fusion returns its experts' weights (gPoE's alpha, PoE's precision shares, MoE's and
-    # MoPoE's mixture weights), summing to 1 over the modalities (MoPoE: over its subsets).
-    torch.testing.assert_close(out.alpha.float().sum(0), torch.ones(out.alpha.shape[1:]))
+    # MoPoE's mixture weights of the subsets holding each modality), summing to 1 over the modalities.
+    torch.testing.assert_close(out.weights.float().sum(0), torch.ones(out.weights.shape[1:]))
 
 
 def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):
@@ -66,7 +67,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(rhd_root, tmp_path, monkeyp
 
 
 def test_two_process_torchrun_on_cpu(rhd_root, tmp_path):
-    check_torchrun("handpose_rhd.py", tiny_args(rhd_root, tmp_path), tmp_path, port=29533)
+    check_torchrun("handpose_rhd.py", tiny_args(rhd_root, tmp_path), tmp_path)
 
 
 def test_results_say_which_settings_come_from_the_paper(tmp_path):

@@ -38,7 +38,7 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.mark.parametrize("prior", [False, True])
 def test_poe_alpha_is_the_share_of_the_joint_precision(backend, prior):
     mu, logvar, _, mask = experts()
-    joint, alpha = gf.PoE(prior_expert=prior, backend=backend)(mu, logvar, mask, return_alpha=True)
+    joint, alpha = gf.PoE(prior_expert=prior, backend=backend)(mu, logvar, mask, return_weights=True)
     precision = torch.exp(-logvar) * mask.unsqueeze(-1)
     total = precision.sum(0) + (1.0 if prior else 0.0)
     torch.testing.assert_close(alpha, precision / total)
@@ -51,7 +51,7 @@ def test_gpoe_alpha_is_the_credibility_softmax(backend, kind):
     mu, logvar, _, mask = experts()
     features = [torch.randn(6, 4, dtype=torch.float64) for _ in range(3)]
     fusion = randomise(gf.GPoE(3, 5, [4, 4, 4], credibility=kind, hidden=(8,), backend=backend).double())
-    joint, alpha = fusion(mu, logvar, mask, features, return_alpha=True)
+    joint, alpha = fusion(mu, logvar, mask, features, return_weights=True)
     torch.testing.assert_close(alpha, F.credibility_weights(fusion.logits(mu, logvar, features, mask), mask))
     assert torch.equal(alpha[~mask], torch.zeros_like(alpha[~mask]))
     torch.testing.assert_close(joint.mu, F.gpoe(mu, logvar, fusion.logits(mu, logvar, features, mask), mask).mu)
@@ -59,7 +59,7 @@ def test_gpoe_alpha_is_the_credibility_softmax(backend, kind):
 
 def test_moe_alpha_is_the_mixture_weights():
     mu, logvar, _, mask = experts()
-    mixture, alpha = gf.MoE()(mu, logvar, mask, return_alpha=True)
+    mixture, alpha = gf.MoE()(mu, logvar, mask, return_weights=True)
     assert alpha.shape == mu.shape
     want = mask.double() / mask.sum(0)
     torch.testing.assert_close(alpha, want.unsqueeze(-1).expand_as(alpha))
@@ -69,7 +69,7 @@ def test_moe_alpha_is_the_mixture_weights():
 @pytest.mark.parametrize("fusion", [gf.PoE(), gf.MoE(), gf.GPoE(3, 5, credibility="global")])
 def test_swapping_layers_is_one_line(fusion):
     mu, logvar, _, mask = experts(dtype=torch.float32)
-    joint, alpha = fusion(mu, logvar, mask, return_alpha=True)
+    joint, alpha = fusion(mu, logvar, mask, return_weights=True)
     assert alpha.shape == mu.shape and alpha.dtype == mu.dtype
     torch.testing.assert_close(alpha.sum(0), torch.ones(6, 5))
 
@@ -84,9 +84,9 @@ def test_alpha_gradient_matches_reference(prior):
         for backend in BACKENDS:
             leaves = [t.clone().requires_grad_() for t in (mu, logvar, logits)]
             if use_logits:
-                joint, alpha = F.gpoe(*leaves[:2], leaves[2], mask, prior, backend=backend, return_alpha=True)
+                joint, alpha = F.gpoe(*leaves[:2], leaves[2], mask, prior, backend=backend, return_weights=True)
             else:
-                joint, alpha = F.poe(*leaves[:2], mask, prior, backend=backend, return_alpha=True)
+                joint, alpha = F.poe(*leaves[:2], mask, prior, backend=backend, return_weights=True)
             loss = ((alpha - target) ** 2).sum() + joint.mu.sum()
             grads.append(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
         for name, got, want in zip(("mu", "logvar", "logits"), *grads):
@@ -99,7 +99,7 @@ def test_compile_fullgraph_with_alpha():
     fusion = randomise(gf.GPoE(3, 5, credibility="global"))
 
     def step(mu, logvar):
-        joint, alpha = fusion(mu, logvar, mask, return_alpha=True)
+        joint, alpha = fusion(mu, logvar, mask, return_weights=True)
         return joint.mu.sum() + joint.logvar.sum() + (alpha ** 2).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -124,7 +124,7 @@ def test_double_backward_matches_torch_backend(use_logits, prior, alpha):
         leaves = [t.clone().requires_grad_() for t in (mu, logvar, logits)]
         args = (leaves[0], leaves[1], leaves[2]) if use_logits else (leaves[0], leaves[1])
         fuse = F.gpoe if use_logits else F.poe
-        out = fuse(*args, mask, prior, backend=backend, return_alpha=alpha)
+        out = fuse(*args, mask, prior, backend=backend, return_weights=alpha)
         joint = out[0] if alpha else out
         loss = (joint.mu ** 2).sum() + (joint.logvar * joint.mu).sum() + ((out[1] ** 3).sum() if alpha else 0)
         first = torch.autograd.grad(loss, args, create_graph=True)
@@ -142,7 +142,7 @@ def test_gradgradcheck_through_the_kernel_backend():
     leaves = [t.clone().requires_grad_() for t in (mu, logvar, logits)]
 
     def fused(mu, logvar, logits):
-        joint, alpha = F.gpoe(mu, logvar, logits, mask, True, backend="kernel", return_alpha=True)
+        joint, alpha = F.gpoe(mu, logvar, logits, mask, True, backend="kernel", return_weights=True)
         return joint.mu, joint.logvar, alpha
 
     assert torch.autograd.gradgradcheck(fused, leaves)
@@ -172,7 +172,7 @@ def test_masked_rows_do_not_leak_into_other_samples(kind, train, backend):
         m, lv = mu.clone(), logvar.clone()
         m[1][~mask[1]] = garbage
         lv[1][~mask[1]] = garbage
-        joint, alpha = fusion(m, lv, mask, [features[0], f1], return_alpha=True)
+        joint, alpha = fusion(m, lv, mask, [features[0], f1], return_weights=True)
         return joint.mu, joint.logvar, alpha, *[v.clone() for v in fusion.state_dict().values()]
 
     clean = run(0.0)
@@ -193,7 +193,7 @@ def test_clean_inputs_are_never_diagnosed(monkeypatch):
     mu[1][~mask[1]] = float("nan")  # masked experts may hold anything
     F.poe(mu, logvar, mask)
     F.gpoe(mu, logvar, logits, mask)
-    gf.GPoE(3, 5, credibility="global")(mu, logvar, mask, return_alpha=True)
+    gf.GPoE(3, 5, credibility="global")(mu, logvar, mask, return_weights=True)
 
 
 @pytest.mark.parametrize("fuse", [lambda mu, lv, lg, mask: F.poe(mu, lv, mask),
@@ -242,7 +242,7 @@ def test_cuda_default_path_never_synchronises():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        joint, alpha = fusion(mu, logvar, mask, features, return_alpha=True)
+        joint, alpha = fusion(mu, logvar, mask, features, return_weights=True)
         (joint.mu.sum() + joint.logvar.sum() + alpha.sum()).backward()
         F.poe(mu, logvar, mask)
     finally:

@@ -110,8 +110,8 @@ def test_fuse_in_every_layout_matches_the_float64_reference(device, logits, expe
     def run(inputs, backend):
         m, lv, lg = inputs
         if lg is None:
-            return F.poe(m, lv, mask, prior, backend=backend, return_alpha=True)
-        return F.gpoe(m, lv, lg, mask, prior, backend=backend, return_alpha=True)
+            return F.poe(m, lv, mask, prior, backend=backend, return_weights=True)
+        return F.gpoe(m, lv, lg, mask, prior, backend=backend, return_weights=True)
 
     want, want_weights = run(exact, "torch")
     got, got_weights = run(fused, "kernel")

@@ -33,7 +33,7 @@ def test_one_call_form_for_every_fusion(fusion):
 def test_gpoe_starts_at_uniform_alpha(kind):
     mu, logvar, features = inputs()
     fusion = gf.GPoE(3, 4, [6, 7, 8], credibility=kind)
-    joint, alpha = fusion(mu, logvar, features=features, return_alpha=True)
+    joint, alpha = fusion(mu, logvar, features=features, return_weights=True)
     torch.testing.assert_close(alpha, torch.full((3, 5, 4), 1 / 3).expand_as(alpha))
     poe = F.poe(mu, logvar)
     torch.testing.assert_close(joint.mu, poe.mu)
@@ -47,7 +47,7 @@ def test_credibility_is_input_dependent_and_trainable(kind):
     fusion = gf.GPoE(3, 4, [6, 7, 8], credibility=kind, hidden=(16,))
     for p in fusion.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    joint, alpha = fusion(mu, logvar, features=features, return_alpha=True)
+    joint, alpha = fusion(mu, logvar, features=features, return_weights=True)
     assert alpha.shape == (3, 5, 4)
     torch.testing.assert_close(alpha.sum(0), torch.ones(5, 4))
     assert alpha.std(dim=1).mean() > 1e-3  # differs between samples
@@ -72,7 +72,7 @@ def test_global_credibility_broadcasts_over_any_batch_shape():
     with torch.no_grad():
         fusion.credibility.logits.copy_(torch.tensor([[0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]))
     mu, logvar = torch.randn(2, 4, 5, 3), torch.randn(2, 4, 5, 3)
-    joint, alpha = fusion(mu, logvar, return_alpha=True)
+    joint, alpha = fusion(mu, logvar, return_weights=True)
     assert joint.mu.shape == (4, 5, 3)
     torch.testing.assert_close(alpha[:, 0, 0], torch.softmax(fusion.credibility.logits.detach(), 0))
 
@@ -82,7 +82,7 @@ def test_masked_modality_gets_zero_alpha():
     fusion = gf.GPoE(3, 4, [6, 7, 8])
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[0, :2] = False
-    _, alpha = fusion(mu, logvar, mask, features, return_alpha=True)
+    _, alpha = fusion(mu, logvar, mask, features, return_weights=True)
     assert (alpha[0, :2] == 0).all()
     torch.testing.assert_close(alpha[1:, :2], torch.full((2, 2, 4), 0.5))
 

@@ -76,7 +76,7 @@ def test_mopoe_matches_a_float64_loop_over_the_subsets(backend, dtype, logits_sh
 
 def test_mixture_weights_are_uniform_over_present_components():
     mu, logvar, _, mask = experts(m=3)
-    mixture, alpha = F.mopoe(mu, logvar, mask, return_alpha=True)
+    mixture, alpha = F.mopoe(mu, logvar, mask, return_weights=True)
     weights = mixture.log_weights.exp()
     present = mixture.mask
     torch.testing.assert_close(weights.sum(0), torch.ones(7, dtype=weights.dtype))
@@ -176,7 +176,7 @@ def test_mopoe_layer_has_the_common_call_form(credibility):
     mu, logvar, _, mask = experts(m=2, dtype=torch.float32)
     features = [torch.randn(7, 4), torch.randn(7, 6)]
     fusion = gf.MoPoE(2, 5, [4, 6], credibility=credibility) if credibility else gf.MoPoE()
-    mixture, alpha = fusion(mu, logvar, mask, features, return_alpha=True)
+    mixture, alpha = fusion(mu, logvar, mask, features, return_weights=True)
     assert isinstance(mixture, gf.GaussianMixture) and mixture.num_components == 3
     assert alpha.shape == (3, 7, 5)
     if credibility == "global":  # at initialisation: uniform logits, each subset's gPoE
@@ -193,7 +193,7 @@ def test_entropy_credibility_is_the_normalised_entropy_removed(backend):
     logvar[1, 1], mu[1, 1], mask[1, 1] = -4.0, 0.5, True  # expert 1 removes 2 nats: expert 0 gets no weight
     logvar[:, 2] = 1.0  # no expert removes anything in row 2: uniform over the present ones
     fusion = gf.GPoE(3, 5, credibility="entropy", backend=backend)
-    joint, alpha = fusion(mu, logvar, mask, return_alpha=True)
+    joint, alpha = fusion(mu, logvar, mask, return_weights=True)
     removed = (-logvar / 2).clamp_min(0).nan_to_num(0.0) * mask.unsqueeze(-1)
     total = removed.sum(0, keepdim=True)
     uniform = mask.unsqueeze(-1).double() / mask.sum(0).unsqueeze(-1)
@@ -207,19 +207,19 @@ def test_entropy_temperature_is_learned_and_entropy_joint_adds_a_network():
     mu, logvar, _, _ = experts(m=2, masked=False)
     fusion = gf.GPoE(2, 5, credibility="entropy", learn_temperature=True)
     assert [name for name, _ in fusion.named_parameters()] == ["credibility.log_temperature"]
-    joint, alpha = fusion(mu.float(), logvar.float(), return_alpha=True)
+    joint, alpha = fusion(mu.float(), logvar.float(), return_weights=True)
     (joint.mu.sum() + joint.logvar.sum()).backward()
     assert fusion.credibility.log_temperature.grad is not None
     with torch.no_grad():
         fusion.credibility.log_temperature.fill_(torch.log(torch.tensor(2.0)))
-    _, sharper = fusion(mu.float(), logvar.float(), return_alpha=True)
+    _, sharper = fusion(mu.float(), logvar.float(), return_weights=True)
     removed = (-logvar.float() / 2).clamp_min(0)
     want = removed**2 / (removed**2).sum(0, keepdim=True)
     present = removed.sum(0) > 0
     torch.testing.assert_close(sharper[:, present], want[:, present])
     combined = gf.GPoE(2, 5, [4, 4], credibility="entropy+joint")
-    _, alpha = combined(mu.float(), logvar.float(), features=[torch.randn(7, 4), torch.randn(7, 4)], return_alpha=True)
-    _, entropy_only = gf.GPoE(2, 5, credibility="entropy")(mu.float(), logvar.float(), return_alpha=True)
+    _, alpha = combined(mu.float(), logvar.float(), features=[torch.randn(7, 4), torch.randn(7, 4)], return_weights=True)
+    _, entropy_only = gf.GPoE(2, 5, credibility="entropy")(mu.float(), logvar.float(), return_weights=True)
     torch.testing.assert_close(alpha, entropy_only)  # the joint network's last layer starts at zero
     with pytest.raises(ValueError, match="learn_temperature"):
         gf.GPoE(2, 5, credibility="global", learn_temperature=True)
@@ -241,7 +241,7 @@ def test_mopoe_objective_matches_a_slow_reference():
                                        beta=0.5, kl="components", num_samples=2)
     names = ["a", "b", "c"]
     torch.manual_seed(1)
-    out = objective({n: (mu[i], logvar[i]) for i, n in enumerate(names)}, {"y": target}, mask=mask)
+    out = objective({n: (mu[i], logvar[i]) for i, n in enumerate(names)}, {"y": target}, mask=mask, return_weights=True)
 
     torch.manual_seed(1)
     rec = kl = 0.0
@@ -256,7 +256,8 @@ def test_mopoe_objective_matches_a_slow_reference():
             rec = rec + (gf.likelihoods.squared_error(decoder(z), target) * weight).sum() / b / 2
         kl = kl + (joint.kl_standard_normal() * weight).sum() / b
     torch.testing.assert_close(out.loss, rec + 0.5 * kl)
-    assert "rec/a+c->y" in out.terms and out.alpha.shape == (7, b, d)
+    assert "rec/a+c->y" in out.terms and out.weights.shape == (m, b, d)  # per modality, from the 7 subsets'
+    torch.testing.assert_close(out.weights.sum(0), torch.ones(b, d, dtype=torch.float64))
 
 
 @pytest.mark.cuda

@@ -41,10 +41,11 @@ def make(fusion_name):
     return encoders, objective
 
 
-def step(encoders, objective, x, aux, y, mask=None):
+def step(encoders, objective, x, aux, y, mask=None, return_weights=False):
     mx, lx, hx = encoders["x"](x)
     ma, la, ha = encoders["aux"](aux)
-    return objective({"x": (mx, lx), "aux": (ma, la)}, {"y": y, "aux": aux}, mask=mask, features={"x": hx, "aux": ha})
+    return objective({"x": (mx, lx), "aux": (ma, la)}, {"y": y, "aux": aux}, mask=mask, features={"x": hx, "aux": ha},
+                     return_weights=return_weights)
 
 
 @pytest.mark.parametrize("fusion_name", ["poe", "gpoe", "moe"])
@@ -68,13 +69,13 @@ def test_tiny_problem_trains(fusion_name):
 def test_product_objective_terms_follow_eq_12_to_15():
     x, aux, y = toy_data(8)
     encoders, objective = make("gpoe")
-    out = step(encoders, objective, x, aux, y)
+    out = step(encoders, objective, x, aux, y, return_weights=True)
     expected = {f"rec/{s}->{d}" for s in ("joint", "x", "aux") for d in ("y", "aux")} | {"kl/x", "kl/aux", "loss"}
     assert set(out.terms) == expected
     rec = sum(v for k, v in out.terms.items() if k.startswith("rec/"))
     kl = out.terms["kl/x"] + out.terms["kl/aux"]
     torch.testing.assert_close(out.loss.detach(), rec + 0.01 * kl)
-    assert out.alpha.shape == (2, 8, D)
+    assert out.weights.shape == (2, 8, D)
     mx, lx, _ = encoders["x"](x)
     torch.testing.assert_close(out.terms["kl/x"], gf.Gaussian(mx, lx).kl_standard_normal().mean().detach())
 
@@ -82,10 +83,10 @@ def test_product_objective_terms_follow_eq_12_to_15():
 def test_mixture_objective_terms_follow_eq_16():
     x, aux, y = toy_data(8)
     encoders, objective = make("moe")
-    out = step(encoders, objective, x, aux, y)
+    out = step(encoders, objective, x, aux, y, return_weights=True)
     assert set(out.terms) == {f"rec/{s}->{d}" for s in ("x", "aux") for d in ("y", "aux")} | {"kl/mixture", "loss"}
     assert isinstance(out.joint, gf.GaussianMixture)
-    torch.testing.assert_close(out.alpha, torch.full_like(out.alpha, 0.5))  # the mixture weights
+    torch.testing.assert_close(out.weights, torch.full_like(out.weights, 0.5))  # the mixture weights
     objective.kl = "components"
     torch.manual_seed(1)
     out = step(encoders, objective, x, aux, y)
@@ -176,3 +177,67 @@ def test_likelihoods():
     target = torch.tensor([[[1, 255]]])
     expected = torch.nn.functional.cross_entropy(logits[..., :1], target[..., :1])
     torch.testing.assert_close(cross_entropy(logits, target, ignore_index=255), expected.reshape(1))
+
+
+class Recording(nn.Module):
+    """A fusion layer that records what it is asked for (return_weights) and passes the call on."""
+
+    def __init__(self, fusion):
+        super().__init__()
+        self.fusion, self.asked = fusion, []
+
+    def forward(self, mu, logvar, mask=None, features=None, return_weights=False):
+        self.asked.append(return_weights)
+        return self.fusion(mu, logvar, mask, features, return_weights=return_weights)
+
+
+@pytest.mark.parametrize("fusion_name", ["poe", "gpoe", "moe"])
+def test_the_fusion_is_asked_for_its_weights_only_when_they_are_wanted(fusion_name):
+    x, aux, y = toy_data(8)
+    encoders, objective = make(fusion_name)
+    objective.fusion = Recording(objective.fusion)
+    torch.manual_seed(2)
+    plain = step(encoders, objective, x, aux, y)
+    torch.manual_seed(2)
+    weighted = step(encoders, objective, x, aux, y, return_weights=True)
+    assert objective.fusion.asked == [False, True]
+    assert plain.weights is None and weighted.weights.shape == (2, 8, D)
+    torch.testing.assert_close(weighted.weights.sum(0), torch.ones(8, D))
+    assert torch.equal(plain.loss, weighted.loss)  # the weights change nothing else
+
+
+def test_fusion_weights_are_each_modalitys_weight_and_mopoe_marginalises_its_subsets():
+    x, aux, y = toy_data(8)
+    encoders, objective = make("gpoe")
+    (mx, lx, hx), (ma, la, ha) = encoders["x"](x), encoders["aux"](aux)
+    posteriors, features = {"x": (mx, lx), "aux": (ma, la)}, {"x": hx, "aux": ha}
+    _, alpha = objective.fusion(torch.stack([mx, ma]), torch.stack([lx, la]), None, [hx, ha], return_weights=True)
+    torch.testing.assert_close(objective.fusion_weights(posteriors, features=features), alpha)
+    # MoPoE of 3 modalities, modality c missing in rows 0-3: the present subsets are {a}, {b}, {a, b} there
+    # (a: 2 of 3 subsets, b likewise: 1/2 each) and all 7 elsewhere (each modality in 4 of 7: 1/3 each).
+    mopoe = gf.CrossModalObjective(gf.MoPoE(), {"y": nn.Linear(D, 2)}, {"y": squared_error})
+    mu, logvar = torch.randn(3, 8, D), torch.randn(3, 8, D)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[2, :4] = False
+    weights = mopoe.fusion_weights({n: (mu[i], logvar[i]) for i, n in enumerate("abc")}, mask=mask)
+    expected = torch.full((3, 8, D), 1 / 3)
+    expected[:2, :4], expected[2, :4] = 0.5, 0.0
+    torch.testing.assert_close(weights, expected)
+
+
+def test_each_mixture_takes_its_own_kl_by_default():
+    """MoPoE's default regulariser is its own (the components' KL, kl="components"), MoE's the mixture's KL."""
+    torch.manual_seed(0)
+    mu, logvar, target = torch.randn(2, 6, D), torch.randn(2, 6, D), torch.randn(6, 2)
+    posteriors = {"a": (mu[0], logvar[0]), "b": (mu[1], logvar[1])}
+
+    def kl_term(fusion, kl):
+        objective = gf.CrossModalObjective(fusion, {"y": nn.Linear(D, 2)}, {"y": squared_error}, kl=kl)
+        torch.manual_seed(1)
+        return objective(posteriors, {"y": target}).terms["kl/mixture"]
+
+    for fusion, own, other in ((gf.MoPoE(), "components", "mixture"), (gf.MoE(), "mixture", "components")):
+        assert torch.equal(kl_term(fusion, None), kl_term(fusion, own))
+        assert not torch.equal(kl_term(fusion, None), kl_term(fusion, other))
+    with pytest.raises(ValueError, match="kl: expected None, 'mixture' or 'components'"):
+        gf.CrossModalObjective(gf.MoE(), {"y": nn.Identity()}, {"y": squared_error}, kl="both")

@@ -7,10 +7,10 @@ noise drawn as one process draws it), and the real pipelines end to end (see doc
 "Data parallelism").
 """
 
+import argparse
 import importlib
 import json
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,14 +23,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import gpoe_fusion as gf
-from common import distributed, training
-from common.checkpoint import load_checkpoint
-from common.distributed import DistEnv, GlobalBatchNoise, match_single_process
-from common.sync_norm import SyncBatchNorm, convert_sync_batchnorm
-from common.training import TrainConfig, fit, make_loader
+from common import training
+from common.training import load_checkpoint
+from common.training import DistEnv
+from common.training import make_loader
 from gpoe_fusion.credibility import FeatureStandardizer, sync_feature_statistics
+from gpoe_fusion.distributed import GlobalBatchNoise, SyncBatchNorm, convert_sync_batchnorm, match_single_process
 from gpoe_fusion.likelihoods import squared_error
 from rhd.synthetic import generate_rhd
+from pipeline_checks import free_port
 from sim2real.synthetic import generate_sim2real
 
 NUM_SAMPLES, BATCH = 32, 4  # per-rank batch of the 2-process run; the single process takes 2 x BATCH
@@ -63,9 +64,9 @@ class Regression(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
 
-    def forward(self, batch):
+    def forward(self, batch, return_weights=False):
         loss = (self.net(batch["x"]) - batch["y"]).pow(2).mean()
-        return SimpleNamespace(loss=loss, terms={"loss": loss.detach()}, alpha=None)
+        return SimpleNamespace(loss=loss, terms={"loss": loss.detach()})
 
 
 def write_samples(root: Path) -> None:
@@ -81,25 +82,20 @@ def train(rank: int, world_size: int, root: Path, out: Path, port: int) -> None:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    env = distributed.setup("cpu")
+    env = training.setup("cpu")
     torch.manual_seed(0)
     model = Regression()
     # 4 steps per epoch; --max-steps 6 stops in the middle of the second epoch.
-    cfg = TrainConfig(epochs=3, batch_size=2 * BATCH // world_size, lr=0.05, warmup_epochs=0.5, seed=3, amp=False,
-                      num_workers=1, progress=False, max_steps=6)
-    history = fit(model, OnDisk(root), cfg, env, out, log=lambda _: None)
+    args = argparse.Namespace(epochs=3, batch_size=2 * BATCH // world_size, lr=0.05, weight_decay=1e-4,
+                              warmup_epochs=0.5, seed=3, no_amp=True, workers=1, no_progress=True, max_steps=6, out=out,
+                              resume=False)
+    history = training.train(model, OnDisk(root), args, env, log=lambda _: None)
     if env.is_main:
         with torch.no_grad():
             held_out = torch.from_numpy(np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32))
             metric = model.net(held_out).pow(2).mean().item()
         torch.save({"history": history, "metric": metric}, out / "final.pt")
-    distributed.cleanup(env)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    training.cleanup(env)
 
 
 def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_path):
@@ -123,9 +119,9 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_
     # Each rank read only its shard of each epoch (its loader may read ahead within it).
     reads = {r: [int(i) for f in (root / "reads").glob(f"rank{r}_*.txt") for i in f.read_text().split()]
              for r in (0, 1)}
-    cfg = TrainConfig(batch_size=BATCH, seed=3)
+    args = argparse.Namespace(batch_size=BATCH, seed=3, workers=0)
     for rank in (0, 1):
-        loader = make_loader(list(range(NUM_SAMPLES)), cfg, DistEnv(rank, 2, torch.device("cpu")))
+        loader = make_loader(list(range(NUM_SAMPLES)), args, DistEnv(rank, 2, torch.device("cpu")))
         shards = set()
         for epoch in (0, 1):
             loader.sampler.set_epoch(epoch)
@@ -136,8 +132,8 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_
 
 def test_the_ranks_batches_make_up_the_single_process_batches():
     data = list(range(NUM_SAMPLES))
-    single = make_loader(data, TrainConfig(batch_size=2 * BATCH, seed=7), DistEnv(0, 1, torch.device("cpu")))
-    ranks = [make_loader(data, TrainConfig(batch_size=BATCH, seed=7), DistEnv(r, 2, torch.device("cpu")))
+    single = make_loader(data, argparse.Namespace(batch_size=2 * BATCH, seed=7, workers=0), DistEnv(0, 1, torch.device("cpu")))
+    ranks = [make_loader(data, argparse.Namespace(batch_size=BATCH, seed=7, workers=0), DistEnv(r, 2, torch.device("cpu")))
              for r in (0, 1)]
     for epoch in (0, 1, 2):
         for loader in [single, *ranks]:
@@ -343,16 +339,15 @@ def test_each_rank_draws_the_noise_one_process_draws_for_its_samples(fusion):
 
 
 def test_only_more_than_one_process_changes_the_model():
-    """One process, also one started by torchrun, trains the model as it is; with two, its batch norm,
+    """One process (also one started by torchrun) trains the model as it is; with two, its batch norm,
     feature standardisation and noise become those of the global batch (nothing runs a collective yet)."""
     objective = gf.CrossModalObjective(gf.GPoE(2, 4, [4, 4], hidden=(8,)), {"y": nn.Linear(4, 2)}, {"y": squared_error})
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), objective)
     standardizers = [m for m in model.modules() if isinstance(m, FeatureStandardizer)]
-    for env in (DistEnv(0, 1, torch.device("cpu")), DistEnv(0, 1, torch.device("cpu"), launched=True)):
-        assert match_single_process(model, env) is model
-        assert type(model[1]) is nn.BatchNorm2d and objective.noise is None
-        assert standardizers and not any(norm.sync for norm in standardizers)
-    assert match_single_process(model, DistEnv(1, 2, torch.device("cpu"))) is model
+    assert match_single_process(model, 0, 1) is model
+    assert type(model[1]) is nn.BatchNorm2d and objective.noise is None
+    assert standardizers and not any(norm.sync for norm in standardizers)
+    assert match_single_process(model, 1, 2) is model
     assert type(model[1]) is SyncBatchNorm
     assert isinstance(objective.noise, GlobalBatchNoise) and (objective.noise.rank, objective.noise.world_size) == (1, 2)
     assert all(norm.sync for norm in standardizers)
@@ -396,7 +391,7 @@ def run_pipeline(rank: int, script: str, runs: list[tuple[list[str], int, bool]]
     for argv, port, per_process in runs:
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-        training.match_single_process = (lambda model, env: model) if per_process else match_single_process
+        training.match_single_process = (lambda model, *_: model) if per_process else match_single_process
         main(argv)
 
 

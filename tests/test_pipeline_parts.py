@@ -6,10 +6,10 @@ import argparse
 import pytest
 import torch
 import torchvision
-from common.corruption import credibility_set
-from common.data import TensorDictDataset, materialize
+from torch.utils.data import StackDataset
+
+from common.data import credibility_set, materialize, ordered_map
 from common.networks import FoldingNetDecoder, ResNet18Encoder
-from common.parallel import ordered_map
 
 
 @pytest.mark.parametrize("width, stem_pool", [(16, True), (8, False)])
@@ -66,11 +66,11 @@ def test_ordered_map_keeps_the_jobs_order_in_worker_processes():
 
 def test_materialize_decodes_alike_with_worker_processes():
     generator = torch.Generator().manual_seed(0)
-    source = TensorDictDataset({"x": torch.randn(300, 4, generator=generator), "y": torch.arange(300)})
+    source = StackDataset(x=torch.randn(300, 4, generator=generator), y=torch.arange(300))
     serial = materialize(source, progress=False, workers=0)
     parallel = materialize(source, progress=False, workers=2)
     for name in ("x", "y"):
-        torch.testing.assert_close(parallel.tensors[name], serial.tensors[name], rtol=0, atol=0)
+        torch.testing.assert_close(parallel.datasets[name], serial.datasets[name], rtol=0, atol=0)
 
 
 def test_credibility_sets_corrupt_one_modality_each():

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from common import report
-from common.statistics import t_interval
+from common.study import t_interval
 
 
 def result(epe: float) -> dict:

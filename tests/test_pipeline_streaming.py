@@ -2,6 +2,7 @@
 the in-memory path gives, sample for sample and batch for batch; --max-steps stops training after
 that many optimizer steps, as the first steps of the full run."""
 
+import argparse
 import json
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 
 import handpose_rhd
 import surgical_seg
-from common import corruption, distributed
-from common.checkpoint import load_checkpoint
-from common.data import TensorDictDataset, eval_loader
-from common.training import TrainConfig, make_loader, start_epoch
+from torch.utils.data import StackDataset
+
+from common import data, training
+from common.data import eval_loader
+from common.training import load_checkpoint, make_loader, start_epoch
 from rhd.synthetic import generate_rhd
 from sim2real.synthetic import generate_sim2real
 
@@ -37,13 +39,13 @@ def assert_same_items(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("noise", ["fixed", "fresh"])
 @pytest.mark.parametrize("script", [handpose_rhd, surgical_seg], ids=["rhd", "sim2real"])
 def test_streamed_data_equals_the_in_memory_data(script, noise, roots, tmp_path):
-    env = distributed.setup("cpu")
+    env = training.setup("cpu")
     argv = (["--data-root", str(roots[script]), "--out", str(tmp_path), "--training-noise", noise]
             + TINY + SIZES[script])
     args = script.parse_args(argv + ["--no-in-memory", "--workers", "2"])
     streamed = script.load_data(args, env)
     in_memory = script.load_data(script.parse_args(argv + ["--in-memory", "--workers", "0"]), env)
-    assert not isinstance(streamed[0], TensorDictDataset) and isinstance(in_memory[0], TensorDictDataset)
+    assert not isinstance(streamed[0], StackDataset) and isinstance(in_memory[0], StackDataset)
     for s, m in zip(streamed, in_memory):
         assert len(s) == len(m) > 0
         for i in range(len(s)):
@@ -52,9 +54,8 @@ def test_streamed_data_equals_the_in_memory_data(script, noise, roots, tmp_path)
     # Batch for batch through the training loader (noise applied per item, in the workers; fresh noise
     # drawn per epoch there too) and the evaluation loader: two worker processes reading from disk give
     # what one process reads from memory.
-    loaders = [make_loader(corruption.training_noise(data[0], args),
-                           TrainConfig(batch_size=4, seed=5, num_workers=workers), env)
-               for data, workers in ((streamed, 2), (in_memory, 0))]
+    loaders = [make_loader(data.training_noise(sets[0], args), argparse.Namespace(batch_size=4, seed=5, workers=workers),
+                           env) for sets, workers in ((streamed, 2), (in_memory, 0))]
     for epoch in (0, 1):
         for loader in loaders:
             start_epoch(loader, epoch)
@@ -64,7 +65,7 @@ def test_streamed_data_equals_the_in_memory_data(script, noise, roots, tmp_path)
             assert_same_items(a, b)
             assert "corrupted_rgb" in a and "corrupted_points" in a
     # --training-noise: a corrupted sample's noise is the same in every epoch, or drawn anew.
-    noisy = corruption.training_noise(in_memory[0], args)
+    noisy = data.training_noise(in_memory[0], args)
     i = int(noisy.dataset.corrupted.nonzero()[0])  # the first sample with corrupted RGB
     by_epoch = []
     for epoch in (0, 1):
@@ -72,8 +73,8 @@ def test_streamed_data_equals_the_in_memory_data(script, noise, roots, tmp_path)
         by_epoch.append(noisy[i]["rgb"])
     assert torch.equal(*by_epoch) == (noise == "fixed")
     args_memory = script.parse_args(argv + ["--workers", "0"])
-    pairs = list(zip(eval_loader(corruption.test_corruption(streamed[1], 0.5, 0), args),
-                     eval_loader(corruption.test_corruption(in_memory[1], 0.5, 0), args_memory)))
+    pairs = list(zip(eval_loader(data.test_corruption(streamed[1], 0.5, 0), args),
+                     eval_loader(data.test_corruption(in_memory[1], 0.5, 0), args_memory)))
     assert pairs
     for a, b in pairs:
         assert_same_items(a, b)

@@ -4,11 +4,14 @@
 import json
 
 import pytest
+import torch
+import torchvision
 
 import handpose_rhd
 import surgical_seg
-from common import training
-from common.options import provenance
+from common import study, training
+from common.training import write_json
+from common.cli import provenance, run_signature
 
 HANDPOSE = ["--num-train", "8", "--num-eval", "4", "--epochs", "1", "--batch-size", "4", "--crop-size", "32",
             "--num-points", "32", "--latent-dim", "8", "--rgb-width", "8", "--pel-width", "16", "--grid-size", "4",
@@ -77,7 +80,7 @@ def test_a_killed_seed_resumes_from_its_checkpoint(rhd_root, tmp_path, monkeypat
     original = training.train_one_epoch
 
     def killed_in_seed_1(*args, **kwargs):
-        if args[6].seed == 1 and args[5] == 1:  # (..., epoch, cfg): seed 1's second epoch
+        if args[5].seed == 1 and args[4] == 1:  # (..., epoch, args, ...): seed 1's second epoch
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
@@ -153,3 +156,26 @@ def test_the_study_preset_is_the_demo_compared_over_seeds(script, tmp_path):
     args = script.parse_args(["--preset", "study", "--seeds", "3", "--no-compare", "--out", str(tmp_path)])
     assert args.seeds == 3 and not args.compare
     assert set(provenance(args, script.PRESETS, script.FROM_PAPER["study"])["command_line"]) == {"seeds", "compare"}
+
+
+def test_a_run_trained_from_other_start_weights_is_not_reused(rhd_root, tmp_path):
+    """The RGB encoder's start weights define the model: a finished run of random initialisation is not
+    taken for a run with --rgb-weights in the same --out (nor resumed by one), and results.json says where
+    the weights came from; the same weights in another file are the same start."""
+    weights, copy = tmp_path / "resnet18.pth", tmp_path / "copy.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    copy.write_bytes(weights.read_bytes())
+
+    def args_of(*extra):
+        return handpose_rhd.parse_args(handpose_args(rhd_root, tmp_path / "out", "--rgb-width", "64", *extra))
+
+    random_init, from_file, from_copy = args_of(), args_of("--rgb-weights", str(weights)), args_of("--rgb-weights", str(copy))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoint.pt").write_bytes(b"")
+    write_json(tmp_path / "out" / "results.json", {"signature": run_signature(from_file),
+                                                   "metrics": {str(lv): {} for lv in from_file.test_corruption}})
+    assert study.finished_run(from_file) is not None and study.finished_run(from_copy) is not None
+    assert study.finished_run(random_init) is None
+    assert run_signature(random_init) != run_signature(from_file) == run_signature(from_copy)
+    assert provenance(from_file, handpose_rhd.PRESETS, {})["rgb_init"].startswith(f"weights from --rgb-weights {weights}")

@@ -372,14 +372,14 @@ def test_ensure_builtin_rhd_caches_and_regenerates(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synthetic, "generate_rhd", counting_generate)
     path = ensure_builtin_rhd(tmp_path, 2, 1, seed=0, progress=False)
-    assert path == tmp_path / "rhd_builtin" / "RHD_published_v2"
+    assert path == tmp_path / "rhd_builtin_v1_seed0_2x1" / "RHD_published_v2"
     assert len(list((path / "training" / "color").iterdir())) == 2
     assert ensure_builtin_rhd(tmp_path, 2, 1, seed=0, progress=False) == path
     assert calls == [(2, 1)]
-    ensure_builtin_rhd(tmp_path, 3, 1, seed=0, progress=False)
-    assert calls == [(2, 1), (3, 1)]
-    assert len(list((path / "training" / "color").iterdir())) == 3
-    assert len(RHDDataset(path, "training", crop_size=16, num_points=4)) == 3
+    larger = ensure_builtin_rhd(tmp_path, 3, 1, seed=0, progress=False)
+    assert calls == [(2, 1), (3, 1)] and larger == tmp_path / "rhd_builtin_v1_seed0_3x1" / "RHD_published_v2"
+    assert len(RHDDataset(larger, "training", crop_size=16, num_points=4)) == 3
+    assert len(list((path / "training" / "color").iterdir())) == 2  # the smaller one is left as it was
 
     def interrupted(root, *args, **kwargs):
         (Path(root) / "RHD_published_v2" / "training").mkdir(parents=True)
@@ -388,12 +388,12 @@ def test_ensure_builtin_rhd_caches_and_regenerates(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "generate_rhd", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_builtin_rhd(tmp_path, 2, 2, seed=5, progress=False)
-    # The finished (3, 1) dataset is untouched and no partial folder is left behind.
-    assert sorted(os.listdir(tmp_path)) == [".rhd_builtin.lock", "rhd_builtin"]
-    assert len(list((path / "training" / "color").iterdir())) == 3
+    # The finished datasets are untouched and no partial folder is left behind.
+    assert sorted(os.listdir(tmp_path)) == [".lock", "rhd_builtin_v1_seed0_2x1", "rhd_builtin_v1_seed0_3x1"]
+    assert len(list((larger / "training" / "color").iterdir())) == 3
 
 
-def test_the_cached_dataset_serves_smaller_runs_and_grows_for_larger_ones(tmp_path, monkeypatch):
+def test_the_cache_serves_smaller_runs_and_generates_larger_ones_from_its_frames(tmp_path, monkeypatch):
     calls = []
     real_generate = synthetic.generate_rhd
 
@@ -405,8 +405,21 @@ def test_the_cached_dataset_serves_smaller_runs_and_grows_for_larger_ones(tmp_pa
     path = ensure_builtin_rhd(tmp_path / "cache", 3, 1, seed=4, progress=False)
     assert ensure_builtin_rhd(tmp_path / "cache", 2, 1, seed=4, progress=False) == path  # fewer frames: reused
     assert calls == [((3, 1), False)]
-    # More evaluation frames: grown to cover both requests, the frames it had reused (not drawn again).
-    assert ensure_builtin_rhd(tmp_path / "cache", 1, 2, seed=4, progress=False) == path
+    # More evaluation frames: a dataset for both requests, made with the frames it had (not drawn again).
+    larger = ensure_builtin_rhd(tmp_path / "cache", 1, 2, seed=4, progress=False)
     assert calls == [((3, 1), False), ((3, 2), True)]
-    assert _tree_bytes(path) == _tree_bytes(real_generate(tmp_path / "fresh", 3, 2, seed=4, progress=False))
-    assert sorted(os.listdir(tmp_path / "cache")) == [".rhd_builtin.lock", "rhd_builtin"]
+    assert _tree_bytes(larger) == _tree_bytes(real_generate(tmp_path / "fresh", 3, 2, seed=4, progress=False))
+    assert ensure_builtin_rhd(tmp_path / "cache", 3, 1, seed=4, progress=False) == path  # the smallest that serves
+
+
+def test_a_dataset_a_run_reads_is_never_changed_or_deleted_by_another_run(tmp_path):
+    """A run streams its built-in frames from the cache while another run, of other sizes or another seed,
+    needs other data: the first run's files stay the very same files, frame for frame."""
+    path = ensure_builtin_rhd(tmp_path, 3, 1, seed=0, progress=False)
+    reading = RHDDataset(path, "training", crop_size=16, num_points=4)
+    before = [reading[i]["rgb"] for i in range(3)]
+    files = {p: p.stat().st_ino for p in path.rglob("*.png")}
+    ensure_builtin_rhd(tmp_path, 4, 1, seed=0, progress=False)  # grown
+    ensure_builtin_rhd(tmp_path, 3, 1, seed=5, progress=False)  # another seed
+    assert all(torch.equal(reading[i]["rgb"], rgb) for i, rgb in enumerate(before))
+    assert {p: p.stat().st_ino for p in files if p.exists()} == files  # not deleted, not replaced

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 from pathlib import Path
 
@@ -416,7 +417,7 @@ def test_ensure_builtin_generates_once_per_configuration(tmp_path, monkeypatch):
     root = ensure_builtin_sim2real(tmp_path, views_per_scene=1, seed=0, progress=False)
     assert len(Sim2RealDataset(root, split="train", image_size=16, num_points=8)) == 4
     assert len(Sim2RealDataset(root, split="test", image_size=16, num_points=8)) == 1
-    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no staging folder left behind
+    assert sorted(os.listdir(tmp_path)) == [".lock", root.name]  # no staging folder left behind
 
     import sim2real.synthetic as synthetic
 
@@ -427,6 +428,6 @@ def test_ensure_builtin_generates_once_per_configuration(tmp_path, monkeypatch):
     assert ensure_builtin_sim2real(tmp_path, views_per_scene=1, seed=0) == root
     with pytest.raises(AssertionError, match="regenerated"):
         ensure_builtin_sim2real(tmp_path, views_per_scene=1, seed=1)
-    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # the failed attempt cleaned up
+    assert sorted(os.listdir(tmp_path)) == [".lock", root.name]  # the failed attempt cleaned up
     with pytest.raises(AssertionError, match="regenerated"):
         ensure_builtin_sim2real(tmp_path, views_per_scene=2, seed=0)

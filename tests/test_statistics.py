@@ -1,10 +1,10 @@
-"""Statistics over seeds (examples/common/statistics.py) against hand-computed values."""
+"""Statistics over seeds (examples/common/study.py) against hand-computed values."""
 
 import math
 
 import pytest
 
-from common.statistics import DIFFERENCES, paired_difference, study_statistics, t_interval
+from common.study import DIFFERENCES, paired_difference, study_statistics, t_interval
 
 # Student-t quantiles t(0.975, df) from the printed tables.
 T_975 = {2: 4.302653, 3: 3.182446}

@@ -9,6 +9,7 @@ import torch
 
 import surgical_seg
 from common.cli import UsageError
+from common.training import setup
 from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
 from common.networks import DCGANDecoder
 from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
@@ -27,20 +28,20 @@ def tiny_args(root, out, *extra):
 def test_one_training_step_per_fusion(sim2real_root, tmp_path, fusion, credibility):
     args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--fusion", fusion, "--credibility", credibility))
     args.grid_size, args.fold_hidden, args.pel_width, args.seg_base = 4, 16, 16, 32
-    env = surgical_seg.distributed.setup("cpu")
+    env = setup("cpu")
     train_set, eval_set = surgical_seg.load_data(args, env)
     assert len(train_set) == 8 and len(eval_set) == 2
-    model = surgical_seg.build_model(args, fusion)
-    batch = {k: v[:4] for k, v in train_set.tensors.items()}
-    out = model(batch)
+    model = surgical_seg.build_model(args)
+    batch = {k: v[:4] for k, v in train_set.datasets.items()}
+    out = model(batch, return_weights=True)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for name in ("rgb", "points"):
         grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads)
     # Every fusion returns its experts' weights (gPoE's alpha, PoE's precision shares, MoE's and
-    # MoPoE's mixture weights), summing to 1 over the modalities (MoPoE: over its subsets).
-    torch.testing.assert_close(out.alpha.float().sum(0), torch.ones(out.alpha.shape[1:]))
+    # MoPoE's mixture weights of the subsets holding each modality), summing to 1 over the modalities.
+    torch.testing.assert_close(out.weights.float().sum(0), torch.ones(out.weights.shape[1:]))
     assert any(key.endswith("->mask") for key in out.terms) and any(key.endswith("->points") for key in out.terms)
     model.eval()
     assert model.predict(batch["rgb"], "mask").shape == (4, NUM_CLASSES, 16, 16)
@@ -85,7 +86,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(sim2real_root, tmp_path, mo
 def test_more_views_than_the_split_has_is_a_clear_error(sim2real_root, tmp_path):
     args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--num-train", "9"))
     with pytest.raises(UsageError, match=r"--num-train: 9 views requested, but the train split \(scenes 1, 2, 3, 4\)"):
-        surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+        surgical_seg.load_data(args, setup("cpu"))
 
 
 def test_random_split_tests_on_views_of_every_scene(sim2real_root, tmp_path):
@@ -99,12 +100,12 @@ def test_random_split_tests_on_views_of_every_scene(sim2real_root, tmp_path):
     for other in (surgical_seg.split_indices(14, args_of("--seed", "3")), surgical_seg.split_indices(14, args)):
         assert all(np.array_equal(parts[k], other[k]) for k in parts)  # every seed of a study tests the same views
     assert surgical_seg.builtin_views_per_scene(args) == 2  # 13 views over 7 scenes
-    train_set, eval_set = surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+    train_set, eval_set = surgical_seg.load_data(args, setup("cpu"))
     every = Sim2RealDataset(sim2real_root, scenes=range(1, 8), image_size=16, num_points=32)
     for dataset, split in ((train_set, "train"), (eval_set, "test")):
         assert len(dataset) == len(parts[split])
         for i, j in enumerate(parts[split]):
-            assert torch.equal(dataset.tensors["mask"][i], every[j]["mask"])
+            assert torch.equal(dataset.datasets["mask"][i], every[j]["mask"])
     assert len({every.views[j][0] for j in parts["train"]}) >= 5  # 10 of 14 views reach 5 scenes at least
     with pytest.raises(UsageError, match="--num-train: 12 views requested, but the 7 scenes have 11 besides the 3 test"):
         surgical_seg.split_indices(14, args_of("--num-train", "12"))
@@ -135,21 +136,21 @@ def test_intrinsics_are_recorded_with_their_source(sim2real_root, tmp_path):
 
 def test_fewer_views_are_spread_over_the_split(sim2real_root, tmp_path):
     args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--num-train", "4"))
-    train_set, _ = surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+    train_set, _ = surgical_seg.load_data(args, setup("cpu"))
     full = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32)
     # Views 0, 2, 5, 7 of the 8: one of every scene, not the first two scenes.
     for i, j in enumerate([0, 2, 5, 7]):
-        assert torch.equal(train_set.tensors["mask"][i], full[j]["mask"])
+        assert torch.equal(train_set.datasets["mask"][i], full[j]["mask"])
 
 
 def test_intrinsics_option_reaches_the_point_clouds(sim2real_root, tmp_path):
     args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--intrinsics", "300", "310", "250", "120"))
     K = np.array([[300.0, 0, 250], [0, 310, 120], [0, 0, 1]])
     assert np.array_equal(surgical_seg.intrinsics_matrix(args), K)
-    train_set, _ = surgical_seg.load_data(args, surgical_seg.distributed.setup("cpu"))
+    train_set, _ = surgical_seg.load_data(args, setup("cpu"))
     expected = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32, intrinsics=K)[0]["points"]
     default = Sim2RealDataset(sim2real_root, "train", image_size=16, num_points=32)[0]["points"]
-    assert torch.equal(train_set.tensors["points"][0], expected) and not torch.equal(expected, default)
+    assert torch.equal(train_set.datasets["points"][0], expected) and not torch.equal(expected, default)
 
 
 def test_segmentation_decoder_shapes_and_channel_floor():
@@ -163,4 +164,4 @@ def test_segmentation_decoder_shapes_and_channel_floor():
 
 
 def test_two_process_torchrun_on_cpu(sim2real_root, tmp_path):
-    check_torchrun("surgical_seg.py", tiny_args(sim2real_root, tmp_path), tmp_path, port=29534)
+    check_torchrun("surgical_seg.py", tiny_args(sim2real_root, tmp_path), tmp_path)

@@ -69,7 +69,7 @@ def test_layers_raise_the_same_clear_errors(backend):
     with pytest.raises(ValueError, match="mu: contains NaN at 1 entries"):
         gf.PoE(backend=backend)(mu, logvar)
     with pytest.raises(ValueError, match="mu: contains NaN"):
-        gf.GPoE(2, 4, credibility="global", backend=backend)(mu, logvar, return_alpha=True)
+        gf.GPoE(2, 4, credibility="global", backend=backend)(mu, logvar, return_weights=True)
     mask = torch.ones(2, 3, dtype=torch.bool)
     mask[:, 1] = False
     with pytest.raises(ValueError, match="mask: 1 batch rows have every expert masked"):

@@ -1,23 +1,34 @@
-"""The command line both pipelines share: a parser whose errors are one line, value types that
-name what they expect, help that shows every default, and run-time usage errors.
-
-A bad invocation ends with exit status 2 and one line on stderr, e.g.
-``handpose_rhd.py: error: argument --epochs: expected a positive integer, got -1``, with no traceback:
-argparse's own errors (wrong type, unknown choice) and :class:`UsageError`, raised when a value turns
-out wrong only once it is used (a data folder of the wrong layout, a checkpoint of another run).
+"""The command line both pipelines share: the options, the presets that fill them (a value given on the command line
+wins: ``args.given`` lists them), their checks, where each value comes from (the paper, the command line, or our
+choice), and a run's signature. A bad invocation ends with one line on stderr and exit status 2, e.g. ``handpose_rhd.py:
+error: argument --epochs: expected a positive integer, got -1``: argparse's errors and UsageError, for a value found
+wrong once it is used (a data folder of another layout).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["Parser", "UsageError", "default_cache_dir", "exit_with", "fraction", "non_negative_float",
-           "non_negative_int", "positive_float", "positive_int", "show_defaults"]
+import torch
+
+import gpoe_fusion as gf
+
+from .networks import FUSIONS, load_resnet18_state
+
+COMPARED = ("moe", "poe", "gpoe")  # what --compare trains unless --fusions says otherwise: the paper's comparison
+TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)  # the paper's test pixel-corruption levels
+TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent)"
+# Options of how a run executes or reports, or of which runs a study makes (a run's own seed, fusion and data
+# corruption are in its signature), not of the model it trains: with other values of these it is the same run.
+NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
+                    "device", "cache_dir", "workers", "in_memory", "eval_batch_size", "test_corruption", "given",
+                    "rgb_weights"}
 
 
 class UsageError(Exception):
@@ -25,104 +36,222 @@ class UsageError(Exception):
 
     def __init__(self, option: str, message: str):
         super().__init__(f"{option}: {message}")
-        self.option = option
 
 
 def exit_with(message: str, prog: str | None = None) -> NoReturn:
     """Print ``<prog>: error: <message>`` as one line on stderr and exit with status 2 (argparse's)."""
     prog = prog or os.path.basename(sys.argv[0]) or "python"
-    line = " ".join(str(message).split())  # one line, whatever the message held
-    print(f"{prog}: error: {line}", file=sys.stderr)
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(2)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block: ``--help`` shows it) and the module docstring
-    kept as written."""
+def _value(kind: type, accepts: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)`` if ``accepts`` it, else an error saying ``expected <what>``."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
 
-    def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(**kwargs)
+
+positive_int = _value(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _value(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _value(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+non_negative_float = _value(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+fraction = _value(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+
+
+def default_cache_dir() -> Path:
+    """Where built-in data is generated: ``$XDG_CACHE_HOME/gpoe_fusion``, else ``~/.cache/gpoe_fusion``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpoe_fusion"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both pipelines take; those a preset sets default to None."""
+    count, natural, number, share = ({"type": positive_int, "metavar": "N"}, {"type": non_negative_int, "metavar": "N"},
+                                     {"type": non_negative_float, "metavar": "X"}, {"type": fraction, "metavar": "X"})
+    switch = {"action": argparse.BooleanOptionalAction}
+    add = parser.add_argument_group("run").add_argument
+    add("--preset", choices=("demo", "full", "study"), default="demo",
+        help="demo (minutes on a CPU), full (the real dataset at 256x256, streamed) or study (the demo, --compare "
+             "over --seeds); each value it sets has its own option, which overrides it")
+    add("--fusion", choices=FUSIONS, default="gpoe",
+        help="the fusion layer (mopoe: the mixture of every subset's product, Sutter et al. 2021)")
+    add("--compare", **switch, help="train the --fusions alike (each into --out/<fusion>) and compare them")
+    add("--fusions", nargs="+", choices=FUSIONS, default=list(COMPARED), metavar="FUSION",
+        help=f"what --compare trains, from {', '.join(FUSIONS)}")
+    add("--out", type=Path, metavar="DIR", help="output folder: results.json, results.md, plots, checkpoint.pt")
+    add("--resume", action="store_true",
+        help="continue a killed run from the checkpoint in --out (it must be of the same configuration)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available, else CPU")
+    add("--seed", **natural, default=0, help="initial weights, batch order, training noise and test corruption")
+    add("--seeds", **count, help="train each fusion at the seeds --seed ... --seed + N - 1 (into seed<k>/; a finished "
+                                 "one is loaded) and report means, 95 % intervals and paired differences")
+    add("--no-amp", action="store_true", help="train in float32 on GPU instead of bf16 autocast")
+    add("--no-progress", action="store_true", help="no progress bars")
+    add("--low-memory", **switch, help="return freed memory to the system at once (glibc's mmap threshold fixed): a "
+                                       "lower peak on the CPU at full size, steps a quarter slower")
+
+    add = parser.add_argument_group("data").add_argument
+    add("--data-root", type=Path, metavar="DIR",
+        help="the real dataset's folder (default: none, built-in data generated once under --cache-dir)")
+    add("--cache-dir", type=Path, metavar="DIR", default=default_cache_dir(),
+        help="where built-in data is generated and kept ($XDG_CACHE_HOME/gpoe_fusion)")
+    add("--num-train", **count, help="training samples used")
+    add("--num-eval", **count, help="evaluation samples used")
+    add("--num-points", **count, help="points per point cloud")
+    add("--in-memory", **switch, help="decode every sample once into memory, or each from disk when used (in the "
+                                      "loader's workers)")
+    add("--workers", **natural, help="data-loader worker processes per rank (0: load in the main process)")
+
+    add = parser.add_argument_group("model").add_argument
+    add("--rgb-weights", type=Path, metavar="FILE", help="torchvision's ResNet-18 checkpoint file (e.g. "
+        "resnet18-f37072fd.pth, ImageNet weights as in the paper) (default: none, random init)")
+    add("--rgb-width", **count, help="channels of the RGB ResNet-18's first stage (64: ResNet-18 itself)")
+    add("--rgb-stem-pool", **switch, help="the max-pool after the RGB ResNet's stem")
+    add("--credibility", choices=gf.credibility.CREDIBILITIES, default="joint", help="gPoE's credibility: joint "
+        "(paper Fig. 2), independent or global networks, entropy (no network) or entropy+joint")
+    add("--latent-dim", **count, help="latent dimensions")
+    add("--pel-width", **count, help="ResPEL point encoder width")
+    add("--grid-size", **count, help="FoldingNet grid side (grid-size squared points decoded)")
+    add("--fold-hidden", **count, help="FoldingNet hidden width")
+
+    add = parser.add_argument_group("training").add_argument
+    add("--epochs", **count, help="training epochs")
+    add("--max-steps", **count, help="stop after this many optimizer steps (the first ones of --epochs' schedule), "
+                                     "then evaluate and report (default: none, all epochs)")
+    add("--batch-size", **count, help="training batch per rank")
+    add("--eval-batch-size", **count, help="evaluation batch")
+    add("--lr", type=positive_float, metavar="X", help="AdamW peak learning rate")
+    add("--weight-decay", **number, help="AdamW weight decay")
+    add("--warmup-epochs", **number, help="linear learning-rate warm-up, then cosine decay")
+    add("--beta", **number, help="KL weight (paper Eq. 15)")
+    add("--points-weight", **number, help="weight of the point-cloud reconstruction terms")
+
+    add = parser.add_argument_group("noise (paper Section 4.3)").add_argument
+    add("--data-corruption", **share, help="fraction of training samples whose RGB (and, independently, whose points) "
+                                           "is corrupted")
+    add("--train-pixel-corruption", **share, help="share of pixels replaced in a corrupted training image")
+    add("--point-noise", **number, help="std of the noise on a corrupted training point cloud (normalised units)")
+    add("--training-noise", choices=("fixed", "fresh"), help="fixed: a corrupted sample's noise is the same every "
+        "epoch; fresh: drawn anew every epoch, so that a model cannot learn it by heart")
+    add("--test-corruption", type=fraction, metavar="P", nargs="+", help="test-time pixel-corruption levels")
+    add("--corruption-sweep", **share, nargs="+", help="train at each --data-corruption X (into corruption<X>/) and "
+        "plot the metric against them (paper Fig. 4, first panel) (default: none)")
+
+
+class Parser(argparse.ArgumentParser):
+    """A pipeline's command line: the options both take (``add_common_arguments``), one-line errors, and ``doc`` (the
+    script's docstring; its first paragraph describes it) and ``page`` (its documentation) in the help."""
+
+    def __init__(self, doc: str, page: str):
+        super().__init__(description=doc.split("\n\n")[0], epilog=f"See {page}.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_common_arguments(self)
 
     def error(self, message: str) -> NoReturn:
         exit_with(f"{message} (see --help)", self.prog)
 
-
-def _number(kind: Callable[[str], float], text: str, what: str) -> float:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    value = _number(int, text, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    def parse(self, argv: list[str] | None, presets: Mapping[str, Mapping[str, object]], runs: str,
+              **notes: str) -> argparse.Namespace:
+        """The options of ``argv`` (``finish_help``, ``apply_preset``); --out defaults to
+        ``runs/<runs>_<preset>_<fusion>`` (``_compare`` with --compare)."""
+        finish_help(self, presets, out=f"runs/{runs}_<preset>_<fusion>, or runs/{runs}_<preset>_compare", **notes)
+        args = apply_preset(self, self.parse_args(argv), presets)
+        args.out = args.out or Path(f"runs/{runs}_{args.preset}" + ("_compare" if args.compare else f"_{args.fusion}"))
+        return args
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(int, text, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text, "a positive number")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(float, text, "a number >= 0")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = _number(float, text, "a fraction in [0, 1]")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return value
-
-
-def default_cache_dir() -> Path:
-    """Where built-in data is generated: ``$XDG_CACHE_HOME/gpoe_fusion``, else ``~/.cache/gpoe_fusion``
-    (the XDG base-directory convention), outside the repository."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpoe_fusion"
-
-
-def _format(value: object) -> str:
+def _shown(value: object) -> str:
     if value is None:
         return "none"
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(_format, value))
-    return str(value)
+    return " ".join(map(_shown, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def show_defaults(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, object]],
-                  preset_notes: Mapping[str, str] | None = None) -> None:
-    """Append its default to the help of every option that does not state one already.
-
-    Options left unset (None) are filled from the preset: their help lists each preset's value (or
-    ``preset_notes[dest]`` where a preset's value needs words). Flags show ``off``.
-    """
-    notes = preset_notes or {}
+def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, object]], **notes: str) -> None:
+    """End every option's help with its default: each preset's value, the fixed one, or words (``notes[dest]``)."""
+    notes = {"test_corruption": f"{_shown(TEST_CORRUPTION)}, the paper's levels",
+             "compare": ", ".join(f"{name} {'on' if p.get('compare') else 'off'}" for name, p in presets.items()),
+             "eval_batch_size": ", ".join(f"{name} {p['eval_batch_size'] or 'the training batch size'}"
+                                          for name, p in presets.items()), **notes}
     for action in parser._actions:
-        if (action.help is None or action.help == argparse.SUPPRESS or "default:" in action.help
-                or action.default == argparse.SUPPRESS):
+        if action.default == argparse.SUPPRESS or "default:" in action.help:  # --help, or said already
             continue
         if action.dest in notes:
             default = notes[action.dest]
         elif action.default is None and any(action.dest in p for p in presets.values()):
-            default = ", ".join(f"{name} {_format(p[action.dest])}" for name, p in presets.items())
-        elif isinstance(action, argparse._StoreTrueAction):
-            default = "off"
+            default = ", ".join(f"{name} {_shown(p[action.dest])}" for name, p in presets.items())
         else:
-            default = _format(action.default)
+            default = "off" if isinstance(action, argparse._StoreTrueAction) else _shown(action.default)
         action.help = f"{action.help} (default: {default})".replace("%", "%%")
+
+
+def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 presets: Mapping[str, Mapping[str, object]]) -> argparse.Namespace:
+    """Fill every option left unset from the chosen preset, then check the values together (a bad one ends the program
+    through ``parser.error``). Records ``args.given``, the preset's settings (and ``test_corruption``) set on the
+    command line, and ``args.rgb_weights_sha256``, what the RGB encoder starts from (None: random weights)."""
+    preset = presets[args.preset]
+    args.given = sorted(key for key in [*preset, "test_corruption"] if getattr(args, key, None) is not None)
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.compare = bool(args.compare)
+    args.test_corruption = args.test_corruption or list(TEST_CORRUPTION)
+    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    if args.corruption_sweep is not None:
+        if len(set(args.corruption_sweep)) < len(args.corruption_sweep):
+            parser.error(f"argument --corruption-sweep: a fraction appears twice in {args.corruption_sweep}")
+        if "data_corruption" in args.given:
+            parser.error("argument --corruption-sweep: not allowed with --data-corruption (the sweep sets it)")
+    if args.data_root is not None and not args.data_root.is_dir():
+        parser.error(f"argument --data-root: no such folder: {args.data_root}")
+    for name in ("out", "cache_dir"):
+        path = getattr(args, name)
+        if path is not None and path.exists() and not path.is_dir():
+            parser.error(f"argument --{name.replace('_', '-')}: {path} exists and is not a folder")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        built = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        parser.error(f"argument --device: cuda was asked for, but {built}; use --device cpu (or auto)")
+    args.rgb_weights_sha256 = None
+    if args.rgb_weights is not None:
+        if args.rgb_width != 64 or not args.rgb_stem_pool:
+            parser.error(f"argument --rgb-weights: ResNet-18 weights need --rgb-width 64 and --rgb-stem-pool (this run "
+                         f"has --rgb-width {args.rgb_width}{'' if args.rgb_stem_pool else ' and --no-rgb-stem-pool'})")
+        try:
+            load_resnet18_state(args.rgb_weights)
+        except (OSError, ValueError) as error:
+            parser.error(f"argument --rgb-weights: {error}")
+        with open(args.rgb_weights, "rb") as f:
+            args.rgb_weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return args
+
+
+def provenance(args: argparse.Namespace, presets: Mapping[str, Mapping[str, object]],
+               from_paper: Mapping[str, str]) -> dict:
+    """Where each setting comes from, for results.json: ``{"paper": {setting: where}, "command_line": [...],
+    "project_choice": [...], "rgb_init": ...}``, every preset setting (and the test levels) in exactly one of the three
+    lists. from_paper: setting -> where the paper gives it, for this preset."""
+    keys, given = [*presets[args.preset], "test_corruption"], set(args.given)
+    paper = {"test_corruption": TEST_CORRUPTION_SOURCE, **from_paper}
+    return {"paper": {k: paper[k] for k in keys if k in paper and k not in given},
+            "command_line": [k for k in keys if k in given],
+            "project_choice": [k for k in keys if k not in paper and k not in given],
+            "rgb_init": (f"weights from --rgb-weights {args.rgb_weights} (sha256 {args.rgb_weights_sha256})"
+                         if args.rgb_weights is not None else
+                         "random (the paper starts from ImageNet weights, Section 4.5)")}
+
+
+def run_signature(args: argparse.Namespace) -> dict:
+    """Every setting that defines the trained model, as plain values (checkpoints hold no others): a checkpoint is
+    resumed, and a finished run reused, only by a run of the same signature. The start weights of the RGB encoder count
+    by their file's hash (``rgb_weights_sha256``), not its path."""
+    signature = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                 for k, v in sorted(vars(args).items()) if k not in NOT_IN_SIGNATURE}
+    if "data_root" in signature:
+        signature["data_root"] = str(Path(args.data_root).resolve()) if args.data_root is not None else "built-in"
+    return signature

@@ -1,104 +1,150 @@
-"""The two ways a pipeline holds its data, behind the same ``Dataset`` interface.
-
-- Streamed (the default at full size): the dataset decodes sample i from disk when it is asked for,
-  so memory does not grow with the dataset; the DataLoader's worker processes do the decoding
-  (each reads only the indices its rank's sampler hands it).
-- In memory (``materialize``): every sample decoded once, by the very same dataset, into one
-  stacked tensor per field; fast when the whole set fits easily (the demo).
-
-Either way an item is the same dict of tensors, so training, noise and evaluation do not know which.
+"""How both pipelines get their data: built-in data generated once into a cache; the splits streamed from disk (each
+sample decoded when it is used, by the loader's workers: memory does not grow with the dataset) or decoded once into
+memory (``materialize``, the demo), the same dict of tensors either way; the corruptions of the experiments; the
+point-cloud and parallel helpers of the datasets and generators.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
-from collections.abc import Callable, Sequence
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, StackDataset, Subset
 from tqdm import tqdm
 
+from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption
+
 from .cli import UsageError
-from .parallel import default_workers
-
-__all__ = ["Fields", "TensorDictDataset", "eval_loader", "load_splits", "materialize", "nbytes"]
 
 
-class TensorDictDataset(Dataset):
-    """Items ``{name: tensors[name][i]}`` of a dict of tensors that share their first dimension."""
+def backproject(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Camera-frame points [P, 3] float32 ``z * K^-1 [u, v, 1]`` of the (masked) pixels with depth > 0 of a z-depth map
+    [H, W] through pinhole intrinsics K [3, 3]. Pixel (u, v) sits at integer coordinates, the convention of the RHD
+    annotations (``uv = (xyz @ K.T)[:, :2] / z``): a point projects back to its pixel."""
+    keep = depth > 0 if mask is None else (depth > 0) & mask
+    v, u = np.nonzero(keep)
+    z = depth[v, u].astype(np.float64)
+    return np.stack([(u - K[0, 2]) * z / K[0, 0], (v - K[1, 2]) * z / K[1, 1], z], axis=1).astype(np.float32)
 
-    def __init__(self, tensors: dict[str, Tensor]):
-        lengths = {name: len(t) for name, t in tensors.items()}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"tensors: first dimensions differ: {lengths}")
-        self.tensors = tensors
-        self.length = next(iter(lengths.values())) if lengths else 0
 
-    def __len__(self) -> int:
-        return self.length
+def resample_points(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Exactly ``count`` of ``points`` [P, 3]: a random subset when there are more, all of them plus random repeats when
+    there are fewer; an empty cloud becomes ``count`` points at the origin."""
+    n = len(points)
+    if n == 0:
+        return np.zeros((count, 3), dtype=points.dtype)
+    if n >= count:
+        return points[rng.choice(n, size=count, replace=False)]
+    return points[np.concatenate([np.arange(n), rng.choice(n, size=count - n, replace=True)])]
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {name: t[index] for name, t in self.tensors.items()}
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def ordered_map(function: Callable, jobs: Iterable, workers: int | None = None, chunksize: int = 8) -> Iterator:
+    """``function(job)`` for every job, in the jobs' order, computed by ``workers`` processes (default: one per core; 1
+    runs them here). The generators' jobs depend only on their arguments, so the files they write are byte-identical in
+    any order. ``function`` must be a module-level function."""
+    workers = default_workers() if workers is None else workers
+    if workers <= 1:
+        yield from map(function, jobs)
+        return
+    # fork: the workers inherit the parent's sys.path (the examples import their packages relative to
+    # the script's folder, which a spawned worker would not see).
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with context.Pool(workers) as pool:
+        yield from pool.imap(function, jobs, chunksize=chunksize)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (released when the file closes)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def build_once(folder: Path, generate: Callable[[Path], None]) -> Path:
+    """``folder``, written by ``generate(staging)`` unless it exists, into a temporary sibling renamed into place once
+    complete (an interrupted run leaves nothing that passes for it), under a lock that concurrent callers (torchrun
+    ranks) wait on. The generators' cache: a finished folder is never changed or deleted (a job may be reading it)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.parent / ".lock"):
+        if not folder.is_dir():
+            for leftover in folder.parent.glob(f".{folder.name}.*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            try:
+                generate(staging)
+                os.rename(staging, folder)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    return folder
+
+
+def describe_size(path: str | Path) -> str:
+    """The disk space a file or folder takes, e.g. ``"(172 MB)"``."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return f"({sum(os.path.getsize(p) for p in files) / 1e6:.0f} MB)"
 
 
 class Fields(Dataset):
-    """The entries ``keys`` of every item of ``dataset`` (what the model and the evaluation read)."""
+    """The items ``indices`` of ``dataset``, of them the entries ``keys`` (what the model and evaluation read)."""
 
-    def __init__(self, dataset: Dataset, keys: Sequence[str]):
-        self.dataset = dataset
-        self.keys = tuple(keys)
+    def __init__(self, dataset: Dataset, indices: Sequence[int], keys: Sequence[str]):
+        self.dataset, self.indices, self.keys = dataset, list(indices), tuple(keys)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        missing = [key for key in self.keys if key not in item]
-        if missing:
-            raise KeyError(f"keys: {missing} are not in the dataset's items (they have {sorted(item)})")
-        return {key: item[key] for key in self.keys}
+        return {key: value for key, value in self.dataset[self.indices[index]].items() if key in self.keys}
 
 
 def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
-                keys: Sequence[str] | None = None, workers: int | None = None) -> TensorDictDataset:
-    """Read every item of ``dataset`` (dicts of tensors) once into one tensor per field.
-
-    keys: the entries kept (default: every tensor entry); items may hold other, non-tensor entries
-    that are dropped. The stacked tensors are allocated up front from the first item, so the peak
-    memory is the result's size (not twice that, as stacking a list of items would need).
-    workers: processes decoding items (default: one per core; 0 decodes here), in order.
-    """
+                workers: int | None = None) -> StackDataset:
+    """Every item of ``dataset`` (dicts; their tensor entries are kept) read once into one tensor per field
+    (``datasets``), allocated up front from the first item, so the peak memory is the result's size. workers: processes
+    decoding items (default: one per core; 0 decodes here), in order."""
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
     first = dataset[0]
-    names = [name for name, v in first.items() if isinstance(v, Tensor)] if keys is None else list(keys)
-    missing = [name for name in names if name not in first]
-    if missing:
-        raise KeyError(f"keys: {missing} are not in the dataset's items (they have {sorted(first)})")
-    tensors = {name: torch.empty((len(dataset), *first[name].shape), dtype=first[name].dtype) for name in names}
+    tensors = {k: torch.empty((len(dataset), *v.shape), dtype=v.dtype) for k, v in first.items()
+               if isinstance(v, Tensor)}
     workers = default_workers() if workers is None else workers
     # Worker processes pay off only beyond a few items (each costs a fork and a pickled item per sample).
     rest = DataLoader(Subset(dataset, range(1, len(dataset))), batch_size=None,
                       num_workers=workers if len(dataset) > 64 * workers else 0)
-    items = itertools.chain([first], rest)
-    for i, item in enumerate(tqdm(items, total=len(dataset), desc=desc, disable=not progress, leave=False)):
-        for name in names:
-            tensors[name][i] = item[name]
-    return TensorDictDataset(tensors)
+    for i, item in enumerate(tqdm(itertools.chain([first], rest), total=len(dataset), desc=desc, disable=not progress,
+                                  leave=False)):
+        for name, t in tensors.items():
+            t[i] = item[name]
+    return StackDataset(**tensors)  # items {name: tensors[name][i]}
 
 
 def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequence[tuple[str, int | None, str]],
                 in_memory: bool, progress: bool,
-                errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list[Dataset]:
-    """``make(split, count, option)`` for every (split, count, option) in ``splits``: the dataset of
-    that split, streamed, or with ``in_memory`` decoded once into memory.
-
-    Its first sample is decoded here, so that a folder of the wrong layout or a damaged one fails
-    now, with one line naming --data-root (``errors``: what reading such a folder raises), not later
-    in a loader worker. ``make`` raises UsageError itself for a count the split cannot serve.
-    """
+                errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list:
+    """``make(split, count, option)`` for every (split, count, option): that split's dataset, streamed or, with
+    ``in_memory``, decoded once into memory. Its first sample is decoded here, so that a folder of the wrong layout or a
+    damaged one fails now with one line naming --data-root (``errors``: what reading such a folder raises), not later in
+    a loader worker. ``make`` raises UsageError itself for a count it cannot serve."""
     sets = []
     for split, count, option in splits:
         try:
@@ -106,17 +152,61 @@ def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequenc
             dataset[0]  # noqa: B018 (decoded for its errors)
         except errors as error:
             raise UsageError("--data-root", str(error)) from None
-        if in_memory:
-            dataset = materialize(dataset, desc=f"decoding {split}", progress=progress)
-        sets.append(dataset)
+        sets.append(materialize(dataset, desc=f"decoding {split}", progress=progress) if in_memory else dataset)
     return sets
-
-
-def nbytes(dataset: TensorDictDataset) -> int:
-    """Bytes held by an in-memory dataset's tensors."""
-    return sum(t.numel() * t.element_size() for t in dataset.tensors.values())
 
 
 def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
     """Batches of ``dataset`` in order, --eval-batch-size at a time, decoded by --workers processes."""
     return DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers)
+
+
+# The corruptions of the experiments (paper Section 4.3), each drawn from its own stream of the run's
+# seed: the training RGB and points, the test RGB, and the held-out credibility set's RGB and points.
+_SEED_RGB, _SEED_POINTS, _SEED_TEST, _SEED_CREDIBILITY_RGB, _SEED_CREDIBILITY_POINTS = 1, 2, 3, 4, 5
+# The share of the credibility set's samples with a modality corrupted: the two equal groups an AUROC
+# compares best.
+CREDIBILITY_FRACTION = 0.5
+
+
+def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
+    """The RGB of a seeded --data-corruption of the samples pixel-corrupted and, independently, the point cloud of
+    another such fraction noised; with --training-noise fresh their noise is drawn anew every epoch (the training loop's
+    ``set_epoch``). Items gain ``corrupted_rgb`` / ``corrupted_points``."""
+    if args.data_corruption <= 0:
+        return dataset
+    redraw = args.training_noise == "fresh"
+    dataset = CorruptedDataset(dataset, "rgb", args.data_corruption, PixelCorruption(args.train_pixel_corruption),
+                               seed=args.seed * 10 + _SEED_RGB, redraw=redraw)
+    if args.point_noise > 0:
+        dataset = CorruptedDataset(dataset, "points", args.data_corruption, GaussianPointNoise(args.point_noise),
+                                   seed=args.seed * 10 + _SEED_POINTS, redraw=redraw)
+    return dataset
+
+
+def test_corruption(dataset: Dataset, level: float, seed: int) -> Dataset:
+    """Every sample's RGB pixel-corrupted at ``level`` (seeded), as the paper's test settings."""
+    if level <= 0:
+        return dataset
+    return CorruptedDataset(dataset, "rgb", 1.0, PixelCorruption(level), seed=seed * 10 + _SEED_TEST)
+
+
+def credibility_set(dataset: Dataset, args: argparse.Namespace) -> dict[str, tuple[Dataset, dict[str, float]]]:
+    """Held-out samples with known corruption, one set per corrupted modality: the RGB of a seeded half of ``dataset``
+    pixel-corrupted at --train-pixel-corruption, or the points of a seeded half noised at --point-noise, each item
+    flagging its own (``corrupted_<modality>``), every other modality clean: a fusion's weights share out a whole, so
+    with both corrupted neither weight needs to fall. Returns modality -> (its set, ``{"pixel_corruption": p}`` or
+    ``{"point_noise": sigma}``); a modality whose training strength is 0 is left out.
+    """
+    sets = {}
+    if args.train_pixel_corruption > 0:
+        sets["rgb"] = (CorruptedDataset(dataset, "rgb", CREDIBILITY_FRACTION,
+                                        PixelCorruption(args.train_pixel_corruption),
+                                        seed=args.seed * 10 + _SEED_CREDIBILITY_RGB),
+                       {"pixel_corruption": args.train_pixel_corruption})
+    if args.point_noise > 0:
+        sets["points"] = (CorruptedDataset(dataset, "points", CREDIBILITY_FRACTION,
+                                           GaussianPointNoise(args.point_noise),
+                                           seed=args.seed * 10 + _SEED_CREDIBILITY_POINTS),
+                          {"point_noise": args.point_noise})
+    return sets

@@ -1,20 +1,24 @@
-"""The networks of the paper (Section 4.5), shared by both pipelines.
-
-Encoders return ``(mu, logvar, features)``: the Gaussian posterior [B, D] and the features [B, F]
-it was computed from, which gPoE's credibility network reads (paper Fig. 2).
+"""The networks of the paper (Section 4.5) and the cross-modal VAE around the library's objective that both pipelines
+train. Encoders return ``(mu, logvar, features)``: the posterior [B, D] and the features [B, F] it was computed from,
+which gPoE's credibility network reads (paper Fig. 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["DCGANDecoder", "FoldingNetDecoder", "KeypointDecoder", "ResNet18Encoder", "ResPELEncoder",
-           "load_resnet18_state"]
+import gpoe_fusion as gf
+from gpoe_fusion.likelihoods import chamfer_distance
+
+# The fusion layers the pipelines compare; everything around them stays the same (paper Section 5.3).
+FUSIONS = ("moe", "poe", "gpoe", "mopoe")
 
 
 class GaussianHead(nn.Module):
@@ -32,47 +36,29 @@ class GaussianHead(nn.Module):
 
 
 def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
-    """The ResNet-18 weights in a local file: torchvision's checkpoint (e.g. ``resnet18-f37072fd.pth``,
-    the ImageNet weights) or any ``torch.save(resnet18().state_dict(), path)``.
-
-    Loaded with ``weights_only=True`` (the file can hold only tensors, so it cannot run code). Raises
-    FileNotFoundError for a missing file and ValueError, naming the file, for one that is no
-    ResNet-18 state dict (another architecture, another kind of file).
-    """
+    """The ResNet-18 weights in a local file (torchvision's ``resnet18-f37072fd.pth``, the ImageNet weights, or any
+    ResNet-18 state dict), loaded with ``weights_only=True`` (a file of tensors only cannot run code). FileNotFoundError
+    for a missing file, ValueError naming the file for one that is no such state dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a foreign or damaged file can fail in many ways; all mean "not weights"
+        torchvision.models.resnet18(weights=None).load_state_dict(state)  # every name and shape, or an error
+    except Exception as error:  # a foreign or damaged file can fail in many ways; all mean "not the weights"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{path}: not a weights file that torch loads safely ({first})") from error
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a ResNet-18 state dict (name -> tensor)")
-    expected = torchvision.models.resnet18(weights=None).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: not torchvision's ResNet-18 ({len(missing)} of its tensors missing, e.g. "
-                         f"{missing[:2]}; {len(unexpected)} unknown, e.g. {unexpected[:2]})")
-    wrong = [k for k, v in expected.items() if state[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{path}: tensor {wrong[0]} has shape {list(state[wrong[0]].shape)}, ResNet-18's is "
-                         f"{list(expected[wrong[0]].shape)}")
+        raise ValueError(f"{path}: not torchvision's ResNet-18 weights, loaded safely ({first})") from error
     return state
 
 
 class ResNet18Encoder(nn.Module):
     """RGB encoder: a ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1].
 
-    width: channels of the first stage (the four stages have width, 2, 4 and 8 times width);
-    64 with ``stem_pool`` is torchvision's ResNet-18 itself. A narrower instance of the same
-    family (the same blocks, depths and strides) suits small crops on a CPU: the compute falls with
-    width squared. stem_pool: the max-pool after the stem; without it a 64-pixel crop keeps a 4x4 map
-    in the last stage instead of 2x2.
-    weights: a local torchvision ResNet-18 weights file (see :func:`load_resnet18_state`; the paper
-    starts from the ImageNet weights), for width 64 with stem_pool only; default random init.
-    Nothing is ever downloaded.
+    width: channels of the first stage (the stages have 1, 2, 4 and 8 times width; 64 with ``stem_pool`` is
+    torchvision's ResNet-18). A narrower one (the same blocks, depths and strides) suits small crops on a CPU: the
+    compute falls with width squared. stem_pool: the max-pool after the stem (without it a 64-pixel crop keeps a 4x4 map
+    in the last stage). weights: a local ResNet-18 weights file (``load_resnet18_state``; the paper's are ImageNet's),
+    width 64 with stem_pool only; nothing is downloaded.
     """
 
     MEAN = (0.485, 0.456, 0.406)
@@ -92,10 +78,9 @@ class ResNet18Encoder(nn.Module):
             trunk.inplanes = width
             trunk.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
             trunk.bn1 = nn.BatchNorm2d(width)
-            trunk.layer1 = trunk._make_layer(torchvision.models.resnet.BasicBlock, width, 2)
-            trunk.layer2 = trunk._make_layer(torchvision.models.resnet.BasicBlock, 2 * width, 2, stride=2)
-            trunk.layer3 = trunk._make_layer(torchvision.models.resnet.BasicBlock, 4 * width, 2, stride=2)
-            trunk.layer4 = trunk._make_layer(torchvision.models.resnet.BasicBlock, 8 * width, 2, stride=2)
+            for stage in range(4):
+                setattr(trunk, f"layer{stage + 1}", trunk._make_layer(torchvision.models.resnet.BasicBlock,
+                                                                      width << stage, 2, stride=1 if stage == 0 else 2))
             for module in trunk.modules():  # torchvision's initialisation of its ResNets
                 if isinstance(module, nn.Conv2d):
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -142,10 +127,8 @@ class ResPELBlock(nn.Module):
 
 
 class ResPELEncoder(nn.Module):
-    """Point-cloud encoder: residual permutation-equivariant blocks, max-pooled to a global code.
-
-    points: [B, P, 3] -> (mu, logvar) [B, D], features [B, width]. Invariant to point order.
-    """
+    """Point-cloud encoder: residual permutation-equivariant blocks, max-pooled to a global code, invariant to point
+    order. points: [B, P, 3] -> (mu, logvar) [B, D], features [B, width]."""
 
     def __init__(self, latent_dim: int, width: int = 128, blocks: int = 2):
         super().__init__()
@@ -173,11 +156,8 @@ def _mlp(dims: list[int]) -> nn.Sequential:
 
 
 class FoldingNetDecoder(nn.Module):
-    """FoldingNet (Yang et al., CVPR 2018): two folds of a fixed 2-D grid, conditioned on z.
-
-    z: [B, D] -> points [B, grid_size**2, 3]. The paper's sizes are grid 32 (1024 points) and
-    hidden 512.
-    """
+    """FoldingNet (Yang et al., CVPR 2018): two folds of a fixed 2-D grid, conditioned on z. z: [B, D] -> points [B,
+    grid_size**2, 3]. The paper's sizes are grid 32 (1024 points), hidden 512."""
 
     def __init__(self, latent_dim: int, grid_size: int = 32, hidden: int = 512):
         super().__init__()
@@ -187,17 +167,10 @@ class FoldingNetDecoder(nn.Module):
         self.fold1 = _mlp([latent_dim + 2, hidden, hidden, 3])
         self.fold2 = _mlp([latent_dim + 3, hidden, hidden, 3])
 
-    @property
-    def num_points(self) -> int:
-        return self.grid.shape[0]
-
     @staticmethod
     def _fold(mlp: nn.Sequential, z: Tensor, points: Tensor) -> Tensor:
-        """mlp applied to [z, point] for every point: z [B, D], points [B or 1, P, k] -> [B, P, 3].
-
-        The first layer's product with z is computed once per sample, not once per point (the
-        same layer, split by its input columns): a third of a fold's work at the demo's sizes.
-        """
+        """mlp applied to [z, point] for every point: z [B, D], points [B or 1, P, k] -> [B, P, 3]. The first layer's
+        product with z is computed once per sample, not per point: a third of a fold's work at the demo's sizes."""
         first, d = mlp[0], z.shape[1]
         hidden = (nn.functional.linear(z, first.weight[:, :d], first.bias).unsqueeze(1)
                   + nn.functional.linear(points, first.weight[:, d:]))
@@ -221,14 +194,11 @@ class KeypointDecoder(nn.Module):
 
 
 class DCGANDecoder(nn.Module):
-    """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S].
-
-    z is projected to a 4x4 map, then transposed convolutions (stride 2) double the size up to
-    out_size (a power of two >= 8), halving the channels from ``base`` down to ``min_channels`` at
-    least, each followed by BN + ReLU except the last, which gives the class logits, as DCGAN's
-    last layer gives the image. (Nothing runs at full resolution but that one layer: an extra BN,
-    ReLU and 3x3 convolution there cost the demo's decoder half its time and gained no IoU.)
-    """
+    """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S]. z is projected to a 4x4 map,
+    then transposed convolutions (stride 2) double the size up to out_size (a power of two >= 8), halving the channels
+    from ``base`` to ``min_channels`` at least, each followed by BN + ReLU but the last, which gives the logits as
+    DCGAN's gives the image. (Only that layer runs at full resolution: an extra BN, ReLU and 3x3 convolution there cost
+    the demo's decoder half its time and gained no IoU.)"""
 
     def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256,
                  min_channels: int = 32):
@@ -252,3 +222,55 @@ class DCGANDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(self.project(z).view(z.shape[0], self.base, 4, 4))
+
+
+class CrossModalVAE(nn.Module):
+    """encoders: encoded modality name -> module giving (mu, logvar, features); the first one is the input modality used
+    alone at test time. objective: the library's CrossModalObjective, whose decoders name the decoded modalities.
+    Batches are mappings of modality name -> tensor. Convolution weights are kept in channels-last memory order.
+    """
+
+    def __init__(self, encoders: Mapping[str, nn.Module], objective: gf.CrossModalObjective):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.objective = objective
+        self.modalities = list(encoders)
+        # Convolutions with weights in channels-last order run in oneDNN's (and cuDNN's) preferred
+        # layout, and so do their outputs: a demo training step on 2 CPU cores takes 109 ms instead of 157.
+        self.to(memory_format=torch.channels_last)
+
+    def encode(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        """Each encoded modality's posterior (mu, logvar) [B, D] and features [B, F]."""
+        outputs = {name: encoder(batch[name]) for name, encoder in self.encoders.items()}
+        return {n: (mu, logvar) for n, (mu, logvar, _) in outputs.items()}, {n: o[2] for n, o in outputs.items()}
+
+    def forward(self, batch: Mapping[str, Tensor], return_weights: bool = False) -> gf.ObjectiveOutput:
+        """The training loss of a batch; with ``return_weights`` also each modality's weight [M, B, D]."""
+        posteriors, features = self.encode(batch)
+        targets = {name: batch[name] for name in self.objective.decoders}
+        return self.objective(posteriors, targets, features=features, return_weights=return_weights)
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor, decoded: str) -> Tensor:
+        """Unimodal inference (paper Section 5): z = the input modality's posterior mean, decoded."""
+        mu, _, _ = self.encoders[self.modalities[0]](inputs)
+        return self.objective.decoders[decoded](mu)
+
+
+def cross_modal_vae(args: argparse.Namespace, task_decoders: Callable[[], Mapping[str, nn.Module]],
+                    likelihoods: Mapping[str, Callable[[Tensor, Tensor], Tensor]]) -> CrossModalVAE:
+    """The paper's model of both pipelines: RGB (ResNet-18) and point-cloud (ResPEL) encoders, the fusion layer of
+    --fusion, and the objective over the task's decoders (``task_decoders()``, with their ``likelihoods``) and a
+    FoldingNet decoding the point cloud. Encoders and decoders are built first, from --seed, so every fusion starts from
+    the same weights; the fusion layer comes last."""
+    torch.manual_seed(args.seed)
+    rgb = ResNet18Encoder(args.latent_dim, weights=args.rgb_weights, width=args.rgb_width, stem_pool=args.rgb_stem_pool)
+    points = ResPELEncoder(args.latent_dim, width=args.pel_width)
+    decoders = {**task_decoders(),
+                "points": FoldingNetDecoder(args.latent_dim, grid_size=args.grid_size, hidden=args.fold_hidden)}
+    dims = [rgb.feature_dim, points.feature_dim]
+    layer = {"moe": gf.MoE, "poe": gf.PoE, "mopoe": gf.MoPoE, "gpoe": lambda: gf.GPoE(
+        2, args.latent_dim, dims, credibility=args.credibility, hidden=(128,))}[args.fusion]()  # FUSIONS
+    objective = gf.CrossModalObjective(layer, decoders, {**likelihoods, "points": chamfer_distance}, beta=args.beta,
+                                       weights={"points": args.points_weight})
+    return CrossModalVAE({"rgb": rgb, "points": points}, objective)

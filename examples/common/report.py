@@ -1,16 +1,18 @@
-"""Readable results: markdown tables and matplotlib figures (written headless, as PNG).
-
-The fusion-comparison helpers read the results both pipelines produce:
-``{fusion: {"metrics": {str(level): {metric: value}}, "alpha": {str(level): {modality: mean alpha}} | None,
-"credibility": {modality: {measure: value}}, "credibility_samples": {modality: {"weight", "corrupted"}}}}``,
-and, over several seeds, ``statistics`` (``common.statistics.study_statistics``): then a table cell
-is the mean ± the half-width of its 95 % confidence interval and a plotted point has that error bar.
+"""Readable results both pipelines write: results.json's header (the settings and where they come from), markdown tables
+and matplotlib figures (headless PNG), of a study's results (``{fusion: {"metrics": {str(level): {metric: value}},
+"alpha", "credibility", "credibility_samples"}}``, its runs' results.json) and, over seeds, its ``statistics``: then a
+cell is the mean ± the half-width of its 95 % interval and a plotted point has that error bar.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import math
+import os
+import platform
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -18,88 +20,124 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["FUSION_LABELS", "FUSION_WEIGHTS", "alpha_plots", "corruption_levels", "corruption_plot",
-           "credibility_plots", "fusions_title", "fusion_table", "image_grid", "interval_cell", "line_plot",
-           "markdown_table", "metric_cell"]
+import gpoe_fusion as gf  # noqa: E402
+
+from .training import CHECKPOINT  # noqa: E402
+from .cli import provenance  # noqa: E402
+from .data import describe_size  # noqa: E402
 
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
-# What each fusion's own weight of a modality is (common.model.FusionWeights).
-FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha",
-                  "mopoe": "mixture weight of its subsets"}
+# What each fusion's own weight of a modality is (``CrossModalObjective.fusion_weights``).
+FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha", "mopoe": "subsets' weight"}
+_CREDIBILITY_COLUMNS = (("AUROC", "auroc"), ("AUROC of the share", "auroc_share"), ("weight clean", "weight_clean"),
+                        ("weight corrupted", "weight_corrupted"))
 
+
+@dataclass(frozen=True)
+class Task:
+    """What a pipeline's reports say of it: results.json's ``task``, results.md's ``title``, the built-in data's label,
+    its presets and what the paper gives of them, the main metric (key, label: a sweep's) and the tables' format."""
+
+    name: str
+    title: str
+    dataset: str
+    presets: Mapping[str, Mapping[str, object]]
+    from_paper: Mapping[str, Mapping[str, str]]
+    metric: tuple[str, str]
+    floatfmt: str
+
+
+def header(args: argparse.Namespace, task: Task, seconds: float) -> dict:
+    """What every results.json of a command begins with: the task, preset, seed, data, time, machine, the full config
+    and where each setting comes from (``cli.provenance``)."""
+    data = str(args.data_root) if args.data_root is not None else f"built-in synthetic {task.dataset}"
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
+    return {"task": task.name, "preset": args.preset, "seed": args.seed, "data": data, "seconds": seconds,
+            "machine": platform.platform(), "torch": torch.__version__, "kernel_extension": gf.extension_available(),
+            "config": config, "provenance": provenance(args, task.presets, task.from_paper[args.preset])}
+
+
+def seeds_phrase(seeds: Sequence[int]) -> str:
+    """``"seed 0"`` or ``"seeds 0-7"``."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+
+
+def spread(seeds: Sequence[int]) -> str:
+    """What a table's cells are over several seeds, to end a sentence with (nothing for one seed)."""
+    return f", mean ± 95 % CI half-width over {len(seeds)} seeds" if len(seeds) > 1 else ""
+
+
+def first_seed(seeds: Sequence[int]) -> str:
+    """The note that a figure shows the first seed's run, where there are several."""
+    return f" (seed {seeds[0]})" if len(seeds) > 1 else ""
+
+
+def describe_checkpoints(out: str | Path) -> str:
+    """The checkpoints under ``out`` with their sizes; a count and the total beyond three."""
+    paths = sorted(Path(out).rglob(CHECKPOINT))
+    if len(paths) <= 3:
+        return "; ".join(f"{path} {describe_size(path)}" for path in paths)
+    return f"{len(paths)} checkpoints under {out} ({sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB)"
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floatfmt: str = ".4f") -> str:
     """A GitHub-markdown table; floats formatted with ``floatfmt``."""
-    def cell(v: object) -> str:
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in row) + " |"
+             for row in [header, *rows]]
+    return "\n".join([lines[0], "|" + "|".join(["---"] * len(header)) + "|", *lines[1:]]) + "\n"
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str,
               title: str = "", markers: bool = True, errors: Mapping[str, Sequence[float]] | None = None,
               ylim: tuple[float, float] | None = None) -> None:
-    """One line per entry of ``series`` over ``x``, saved to ``path``. errors: label -> the half-width
-    of each point's error bar (drawn where given); ylim: a fixed y range (default: the data's)."""
+    """One line per entry of ``series`` over ``x``, saved to ``path``. errors: label -> the half-width of each point's
+    error bar (drawn where given); ylim: a fixed y range (default: the data's)."""
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for label, ys in series.items():
-        bars = None if errors is None or label not in errors else errors[label]
-        ax.errorbar(x, ys, yerr=bars, marker="o" if markers else None, markersize=4, capsize=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    if title:
-        ax.set_title(title, fontsize=9)
+        ax.errorbar(x, ys, yerr=(errors or {}).get(label), marker="o" if markers else None, markersize=4, capsize=3,
+                    label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, **({"ylim": ylim} if ylim else {}))
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_labels: Sequence[str] = (),
                col_labels: Sequence[str] = (), cell: float = 1.6,
                legend: Mapping[str, Sequence[int]] | None = None) -> None:
-    """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]) with optional row/column labels.
-
-    legend: label -> RGB colour (0..255), drawn as colour patches in a strip below the grid (e.g.
-    class colours), in as many columns as the grid's width holds.
-    """
+    """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]) with optional row/column labels. legend: label -> RGB
+    colour (0..255), colour patches in a strip below the grid, in as many columns as its width holds."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    width = cell * n_cols
-    strip, columns = 0.0, 1
+    width, strip, columns = cell * n_cols, 0.0, 1
     if legend:
         # About the width of one entry at font size 8: the patch, a gap, and the longest label.
-        entry = 0.5 + 0.075 * max(len(label) for label in legend)
-        columns = max(1, min(len(legend), int(width // entry)))
+        columns = max(1, min(len(legend), int(width // (0.5 + 0.075 * max(map(len, legend))))))
         strip = 0.1 + 0.25 * math.ceil(len(legend) / columns)
     height = cell * n_rows + strip
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), dpi=120, squeeze=False)
-    for r, row in enumerate(rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(row):
-                ax.imshow(row[c])
-            if c == 0 and r < len(row_labels):
-                ax.set_ylabel(row_labels[r], fontsize=8)
-            if r == 0 and c < len(col_labels):
-                ax.set_title(col_labels[c], fontsize=8)
+    for r, c in itertools.product(range(n_rows), range(n_cols)):
+        axes[r][c].set(xticks=[], yticks=[])
+        if c < len(rows[r]):
+            axes[r][c].imshow(rows[r][c])
+        if c == 0 and r < len(row_labels):
+            axes[r][c].set_ylabel(row_labels[r], fontsize=8)
+        if r == 0 and c < len(col_labels):
+            axes[r][c].set_title(col_labels[c], fontsize=8)
     if legend:
-        handles = [Patch(color=np.asarray(colour) / 255.0, label=label) for label, colour in legend.items()]
-        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False,
-                   handlelength=1.2, columnspacing=1.0)
+        fig.legend(handles=[Patch(color=np.asarray(colour) / 255.0, label=label) for label, colour in legend.items()],
+                   loc="lower center", ncol=columns, fontsize=8, frameon=False, handlelength=1.2, columnspacing=1.0)
     fig.tight_layout(rect=(0, strip / height, 1, 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def corruption_levels(results: Mapping[str, Mapping]) -> list[str]:
@@ -108,18 +146,20 @@ def corruption_levels(results: Mapping[str, Mapping]) -> list[str]:
 
 
 def fusions_title(what: str, fusions: Sequence[str], seeds: int = 1) -> str:
-    """A figure's title that says what it compares: "what: gPoE" for one fusion, "what: MoE vs PoE
-    vs gPoE" for several, and over how many seeds the points are means."""
+    """A figure's title that says what it compares: "what: gPoE" for one fusion, "what: MoE vs PoE vs gPoE" for several,
+    and over how many seeds the points are means."""
     title = f"{what}: {' vs '.join(FUSION_LABELS[f] for f in fusions)}"
     return title + (f"\nmean and 95 % CI over {seeds} seeds" if seeds > 1 else "")
 
 
-def interval_cell(summary: Mapping, floatfmt: str) -> str:
-    """A ``statistics.t_interval`` as ``mean ± half-width`` (the mean alone with one value)."""
-    if summary["mean"] is None:
-        return "n/a"
-    if summary["half_width"] is None:
-        return format(summary["mean"], floatfmt)
+def interval_cell(summary: Mapping, floatfmt: str, brackets: bool = False) -> str:
+    """A ``study.t_interval`` as ``mean ± half-width`` (with ``brackets``: ``mean [low, high]``, as paired differences
+    are shown), the mean alone with one value, n/a with none."""
+    if summary["mean"] is None or summary["half_width"] is None:
+        return "n/a" if summary["mean"] is None else format(summary["mean"], floatfmt)
+    if brackets:
+        low, high = summary["ci95"]
+        return f"{summary['mean']:{floatfmt}} [{low:{floatfmt}}, {high:{floatfmt}}]"
     return f"{summary['mean']:{floatfmt}} ± {summary['half_width']:{floatfmt}}"
 
 
@@ -133,8 +173,8 @@ def metric_cell(results: Mapping[str, Mapping], statistics: Mapping | None, fusi
 
 def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, str]], floatfmt: str = ".4f",
                  statistics: Mapping | None = None) -> str:
-    """The paper's comparison layout (Tables 3 and 4): a row per fusion and, for every corruption
-    level, one column per (header, metric key) of ``columns``; over seeds, mean ± half-width."""
+    """The paper's comparison layout (Tables 3 and 4): a row per fusion and, for every corruption level, one column per
+    (header, metric key) of ``columns``; over seeds, mean ± half-width."""
     levels = corruption_levels(results)
     header = ["Fusion"] + [f"{h} @ {float(lv):.0%}" for lv in levels for h, _ in columns]
     rows = [[FUSION_LABELS[f]] + [metric_cell(results, statistics, f, lv, key, floatfmt)
@@ -144,24 +184,21 @@ def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, st
 
 def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Path, ylabel: str, what: str,
                     statistics: Mapping | None = None) -> None:
-    """``metric`` against the test pixel corruption, one line per fusion, titled ``what`` and the
-    fusions shown; over seeds, the means with their 95 % confidence intervals as error bars."""
+    """``metric`` against the test pixel corruption, one line per fusion, titled ``what`` and the fusions shown; over
+    seeds, the means with their 95 % confidence intervals as error bars."""
     levels = corruption_levels(results)
-    x = [100 * float(lv) for lv in levels]
-    if statistics is None:
-        series = {FUSION_LABELS[f]: [r["metrics"][lv][metric] for lv in levels] for f, r in results.items()}
-        line_plot(x, series, path, "test pixel corruption (%)", ylabel, fusions_title(what, list(results)))
-        return
-    summaries = {FUSION_LABELS[f]: [statistics["metrics"][f][lv][metric] for lv in levels] for f in results}
-    series = {label: [s["mean"] for s in points] for label, points in summaries.items()}
-    errors = {label: [s["half_width"] or 0.0 for s in points] for label, points in summaries.items()}
-    line_plot(x, series, path, "test pixel corruption (%)", ylabel,
-              fusions_title(what, list(results), len(statistics["seeds"])), errors=errors)
+    points = {FUSION_LABELS[f]: [{"mean": r["metrics"][lv][metric], "half_width": None} if statistics is None
+                                 else statistics["metrics"][f][lv][metric] for lv in levels]
+              for f, r in results.items()}
+    errors = None if statistics is None else {k: [p["half_width"] or 0.0 for p in v] for k, v in points.items()}
+    line_plot([100 * float(lv) for lv in levels], {k: [p["mean"] for p in v] for k, v in points.items()}, path,
+              "test pixel corruption (%)", ylabel,
+              fusions_title(what, list(results), len(statistics["seeds"]) if statistics else 1), errors=errors)
 
 
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
-    """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each
-    modality against the test pixel corruption of RGB, on alpha's whole range 0-1."""
+    """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each modality against the
+    test pixel corruption of RGB, on alpha's whole range 0-1."""
     levels = corruption_levels(results)
     for f, r in results.items():
         if r.get("alpha"):
@@ -172,9 +209,9 @@ def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
 
 
 def credibility_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
-    """For every fusion, ``credibility_<fusion>.png``: per corrupted modality of the held-out
-    credibility set, box plots of the fusion's own weight (each sample's mean over the latent
-    dimensions, dots: the samples) on its clean and its corrupted samples, on the weights' range 0-1."""
+    """For every fusion, ``credibility_<fusion>.png``: per corrupted modality of the held-out credibility set, box plots
+    of the fusion's own weight (each sample's mean over the latent dimensions, dots: the samples) on its clean and its
+    corrupted samples, on the weights' range 0-1."""
     for f, r in results.items():
         samples = r.get("credibility_samples")
         if not samples:
@@ -189,13 +226,74 @@ def credibility_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> No
                 ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=4, alpha=0.35, color="tab:blue")
             ax.set_xticks([1, 2], [f"clean\n({len(groups[0])})", f"corrupted\n({len(groups[1])})"])
             ax.set_ylim(0.0, 1.0)
-            measures = r["credibility"][modality]
-            auroc = "n/a" if measures["auroc"] is None else f"{measures['auroc']:.2f}"
-            ax.set_title(f"{modality} (AUROC {auroc})", fontsize=9)
+            auroc = r["credibility"][modality]["auroc"]
+            ax.set_title(f"{modality} (AUROC {'n/a' if auroc is None else format(auroc, '.2f')})", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
         axes[0][0].set_ylabel(f"{FUSION_WEIGHTS[f]} of the modality")
         fig.suptitle(f"{FUSION_LABELS[f]}: {FUSION_WEIGHTS[f]} on held-out samples", fontsize=9)
         fig.tight_layout()
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(out_dir) / f"credibility_{f}.png")
-        plt.close(fig)
+        _save(fig, Path(out_dir) / f"credibility_{f}.png")
+
+
+def difference_label(name: str) -> str:
+    a, b = name.split("-")
+    return f"{FUSION_LABELS[a]} − {FUSION_LABELS[b]}"
+
+
+def differences_table(statistics: Mapping, part: str, cells: Sequence[tuple[str, str, str]], floatfmt: str) -> str:
+    """The paired differences of ``statistics`` (``part``: "metrics" or "credibility") at ``cells``, (outer, inner key,
+    column header) each, as ``mean [95 % paired-t interval]``, and a line naming those whose interval excludes 0."""
+    rows, found = [], []
+    for name, difference in statistics["differences"].items():
+        rows.append([difference_label(name)] + [interval_cell(difference[part][o][i], floatfmt, True)
+                                                for o, i, _ in cells])
+        for outer, inner, label in cells:
+            d = difference[part][outer][inner]
+            if d["excludes_zero"]:
+                found.append(f"{difference_label(name)} in {label} ({interval_cell(d, floatfmt, True)}: "
+                             f"{FUSION_LABELS[name.split('-')[0]]} {'higher' if d['mean'] > 0 else 'lower'})")
+    table = markdown_table(["Difference"] + [label for _, _, label in cells], rows)
+    return (f"{table}\n" + ("95 % intervals that exclude 0: " + "; ".join(found) + ".\n" if found
+                           else "No paired difference's 95 % interval excludes 0.\n"))
+
+
+def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str, str]], floatfmt: str) -> str:
+    """The paired differences of the metrics ``columns`` (header, key) at every test level (``differences_table``);
+    empty without statistics or without a pair of fusions to compare."""
+    if statistics is None or not statistics["differences"]:
+        return ""
+    levels = list(next(iter(statistics["metrics"].values())))
+    return (f"Paired differences over the {len(statistics['seeds'])} seeds (the runs of a seed share their data, "
+            f"training noise, test corruption and the initial weights of their encoders and decoders): mean [95 % "
+            f"paired-t interval].\n\n" + differences_table(statistics, "metrics", [
+                (lv, key, f"{h} @ {float(lv):.0%}") for lv in levels for h, key in columns], floatfmt))
+
+
+def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, floatfmt: str = ".3f") -> str:
+    """The held-out credibility: per fusion and corrupted modality, the AUROC that the fusion's own weight (and the
+    precision share) is lower on the corrupted samples and the mean weight on clean and corrupted ones; over seeds, mean
+    ± 95 % CI half-width, then the paired AUROC differences."""
+    first = next(iter(results.values()))["credibility"]
+    if not first:
+        return ""
+    corruption = ", ".join(f"{m}: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in first[m].items()
+                                                if k in ("pixel_corruption", "point_noise")) for m in first)
+
+    def cell(fusion: str, modality: str, measure: str) -> float | str:
+        if statistics is not None:
+            return interval_cell(statistics["credibility"][fusion][modality][measure], floatfmt)
+        value = results[fusion]["credibility"][modality][measure]
+        return "n/a" if value is None else value
+
+    rows = [[f"{FUSION_LABELS[f]} ({FUSION_WEIGHTS[f]})"]
+            + [cell(f, m, key) for m in first for _, key in _CREDIBILITY_COLUMNS] for f in results]
+    header = ["Fusion (its weight)"] + [f"{m} {h}" for m in first for h, _ in _CREDIBILITY_COLUMNS]
+    text = (f"Credibility on held-out samples: for each modality, the evaluation samples with a seeded half of them "
+            f"corrupted in that modality as in training ({corruption}), the other modality clean. AUROC that the "
+            f"fusion's own weight of the modality (gPoE: alpha, PoE: its precision share, MoE: its mixture weight) is "
+            f"lower on the corrupted samples than on the clean ones (0.5: blind to the corruption), the same for the "
+            f"precision share alpha T / sum, and the mean weight on each.\n\n{markdown_table(header, rows, floatfmt)}")
+    if statistics is None or not statistics["differences"]:
+        return text
+    return (f"{text}\nPaired differences of the AUROC: mean [95 % paired-t interval].\n\n"
+            + differences_table(statistics, "credibility", [(m, "auroc", f"{m} AUROC") for m in first], floatfmt))

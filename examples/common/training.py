@@ -1,243 +1,386 @@
-"""The training loop both pipelines share: AdamW + warm-up/cosine schedule, optional bf16 autocast
-on GPU, data parallelism under torchrun, a checkpoint after every epoch and exact resumption, and
-an optional stop after a number of optimizer steps.
+"""The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written atomically
+and loaded safely, and one run of either pipeline (``runner``): AdamW, warm-up and cosine decay, gradient clipping, bf16
+autocast on GPU, data parallelism, a checkpoint every epoch, exact resumption, --max-steps, results.json.
 
-Data parallelism trains as one process does with the global batch (W ranks of batch b: one of
-W * b), to float rounding: the ranks' batches of a step make up the single process's batch, the
-gradients are averaged, and ``distributed.match_single_process`` makes batch statistics and
-reparameterisation noise those of the global batch. So every rank seeds the global RNG alike.
-
-Exact resumption: every source of randomness is a function of (seed, epoch) — the sampler's
-shuffle (``set_epoch``), the global torch seed set at the start of each epoch (reparameterised
-draws) and the datasets' own per-index seeds (per epoch too, where the dataset has ``set_epoch``)
-— so a run resumed from the checkpoint of epoch e continues exactly as the uninterrupted run did
-after epoch e. A checkpoint is resumed only by a
-run of the same configuration (``TrainConfig`` and its ``signature``, less how the run executes).
-
-``max_steps`` ends training after that many optimizer steps; the schedule stays that of
-``epochs``, so the steps taken are exactly the first steps of the full run.
+``train`` is the epoch loop (torchvision's references write it in ``main``), ``train_one_epoch`` the step loop, which
+reads nothing of the device per step. The ranks of a data-parallel run train as one process with their global batch
+(``gpoe_fusion.distributed.match_single_process``), so every rank seeds alike; all randomness is a function of (seed,
+epoch), so a resumed run continues as the uninterrupted one did.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import itertools
+import json
 import math
+import os
+import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from gpoe_fusion import GPoE
+import gpoe_fusion as gf
+from gpoe_fusion.distributed import match_single_process
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistEnv, barrier, match_single_process
+from .cli import UsageError, exit_with, run_signature
+from .data import describe_size, training_noise
 
-__all__ = ["ConfigMismatch", "TrainConfig", "fit", "make_loader", "start_epoch", "train_one_epoch"]
-
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    grad_clip: float = 10.0
-    seed: int = 0
-    amp: bool = True  # bf16 autocast, on GPU only
-    num_workers: int = 0
-    progress: bool = True
-    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
-    # What else defines the run (model sizes, data, fusion...): plain values, compared on resume.
-    signature: dict = field(default_factory=dict)
+CHECKPOINT = "checkpoint.pt"  # a run's checkpoint in its folder
+GRAD_CLIP = 10.0  # the largest gradient norm a step applies
+PROGRESS_EVERY = 20  # steps between the progress bar's readings of the loss (each waits for the device)
 
 
-# How a run executes, not what it computes: a run may resume with other values of these.
-_RUN_ONLY = ("num_workers", "progress")
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the run: rank of world_size processes, on device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    launched: bool = False  # by torchrun: a process group exists, also for one process (the same collective path)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.launched
 
 
-class ConfigMismatch(ValueError):
-    """A checkpoint written by a run of another configuration. ``differences``: ``[(key, saved, current)]``."""
+def setup(device: str = "auto") -> DistEnv:
+    """Join the process group that torchrun describes (if any) and pick the device: "auto", "cpu" or "cuda"."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    launched = "WORLD_SIZE" in os.environ  # torchrun sets it for every process it starts
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError("--device", f"process {local_rank} of this node needs CUDA device {local_rank}, but only "
+                                         f"{torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if launched and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistEnv(rank, world_size, dev, launched)
 
-    def __init__(self, path: Path, differences: list[tuple[str, object, object]]):
-        shown = "; ".join(f"{k}: {saved!r} there, {current!r} here" for k, saved, current in differences[:4])
-        more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
-        super().__init__(f"the checkpoint {path} was written by a run of another configuration ({shown}{more})")
-        self.differences = differences
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
 
 
-def _differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """Flattened (key, saved, current) of every setting that differs, signature entries included."""
-    def flat(config: dict) -> dict:
-        out = {k: v for k, v in config.items() if k != "signature" and k not in _RUN_ONLY}
-        out.update(config.get("signature", {}))
-        return out
-
-    saved, current = flat(saved), flat(current)
-    return [(k, saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys())
-            if saved.get(k) != current.get(k)]
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def make_loader(dataset: Dataset, cfg: TrainConfig, env: DistEnv, shuffle: bool = True) -> DataLoader:
-    """Each rank's shard of ``dataset``; its order is a function of (seed, epoch) via ``set_epoch``."""
+def builtin_root(ensure: Callable[[bool], Path], progress: bool, env: DistEnv) -> Path:
+    """The built-in dataset ``ensure(progress)`` finds or makes: the main process first (printing it), then the rest."""
+    if env.is_main:
+        root = ensure(progress)
+        print(f"built-in data: {root} {describe_size(root)}")
+    barrier(env)
+    return ensure(False)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A temporary file by ``path``, flushed and renamed over it at the block's end, removed if it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save ``state`` (tensors, numbers, strings, None and lists/tuples/dicts of them: what ``load_checkpoint``
+    accepts) to ``path`` atomically, streamed to the file, not serialised in memory first (160 MB at full size)."""
+    with _atomic_file(path) as f:
+        torch.save(state, f)
+
+
+def _unsafe_reason(exc: Exception) -> str:
+    """The line of a torch.load error that says what was wrong, without torch's general advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    specific = [line for line in lines if "weights_only" not in line and "documentation" not in line]
+    return f"{type(exc).__name__}: {(specific or lines or ['no detail'])[0]}"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The state saved at ``path`` by ``save_checkpoint``, or None if there is none yet. Loaded with
+    ``weights_only=True``, so a tampered or foreign file cannot run code: anything but tensors and plain values (another
+    kind of file, a truncated one, a pickle of other objects) is a RuntimeError naming it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    reason = None
+    try:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this also catches truncated files
+            reason = "not a torch zip archive: truncated, or another kind of file"
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+            reason = None if isinstance(state, dict) else f"it holds a {type(state).__name__}, not a dict"
+    except OSError as exc:
+        raise RuntimeError(f"checkpoint {path}: cannot be read ({exc})") from exc
+    except Exception as exc:
+        reason = _unsafe_reason(exc)
+    if reason is not None:
+        raise RuntimeError(f"checkpoint {path}: not a gpoe_fusion checkpoint or unsafe to load ({reason}); delete "
+                           f"it to start over")
+    return state
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """JSON-dump ``obj`` (indented) to ``path`` atomically."""
+    with _atomic_file(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and those it forks (loader workers).
+    glibc maps a block over its threshold afresh and unmaps it when freed, but raises the threshold (up to 32 MiB) to
+    every mapped block freed, so after the first step the activations come from the heap, which fragments: a full-size
+    step of 8 at 256x256 peaked at 1.88 GB in the first step and 2.29 GB by the third; with the threshold fixed, 1.93
+    GB, four steps in 10.5 s instead of 8.4 s (a page fault per fresh page). Returns whether it took effect (False
+    without glibc)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(-3, nbytes))  # -3: M_MMAP_THRESHOLD, glibc's malloc.h
+
+
+@contextlib.contextmanager
+def session(args: argparse.Namespace) -> Iterator[DistEnv]:
+    """The process's part in the command: --low-memory, the process group (under torchrun) and the device; a value found
+    wrong on the way (UsageError) ends the program with one line and exit status 2."""
+    if args.low_memory:
+        pin_mmap_threshold()
+    try:
+        env = setup(args.device)
+        if env.is_main and args.rgb_weights is None:
+            print("note: the RGB encoder (ResNet-18) starts from random weights; the paper starts from ImageNet "
+                  "weights (give torchvision's resnet18 checkpoint file with --rgb-weights)")
+        yield env
+    except UsageError as error:
+        exit_with(str(error))
+    cleanup(env)
+
+
+def make_loader(dataset: Dataset, args: argparse.Namespace, env: DistEnv, shuffle: bool = True) -> DataLoader:
+    """Each rank's shard of ``dataset`` in batches of --batch-size; its order is a function of (--seed, epoch)."""
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle,
-                                 seed=cfg.seed, drop_last=shuffle)
+                                 seed=args.seed, drop_last=shuffle)
     # Workers hold copies of the dataset: one that changes with the epoch (set_epoch) needs new ones.
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=env.device.type == "cuda", drop_last=shuffle,
-                      persistent_workers=cfg.num_workers > 0 and not hasattr(dataset, "set_epoch"))
+                      persistent_workers=args.workers > 0 and not hasattr(dataset, "set_epoch"))
 
 
 def start_epoch(loader: DataLoader, epoch: int) -> None:
-    """Set ``epoch`` on make_loader's sampler (its shuffle) and on its dataset where that draws per
-    epoch (``set_epoch``: e.g. noise drawn anew every epoch)."""
+    """Set ``epoch`` on make_loader's sampler (its shuffle) and on its dataset where that draws per epoch."""
     loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
 
 
-def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+def _schedule(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int], float]:
+    total, warmup = max(1, args.epochs * steps_per_epoch), max(1, int(args.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return factor
 
 
-def _alpha_stats(alpha: torch.Tensor, batch: dict[str, torch.Tensor], modalities: list[str], sums: dict[str, float]) -> None:
-    """Accumulate mean alpha per modality, overall and split by each ``corrupted_<x>`` flag."""
+def _add(sums: dict[str, list], key: str, total: Tensor, count: Tensor | int) -> None:
+    """sums[key] += (total, count), without reading either."""
+    sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0)), (total.detach().double(), count))]
+
+
+def _alpha_statistics(sums: dict[str, list], alpha: Tensor, batch: dict[str, Tensor], modalities: list[str]) -> None:
+    """gPoE's alpha [M, B, D] of a batch: its mean per modality, overall and split by each ``corrupted_<x>`` flag."""
     per_sample = alpha.float().mean(-1)  # [M, B]
-    flags = {k: v.bool() for k, v in batch.items() if k.startswith("corrupted_")}
+    flags = {key: value.bool() for key, value in batch.items() if key.startswith("corrupted_")}
     for i, name in enumerate(modalities):
-        sums[f"alpha/{name}"] += per_sample[i].sum().item()
-        sums[f"alpha/{name}#n"] += per_sample.shape[1]
+        _add(sums, f"alpha/{name}", per_sample[i].sum(), per_sample.shape[1])
         for key, flag in flags.items():
             for value, select in (("1", flag), ("0", ~flag)):
-                stat = f"alpha/{name}|{key}={value}"
-                sums[stat] += per_sample[i][select].sum().item()
-                sums[f"{stat}#n"] += int(select.sum())
+                _add(sums, f"alpha/{name}|{key}={value}", (per_sample[i] * select).sum(), select.sum())
 
 
-def _reduce(sums: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Sum the accumulators over ranks, then divide each statistic by its count."""
+def _means(sums: dict[str, list], env: DistEnv) -> dict[str, float]:
+    """Every statistic's sum over the ranks divided by its count (NaN without any): one transfer."""
     keys = sorted(sums)
+    pairs = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=env.device) for v in sums[k]])
+                         for k in keys])
     if env.distributed:
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=env.device)
-        dist.all_reduce(values)
-        sums = dict(zip(keys, values.tolist()))
-    out = {}
-    for k in keys:
-        if k.endswith("#n") or k == "#samples":
-            continue
-        n = sums.get(f"{k}#n", sums["#samples"])
-        out[k] = sums[k] / n if n else float("nan")
-    return out
+        dist.all_reduce(pairs)
+    return {k: total / count if count else float("nan") for k, (total, count) in zip(keys, pairs.tolist())}
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, env: DistEnv, epoch: int,
-                    cfg: TrainConfig, max_batches: int | None = None) -> dict[str, float]:
-    """One pass over ``loader`` (its first ``max_batches`` batches if given). Returns the epoch means
-    of the objective's terms and of alpha."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, args: argparse.Namespace,
+                    env: DistEnv, steps: int | None = None) -> dict[str, float]:
+    """One pass over ``loader`` (its first ``steps`` batches if given): each batch's loss (``CrossModalVAE.forward``,
+    the library's objective), its gradient, a clipped AdamW step and a step of the schedule. Returns the epoch means of
+    the objective's terms and, for gPoE (only then asked for its weights), of alpha per modality and corruption flag."""
     model.train()
     core = model.module if isinstance(model, DistributedDataParallel) else model
-    sums: dict[str, float] = defaultdict(float)
-    use_amp = cfg.amp and env.device.type == "cuda"
-    total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    bar = tqdm(itertools.islice(loader, total), total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and env.is_main), leave=False, dynamic_ncols=True)
-    for batch in bar:
+    log_alpha = isinstance(core.objective.fusion, gf.GPoE)
+    use_amp = not args.no_amp and env.device.type == "cuda"
+    steps = len(loader) if steps is None else min(steps, len(loader))
+    bar = tqdm(itertools.islice(loader, steps), total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=args.no_progress or not env.is_main, dynamic_ncols=True)
+    sums: dict[str, list] = {}
+    for step, batch in enumerate(bar):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(batch)
+            out = model(batch, return_weights=log_alpha)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         scheduler.step()
-        n = next(iter(batch.values())).shape[0]
-        sums["#samples"] += n
+        n = len(next(iter(batch.values())))
         for key, value in out.terms.items():
-            sums[key] += value.item() * n
-        if isinstance(core.objective.fusion, GPoE):  # credibility alpha (other fusions' weights are not)
-            _alpha_stats(out.alpha, batch, core.modalities, sums)
-        bar.set_postfix(loss=f"{out.terms['loss'].item():.3f}")
-    return _reduce(sums, env)
+            _add(sums, key, value * n, n)
+        if log_alpha:
+            _alpha_statistics(sums, out.weights, batch, core.modalities)
+        if not bar.disable and step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{out.terms['loss'].item():.3f}")
+    return _means(sums, env)
 
 
-def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, out_dir: str | Path,
-        resume: bool = False, log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Train ``model`` for cfg.epochs (or cfg.max_steps optimizer steps), checkpointing to
-    ``out_dir/checkpoint.pt`` after every epoch and when stopping at max_steps.
+def _resume(path: Path, model: nn.Module, optimizer, scheduler, args: argparse.Namespace, env: DistEnv,
+            log: Callable[[str], None]) -> tuple[list[dict], int]:
+    """The history and the next epoch of the run checkpointed at ``path``, its state loaded; ([], 0) without one."""
+    try:
+        state = load_checkpoint(path, map_location=env.device)
+    except RuntimeError as error:  # a file that is no safe checkpoint
+        raise UsageError("--resume", str(error)) from None
+    if state is None:
+        log(f"resume: no checkpoint in {path.parent}, starting from scratch")
+        return [], 0
+    saved, current = state["signature"], run_signature(args)
+    differences = [(k, saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys())
+                   if saved.get(k) != current.get(k)]
+    if differences:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differences[:4])
+        more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
+        raise UsageError("--resume", f"the checkpoint {path} was written by a run of another configuration ({shown}"
+                                     f"{more}); resume with the options of that run, or choose another --out")
+    for name, part in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+        part.load_state_dict(state[name])
+    log(f"resumed from {path} after epoch {state['epoch'] + 1}")
+    return state["history"], state["epoch"] + 1
 
-    resume: continue from that checkpoint (exactly; see the module docstring); raises
-    ConfigMismatch if it was written by a run of another configuration. Without it a run starts
-    from scratch and overwrites an older checkpoint. Returns the per-epoch history; each entry
-    holds ``steps``, the optimizer steps taken by the end of that epoch. With more than one process
-    the model trains as one process with the global batch would (``match_single_process``, which
-    changes ``model`` in place: its batch norms become synchronised ones).
+
+def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: DistEnv,
+          log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` on ``train_set`` for --epochs (or --max-steps optimizer steps), checkpointing to
+    --out/checkpoint.pt after every epoch; with --resume, continue from that checkpoint (exactly), which a run of
+    another signature may not. With more than one process ``model`` is changed in place to train as one process with the
+    global batch would (``match_single_process``). Returns the history: per epoch, ``train_one_epoch``'s means,
+    ``epoch``, ``steps`` (taken by its end) and ``seconds``.
     """
-    out_dir = Path(out_dir)
-    model = match_single_process(model, env)
-    model.to(env.device)
-    loader = make_loader(train_set, cfg, env)
-    if len(loader) == 0:
-        raise ValueError(f"train_set: {len(train_set)} samples give no full batch of {cfg.batch_size} per rank")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, len(loader)))
-    history: list[dict[str, float]] = []
-    start = 0
-    if resume:
-        state = load_checkpoint(out_dir / CHECKPOINT, map_location=env.device)
-        if state is None:
-            log(f"resume: no checkpoint in {out_dir}, starting from scratch")
-        else:
-            differences = _differences(state["config"], asdict(cfg))
-            if differences:
-                raise ConfigMismatch(out_dir / CHECKPOINT, differences)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = state["history"]
-            start = state["epoch"] + 1
-            log(f"resumed from {out_dir / CHECKPOINT} after epoch {start}")
+    log = log or (print if env.is_main else lambda _: None)
+    per_rank = len(train_set) // env.world_size
+    if per_rank < args.batch_size:
+        raise UsageError("--batch-size", f"{args.batch_size} is more than the {per_rank} training samples of each of "
+                                         f"the {env.world_size} process(es); lower it or raise --num-train")
+    steps = f", at most {args.max_steps} steps" if args.max_steps else ""
+    log(f"{len(train_set)} training samples, {args.epochs} epochs{steps}, on {env.device} x{env.world_size} "
+        f"(kernels: {'on' if gf.extension_available() else 'off'})")
+    model = match_single_process(model, env.rank, env.world_size, env.device).to(env.device)
+    path = Path(args.out) / CHECKPOINT
+    loader = make_loader(train_set, args, env)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args, len(loader)))
+    history, start = _resume(path, model, optimizer, scheduler, args, env, log) if args.resume else ([], 0)
     ddp = DistributedDataParallel(model) if env.distributed else model
-    for epoch in range(start, cfg.epochs):
-        done = epoch * len(loader)  # optimizer steps before this epoch
-        if cfg.max_steps is not None and done >= cfg.max_steps:
-            break
-        limit = None if cfg.max_steps is None else cfg.max_steps - done
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009)  # alike on every rank: see GlobalBatchNoise
-        start_epoch(loader, epoch)
-        began = time.perf_counter()
-        stats = train_one_epoch(ddp, loader, optimizer, scheduler, env, epoch, cfg, max_batches=limit)
-        stats["epoch"] = epoch + 1
-        stats["steps"] = done + min(len(loader), limit or len(loader))
-        stats["seconds"] = time.perf_counter() - began
-        history.append(stats)
-        if env.is_main:
-            save_checkpoint(out_dir / CHECKPOINT, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                   "scheduler": scheduler.state_dict(), "epoch": epoch,
-                                                   "history": history, "config": asdict(cfg)})
-            stopped = f", stopped at --max-steps {cfg.max_steps}" if stats["steps"] == cfg.max_steps else ""
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s, "
-                f"{stats['steps']} steps{stopped})")
-        barrier(env)
+    # Loader workers are forked from this process and share its pages until they write to them; the
+    # garbage collector writes to every object it visits, so unless they are frozen the workers soon hold
+    # copies of the interpreter's heap (at full size two workers added 240 MB; frozen, 50-100 MB).
+    gc.collect()
+    gc.freeze()
+    try:
+        for epoch in range(start, args.epochs):
+            done = epoch * len(loader)  # optimizer steps before this epoch
+            if args.max_steps is not None and done >= args.max_steps:
+                break
+            torch.manual_seed(args.seed * 100_003 + epoch * 1_009)  # alike on every rank: see GlobalBatchNoise
+            start_epoch(loader, epoch)
+            began = time.perf_counter()
+            left = None if args.max_steps is None else args.max_steps - done
+            stats = train_one_epoch(ddp, loader, optimizer, scheduler, epoch, args, env, left)
+            stats.update(epoch=epoch + 1, steps=done + min(len(loader), left or len(loader)),
+                         seconds=time.perf_counter() - began)
+            history.append(stats)
+            if env.is_main:
+                save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                                       "signature": run_signature(args)})
+                stopped = f", stopped at --max-steps {args.max_steps}" if stats["steps"] == args.max_steps else ""
+                log(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s, "
+                    f"{stats['steps']} steps{stopped})")
+            barrier(env)
+    finally:
+        gc.unfreeze()
     return history
+
+
+def runner(build_model: Callable[[argparse.Namespace], nn.Module], evaluate: Callable[..., dict], train_set: Dataset,
+           eval_set: Dataset, env: DistEnv) -> Callable[[argparse.Namespace], dict | None]:
+    """A pipeline's run, ``run(args)``: the model ``build_model(args)`` trained on ``train_set`` with the noise of
+    ``args`` (``data.training_noise``), then, on the main process, its record written to --out/results.json and
+    returned: ``{"fusion", "seed", **evaluate(model, eval_set, args, device)}`` (the pipeline's metric groups),
+    ``"train_seconds", "history", "dir", "signature"}``."""
+    def run(args: argparse.Namespace) -> dict | None:
+        model = build_model(args)
+        history = train(model, training_noise(train_set, args), args, env)
+        if not env.is_main:
+            return None
+        result = {"fusion": args.fusion, "seed": args.seed, **evaluate(model, eval_set, args, env.device),
+                  "train_seconds": sum(h["seconds"] for h in history), "history": history, "dir": str(args.out),
+                  "signature": run_signature(args)}
+        write_json(Path(args.out) / "results.json", result)
+        return result
+
+    return run

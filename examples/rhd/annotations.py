@@ -1,14 +1,10 @@
-"""RHD's annotation pickle (``anno_training.pickle`` / ``anno_evaluation.pickle``), read without trusting it.
+"""RHD's annotation pickle (``anno_<split>.pickle``), read without trusting it. It maps ``sample_id -> {'xyz': (42,
+3) metres, camera frame, 'uv_vis': (42, 3) pixel u, v and a visibility flag (visible iff == 1), 'K': (3, 3)}``
+(keypoints 0..20 left hand, 21..41 right) and was written by Python 2 (read with ``encoding="latin1"``).
 
-The file maps ``sample_id -> {'xyz': (42, 3) metres in the camera frame, 'uv_vis': (42, 3) pixel u, v and a
-visibility flag (visible iff == 1), 'K': (3, 3) intrinsics}``; keypoints 0..20 are the left hand, 21..41 the
-right. The published file was written by Python 2, so it is read with ``encoding="latin1"`` (which is what lets
-numpy rebuild Python-2 array buffers).
-
-A pickle can call any importable function while it loads, and this one comes from the internet, so it is read
-by :class:`RestrictedUnpickler`, which resolves only an explicit table of globals: the builtin containers and
-scalars, and the handful of functions numpy's own pickles name (numpy 1.x spells them ``numpy.core.*``,
-numpy 2.x ``numpy._core.*``; both spellings map to the running numpy's objects, so nothing is imported by name).
+A pickle can call any importable function while it loads, and this one comes from the internet, so
+``RestrictedUnpickler`` resolves only a table of globals: builtin containers and scalars and the functions numpy's own
+pickles name (``numpy.core.*`` in numpy 1.x, ``numpy._core.*`` in 2.x; both map to the running numpy's objects).
 """
 
 from __future__ import annotations
@@ -23,14 +19,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "NUM_KEYPOINTS",
-    "AnnotationError",
-    "UnsafePickleError",
-    "RestrictedUnpickler",
-    "load_annotations",
-    "save_annotations",
-]
 
 NUM_KEYPOINTS = 42
 _ENTRY_SHAPES = {"xyz": (NUM_KEYPOINTS, 3), "uv_vis": (NUM_KEYPOINTS, 3), "K": (3, 3)}
@@ -45,8 +33,8 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """What protocol-2 pickles written by Python 3 call (as ``_codecs.encode``) to rebuild a ``bytes``
-    object; only the latin-1 codec is admitted, so the call cannot reach any other codec."""
+    """What protocol-2 pickles written by Python 3 call (as ``_codecs.encode``) to rebuild a ``bytes`` object; only the
+    latin-1 codec is admitted, so the call cannot reach any other codec."""
     if codecs.lookup(encoding).name != "iso8859-1":
         raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not admitted")
     return text.encode("latin1")
@@ -75,12 +63,8 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that admits only plain containers, str/bytes/int/float/bool/None and numpy
-    arrays, dtypes and scalars. Any other global raises :class:`UnsafePickleError` naming ``path``
-    and the refused ``module.name``.
-
-    file: a binary file object; path: the file's name, used in error messages.
-    """
+    """An unpickler of a binary ``file`` that admits only plain containers, str/bytes/int/float/bool/None and numpy
+    arrays, dtypes and scalars: any other global raises UnsafePickleError naming ``path`` and ``module.name``."""
 
     def __init__(self, file: io.BufferedIOBase, path: str | os.PathLike):
         super().__init__(file, encoding="latin1")
@@ -90,18 +74,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise UnsafePickleError(
-                f"{self.path}: refusing to load global '{module}.{name}' (only plain containers, "
-                "numbers, strings and numpy arrays are admitted in an annotation pickle)"
-            ) from None
+            raise UnsafePickleError(f"{self.path}: refusing to load global '{module}.{name}' (only plain containers, "
+                                    "numbers, strings and numpy arrays are admitted in an annotation pickle)") from None
 
 
 def _validate_entry(path: Path, key: Any, entry: Any) -> tuple[int, dict[str, np.ndarray]]:
     if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
         raise AnnotationError(f"{path}: sample ids must be integers, got {key!r}")
     if not isinstance(entry, dict):
-        raise AnnotationError(
-            f"{path}: sample {key}: expected a dict with 'xyz', 'uv_vis', 'K', got {type(entry).__name__}")
+        raise AnnotationError(f"{path}: sample {key}: expected a dict with 'xyz', 'uv_vis', 'K', got "
+                              f"{type(entry).__name__}")
     checked = {}
     for field, shape in _ENTRY_SHAPES.items():
         if field not in entry:
@@ -119,13 +101,9 @@ def _validate_entry(path: Path, key: Any, entry: Any) -> tuple[int, dict[str, np
 
 
 def load_annotations(path: str | os.PathLike) -> dict[int, dict[str, np.ndarray]]:
-    """Read and validate an RHD annotation pickle with :class:`RestrictedUnpickler`.
-
-    Returns ``{sample_id: {'xyz': [42, 3], 'uv_vis': [42, 3], 'K': [3, 3]}}`` as float64 arrays (lossless
-    for the float32 data of the release), sorted by sample id; other fields of an entry are dropped.
-    Raises FileNotFoundError (missing file), UnsafePickleError (a refused global) or AnnotationError
-    (truncated/corrupt file or malformed entries), each naming the file.
-    """
+    """An RHD annotation pickle read with ``RestrictedUnpickler`` and checked: ``{sample_id: {'xyz': [42, 3], 'uv_vis':
+    [42, 3], 'K': [3, 3]}}`` as float64 arrays, by sample id (other fields dropped). FileNotFoundError,
+    UnsafePickleError (a refused global) or AnnotationError (a corrupt file, malformed entries), naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"RHD annotation file not found: {path}")
@@ -135,8 +113,7 @@ def load_annotations(path: str | os.PathLike) -> dict[int, dict[str, np.ndarray]
         except UnsafePickleError:
             raise
         except Exception as error:  # a corrupt pickle can fail with almost any exception type
-            raise AnnotationError(
-                f"{path}: not a readable annotation pickle ({type(error).__name__}: {error})") from error
+            raise AnnotationError(f"{path}: no readable annotation pickle ({type(error).__name__}: {error})") from error
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a dict sample_id -> entry, got {type(data).__name__}")
     entries = dict(_validate_entry(path, key, entry) for key, entry in data.items())
@@ -144,8 +121,8 @@ def load_annotations(path: str | os.PathLike) -> dict[int, dict[str, np.ndarray]
 
 
 def save_annotations(path: str | os.PathLike, annotations: dict[int, dict[str, np.ndarray]], protocol: int = 4) -> None:
-    """Write ``annotations`` (``{sample_id: {'xyz', 'uv_vis', 'K'}}``) in the RHD pickle layout, as float32
-    arrays in ascending sample-id order, so equal input gives byte-identical files."""
+    """Write ``annotations`` (``{sample_id: {'xyz', 'uv_vis', 'K'}}``) in the RHD pickle layout, as float32 arrays in
+    ascending sample-id order, so equal input gives byte-identical files."""
     path = Path(path)
     entries = dict(_validate_entry(path, key, entry) for key, entry in annotations.items())
     payload = {key: {field: entries[key][field].astype(np.float32) for field in _ENTRY_SHAPES}

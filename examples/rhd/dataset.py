@@ -1,14 +1,12 @@
-"""Reading RHD (Rendered Hand Pose Dataset, Zimmermann & Brox 2017) from its on-disk format.
-
-``root`` is the ``RHD_published_v2`` folder::
+"""Reading RHD (Rendered Hand Pose Dataset, Zimmermann & Brox 2017) from its on-disk format: ``root`` is the
+``RHD_published_v2`` folder, ``split`` "training" or "evaluation"::
 
     root/<split>/color/%05d.png          RGB, 320x320
     root/<split>/depth/%05d.png          depth: metres = (R * 256 + G) / 65535 * 5
     root/<split>/mask/%05d.png           8-bit ids: 0 background, 1 person, 2..17 left hand, 18..33 right hand
     root/<split>/anno_<split>.pickle     sample_id -> {'xyz', 'uv_vis', 'K'}
 
-with ``split`` "training" or "evaluation". ``read_frame`` decodes one raw frame; ``RHDDataset`` turns frames into
-the network's inputs and targets (crop, point cloud, normalised pose) with the conventions documented there.
+``read_frame`` decodes one raw frame, ``RHDDataset`` makes the network's inputs and targets of frames.
 """
 
 from __future__ import annotations
@@ -22,22 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.pointcloud import backproject, resample_points
+from common.data import backproject, resample_points
 from rhd.annotations import load_annotations
-
-__all__ = [
-    "SPLITS",
-    "ROOT_KEYPOINT",
-    "SCALE_KEYPOINTS",
-    "CROP_PAD_VALUE",
-    "Frame",
-    "read_frame",
-    "decode_depth",
-    "choose_hand",
-    "crop_box",
-    "crop_intrinsics",
-    "RHDDataset",
-]
 
 SPLITS = ("training", "evaluation")
 ROOT_KEYPOINT = 12  # middle-finger MCP (Yang et al. lineage)
@@ -53,12 +37,8 @@ RIGHT_IDS = (18, 33)
 
 @dataclass
 class Frame:
-    """One raw RHD frame.
-
-    color: uint8 [H, W, 3]; depth: float32 [H, W] metres; mask: uint8 [H, W] ids;
-    xyz: float64 [42, 3] metres, camera frame; uv_vis: float64 [42, 3]; K: float64 [3, 3]
-    (keypoints 0..20 left hand, 21..41 right hand).
-    """
+    """One raw RHD frame: color uint8 [H, W, 3]; depth float32 [H, W] metres; mask uint8 [H, W] ids; xyz [42, 3]
+    metres, camera frame; uv_vis [42, 3]; K [3, 3] (keypoints 0..20 left hand, 21..41 right hand)."""
 
     color: np.ndarray
     depth: np.ndarray
@@ -68,7 +48,9 @@ class Frame:
     K: np.ndarray
 
 
-def _open_png(path: Path) -> Image.Image:
+def _read_png(path: Path, modes: tuple[str, ...], what: str) -> np.ndarray:
+    """The pixels uint8 of the PNG ``path``, which must be of one of ``modes`` (``what`` in the error); RGBA as RGB.
+    Palette images keep their indices (converting them to "L" would map label ids to grey levels)."""
     if not path.is_file():
         raise FileNotFoundError(f"RHD image not found: {path}")
     try:
@@ -76,38 +58,15 @@ def _open_png(path: Path) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's ways of saying "not a readable PNG"
         raise ValueError(f"{path}: cannot decode image ({error})") from error
-    return image
+    if image.mode not in modes:
+        raise ValueError(f"{path}: expected {what}, got mode {image.mode}")
+    return np.asarray(image.convert("RGB") if image.mode == "RGBA" else image, dtype=np.uint8)
 
 
 def decode_depth(encoded: np.ndarray) -> np.ndarray:
-    """RHD depth PNG pixels -> metres: ``(R * 256 + G) / 65535 * 5``.
-
-    encoded: uint8 [H, W, >=2]; returns float32 [H, W]."""
+    """RHD depth PNG pixels uint8 [H, W, >=2] -> metres float32 [H, W]: ``(R * 256 + G) / 65535 * 5``."""
     code = encoded[..., 0].astype(np.float64) * 256.0 + encoded[..., 1].astype(np.float64)
     return (code / 65535.0 * DEPTH_RANGE_M).astype(np.float32)
-
-
-def _read_color(path: Path) -> np.ndarray:
-    image = _open_png(path)
-    if image.mode not in ("RGB", "RGBA"):
-        raise ValueError(f"{path}: expected an RGB colour image, got mode {image.mode}")
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def _read_depth(path: Path) -> np.ndarray:
-    image = _open_png(path)
-    if image.mode not in ("RGB", "RGBA"):
-        raise ValueError(
-            f"{path}: expected an RGB depth image (top byte in R, bottom byte in G), got mode {image.mode}")
-    return decode_depth(np.asarray(image.convert("RGB"), dtype=np.uint8))
-
-
-def _read_mask(path: Path) -> np.ndarray:
-    image = _open_png(path)
-    # Palette images store the ids as indices; converting them to "L" would map ids to grey levels instead.
-    if image.mode not in ("L", "P"):
-        raise ValueError(f"{path}: expected an 8-bit label image (mode L or P), got mode {image.mode}")
-    return np.asarray(image, dtype=np.uint8)
 
 
 def _split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -131,8 +90,8 @@ def read_frame(root: str | os.PathLike, split: str, index: int,
                annotations: dict[int, dict[str, np.ndarray]] | None = None) -> Frame:
     """Decode frame ``index`` of ``split`` at full resolution.
 
-    ``annotations`` (from :func:`rhd.annotations.load_annotations`) avoids re-reading the pickle for every
-    frame; without it the split's pickle is loaded. Missing or undecodable files raise errors naming the file.
+    ``annotations`` (from :func:`rhd.annotations.load_annotations`) avoids re-reading the pickle for every frame;
+    without it the split's pickle is loaded. Missing or undecodable files raise errors naming the file.
     """
     folder = _split_dir(root, split)
     if annotations is None:
@@ -140,9 +99,10 @@ def read_frame(root: str | os.PathLike, split: str, index: int,
     if index not in annotations:
         raise KeyError(f"sample {index} is not in the annotations of {folder}")
     name = f"{index:05d}.png"
-    color = _read_color(folder / "color" / name)
-    depth = _read_depth(folder / "depth" / name)
-    mask = _read_mask(folder / "mask" / name)
+    color = _read_png(folder / "color" / name, ("RGB", "RGBA"), "an RGB colour image")
+    depth = decode_depth(_read_png(folder / "depth" / name, ("RGB", "RGBA"),
+                                   "an RGB depth image (top byte in R, bottom byte in G)"))
+    mask = _read_png(folder / "mask" / name, ("L", "P"), "an 8-bit label image (mode L or P)")
     if not (color.shape[:2] == depth.shape == mask.shape):
         raise ValueError(f"{folder}/*/{name}: colour {color.shape[:2]}, depth {depth.shape} "
                          f"and mask {mask.shape} sizes differ")
@@ -156,15 +116,15 @@ def _hand_pixels(mask: np.ndarray, hand: int) -> np.ndarray:
 
 
 def choose_hand(mask: np.ndarray) -> int:
-    """The hand with more mask pixels: 0 left (ids 2..17), 1 right (ids 18..33). A tie goes to the right hand,
-    as in the reference RHD code (left is kept only when it has strictly more pixels)."""
+    """The hand with more mask pixels: 0 left (ids 2..17), 1 right (ids 18..33). A tie goes to the right hand, as in the
+    reference RHD code (left is kept only when it has strictly more pixels)."""
     return 0 if _hand_pixels(mask, 0).sum() > _hand_pixels(mask, 1).sum() else 1
 
 
 def crop_box(uv: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, float]:
-    """Square crop around the root keypoint: centre = uv of keypoint 12, half-size = 1.3 x the largest
-    Euclidean distance of a visible keypoint from the centre (all keypoints when none is visible), at least
-    ``MIN_CROP_HALF_SIZE`` pixels. uv: [21, 2]; visible: bool [21]. Returns (centre [2], half_size)."""
+    """Square crop around the root keypoint: centre = uv of keypoint 12, half-size = 1.3 x the largest Euclidean
+    distance of a visible keypoint from the centre (all keypoints when none is visible), at least ``MIN_CROP_HALF_SIZE``
+    pixels. uv: [21, 2]; visible: bool [21]. Returns (centre [2], half_size)."""
     centre = uv[ROOT_KEYPOINT].astype(np.float64)
     counted = uv[visible] if visible.any() else uv
     reach = np.linalg.norm(counted - centre, axis=1).max()
@@ -172,9 +132,9 @@ def crop_box(uv: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def crop_intrinsics(K: np.ndarray, centre: np.ndarray, half_size: float, crop_size: int) -> np.ndarray:
-    """Intrinsics of the crop: with pixel centres at integer coordinates, the box [centre - h, centre + h]
-    (edges of the output's outer pixels) maps to [-0.5, S - 0.5], i.e. ``u' = s (u - c_u + h) - 0.5`` with
-    ``s = S / 2h``; returns ``A @ K`` for that affine map A. K: [3, 3]; returns float64 [3, 3]."""
+    """Intrinsics of the crop: with pixel centres at integer coordinates, the box [centre - h, centre + h] (edges of the
+    output's outer pixels) maps to [-0.5, S - 0.5], i.e. ``u' = s (u - c_u + h) - 0.5`` with ``s = S / 2h``; returns ``A
+    @ K`` for that affine map A. K: [3, 3]; returns float64 [3, 3]."""
     s = crop_size / (2.0 * half_size)
     affine = np.array([[s, 0.0, s * (half_size - centre[0]) - 0.5],
                        [0.0, s, s * (half_size - centre[1]) - 0.5],
@@ -183,8 +143,8 @@ def crop_intrinsics(K: np.ndarray, centre: np.ndarray, half_size: float, crop_si
 
 
 def _crop_image(color: np.ndarray, centre: np.ndarray, half_size: float, crop_size: int) -> np.ndarray:
-    """Resample the square box of :func:`crop_intrinsics` to [S, S, 3] with Pillow's bilinear filter (which
-    widens its support when shrinking, i.e. antialiases); outside the image is CROP_PAD_VALUE."""
+    """Resample the square box of :func:`crop_intrinsics` to [S, S, 3] with Pillow's bilinear filter (which widens its
+    support when shrinking, i.e. antialiases); outside the image is CROP_PAD_VALUE."""
     height, width = color.shape[:2]
     # Pillow's coordinates put pixel centres at +0.5; pad by whole pixels so the box lies inside the image.
     left, top = centre[0] - half_size + 0.5, centre[1] - half_size + 0.5
@@ -200,34 +160,23 @@ def _crop_image(color: np.ndarray, centre: np.ndarray, half_size: float, crop_si
 class RHDDataset(Dataset):
     """RHD samples as network inputs and targets.
 
-    root: the ``RHD_published_v2`` folder (holding ``training/`` and ``evaluation/``); split: "training" or
-    "evaluation"; crop_size: S, the side of the RGB crop; num_points: P, the size of the point cloud;
-    indices: the sample ids to use (default: every id in the split's pickle, ascending); seed: with the sample
-    id, fixes the point-cloud resampling, so an item is the same every time it is read.
+    root: the ``RHD_published_v2`` folder; split: "training" or "evaluation"; crop_size: S, the side of the RGB crop;
+    num_points: P; indices: the sample ids to use (default: every id of the split's pickle, ascending); seed: with the
+    sample id, fixes the point-cloud resampling, so an item is the same whenever it is read. An item (tensors):
 
-    Each item is a dict of tensors:
-
-    - "rgb": float32 [3, S, S] in [0, 1], the crop;
-    - "points": float32 [P, 3], the hand's point cloud, normalised;
+    - "rgb": float32 [3, S, S] in [0, 1], the crop; "points": float32 [P, 3], the hand's point cloud, normalised;
     - "keypoints": float32 [21, 3], the hand's 3-D keypoints, normalised (RHD order; keypoint 12 at the origin);
     - "scale": float32 [] metres; "root": float32 [3] metres, camera frame;
-    - "uv": float32 [21, 2], keypoints in crop pixels (annotated uv mapped into the crop; integer = pixel centre);
-    - "visible": bool [21], the annotation's flag (uv_vis[:, 2] == 1);
+    - "uv": float32 [21, 2], keypoints in crop pixels (integer = pixel centre); "visible": bool [21] (uv_vis == 1);
     - "K": float32 [3, 3], the crop's intrinsics: K @ (keypoints * scale + root) projects onto "uv";
     - "hand": int64 [], 0 left, 1 right; "index": int64 [], the sample id.
 
-    Conventions:
-
-    - hand: the one with more mask pixels (left ids 2..17, right ids 18..33; a tie keeps the right hand);
-      its 21 keypoints are kept and the other hand's dropped. Left hands are not mirrored.
-    - root = keypoint 12 (middle MCP), as in Yang et al., whose set-up the paper follows; scale =
-      ||kp12 - kp11||; normalised = (xyz - root) / scale (for keypoints and points alike).
-    - crop: centred on the uv of keypoint 12, half-size 1.3 x the largest distance of a visible keypoint from
-      that centre (see :func:`crop_box`), padded with RGB 127 and resized to S x S with Pillow's bilinear
-      filter; "K" is the frame's K composed exactly with that scale-and-shift (:func:`crop_intrinsics`).
-    - points: the chosen hand's mask pixels back-projected with the frame's (uncropped) K and depth, those
-      within 0.2 m of the root kept, normalised, then resampled to P points (random subset, or all plus random
-      repeats); a hand with no such pixel gives P copies of the root (the origin).
+    The hand is the one with more mask pixels (a tie keeps the right one; left hands are not mirrored); root = keypoint
+    12 (middle MCP, as in Yang et al., whose set-up the paper follows), scale = ||kp12 - kp11||, normalised = (xyz -
+    root) / scale, for keypoints and points alike; the crop is ``crop_box``'s, padded with RGB 127 and resized
+    bilinearly, "K" the frame's composed exactly with it (``crop_intrinsics``); the points are the hand's mask pixels
+    back-projected with the frame's K and depth, those within 0.2 m of the root, resampled to P (a hand without any
+    gives P copies of the origin).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training", crop_size: int = 256, num_points: int = 1024,
@@ -270,8 +219,7 @@ class RHDDataset(Dataset):
         root = keypoints[ROOT_KEYPOINT]
         scale = float(np.linalg.norm(keypoints[SCALE_KEYPOINTS[0]] - keypoints[SCALE_KEYPOINTS[1]]))
         if not scale > 0:
-            raise ValueError(
-                f"{self.root / self.split}: sample {index}: keypoints 12 and 11 coincide, so the scale is 0")
+            raise ValueError(f"{self.root / self.split}: sample {index}: keypoints 12 and 11 coincide: the scale is 0")
 
         centre, half_size = crop_box(uv, visible)
         crop = _crop_image(frame.color, centre, half_size, self.crop_size)
@@ -282,15 +230,8 @@ class RHDDataset(Dataset):
         points = points[np.linalg.norm(points - root, axis=1) < POINT_RADIUS_M]
         points = resample_points((points - root) / scale, self.num_points, np.random.default_rng([self.seed, index]))
 
-        return {
-            "rgb": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0),
-            "points": torch.from_numpy(points.astype(np.float32)),
-            "keypoints": torch.from_numpy(((keypoints - root) / scale).astype(np.float32)),
-            "scale": torch.tensor(scale, dtype=torch.float32),
-            "root": torch.from_numpy(root.astype(np.float32)),
-            "uv": torch.from_numpy(crop_uv.astype(np.float32)),
-            "visible": torch.from_numpy(visible),
-            "K": torch.from_numpy(crop_K.astype(np.float32)),
-            "hand": torch.tensor(hand, dtype=torch.int64),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
+        floats = {"points": points, "keypoints": (keypoints - root) / scale, "root": root, "uv": crop_uv, "K": crop_K}
+        return {"rgb": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0),
+                **{k: torch.from_numpy(v.astype(np.float32)) for k, v in floats.items()},
+                "scale": torch.tensor(scale, dtype=torch.float32), "visible": torch.from_numpy(visible),
+                "hand": torch.tensor(hand, dtype=torch.int64), "index": torch.tensor(index, dtype=torch.int64)}

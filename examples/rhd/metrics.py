@@ -1,31 +1,18 @@
 """The standard 3-D hand-pose evaluation on RHD (Zimmermann & Brox 2017 and the work that follows it).
 
-Predictions and ground truth come as normalised, root-relative keypoints (``(xyz - root) / scale``, as
-:class:`rhd.dataset.RHDDataset` gives them); both are de-normalised with the ground-truth scale, so the error
-of keypoint k is ``||pred_k - gt_k|| * scale`` (in mm). Predictions are not re-centred on their own root: a
-wrong root prediction counts at the root and, through the targets, everywhere else.
-
-Aggregation follows the common evaluation code (``EvalUtil`` of Zimmermann & Brox): every statistic is computed
-per keypoint over the samples where that keypoint counts, then averaged over keypoints (keypoints that never
-count are skipped). So ``median_epe_mm`` is the mean over keypoints of per-keypoint medians, and the PCK curve
-is the mean over keypoints of per-keypoint fractions with error <= threshold. With all 21 keypoints counted,
-mean EPE and PCK equal their pooled values.
-
-AUC over 20-50 mm: of the curve on thresholds ``linspace(0, 50, 20)`` mm, the points from 21.05 mm to 50 mm
-(the last 12), integrated with the trapezoid rule and divided by the span of those thresholds, giving [0, 1].
-
-Which keypoints count: all 21 by default (``visible_only=False``), because the task is the full 3-D pose (the
-networks predict all 21 joints, occluded ones included) and it keeps scores independent of the 2-D visibility
-flag; ``visible_only=True`` counts only keypoints annotated visible, as Zimmermann &
-Brox's evaluation does.
+Predictions and ground truth are normalised root-relative keypoints (``(xyz - root) / scale``, as ``RHDDataset`` gives
+them), both de-normalised with the ground-truth scale: keypoint k's error is ``||pred_k - gt_k|| * scale`` in mm (not
+re-centred on the predicted root). As the common evaluation code (``EvalUtil``), every statistic is computed per
+keypoint over the samples where it counts, then averaged over keypoints: ``median_epe_mm`` is the mean of per-keypoint
+medians, the PCK curve the mean of per-keypoint fractions. AUC over 20-50 mm: the curve on ``linspace(0, 50, 20)`` mm
+from 21.05 to 50 mm (the last 12 points), trapezoids, divided by that span. All 21 keypoints count by default (the task
+is the full 3-D pose, occluded joints included); ``visible_only=True`` counts the visible ones, as Zimmermann & Brox do.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-__all__ = ["PCK_THRESHOLDS_MM", "AUC_RANGE_MM", "keypoint_errors_mm", "trapezoid_auc", "KeypointEvaluator"]
 
 PCK_THRESHOLDS_MM = np.linspace(0.0, 50.0, 20)
 AUC_RANGE_MM = (20.0, 50.0)
@@ -40,8 +27,8 @@ def _as_numpy(value) -> np.ndarray:
 
 def keypoint_errors_mm(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor,
                        scale: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-keypoint Euclidean errors in mm. pred, gt: [N, K, 3] normalised root-relative keypoints; scale:
-    [N] ground-truth scales in metres. Returns float64 [N, K]."""
+    """Per-keypoint Euclidean errors in mm. pred, gt: [N, K, 3] normalised root-relative keypoints; scale: [N]
+    ground-truth scales in metres. Returns float64 [N, K]."""
     pred, gt = _as_numpy(pred).astype(np.float64), _as_numpy(gt).astype(np.float64)
     scale = _as_numpy(scale).astype(np.float64).reshape(-1)
     if pred.ndim != 3 or pred.shape[-1] != 3 or pred.shape != gt.shape:
@@ -52,25 +39,20 @@ def keypoint_errors_mm(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.T
 
 
 def trapezoid_auc(curve: np.ndarray, thresholds: np.ndarray) -> float:
-    """Area under ``curve`` over ``thresholds`` (trapezoid rule) divided by the thresholds' span: [0, 1] for a
-    PCK curve."""
+    """Area under ``curve`` over ``thresholds`` (trapezoids) divided by their span: [0, 1] for a PCK curve."""
     curve, thresholds = np.asarray(curve, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
     area = np.sum(0.5 * (curve[1:] + curve[:-1]) * np.diff(thresholds))
     return float(area / (thresholds[-1] - thresholds[0]))
 
 
 class KeypointEvaluator:
-    """Accumulates keypoint errors over batches and computes the standard RHD scores.
-
-    thresholds_mm: the PCK thresholds (default ``linspace(0, 50, 20)``); visible_only: count only keypoints
-    whose ``visible`` flag is set (default False: all keypoints count; see the module docstring).
-    """
+    """Accumulates keypoint errors over batches and computes the standard RHD scores. thresholds_mm: the PCK thresholds;
+    visible_only: count only keypoints whose ``visible`` flag is set (default: all count)."""
 
     def __init__(self, thresholds_mm: np.ndarray = PCK_THRESHOLDS_MM, visible_only: bool = False):
         self.thresholds_mm = np.asarray(thresholds_mm, dtype=np.float64)
         if self.thresholds_mm.ndim != 1 or len(self.thresholds_mm) < 2 or np.any(np.diff(self.thresholds_mm) <= 0):
-            raise ValueError(
-                f"thresholds_mm must be an increasing 1-D array of at least 2 values, got {thresholds_mm!r}")
+            raise ValueError(f"thresholds_mm must be an increasing 1-D array of >= 2 values, got {thresholds_mm!r}")
         self.visible_only = visible_only
         self.reset()
 
@@ -80,8 +62,8 @@ class KeypointEvaluator:
 
     def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor,
                visible: np.ndarray | torch.Tensor | None = None) -> None:
-        """Add a batch. pred, gt: [N, K, 3] normalised root-relative keypoints; scale: [N] metres (ground
-        truth); visible: bool [N, K], required when ``visible_only``."""
+        """Add a batch. pred, gt: [N, K, 3] normalised root-relative keypoints; scale: [N] metres (ground truth);
+        visible: bool [N, K], required when ``visible_only``."""
         errors = keypoint_errors_mm(pred, gt, scale)
         if self._errors and errors.shape[1] != self._errors[0].shape[1]:
             raise ValueError(f"every batch must have the same number of keypoints: got {errors.shape[1]}, "
@@ -108,12 +90,9 @@ class KeypointEvaluator:
         return np.concatenate(self._counted) if self._counted else np.zeros((0, 0), dtype=bool)
 
     def compute(self) -> dict:
-        """Scores over everything fed so far.
-
-        Returns a dict: mean_epe_mm, median_epe_mm (floats); per_keypoint_mean_epe_mm (list of K floats, NaN
-        where a keypoint never counts); pck_thresholds_mm and pck_curve (lists, curve in [0, 1]); auc_20_50
-        (from the thresholds within 20-50 mm); num_samples; num_keypoints_counted.
-        """
+        """Scores over everything fed so far: mean_epe_mm, median_epe_mm; per_keypoint_mean_epe_mm (K floats, NaN where
+        a keypoint never counts); pck_thresholds_mm and pck_curve (in [0, 1]); auc_20_50; num_samples;
+        num_keypoints_counted."""
         errors, counted = self.errors_mm, self.counted
         if errors.size == 0 or not counted.any():
             raise ValueError("no keypoint errors to evaluate: call update() with at least one counted keypoint")
@@ -130,13 +109,7 @@ class KeypointEvaluator:
         in_range = (self.thresholds_mm >= AUC_RANGE_MM[0]) & (self.thresholds_mm <= AUC_RANGE_MM[1])
         if in_range.sum() < 2:
             raise ValueError(f"fewer than 2 thresholds lie within {AUC_RANGE_MM} mm, so auc_20_50 is undefined")
-        return {
-            "mean_epe_mm": float(np.nanmean(per_keypoint_mean)),
-            "median_epe_mm": float(np.mean(medians)),
-            "per_keypoint_mean_epe_mm": per_keypoint_mean,
-            "pck_thresholds_mm": self.thresholds_mm.tolist(),
-            "pck_curve": curve.tolist(),
-            "auc_20_50": trapezoid_auc(curve[in_range], self.thresholds_mm[in_range]),
-            "num_samples": int(errors.shape[0]),
-            "num_keypoints_counted": int(counted.sum()),
-        }
+        return {"mean_epe_mm": float(np.nanmean(per_keypoint_mean)), "median_epe_mm": float(np.mean(medians)),
+                "per_keypoint_mean_epe_mm": per_keypoint_mean, "pck_thresholds_mm": self.thresholds_mm.tolist(),
+                "pck_curve": curve.tolist(), "auc_20_50": trapezoid_auc(curve[in_range], self.thresholds_mm[in_range]),
+                "num_samples": int(errors.shape[0]), "num_keypoints_counted": int(counted.sum())}

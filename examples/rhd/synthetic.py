@@ -1,33 +1,22 @@
-"""The built-in hand-pose data: procedural articulated hands written in exactly the RHD on-disk format.
+"""The built-in hand-pose data: procedural articulated hands written in exactly the RHD on-disk format
+(``generate_rhd``), so ``rhd.dataset.RHDDataset`` reads it with the code that reads the real release;
+``ensure_builtin_rhd`` generates once into a cache.
 
-``generate_rhd(root, ...)`` writes ``root/RHD_published_v2/{training,evaluation}/{color,depth,mask}/%05d.png``
-and ``anno_<split>.pickle``, so :class:`rhd.dataset.RHDDataset` reads it with the very code that reads the real
-release. ``ensure_builtin_rhd(cache_dir, ...)`` generates once and caches (growing the cached dataset when a
-run asks for more frames).
-
-Each frame (``synthesize_frame``) holds two hands in the pickle (left keypoints 0..20, right 21..41, RHD order:
-0 wrist, then tip..MCP for thumb, index, middle, ring, pinky). One hand, left or right at random, is dominant:
-its middle MCP (keypoint 12) sits near the image centre 0.3-0.8 m from the camera; the other is farther and
-off towards or beyond the image border, so "the hand with more mask pixels" picks either side across frames.
-A hand is a kinematic skeleton (per-frame size and per-bone length variation; MCP/PIP/DIP flexion, MCP
-abduction and thumb opposition within joint limits; a palm/back flip, +-50 degree tilts and a +-90 degree
-roll about the viewing axis) drawn as Lambert-shaded capsules that are intersected with each pixel's ray
-exactly and z-buffered, with a forearm (mask id 1). So that pose is learnable from small crops, every finger
-has its own hue blended into a per-frame skin tone, segments get lighter towards the tip, and the palm side
-of the hand is lighter than the back. Backgrounds are low-frequency colour textures plus a gradient, with a
-slanted far plane (1-5 m) in the depth map.
-
-Frame ``i`` of a split depends only on ``(seed, split, i)``, so equal arguments give byte-identical files.
+A frame holds two hands in the pickle (RHD order). One, left or right at random, is dominant: its middle MCP (keypoint
+12) near the image centre, 0.3-0.8 m away; the other farther, towards or beyond the border, so "the hand with more mask
+pixels" picks either side. A hand is a kinematic skeleton (size, bone lengths, flexion, abduction and thumb opposition
+within joint limits; a palm/back flip, +-50 degree tilts, a +-90 degree roll) drawn as Lambert-shaded capsules
+intersected exactly with each pixel's ray and z-buffered, with a forearm (mask id 1). So that pose is learnable from
+small crops, every finger has its own hue in a per-frame skin tone, segments lighten towards the tip and the palm side
+is lighter than the back. Backgrounds: low-frequency colour textures, a slanted far plane (1-5 m). Frame ``i`` of a
+split depends only on ``(seed, split, i)``: equal arguments give byte-identical files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,20 +24,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.parallel import ordered_map
+from common.data import build_once, ordered_map
 from rhd.annotations import load_annotations, save_annotations
 from rhd.dataset import Frame
-
-__all__ = [
-    "IMAGE_SIZE",
-    "DATASET_DIRNAME",
-    "GENERATOR_VERSION",
-    "SyntheticFrame",
-    "encode_depth",
-    "synthesize_frame",
-    "generate_rhd",
-    "ensure_builtin_rhd",
-]
 
 IMAGE_SIZE = 320
 DATASET_DIRNAME = "RHD_published_v2"
@@ -84,19 +62,6 @@ _SKIN_TONES = np.array([[0.98, 0.84, 0.72], [0.90, 0.72, 0.58], [0.78, 0.57, 0.4
 _PALM_BONES = ((0, 4), (0, 8), (0, 12), (0, 16), (0, 20), (4, 8), (8, 12), (12, 16), (16, 20), (4, 16), (4, 20))
 
 
-@dataclass
-class SyntheticFrame(Frame):
-    """One rendered frame in RHD's conventions: a loader :class:`Frame` plus the hand placed in front.
-
-    color: uint8 [320, 320, 3]; depth: float32 [320, 320] z-depth in metres (hands, forearms, far plane);
-    mask: uint8 [320, 320] RHD ids (0 background, 1 person, 2..17 left hand, 18..33 right hand);
-    xyz: float32 [42, 3] metres, camera frame; uv_vis: float32 [42, 3]; K: float32 [3, 3];
-    dominant: 0 (left) or 1 (right), the hand placed in front (the mask decides which one the loader keeps).
-    """
-
-    dominant: int
-
-
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
     skew = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
@@ -105,16 +70,15 @@ def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
 
 def _finger_chain(base: np.ndarray, forward: np.ndarray, bend: np.ndarray, lengths: np.ndarray,
                   angles: np.ndarray) -> np.ndarray:
-    """Joints after ``base`` of a planar chain: bone k points along cos(phi_k) forward + sin(phi_k) bend,
-    phi_k the cumulative flexion. Returns [len(lengths), 3], from the base outwards."""
+    """Joints after ``base`` of a planar chain: bone k points along cos(phi_k) forward + sin(phi_k) bend, phi_k the
+    cumulative flexion. Returns [len(lengths), 3], from the base outwards."""
     phi = np.cumsum(angles)
     directions = np.cos(phi)[:, None] * forward + np.sin(phi)[:, None] * bend
     return base + np.cumsum(lengths[:, None] * directions, axis=0)
 
 
 def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """A right hand in its own frame (see ``_FINGER_MCP_REST``): keypoints [21, 3] in RHD order,
-    per-keypoint radii [21] and the size factor applied to it."""
+    """A right hand in its own frame (``_FINGER_MCP_REST``): keypoints [21, 3] (RHD order), their radii, its size."""
     size = rng.uniform(0.85, 1.15)
 
     def jitter(count: int) -> np.ndarray:  # per-bone (and per-joint-position) variation of +-5 %
@@ -282,8 +246,8 @@ def _hand_capsules(keypoints: np.ndarray, radii: np.ndarray, side: int, skin: np
 
 
 def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Colour uint8 [320, 320, 3]: a coarse grid of random colours mixed with a linear two-colour gradient,
-    upsampled bicubically (low-frequency texture); depth float32 [320, 320]: a slanted far plane in metres."""
+    """Colour uint8 [320, 320, 3]: a coarse grid of random colours mixed with a linear two-colour gradient, upsampled
+    bicubically (low-frequency texture); depth float32 [320, 320]: a slanted far plane in metres."""
     cells = int(rng.integers(3, 8))
     ramp = np.linspace(-1.0, 1.0, cells)
     angle = rng.uniform(0.0, 2 * np.pi)
@@ -299,8 +263,8 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return color, np.clip(depth, 1.0, DEPTH_RANGE_M - 0.05)
 
 
-def synthesize_frame(rng: np.random.Generator) -> SyntheticFrame:
-    """Render one random frame (see the module docstring for what varies)."""
+def synthesize_frame(rng: np.random.Generator) -> Frame:
+    """Render one random frame (see the module docstring for what varies), in float32 and uint8 [320, 320]."""
     focal = rng.uniform(263.0, 306.0)
     center = IMAGE_SIZE / 2
     K = np.array([[focal, 0.0, center], [0.0, focal, center], [0.0, 0.0, 1.0]], dtype=np.float32)
@@ -352,12 +316,12 @@ def synthesize_frame(rng: np.random.Generator) -> SyntheticFrame:
     surface[inside] = canvas.depth[pixel[inside, 1], pixel[inside, 0]]
     visible = inside & (surface >= xyz[:, 2] - joint_radius - 0.005)
     uv_vis = np.concatenate([uv, visible[:, None].astype(np.float64)], axis=1).astype(np.float32)
-    return SyntheticFrame(canvas.color, canvas.depth, canvas.mask, xyz, uv_vis, K, dominant)
+    return Frame(canvas.color, canvas.depth, canvas.mask, xyz, uv_vis, K)
 
 
 def encode_depth(depth: np.ndarray) -> np.ndarray:
-    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R,
-    the bottom byte in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
+    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R, the bottom byte
+    in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
     code = np.rint(np.clip(depth, 0.0, DEPTH_RANGE_M) / DEPTH_RANGE_M * 65535.0).astype(np.uint16)
     encoded = np.zeros(depth.shape + (3,), dtype=np.uint8)
     encoded[..., 0] = code >> 8
@@ -366,9 +330,8 @@ def encode_depth(depth: np.ndarray) -> np.ndarray:
 
 
 def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm, reuse: Path | None = None) -> None:
-    """Frames 0..count-1 of one split. Frames that ``reuse`` (the same split of a dataset generated with
-    the same seed and generator) already holds are hard-linked from it rather than drawn again: frame i
-    depends only on (seed, split, i), so they are the very same bytes."""
+    """Frames 0..count-1 of one split; those that ``reuse`` (the split of a dataset of this generator and seed) holds
+    are hard-linked from it: frame i depends only on (seed, split, i), so they are the very same bytes."""
     for folder in ("color", "depth", "mask"):
         (split_dir / folder).mkdir(parents=True)
     annotations = {}
@@ -406,13 +369,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                  progress: bool = True, reuse: str | os.PathLike | None = None) -> Path:
-    """Write a synthetic dataset in the RHD layout under ``root`` and return ``root/RHD_published_v2`` (the
-    folder :class:`rhd.dataset.RHDDataset` takes). Sample ids run 0..n-1 in each split. Refuses to write
-    into an existing ``RHD_published_v2`` so that frames of different runs never mix.
-
-    reuse: an ``RHD_published_v2`` folder written by this generator (same version) with the same seed;
-    the frames it holds are linked from it instead of being drawn again (the result is the same).
-    """
+    """Write a synthetic dataset in the RHD layout (ids 0..n-1 per split) under ``root``, never into an existing one,
+    and return ``root/RHD_published_v2``. reuse: such a folder of this generator and seed, whose frames are linked from
+    it instead of being drawn again (the same bytes)."""
     for name, value in (("num_training", num_training), ("num_evaluation", num_evaluation)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -426,66 +385,39 @@ def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int
     return dataset
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    """Serialise processes (e.g. torchrun ranks) building the same cache; a no-op where flock is missing."""
+def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
+    """The (training, evaluation) frames of a finished built-in dataset of this generator and ``seed``."""
     try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
+        found = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
+    if found.get("generator_version") != GENERATOR_VERSION or found.get("seed") != seed:
+        return None
+    return found["num_training"], found["num_evaluation"]
 
 
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                        progress: bool = True) -> Path:
-    """A built-in dataset under ``cache_dir/rhd_builtin`` with at least ``num_training`` and
-    ``num_evaluation`` frames, generated on first use; returns its ``RHD_published_v2`` folder.
-
-    A finished dataset carries ``manifest.json`` (generator version, sizes, seed). One of the same version
-    and seed with at least the frames asked for is used as it is (its first n frames are exactly those of
-    a dataset of n frames); a smaller one is grown to cover both its own sizes and the request, reusing
-    its frames, so runs of different sizes do not regenerate each other's data; one of another version or
-    seed is replaced. Generation happens in a temporary sibling folder that is renamed into place only when
-    complete, so an interrupted run is never taken for a finished one (its leftovers are removed by the
-    next call). Concurrent callers wait on a lock file and then reuse the finished result.
+    """The ``RHD_published_v2`` folder of a built-in dataset under ``cache_dir`` with at least ``num_training`` and
+    ``num_evaluation`` frames: the smallest cached one of this generator and seed that has them (its first n frames are
+    those of a dataset of n frames), else a new one (``data.build_once``) large enough for the request and the largest
+    cached one, whose frames it links. None is changed or deleted: a running job may be reading it.
     """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_dir / "rhd_builtin"
-    with _exclusive_lock(cache_dir / ".rhd_builtin.lock"):
-        found = _read_manifest(final) or {}
-        same = found.get("generator_version") == GENERATOR_VERSION and found.get("seed") == int(seed)
-        have = (found.get("num_training", 0), found.get("num_evaluation", 0)) if same else (0, 0)
-        if have[0] >= num_training and have[1] >= num_evaluation:
-            return final / DATASET_DIRNAME
-        wanted = {"generator_version": GENERATOR_VERSION, "num_training": max(int(num_training), have[0]),
-                  "num_evaluation": max(int(num_evaluation), have[1]), "seed": int(seed)}
-        for leftover in cache_dir.glob(".rhd_builtin-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=".rhd_builtin-", dir=cache_dir))
-        try:
-            generate_rhd(staging, wanted["num_training"], wanted["num_evaluation"], seed=seed, progress=progress,
-                         reuse=final / DATASET_DIRNAME if same else None)
-            (staging / "manifest.json").write_text(json.dumps(wanted, indent=2) + "\n")
-            if final.exists():
-                stale = cache_dir / f".rhd_builtin-stale-{uuid.uuid4().hex}"
-                os.rename(final, stale)
-                shutil.rmtree(stale)
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final / DATASET_DIRNAME
+    cache_dir, seed = Path(cache_dir), int(seed)
+    cached = {f: sizes for f in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(f, seed))}
+    serving = [folder for folder, (t, e) in cached.items() if t >= num_training and e >= num_evaluation]
+    if serving:
+        return min(serving, key=lambda folder: sum(cached[folder])) / DATASET_DIRNAME
+    largest = max(cached, key=lambda folder: sum(cached[folder]), default=None)
+    have = cached[largest] if largest else (0, 0)
+    sizes = (max(int(num_training), have[0]), max(int(num_evaluation), have[1]))
+
+    def generate(staging: Path) -> None:
+        generate_rhd(staging, *sizes, seed=seed, progress=progress,
+                     reuse=None if largest is None else largest / DATASET_DIRNAME)
+        manifest = {"generator_version": GENERATOR_VERSION, "num_training": sizes[0], "num_evaluation": sizes[1],
+                    "seed": seed}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    folder = cache_dir / f"rhd_builtin_v{GENERATOR_VERSION}_seed{seed}_{sizes[0]}x{sizes[1]}"
+    return build_once(folder, generate) / DATASET_DIRNAME

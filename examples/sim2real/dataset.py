@@ -1,28 +1,17 @@
 """Loader for the Surgical Video-Sim2Real random views (Rivoir et al., ICCV 2021) on disk.
 
-On-disk layout under ``root`` (k = scene number 1..7, N = view number, written ``0000``..``2999``)::
+Layout under ``root`` (k = scene 1..7, N = view ``0000``..``2999``; every image 512 x 256)::
 
     translation_random_views/random_views/scene_k/translation/translation{N}.png     translated RGB
-    input_random_views/random_views/scene_k/input/input{N}.png                      raw simulated render
+    input_random_views/random_views/scene_k/input/input{N}.png                      raw render (not in a sample)
     segmentation_random_views/random_views/scene_k/segmentation/segmentation{N}.png colour-coded classes
     depth_random_views/random_views/scene_k/depth/depth{N}.exr                       float EXR, channel 'Y'
 
-Every image is 512 x 256 (W x H). A sample is the translated RGB, its segmentation and its depth; the
-raw render (``input``) is not part of a sample, but :func:`sample_paths` names it.
-
-Geometry conventions (the dataset documents neither, so they are choices, stated here once):
-
-* Depth is treated as **z-depth** (distance along the optical axis), in the renderer's scene units.
-* The camera is a pinhole with square pixels and, unless ``intrinsics`` are given, an assumed horizontal
-  field of view of :data:`DEFAULT_HFOV_DEG` = 90 degrees (a typical laparoscope; the random views store no
-  intrinsics): for 512 x 256 that is ``fx = fy = 256``, ``cx = 255.5``, ``cy = 127.5`` (pixel (u, v)
-  sits at integer coordinates, so the optical axis passes through the centre of the image).
-* Views are centre-cropped to the largest square (512 x 256 -> columns 128..383); the crop moves the
-  principal point by the crop offset (:func:`crop_intrinsics`) and the depth of the crop, at its full
-  resolution, becomes the point cloud.
-* Points are centred on the centroid of the view's full back-projected cloud and divided by
-  :data:`POINT_SCALE` = 100 scene units, a fixed scale, so clouds of different views keep their relative
-  sizes (most depths are below 300 units, so coordinates are of order 1).
+The dataset documents no geometry, so these are choices: depth is z-depth in scene units; the camera a pinhole, by
+default of a 90 degree horizontal field of view (``fx = fy = 256, cx = 255.5, cy = 127.5``; pixel (u, v) at integer
+coordinates); a view is centre-cropped to its largest square (columns 128..383, the principal point moved by the
+offset), whose depth becomes the point cloud, centred on its centroid and divided by POINT_SCALE = 100 scene units (most
+depths are below 300, so coordinates are of order 1, relative sizes kept).
 """
 
 from __future__ import annotations
@@ -36,71 +25,28 @@ import OpenEXR
 import torch
 from PIL import Image
 
-from common.pointcloud import backproject, resample_points
+from common.data import backproject, resample_points
 
-__all__ = [
-    "CLASS_NAMES",
-    "CLASS_COLORS",
-    "NUM_CLASSES",
-    "SPLITS",
-    "IMAGE_WIDTH",
-    "IMAGE_HEIGHT",
-    "DEFAULT_HFOV_DEG",
-    "POINT_SCALE",
-    "default_intrinsics",
-    "sample_paths",
-    "read_rgb",
-    "colors_to_classes",
-    "classes_to_colors",
-    "read_segmentation",
-    "read_depth_exr",
-    "write_depth_exr",
-    "center_crop_box",
-    "crop_intrinsics",
-    "depth_to_points",
-    "Sim2RealDataset",
-]
-
+# The classes (the position is the class id) and the RGB colour of each in the segmentation PNGs.
 CLASS_NAMES: tuple[str, ...] = ("liver", "fat/stomach", "abdominal wall", "gallbladder", "ligament")
-"""Class names; the position is the class id."""
-
-CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 255),
-    (255, 0, 0),
-    (0, 255, 0),
-    (0, 255, 255),
-    (255, 0, 255),
-)
-"""RGB colour of each class id in the segmentation PNGs."""
-
+CLASS_COLORS: tuple[tuple[int, int, int], ...] = ((0, 0, 255), (255, 0, 0), (0, 255, 0), (0, 255, 255), (255, 0, 255))
 NUM_CLASSES = len(CLASS_NAMES)
-
+# The default split by scene: whole scenes, so no view of a test scene is seen in training.
 SPLITS: dict[str, tuple[int, ...]] = {"train": (1, 2, 3, 4), "val": (5, 6), "test": (7,)}
-"""Default per-scene split: whole scenes, so no view of a test scene is seen in training."""
-
 IMAGE_WIDTH, IMAGE_HEIGHT = 512, 256
 DEFAULT_HFOV_DEG = 90.0
 POINT_SCALE = 100.0
 
-# The four modalities: (top folder, per-scene sub folder, file prefix, suffix).
-_MODALITIES = {
-    "translation": ("translation_random_views", "translation", "translation", ".png"),
-    "input": ("input_random_views", "input", "input", ".png"),
-    "segmentation": ("segmentation_random_views", "segmentation", "segmentation", ".png"),
-    "depth": ("depth_random_views", "depth", "depth", ".exr"),
-}
-# The modalities a sample needs; the raw render is optional.
+# The four modalities: (top folder, per-scene sub folder, file prefix, suffix); a sample needs all but the raw render.
+_MODALITIES = {name: (f"{name}_random_views", name, name, ".exr" if name == "depth" else ".png")
+               for name in ("translation", "input", "segmentation", "depth")}
 _SAMPLE_MODALITIES = ("translation", "segmentation", "depth")
 
 
-def default_intrinsics(
-    width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT, hfov_deg: float = DEFAULT_HFOV_DEG
-) -> np.ndarray:
-    """Pinhole intrinsics [3, 3] (float64) for square pixels and a horizontal field of view.
-
-    ``fx = fy = (width / 2) / tan(hfov / 2)``, principal point at the image centre
-    ``((width - 1) / 2, (height - 1) / 2)``; for the defaults ``fx = fy = 256``.
-    """
+def default_intrinsics(width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT,
+                       hfov_deg: float = DEFAULT_HFOV_DEG) -> np.ndarray:
+    """Pinhole intrinsics [3, 3] (float64) for square pixels and a horizontal field of view: ``fx = fy = (width / 2) /
+    tan(hfov / 2)``, principal point ``((width - 1) / 2, (height - 1) / 2)``."""
     if width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive, got {width} x {height}")
     if not 0.0 < hfov_deg < 180.0:
@@ -110,26 +56,22 @@ def default_intrinsics(
 
 
 def sample_paths(root: str | Path, scene: int, view: int | str) -> dict[str, Path]:
-    """Paths of the four files of one view: keys ``translation``, ``input``, ``segmentation``, ``depth``.
-
-    ``view`` is the number N as an int (written with four digits, ``7 -> 0007``) or the exact digits of
-    the file names as a string.
-    """
+    """Paths of the four files of one view: keys ``translation``, ``input``, ``segmentation``, ``depth``. ``view``: the
+    number N as an int (written with four digits, ``7 -> 0007``) or the file names' digits."""
     digits = f"{view:04d}" if isinstance(view, int) else view
-    root = Path(root)
-    return {
-        name: root / top / "random_views" / f"scene_{scene}" / sub / f"{prefix}{digits}{suffix}"
-        for name, (top, sub, prefix, suffix) in _MODALITIES.items()
-    }
+    return {name: Path(root) / top / "random_views" / f"scene_{scene}" / sub / f"{prefix}{digits}{suffix}"
+            for name, (top, sub, prefix, suffix) in _MODALITIES.items()}
 
 
-def _require_file(path: Path) -> None:
+def _require_file(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"Sim2Real file missing: {path}")
+    return path
 
 
-def _open_png_rgb(path: Path) -> np.ndarray:
-    _require_file(path)
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An RGB image file as uint8 [H, W, 3] (alpha or palette images are converted to RGB)."""
+    path = _require_file(Path(path))
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
@@ -137,23 +79,11 @@ def _open_png_rgb(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An RGB image file as uint8 [H, W, 3] (alpha or palette images are converted to RGB)."""
-    return _open_png_rgb(Path(path))
-
-
-def colors_to_classes(
-    rgb: np.ndarray,
-    unknown_colors: str = "error",
-    ignore_index: int = 255,
-    source: str = "segmentation",
-) -> np.ndarray:
-    """Class ids int64 [H, W] of a colour-coded segmentation uint8 [H, W, 3].
-
-    Colours are matched exactly against :data:`CLASS_COLORS`. A pixel of any other colour raises a
-    ``ValueError`` naming ``source`` and the colours (``unknown_colors="error"``) or becomes
-    ``ignore_index`` (``unknown_colors="ignore"``); it never becomes a class.
-    """
+def colors_to_classes(rgb: np.ndarray, unknown_colors: str = "error", ignore_index: int = 255,
+                      source: str = "segmentation") -> np.ndarray:
+    """Class ids int64 [H, W] of a colour-coded segmentation uint8 [H, W, 3], matched exactly against CLASS_COLORS. A
+    pixel of any other colour raises a ``ValueError`` naming ``source`` and the colours (``unknown_colors="error"``) or
+    becomes ``ignore_index`` (``"ignore"``); it never becomes a class."""
     if unknown_colors not in ("error", "ignore"):
         raise ValueError(f"unknown_colors must be 'error' or 'ignore', got {unknown_colors!r}")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -169,31 +99,23 @@ def colors_to_classes(
     if unknown.any():
         if unknown_colors == "error":
             found, counts = np.unique(codes[unknown], return_counts=True)
-            listed = ", ".join(
-                f"({c >> 16}, {(c >> 8) & 255}, {c & 255}) x{n}" for c, n in zip(found[:5], counts[:5])
-            )
+            listed = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255}) x{n}" for c, n in zip(found[:5], counts[:5]))
             more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            raise ValueError(
-                f"{source}: {int(unknown.sum())} pixels have colours that are not a Sim2Real class: "
-                f"{listed}{more}; known colours are {dict(zip(CLASS_NAMES, CLASS_COLORS))} "
-                "(pass unknown_colors='ignore' to map them to ignore_index)"
-            )
+            raise ValueError(f"{source}: {int(unknown.sum())} pixels have colours that are not a Sim2Real class: "
+                             f"{listed}{more}; known colours are {dict(zip(CLASS_NAMES, CLASS_COLORS))} "
+                             "(pass unknown_colors='ignore' to map them to ignore_index)")
         classes[unknown] = ignore_index
     return classes
 
 
 def classes_to_colors(classes: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-    """The colour coding uint8 [H, W, 3] of class ids [H, W]; ``ignore_index`` pixels become black.
-
-    Raises ``ValueError`` for any other id outside 0..4.
-    """
+    """The colours uint8 [H, W, 3] of class ids [H, W]; ``ignore_index`` becomes black, other ids a ValueError."""
     classes = np.asarray(classes)
     valid = (classes >= 0) & (classes < NUM_CLASSES)
     bad = ~valid & (classes != ignore_index)
     if bad.any():
-        raise ValueError(
-            f"class ids must be in 0..{NUM_CLASSES - 1} or {ignore_index}, found {np.unique(classes[bad])}"
-        )
+        raise ValueError(f"class ids must be in 0..{NUM_CLASSES - 1} or {ignore_index}, found "
+                         f"{np.unique(classes[bad])}")
     palette = np.array(CLASS_COLORS + ((0, 0, 0),), dtype=np.uint8)
     return palette[np.where(valid, classes, NUM_CLASSES)]
 
@@ -201,7 +123,7 @@ def classes_to_colors(classes: np.ndarray, ignore_index: int = 255) -> np.ndarra
 def read_segmentation(path: str | Path, unknown_colors: str = "error", ignore_index: int = 255) -> np.ndarray:
     """Class ids int64 [H, W] of a colour-coded segmentation PNG (see :func:`colors_to_classes`)."""
     path = Path(path)
-    return colors_to_classes(_open_png_rgb(path), unknown_colors, ignore_index, source=str(path))
+    return colors_to_classes(read_rgb(path), unknown_colors, ignore_index, source=str(path))
 
 
 def read_depth_exr(path: str | Path) -> np.ndarray:
@@ -232,27 +154,10 @@ def write_depth_exr(path: str | Path, depth: np.ndarray) -> None:
         exr.write(str(path))
 
 
-def center_crop_box(width: int, height: int) -> tuple[int, int, int]:
-    """``(left, top, side)`` of the largest centred square: for 512 x 256, ``(128, 0, 256)``."""
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, side
-
-
-def crop_intrinsics(K: np.ndarray, left: int, top: int) -> np.ndarray:
-    """Intrinsics [3, 3] of the crop starting at pixel (left, top): the principal point moves."""
-    K = np.array(K, dtype=np.float64)
-    K[0, 2] -= left
-    K[1, 2] -= top
-    return K
-
-
 def depth_to_points(depth: np.ndarray, K: np.ndarray, num_points: int, rng: np.random.Generator) -> np.ndarray:
-    """Normalised point cloud float32 [num_points, 3] of a z-depth map [H, W].
-
-    Every pixel with a finite depth > 0 is back-projected through ``K`` [3, 3]; the cloud is centred on
-    its centroid (over all those pixels, before resampling) and divided by :data:`POINT_SCALE`, then
-    resampled to ``num_points`` with ``rng``. Raises ``ValueError`` when no pixel has a valid depth.
-    """
+    """Normalised point cloud float32 [num_points, 3] of a z-depth map [H, W]: every pixel with a finite depth > 0
+    back-projected through ``K`` [3, 3], centred on the centroid of them all, divided by POINT_SCALE, resampled with
+    ``rng``. ValueError when no pixel has a valid depth."""
     points = backproject(depth, K, mask=np.isfinite(depth))
     if len(points) == 0:
         raise ValueError("depth map has no finite depth > 0")
@@ -268,64 +173,30 @@ def _view_digits(directory: Path, prefix: str, suffix: str) -> set[str]:
 class Sim2RealDataset(torch.utils.data.Dataset):
     """Sim2Real views of whole scenes as RGB, segmentation mask and depth point cloud.
 
-    Args:
-        root: folder holding ``translation_random_views/``, ``segmentation_random_views/`` and
-            ``depth_random_views/`` (``input_random_views/`` is not needed).
-        split: ``"train"``, ``"val"`` or ``"test"``: the scenes of :data:`SPLITS`. Ignored when
-            ``scenes`` is given.
-        scenes: explicit scene numbers (e.g. ``[1, 2]``); overrides ``split``.
-        image_size: side S of the square RGB and mask.
-        num_points: points per cloud.
-        intrinsics: [3, 3] pinhole intrinsics of the full (uncropped) image; ``None`` means
-            :func:`default_intrinsics` of each image's size (90 degree horizontal field of view).
-        unknown_colors: ``"error"`` (default) or ``"ignore"``: what a segmentation colour that is not a
-            class becomes (see :func:`colors_to_classes`).
-        ignore_index: the mask value of ignored pixels; not a class id.
-        seed: the point resampling of view (scene, N) uses ``np.random.default_rng([seed, scene, N])``,
-            so a sample is the same every time it is read, in any worker.
-
-    Attributes: ``views``, the list of (scene, digits of N) in dataset order (scenes in the given order,
-    views by N); ``scenes``; ``split`` (None when ``scenes`` was given).
-
-    Each view is centre-cropped to a square (512 x 256 -> columns 128..383). A sample is a dict:
-
-    * ``"rgb"``: float32 [3, S, S] in [0, 1], the crop resized with Pillow's bilinear filter;
-    * ``"mask"``: int64 [S, S] class ids (or ``ignore_index``), the same crop resized nearest;
-    * ``"points"``: float32 [num_points, 3], the crop's depth (z-depth) back-projected with the crop's
-      intrinsics and normalised as in :func:`depth_to_points`;
-    * ``"scene"``: int scene number; ``"index"``: int view number N of the files.
-
-    Missing files raise ``FileNotFoundError`` naming the file (checked for the whole split when the
-    dataset is built); unreadable files raise ``ValueError`` naming the file when the view is read.
+    root: the folder holding ``translation_random_views/``, ``segmentation_random_views/`` and ``depth_random_views/``;
+    split: ``"train"``, ``"val"`` or ``"test"``, the scenes of SPLITS, unless ``scenes`` names them; image_size: side S
+    of the square RGB and mask; num_points: points per cloud; intrinsics: [3, 3] of the full image (None:
+    ``default_intrinsics`` of its size); unknown_colors: ``"error"`` or ``"ignore"`` (``colors_to_classes``);
+    ignore_index: the mask value of ignored pixels; seed: view (scene, N) resamples its points with
+    ``np.random.default_rng([seed, scene, N])``. ``views``: (scene, digits of N) in dataset order. A sample: "rgb"
+    float32 [3, S, S] in [0, 1], the square crop resized bilinearly; "mask" int64 [S, S] class ids (or ignore_index),
+    the same crop resized nearest; "points" float32 [num_points, 3], ``depth_to_points`` of the crop's depth with the
+    crop's intrinsics; "scene" and "index" (N), ints. A missing file is a FileNotFoundError (checked for every view when
+    the dataset is built), an unreadable one a ValueError, each naming the file.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str | None = "train",
-        scenes: Sequence[int] | None = None,
-        image_size: int = 256,
-        num_points: int = 1024,
-        intrinsics: np.ndarray | None = None,
-        unknown_colors: str = "error",
-        ignore_index: int = 255,
-        seed: int = 0,
-    ) -> None:
-        self.root = Path(root)
-        if scenes is None:
-            if split not in SPLITS:
-                raise ValueError(f"split must be one of {sorted(SPLITS)} (or pass scenes=...), got {split!r}")
-            scenes = SPLITS[split]
-            self.split = split
-        else:
-            self.split = None
-        self.scenes = tuple(int(s) for s in scenes)
+    def __init__(self, root: str | Path, split: str | None = "train", scenes: Sequence[int] | None = None,
+                 image_size: int = 256, num_points: int = 1024, intrinsics: np.ndarray | None = None,
+                 unknown_colors: str = "error", ignore_index: int = 255, seed: int = 0) -> None:
+        if scenes is None and split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)} (or pass scenes=...), got {split!r}")
+        self.root, self.split = Path(root), split if scenes is None else None
+        self.scenes = tuple(int(s) for s in (SPLITS[split] if scenes is None else scenes))
         if not self.scenes:
             raise ValueError("scenes must name at least one scene")
-        if not (isinstance(image_size, int) and image_size > 0):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        if not (isinstance(num_points, int) and num_points > 0):
-            raise ValueError(f"num_points must be a positive int, got {num_points!r}")
+        for name, value in (("image_size", image_size), ("num_points", num_points)):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if unknown_colors not in ("error", "ignore"):
             raise ValueError(f"unknown_colors must be 'error' or 'ignore', got {unknown_colors!r}")
         if 0 <= ignore_index < NUM_CLASSES:
@@ -334,15 +205,9 @@ class Sim2RealDataset(torch.utils.data.Dataset):
             intrinsics = np.asarray(intrinsics, dtype=np.float64)
             if intrinsics.shape != (3, 3):
                 raise ValueError(f"intrinsics must be [3, 3], got shape {list(intrinsics.shape)}")
-        self.image_size = image_size
-        self.num_points = num_points
-        self.intrinsics = intrinsics
-        self.unknown_colors = unknown_colors
-        self.ignore_index = ignore_index
-        self.seed = seed
-        self.views: list[tuple[int, str]] = [
-            (scene, digits) for scene in self.scenes for digits in self._scene_views(scene)
-        ]
+        self.image_size, self.num_points, self.intrinsics, self.seed = image_size, num_points, intrinsics, seed
+        self.unknown_colors, self.ignore_index = unknown_colors, ignore_index
+        self.views = [(scene, digits) for scene in self.scenes for digits in self._scene_views(scene)]
 
     def _scene_views(self, scene: int) -> list[str]:
         """The view digits of one scene, ordered by N; every sample modality must have every view."""
@@ -355,16 +220,14 @@ class Sim2RealDataset(torch.utils.data.Dataset):
             found[name] = _view_digits(directory, prefix, suffix)
         views = found["translation"]
         if not views:
-            raise FileNotFoundError(
-                f"no translation*.png views in {sample_paths(self.root, scene, 0)['translation'].parent}"
-            )
+            raise FileNotFoundError(f"no translation*.png views in "
+                                    f"{sample_paths(self.root, scene, 0)['translation'].parent}")
         for name in _SAMPLE_MODALITIES[1:]:
             missing = sorted(views - found[name], key=int)
             if missing:
                 first = sample_paths(self.root, scene, missing[0])[name]
-                raise FileNotFoundError(
-                    f"Sim2Real file missing: {first} ({len(missing)} {name} files of scene {scene} missing)"
-                )
+                raise FileNotFoundError(f"Sim2Real file missing: {first} ({len(missing)} {name} files of scene "
+                                        f"{scene} missing)")
         return sorted(views, key=int)
 
     def __len__(self) -> int:
@@ -373,18 +236,17 @@ class Sim2RealDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         scene, digits = self.views[i]
         paths = sample_paths(self.root, scene, digits)
-        rgb = _open_png_rgb(paths["translation"])
+        rgb = read_rgb(paths["translation"])
         classes = read_segmentation(paths["segmentation"], self.unknown_colors, self.ignore_index)
         depth = read_depth_exr(paths["depth"])
         height, width = rgb.shape[:2]
         for name, shape in (("segmentation", classes.shape), ("depth", depth.shape)):
             if shape != (height, width):
-                raise ValueError(
-                    f"{paths[name]}: size {shape[1]} x {shape[0]} differs from its RGB image "
-                    f"{paths['translation']} ({width} x {height})"
-                )
+                raise ValueError(f"{paths[name]}: size {shape[1]} x {shape[0]} differs from its RGB image "
+                                 f"{paths['translation']} ({width} x {height})")
 
-        left, top, side = center_crop_box(width, height)
+        side = min(width, height)  # the largest centred square: for 512 x 256, columns 128..383
+        left, top = (width - side) // 2, (height - side) // 2
         box = (left, top, left + side, top + side)
         size = (self.image_size, self.image_size)
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, box=box))
@@ -392,18 +254,13 @@ class Sim2RealDataset(torch.utils.data.Dataset):
         # grid as the bilinear RGB, also holds for any ignore_index.
         mask = np.asarray(Image.fromarray(classes.astype(np.int32)).resize(size, Image.Resampling.NEAREST, box=box))
 
-        K = self.intrinsics if self.intrinsics is not None else default_intrinsics(width, height)
+        K = np.array(self.intrinsics if self.intrinsics is not None else default_intrinsics(width, height))
+        K[:2, 2] -= (left, top)  # the crop's intrinsics: the principal point moves
         rng = np.random.default_rng([self.seed, scene, int(digits)])
         try:
-            points = depth_to_points(
-                depth[top : top + side, left : left + side], crop_intrinsics(K, left, top), self.num_points, rng
-            )
+            points = depth_to_points(depth[top:top + side, left:left + side], K, self.num_points, rng)
         except ValueError as error:
             raise ValueError(f"{paths['depth']}: {error}") from error
-        return {
-            "rgb": torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0),
-            "mask": torch.from_numpy(mask.astype(np.int64)),
-            "points": torch.from_numpy(points),
-            "scene": scene,
-            "index": int(digits),
-        }
+        return {"rgb": torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0),
+                "mask": torch.from_numpy(mask.astype(np.int64)), "points": torch.from_numpy(points), "scene": scene,
+                "index": int(digits)}

@@ -1,34 +1,20 @@
-"""Segmentation metrics from an accumulated confusion matrix: IoU, F1 and pixel accuracy.
-
-For class c, with TP/FP/FN counted over all evaluated pixels of the whole test set (not per image):
-
-    IoU_c = TP / (TP + FP + FN)          F1_c = 2 TP / (2 TP + FP + FN)
-
-The single IoU and F1 reported per setting (as in the paper's Tables 1 and 4) are **macro averages**:
-the unweighted mean over classes. A class absent from both the predictions and the ground truth
-(TP + FP + FN = 0) has no defined score: its per-class value is NaN and it is **excluded** from the macro
-mean. This is the convention of torchmetrics' ``MulticlassJaccardIndex`` / ``MulticlassF1Score`` with
-``average="macro"``. A class present in either but never correctly predicted scores 0 and counts.
-
-Pixels whose target equals ``ignore_index`` are dropped before counting (their predictions too).
-Pixel accuracy is the fraction of the remaining pixels predicted correctly.
+"""Segmentation metrics from a confusion matrix accumulated over every evaluated pixel of the test set (not per image):
+``IoU_c = TP / (TP + FP + FN)``, ``F1_c = 2 TP / (2 TP + FP + FN)``, and pixel accuracy. The single IoU and F1 (paper
+Tables 1 and 4) are macro averages over the classes present in the prediction or the ground truth: an absent class (TP +
+FP + FN = 0) is NaN and left out, as torchmetrics' ``average="macro"`` does; a present class never predicted right
+scores 0. Pixels whose target is ``ignore_index`` are dropped before counting.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["confusion_matrix", "scores_from_confusion", "SegmentationEvaluator"]
 
-
-def confusion_matrix(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255
-) -> torch.Tensor:
-    """Counts int64 [C, C]: entry (t, p) is the number of pixels of target class t predicted as p.
-
-    pred, target: integer tensors of the same shape (any, e.g. [B, H, W]). Target pixels equal to
-    ``ignore_index`` are skipped; any other value outside 0..C-1, in either tensor, is an error.
-    """
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None = 255) -> torch.Tensor:
+    """Counts int64 [C, C]: entry (t, p) is the number of pixels of target class t predicted as p. pred, target:
+    integer tensors of the same shape. Target pixels equal to ``ignore_index`` are skipped; any other value outside
+    0..C-1, in either tensor, is an error."""
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {list(pred.shape)} and {list(target.shape)}")
     if pred.dtype.is_floating_point or target.dtype.is_floating_point:
@@ -47,13 +33,10 @@ def confusion_matrix(
 
 
 def scores_from_confusion(confusion: torch.Tensor) -> dict:
-    """IoU, F1 and pixel accuracy of a confusion matrix [C, C] (rows: target, columns: prediction).
-
-    Returns a dict of Python numbers: ``"iou"`` and ``"f1"`` (macro means over the classes present in
-    prediction or target), ``"pixel_accuracy"``, ``"iou_per_class"`` and ``"f1_per_class"`` (lists of C
-    floats, NaN for absent classes), ``"support"`` (target pixels per class) and ``"pixels"`` (total).
-    Raises ``ValueError`` when the matrix counts no pixel.
-    """
+    """IoU, F1 and pixel accuracy of a confusion matrix [C, C] (rows: target, columns: prediction), as Python numbers:
+    ``"iou"`` and ``"f1"`` (macro means over the classes present), ``"pixel_accuracy"``, ``"iou_per_class"`` and
+    ``"f1_per_class"`` (C floats, NaN for absent classes), ``"support"`` (target pixels per class) and ``"pixels"``.
+    ValueError when the matrix counts no pixel."""
     confusion = confusion.detach().to("cpu", torch.float64)
     total = confusion.sum()
     if total == 0:
@@ -65,32 +48,22 @@ def scores_from_confusion(confusion: torch.Tensor) -> dict:
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     iou = torch.where(present, tp / (tp + fp + fn).clamp(min=1), nan)
     f1 = torch.where(present, 2 * tp / (2 * tp + fp + fn).clamp(min=1), nan)
-    return {
-        "iou": iou[present].mean().item(),
-        "f1": f1[present].mean().item(),
-        "pixel_accuracy": (tp.sum() / total).item(),
-        "iou_per_class": iou.tolist(),
-        "f1_per_class": f1.tolist(),
-        "support": [int(n) for n in confusion.sum(dim=1).tolist()],
-        "pixels": int(total.item()),
-    }
+    return {"iou": iou[present].mean().item(), "f1": f1[present].mean().item(),
+            "pixel_accuracy": (tp.sum() / total).item(), "iou_per_class": iou.tolist(), "f1_per_class": f1.tolist(),
+            "support": [int(n) for n in confusion.sum(dim=1).tolist()], "pixels": int(total.item())}
 
 
 class SegmentationEvaluator:
-    """Accumulates a confusion matrix over batches; ``compute()`` gives IoU/F1/accuracy (module docs).
-
-    ``confusion`` (int64 [C, C], on the device of the first batch) is a plain tensor: to evaluate across
-    data-parallel ranks, ``torch.distributed.all_reduce`` it before calling ``compute()``.
-    """
+    """Accumulates a confusion matrix over batches; ``compute()`` gives IoU/F1/accuracy (module docs). ``confusion``,
+    int64 [C, C] on the device of the first batch, can be ``torch.distributed.all_reduce``-d across ranks first."""
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
         if not (isinstance(num_classes, int) and num_classes >= 2):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
             raise ValueError(f"ignore_index must not be a class id (0..{num_classes - 1}), got {ignore_index}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.reset()
 
     def reset(self) -> None:
         """Forget everything accumulated."""
@@ -98,17 +71,12 @@ class SegmentationEvaluator:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch.
-
-        pred: per-class logits (or probabilities) float [B, C, H, W], reduced by argmax over dim 1; or
-        labels, integer [B, H, W]. target: integer [B, H, W] class ids or ``ignore_index``.
-        """
+        """Add one batch. pred: per-class logits (or probabilities) float [B, C, H, W], reduced by argmax over dim 1, or
+        labels, integer [B, H, W]; target: integer [B, H, W] class ids or ``ignore_index``."""
         if pred.dtype.is_floating_point:
             if pred.dim() != target.dim() + 1 or pred.shape[1] != self.num_classes:
-                raise ValueError(
-                    f"logits must be [B, {self.num_classes}, ...] matching target {list(target.shape)}, "
-                    f"got {list(pred.shape)}"
-                )
+                raise ValueError(f"logits must be [B, {self.num_classes}, ...] matching target {list(target.shape)}, "
+                                 f"got {list(pred.shape)}")
             pred = pred.argmax(dim=1)
         batch = confusion_matrix(pred, target.to(pred.device), self.num_classes, self.ignore_index)
         self.confusion = self.confusion.to(batch.device) + batch

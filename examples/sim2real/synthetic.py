@@ -1,40 +1,25 @@
 """Built-in synthetic Sim2Real data, written in exactly the on-disk format of the real dataset.
 
-The real dataset renders each scene, one fixed 3-D anatomy built from a liver mesh, from random camera
-poses. So does this generator: scene k is one fixed procedural laparoscopic anatomy, in world coordinates:
-abdominal wall and fat/stomach regions split by a smooth random level set, a large two-lobed liver in
-front of them, a small gallbladder at the liver's lower rim, and a narrow curved ligament band running from
-the liver towards the wall. Every pixel belongs to one of the five classes, as in the real data (which
-has no background colour). Each view (512 x 256) shows the scene from a random camera pose: a pan over
-it (mostly onto the liver, now and then far enough off that the liver leaves the view), a distance (a
-nearer camera sees the anatomy larger and nearer: weak perspective, the image scales by 215 / distance
-and the depth shifts with the distance), and a roll of up to 30 degrees about the optical axis. A view
-samples the world's fields at its pixels' world positions. The views of a scene therefore differ only
-by the pose, as in the real data, and a view's masks are a function of four pose parameters per scene:
-a family a small model can learn, which layouts drawn anew for every view (generator v1) were not.
+As the real dataset renders each scene, one fixed 3-D anatomy, from random camera poses, scene k here is one fixed
+procedural laparoscopic anatomy in world coordinates (abdominal wall and fat/stomach regions split by a smooth level
+set, a two-lobed liver, a gallbladder at its lower rim, a curved ligament band; every pixel one of the five classes) and
+each 512 x 256 view a random pose: a pan (mostly onto the liver), a distance (weak perspective: the image scales by 215
+/ distance) and a roll of up to 30 degrees. A view's masks are therefore a function of four pose parameters per scene
+(docs/surgical.md). It writes:
 
-* depth: a smooth tilted wall surface; fat bulges out of it continuously, the liver is a dome clearly in
-  front of the wall, the gallbladder in front of the liver, the ligament a thin sheet on top. Values are
-  z-depth in scene units, about 75..290 (rarely down to 45; over 99.6 % of every view below 300).
-* translation (the "realistic" image): per-class colours and textures (mottled liver, lobular fat,
-  striated wall, veined gallbladder, fibrous ligament) fixed to the tissue, varying per scene, with
-  colours that also vary per view, lit by a light at the camera (Lambert shading from the depth normals,
-  distance fall-off, vignetting, wet highlights).
-* input (the raw render): flat simulator colours per class with Lambert shading only, in 51 shades per
-  class (written as a palette PNG, which decodes to RGB like any other).
+* depth: z-depth in scene units, about 75..290: a tilted wall, fat bulging out of it, the liver a dome in
+  front, the gallbladder in front of the liver, the ligament a thin sheet on top;
+* translation (the "realistic" image): per-class textures fixed to the tissue, colours varying per scene
+  and view, lit by a light at the camera (Lambert shading, fall-off, vignetting, wet highlights);
+* input (the raw render): flat colours per class with Lambert shading, 51 shades each (a palette PNG).
 
-Scene k (anatomy and tissue appearance) is drawn from ``np.random.default_rng([seed, k])`` and view N of
-it (pose, colour jitter) from ``np.random.default_rng([seed, k, N])``, so a view does not depend on how
-many views are generated, and the same seed writes byte-identical files (with the same numpy, Pillow,
-zlib and OpenEXR versions).
+Scene k is drawn from ``np.random.default_rng([seed, k])``, its view N from ``[seed, k, N]``: a view does not depend on
+how many are generated, and a seed writes byte-identical files (same numpy, Pillow, zlib, OpenEXR).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -43,87 +28,53 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.parallel import ordered_map
-from sim2real.dataset import (
-    CLASS_COLORS,
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
-    NUM_CLASSES,
-    default_intrinsics,
-    sample_paths,
-    write_depth_exr,
-)
+from common.data import build_once, ordered_map
+from sim2real.dataset import (CLASS_COLORS, IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES, default_intrinsics, sample_paths,
+                              write_depth_exr)
 
-__all__ = ["GENERATOR_VERSION", "generate_sim2real", "ensure_builtin_sim2real"]
-
-GENERATOR_VERSION = 3
-"""Bumped whenever the generated images change, so cached data of an older generator is not reused."""
+GENERATOR_VERSION = 3  # bumped whenever the generated images change, so cached data of an older one is not reused
 
 H, W = IMAGE_HEIGHT, IMAGE_WIDTH
 _FOCAL = float(default_intrinsics(W, H)[0, 0])
 
 LIVER, FAT, WALL, GALLBLADDER, LIGAMENT = range(NUM_CLASSES)
 
-# Camera poses. World coordinates are in units of the image height at the reference distance (one unit
-# is _REFERENCE_DISTANCE scene units across, as f = H). The camera looks straight at the scene from a
-# distance drawn from _DISTANCE (to the wall's mean plane, along the optical axis), which scales the
-# image by _REFERENCE_DISTANCE / distance (weak perspective); it is rolled by up to _ROLL about the
-# optical axis and aimed at a point in a random direction from the scene centre, at an exponentially
-# distributed elliptical radius with semi-axes _PAN at its mean: mostly near the liver, now and then far
-# enough off that the liver leaves the view, as when a laparoscope looks around.
+# Camera poses, in world units of the image height at the reference distance (_REFERENCE_DISTANCE scene
+# units across, as f = H): a distance from _DISTANCE (to the wall's mean plane) scales the image by
+# _REFERENCE_DISTANCE / distance; a roll of up to _ROLL; an aim in a random direction from the scene
+# centre at an exponentially distributed elliptical radius with semi-axes _PAN at its mean (mostly on the
+# liver, now and then far enough off that it leaves the view, as when a laparoscope looks around).
 _REFERENCE_DISTANCE = 215.0
 _DISTANCE = (190.0, 235.0)
 _ROLL = np.pi / 6
 _PAN = (0.32, 0.24)
 
-# The texture maps are one tile of _TILE (rows, columns) pixels (a pixel per view pixel at the
-# reference distance) that repeats over the world, so that any pan finds texture. A view covers at most
-# 624 columns x 520 rows of it (its bounding box at the smallest zoom and any roll up to _ROLL), so no
-# view shows a texture twice.
+# The texture maps: one tile of _TILE (rows, columns) pixels (one per view pixel at the reference distance)
+# repeated over the world; a view covers at most 624 x 520 of it, so none shows a texture twice.
 _TILE = (560, 640)
 
-# Mean tissue colours (RGB in [0, 1]) of the translated images, and the colour direction along
-# which each class's texture varies. Chromaticity is the main cue, but lighting and per-view jitter make
+# Mean tissue colours (RGB in [0, 1]: liver dark red-brown, fat yellow, wall pink, gallbladder olive,
+# ligament off-white) and the colour direction of each class's texture; lighting and per-view jitter make
 # neighbouring classes (liver/wall, fat/ligament) overlap in brightness.
-_BASE_COLORS = np.array(
-    [
-        [0.50, 0.16, 0.12],  # liver: dark red-brown
-        [0.86, 0.68, 0.34],  # fat/stomach: yellow
-        [0.80, 0.46, 0.44],  # abdominal wall: pink
-        [0.42, 0.50, 0.26],  # gallbladder: olive green
-        [0.88, 0.80, 0.72],  # ligament: off-white
-    ],
-    dtype=np.float32,
-)
-_TEXTURE_COLORS = np.array(
-    [
-        [0.16, 0.06, 0.05],
-        [0.10, 0.12, 0.16],
-        [0.16, 0.10, 0.10],
-        [0.06, 0.10, 0.06],
-        [0.08, 0.08, 0.09],
-    ],
-    dtype=np.float32,
-)
+_BASE_COLORS = np.array([[0.50, 0.16, 0.12], [0.86, 0.68, 0.34], [0.80, 0.46, 0.44], [0.42, 0.50, 0.26],
+                         [0.88, 0.80, 0.72]], dtype=np.float32)
+_TEXTURE_COLORS = np.array([[0.16, 0.06, 0.05], [0.10, 0.12, 0.16], [0.16, 0.10, 0.10], [0.06, 0.10, 0.06],
+                            [0.08, 0.08, 0.09]], dtype=np.float32)
 _SPECULARITY = np.array([0.55, 0.25, 0.20, 0.80, 0.15], dtype=np.float32)
 # The raw simulator render: flat colours per class under Lambert shading, quantised to _RENDER_SHADES
 # levels per class so that the whole render fits one 256-colour palette.
-_RENDER_COLORS = np.array(
-    [[0.55, 0.20, 0.16], [0.90, 0.75, 0.40], [0.85, 0.55, 0.52], [0.45, 0.60, 0.30], [0.92, 0.88, 0.82]],
-    dtype=np.float32,
-)
+_RENDER_COLORS = np.array([[0.55, 0.20, 0.16], [0.90, 0.75, 0.40], [0.85, 0.55, 0.52], [0.45, 0.60, 0.30],
+                           [0.92, 0.88, 0.82]], dtype=np.float32)
 _RENDER_SHADES = 51
-_RENDER_PALETTE = (
-    _RENDER_COLORS[:, None, :] * (np.arange(_RENDER_SHADES, dtype=np.float32) / (_RENDER_SHADES - 1))[:, None] * 255.0
-    + 0.5
-).astype(np.uint8).reshape(-1, 3)
+_SHADES = np.arange(_RENDER_SHADES, dtype=np.float32) / (_RENDER_SHADES - 1)
+_RENDER_PALETTE = (_RENDER_COLORS[:, None, :] * _SHADES[:, None] * 255.0 + 0.5).astype(np.uint8).reshape(-1, 3)
 _CLASS_PALETTE = np.array(CLASS_COLORS, dtype=np.uint8)
 
 
 @lru_cache(maxsize=1)
 def _view_axes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x float64 [W], y float64 [H], vignetting float32 [H, W]: pixel coordinates in units of the image
-    height with the origin at the centre, and the endoscope light's radial fall-off ``1 - 0.35 r^2``."""
+    """x float64 [W], y float64 [H], vignetting float32 [H, W]: pixel coordinates in units of the image height with the
+    origin at the centre, and the endoscope light's radial fall-off ``1 - 0.35 r^2``."""
     x = (np.arange(W) - (W - 1) / 2) / H
     y = (np.arange(H) - (H - 1) / 2) / H
     vignetting = 1.0 - 0.35 * (x[None, :] ** 2 + y[:, None] ** 2)
@@ -136,13 +87,11 @@ def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
 
 
 def _smooth_field(rng: np.random.Generator, cell: tuple[int, int], out: np.ndarray) -> None:
-    """Writes a smooth random texture field into ``out`` float32 [_TILE[0] + 1, _TILE[1] + 1], which
-    repeats with period _TILE (its last row and column repeat the first): Gaussian noise on a periodic
-    grid of cells of ``cell`` (rows, columns) pixels, which divide _TILE, bicubically upsampled, so its
-    features are about that size."""
+    """Writes a smooth random texture field into ``out`` float32 [_TILE[0] + 1, _TILE[1] + 1], which repeats with period
+    _TILE (its last row and column repeat the first): Gaussian noise on a periodic grid of cells of ``cell`` (rows,
+    columns) pixels, which divide _TILE, bicubically upsampled, so its features are about that size."""
     cells = (_TILE[0] // cell[0], _TILE[1] // cell[1])
-    # The noise wrapped by 2 cells, the reach of bicubic interpolation, so that the upsampled tile (the
-    # box of the unwrapped noise) wraps around as well.
+    # Wrapped by 2 cells (bicubic interpolation's reach), so that the upsampled tile wraps around as well.
     coarse = Image.fromarray(np.pad(rng.standard_normal(cells, dtype=np.float32), 2, mode="wrap"))
     box = (2, 2, 2 + cells[1], 2 + cells[0])
     out[:-1, :-1] = np.asarray(coarse.resize((_TILE[1], _TILE[0]), Image.Resampling.BICUBIC, box=box))
@@ -156,19 +105,18 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 
 class _SceneStyle:
-    """The tissue appearance shared by all views of one scene: palette and texture maps fixed to the
-    world, so the texture moves with the tissue from view to view.
+    """The tissue appearance shared by all views of one scene: palette and texture maps fixed to the world, so the
+    texture moves with the tissue from view to view.
 
-    ``textures`` float32 [NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1]: each class's texture, then the
-    wetness of the surface (where highlights appear); tile pixel (row, column) shows the world points
-    ``((column + i _TILE[1]) / H, (row + j _TILE[0]) / H)`` for all integers i, j.
+    ``textures`` float32 [NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1]: each class's texture, then the wetness of the
+    surface (where highlights appear); tile pixel (row, column) shows the world points ``((column + i _TILE[1]) / H,
+    (row + j _TILE[0]) / H)`` for all integers i, j.
     """
 
     def __init__(self, rng: np.random.Generator) -> None:
         jitter = 1.0 + 0.10 * rng.standard_normal((NUM_CLASSES, 3), dtype=np.float32)
         self.colors = np.clip(_BASE_COLORS * jitter, 0.0, 1.0)
-        # One plane per channel: a view samples one channel per pixel, mostly of a few classes in large
-        # regions, so this reads far fewer cache lines than channel-last maps.
+        # A plane per map: a view samples one per pixel, far fewer cache lines than channel-last maps.
         self.textures = np.empty((NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1), dtype=np.float32)
         liver, fat, wall, gallbladder, ligament, wetness = self.textures
         detail = np.empty_like(liver)
@@ -198,12 +146,11 @@ class _SceneStyle:
 
 
 class _CameraPose:
-    """A view's camera: aimed at world point ``target``, ``distance`` scene units from the wall's mean
-    plane along the optical axis, rolled by ``roll`` radians about that axis.
+    """A view's camera: aimed at world point ``target``, ``distance`` scene units from the wall's mean plane along the
+    optical axis, rolled by ``roll`` radians about that axis.
 
-    View point (X, Y) (units of the image height, origin at the centre, as :func:`_view_axes`) shows the
-    world point ``target + matrix (X, Y)``, ``matrix = R(roll) / zoom`` with ``zoom =
-    _REFERENCE_DISTANCE / distance``.
+    View point (X, Y) (units of the image height, origin at the centre, as :func:`_view_axes`) shows the world point
+    ``target + matrix (X, Y)``, ``matrix = R(roll) / zoom`` with ``zoom = _REFERENCE_DISTANCE / distance``.
     """
 
     def __init__(self, target: tuple[float, float], roll: float, distance: float) -> None:
@@ -221,8 +168,8 @@ class _CameraPose:
         return cls(target, roll, _uniform(rng, *_DISTANCE))
 
     def affine(self, wx, wy, w0):
-        """The coefficients (of X, of Y, constant) of the world-affine function ``wx x + wy y + w0`` in
-        view coordinates; elementwise for arrays of equal shapes."""
+        """The coefficients (of X, of Y, constant) of the world-affine function ``wx x + wy y + w0`` in view
+        coordinates; elementwise for arrays of equal shapes."""
         (m00, m01), (m10, m11) = self.matrix
         return wx * m00 + wy * m10, wx * m01 + wy * m11, wx * self.target[0] + wy * self.target[1] + w0
 
@@ -233,8 +180,8 @@ class _CameraPose:
         return (alpha * x).astype(np.float32)[None, :] + (beta * y + gamma).astype(np.float32)[:, None]
 
     def ellipse_radius(self, center: tuple[float, float], radii: tuple[float, float], angle: float) -> np.ndarray:
-        """Normalised elliptic radius float32 [H, W] of every pixel's world point: 0 at the centre, 1 on
-        the ellipse (semi-axes ``radii``, the first rotated by ``angle`` from the world x axis)."""
+        """Normalised elliptic radius float32 [H, W] of every pixel's world point: 0 at the centre, 1 on the ellipse
+        (semi-axes ``radii``, the first rotated by ``angle`` from the world x axis)."""
         c, s = float(np.cos(angle)), float(np.sin(angle))
         a = self.plane(c / radii[0], s / radii[0], -(c * center[0] + s * center[1]) / radii[0])
         b = self.plane(-s / radii[1], c / radii[1], (s * center[0] - c * center[1]) / radii[1])
@@ -245,14 +192,14 @@ class _CameraPose:
 
 
 class _WaveField:
-    """A smooth random field on the plane, evaluated analytically at any world point p:
-    ``sum_k amplitude * cos(k_k . p + phase_k)`` over ``waves`` waves with Gaussian wave vectors of
-    standard deviation ``wavenumber`` per axis and uniform phases: a stationary, isotropic field of
-    standard deviation ``std`` with (for many waves) a Gaussian correlation.
+    """A smooth random field on the plane, evaluated analytically at any world point p: ``sum_k amplitude * cos(k_k . p
+    + phase_k)`` over ``waves`` waves with Gaussian wave vectors of standard deviation ``wavenumber`` per axis and
+    uniform phases: a stationary, isotropic field of standard deviation ``std`` with (for many waves) a Gaussian
+    correlation.
 
-    On a view the phase is affine in the pixel's (X, Y), so ``cos(a X + b Y + c)`` splits into products
-    of row and column terms and the field is one small matrix product (H x 2 waves x W), computed by
-    NumPy's own loops (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
+    On a view the phase is affine in the pixel's (X, Y), so ``cos(a X + b Y + c)`` splits into products of row and
+    column terms and the field is one small matrix product (H x 2 waves x W), computed by NumPy's own loops
+    (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
     """
 
     def __init__(self, rng: np.random.Generator, wavenumber: float, std: float, waves: int) -> None:
@@ -268,8 +215,7 @@ class _WaveField:
         """The field float32 [H, W] at every pixel's world point of the view ``pose``."""
         x, y, _ = _view_axes()
         alpha, beta, gamma = pose.affine(self.waves[:, 0], self.waves[:, 1], self.phases)  # each [waves]
-        # The phases in float64, their cosines in float32: ten times faster, and the phases (tens of
-        # radians) keep errors near 1e-5.
+        # The phases (tens of radians) in float64, their cosines in float32: ten times faster, errors near 1e-5.
         across = (alpha[:, None] * x + gamma[:, None]).astype(np.float32)  # [waves, W]
         down = (y[:, None] * beta).astype(np.float32)  # [H, waves]
         # cos(across + down) = cos(across) cos(down) - sin(across) sin(down)
@@ -280,20 +226,18 @@ class _WaveField:
 
 
 class _SceneAnatomy:
-    """The fixed 3-D anatomy of one scene, shared by all its views, in world coordinates (units of the
-    image height at the reference distance, origin at the scene centre).
+    """The fixed 3-D anatomy of one scene, shared by all its views, in world coordinates (units of the image height at
+    the reference distance, origin at the scene centre).
 
-    ``fat_level``, ``wall_bumps``, ``liver_wobble``: smooth fields; ``fat_ramp``, ``gallbladder_wobble``:
-    world-affine functions (wx, wy, w0); ``lobes`` (two) and ``gallbladder``: ellipses (centre, semi-axes,
-    angle); ``ligament_*``: the band's start, direction, length, bend and width. Depths (``wall_slope``:
-    scene units per world unit; ``wall_bumps``; ``gallbladder_anchor``: the liver's surface under the
-    gallbladder's centre) are relative: a view adds the camera's offset.
+    ``fat_level``, ``wall_bumps``, ``liver_wobble``: smooth fields; ``fat_ramp``, ``gallbladder_wobble``: world-affine
+    functions (wx, wy, w0); ``lobes`` (two) and ``gallbladder``: ellipses (centre, semi-axes, angle); ``ligament_*``:
+    the band's start, direction, length, bend and width. Depths (``wall_slope``: scene units per world unit;
+    ``wall_bumps``; ``gallbladder_anchor``: the liver's surface under the gallbladder's centre) are relative: a view
+    adds the camera's offset.
     """
 
     def __init__(self, rng: np.random.Generator) -> None:
-        # Smooth random fields with the standard deviation and feature size of the bicubic noise of the
-        # previous generator: the fat/wall level set, the wall's bumps (scene units), the wobble of the
-        # liver's rim. Fewer waves where the shapes they make are less visible.
+        # Smooth fields: the fat/wall level set, the wall's bumps (scene units), the wobble of the liver's rim.
         self.fat_level = _WaveField(rng, wavenumber=4.2, std=0.87, waves=10)
         self.wall_bumps = _WaveField(rng, wavenumber=2.5, std=10.4, waves=6)
         self.liver_wobble = _WaveField(rng, wavenumber=4.2, std=0.104, waves=6)
@@ -301,9 +245,8 @@ class _SceneAnatomy:
         # Abdominal wall with fat/stomach regions: the level set tilted by a ramp in a random direction.
         direction = _uniform(rng, 0.0, 2.0 * np.pi)
         self.fat_ramp = (1.2 * float(np.cos(direction)), 1.2 * float(np.sin(direction)), -_uniform(rng, -0.5, 0.3))
-        # The wall's slope: uniform in a disc of radius 40. The previous generator drew it per view,
-        # uniform in +-40 per axis; shared by all views of a scene, it stays off that square's corners, so
-        # that the far side of a zoomed-out view stays below depth 300.
+        # The wall's slope: uniform in a disc of radius 40, so that the far side of a zoomed-out view stays
+        # below depth 300.
         slope, direction = 40.0 * float(np.sqrt(rng.uniform())), _uniform(rng, 0.0, 2.0 * np.pi)
         self.wall_slope = (slope * float(np.cos(direction)), slope * float(np.sin(direction)))
 
@@ -321,10 +264,8 @@ class _SceneAnatomy:
         self.ligament_heading = (float(np.cos(heading)), float(np.sin(heading)))
         self.ligament_length = _uniform(rng, 0.45, 0.8)
         self.ligament_bend = (_uniform(rng, -0.12, 0.12), _uniform(rng, 4.0, 8.0))
-        # Its half-width in world units: the band is 18-31 pixels wide in a 512 x 256 view at the
-        # reference distance, 5-8 in the demo's 64 x 64 crops. Generator v2 drew half of that, a band
-        # 2-4 pixels wide at 64 x 64, which the demo's model hardly ever predicted (IoU at most 0.04,
-        # docs/surgical.md).
+        # Its half-width in world units: 18-31 pixels wide in a view at the reference distance, 5-8 in the
+        # demo's 64 x 64 crops (half of that, in generator v2, the demo's model hardly ever predicted).
         self.ligament_width = _uniform(rng, 0.036, 0.06)
 
         # The gallbladder: a blob hanging at the liver's lower rim, near the scene centre.
@@ -333,13 +274,12 @@ class _SceneAnatomy:
         gy = min(max(cy + 0.95 * ry * float(np.sin(phi)), -0.35), 0.38)
         radii = (_uniform(rng, 0.10, 0.15), _uniform(rng, 0.065, 0.10))
         self.gallbladder = ((gx, gy), radii, phi + _uniform(rng, -0.6, 0.6))
-        # The wobble of its rim (added to its elliptic radius): a smooth field like the liver's, but the
-        # blob is far smaller than the field's features, so the field's value and slope there suffice.
+        # The wobble of its rim: a smooth field like the liver's, of which its value and slope suffice (the
+        # blob is far smaller than the field's features).
         value = 0.07 * rng.standard_normal()
         slope_x, slope_y = (0.3 * rng.standard_normal(2)).tolist()
         self.gallbladder_wobble = (slope_x, slope_y, value - slope_x * gx - slope_y * gy)
-        # It lies on the liver: in front of the liver's surface at its centre (at the rim's depth where the
-        # centre is off the liver).
+        # It lies on the liver, in front of its surface at its centre (at the rim's depth off the liver).
         lobes = min(_ellipse_radius_at(gx, gy, *lobe) for lobe in self.lobes) + self.liver_wobble.at(gx, gy)
         wall = self.wall_slope[0] * gx + self.wall_slope[1] * gy + self.wall_bumps.at(gx, gy)
         self.gallbladder_anchor = float(wall - 40.0 - 50.0 * np.sqrt(max(1.0 - lobes, 0.0)))
@@ -353,9 +293,9 @@ def _ellipse_radius_at(x: float, y: float, center, radii, angle) -> float:
 
 
 def _tile_position(pose: _CameraPose) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where every pixel's world point lies on the texture tile: the flat index (row * (_TILE[1] + 1) +
-    column) of the tile pixel at or above-left of it, intp [H, W], and the fractions towards the next
-    column and the next row, float32 [H, W]."""
+    """Where every pixel's world point lies on the texture tile: the flat index (row * (_TILE[1] + 1) + column) of the
+    tile pixel at or above-left of it, intp [H, W], and the fractions towards the next column and the next row, float32
+    [H, W]."""
     across = pose.plane(float(H), 0.0, 0.0)
     down = pose.plane(0.0, float(H), 0.0)
     column, row = np.floor(across), np.floor(down)
@@ -370,8 +310,8 @@ def _tile_position(pose: _CameraPose) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _bilinear(maps: np.ndarray, index: np.ndarray, across: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """Bilinear samples float32 [H, W] of a texture plane, ``maps`` float32 flat from the plane's first
-    pixel, at flat ``index``, ``across``, ``down`` (as :func:`_tile_position`)."""
+    """Bilinear samples float32 [H, W] of a texture plane, ``maps`` float32 flat from the plane's first pixel, at flat
+    ``index``, ``across``, ``down`` (as :func:`_tile_position`)."""
     columns = _TILE[1] + 1
     # The neighbours as the same index into shifted views: no index arithmetic.
     top = maps.take(index)
@@ -385,9 +325,8 @@ def _bilinear(maps: np.ndarray, index: np.ndarray, across: np.ndarray, down: np.
 
 
 def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One view of a scene from a camera pose drawn from ``rng`` (first, then its colours):
-    ``translation`` uint8 [H, W, 3]; ``input`` uint8 [H, W], indices into _RENDER_PALETTE; ``classes``
-    uint8 [H, W]; ``depth`` float32 [H, W] (z-depth, scene units)."""
+    """One view from a camera pose drawn from ``rng`` (then its colours): ``translation`` uint8 [H, W, 3], ``input``
+    uint8 [H, W] (indices into _RENDER_PALETTE), ``classes`` uint8 [H, W], ``depth`` float32 [H, W] (z-depth)."""
     _, _, vignetting = _view_axes()
     pose = _CameraPose.draw(rng)
 
@@ -437,9 +376,8 @@ def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Gene
     light = lambert * np.clip(scale * (150.0 / _FOCAL), 0.4, 1.6)
     light *= vignetting
 
-    # The pixel's own class texture and the wetness, where its world point lies on the texture tile. The
-    # wetness only shapes the highlights, whose edges its tile pixel (no interpolation) places within a
-    # pixel, at a fifth of the cost of bilinear sampling.
+    # The pixel's class texture and wetness where its world point lies on the tile; the wetness only shapes the
+    # highlights, so its tile pixel (no interpolation) does, at a fifth of the cost of bilinear sampling.
     index, across, down = _tile_position(pose)
     maps, plane = style.textures.reshape(-1), (_TILE[0] + 1) * (_TILE[1] + 1)
     wetness = maps[NUM_CLASSES * plane :].take(index)
@@ -453,9 +391,8 @@ def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Gene
     shine *= shine
     shine *= wetness
     shine *= _SPECULARITY.take(class_index)
-    # rgb = (texture colour * texture + colour) * light * gain + shine, per class, in 0..255 (+ 0.5, so
-    # that the conversion rounds); one channel at a time, as contiguous [H, W] maps are several times
-    # faster to combine than [H, W, 3] ones.
+    # rgb = (texture colour * texture + colour) * light * gain + shine, per class, in 0..255 (+ 0.5: the conversion
+    # rounds); one channel at a time: contiguous [H, W] maps combine several times faster than [H, W, 3] ones.
     shine *= 255.0
     shine += 0.5
     light *= 255.0
@@ -469,15 +406,10 @@ def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Gene
         np.clip(value, 0.5, 255.5, out=value)
         rgb[..., channel] = value
     shade = (lambert * (_RENDER_SHADES - 1) + 0.5).astype(np.uint8)
-    # Depth in steps of 1/16 scene unit (far below anything the point clouds resolve): exact in float32
-    # and about six times smaller as a ZIP-compressed EXR than full-precision floats.
+    # Depth in steps of 1/16 scene unit (far below what the point clouds resolve): exact in float32, and a ZIP EXR
+    # six times smaller than of full-precision floats.
     depth = np.round(depth * 16.0) * (1.0 / 16.0)
-    return {
-        "translation": rgb,
-        "input": classes * np.uint8(_RENDER_SHADES) + shade,
-        "classes": classes,
-        "depth": depth,
-    }
+    return {"translation": rgb, "input": classes * np.uint8(_RENDER_SHADES) + shade, "classes": classes, "depth": depth}
 
 
 def _write_rgb_png(path: Path, rgb: np.ndarray) -> None:
@@ -486,21 +418,17 @@ def _write_rgb_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def _write_palette_png(path: Path, indices: np.ndarray, palette: np.ndarray) -> None:
-    """A palette PNG of indices uint8 [H, W] into palette uint8 [<= 256, 3]: it decodes to exactly
-    those RGB colours, and Pillow writes it several times faster than an RGB PNG (no filter search)."""
+    """A palette PNG of indices uint8 [H, W] into palette uint8 [<= 256, 3]: it decodes to exactly those RGB colours,
+    and Pillow writes it several times faster than an RGB PNG (no filter search)."""
     image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), np.ascontiguousarray(indices).tobytes())
     image.putpalette(palette.tobytes())
     image.save(path, format="PNG", compress_level=1)
 
 
-def generate_sim2real(
-    root: str | Path, scenes: int = 7, views_per_scene: int = 100, seed: int = 0, progress: bool = True
-) -> Path:
-    """Write ``scenes`` x ``views_per_scene`` synthetic views under ``root`` in the Sim2Real layout
-    (scenes ``1..scenes``, views ``0000..``; existing files of the same names are overwritten).
-
-    Returns ``root`` as a Path. Same arguments give byte-identical files.
-    """
+def generate_sim2real(root: str | Path, scenes: int = 7, views_per_scene: int = 100, seed: int = 0,
+                      progress: bool = True) -> Path:
+    """Write ``scenes`` x ``views_per_scene`` views (scenes ``1..``, views ``0000..``) under ``root`` in the Sim2Real
+    layout, overwriting files of the same names; returns ``root``. Same arguments give byte-identical files."""
     if not (isinstance(scenes, int) and scenes > 0):
         raise ValueError(f"scenes must be a positive int, got {scenes!r}")
     if not (isinstance(views_per_scene, int) and 0 < views_per_scene <= 10000):
@@ -536,38 +464,17 @@ def _write_view(job: tuple[Path, int, int, int]) -> None:
 
 
 def ensure_builtin_sim2real(cache_dir: str | Path, views_per_scene: int, seed: int = 0, progress: bool = True) -> Path:
-    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use.
-
+    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use (``data.build_once``).
     Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
-    ``sim2real_builtin_v3_7x100_seed0``; a different size or seed therefore generates anew, and an existing
-    folder is reused. Generation happens in a temporary folder that is renamed into place only when
-    complete, so an interrupted run leaves no half-written dataset; concurrent callers may both generate,
-    and the first rename wins.
-    """
+    ``sim2real_builtin_v3_7x100_seed0``, so a run sees exactly the views of its size (a random split permutes them all);
+    an existing folder is reused, and none is ever changed or deleted."""
     scenes = 7
-    cache_dir = Path(cache_dir)
-    final = cache_dir / f"sim2real_builtin_v{GENERATOR_VERSION}_{scenes}x{views_per_scene}_seed{seed}"
-    if final.is_dir():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
-    try:
+
+    def generate(staging: Path) -> None:
         generate_sim2real(staging, scenes, views_per_scene, seed, progress)
-        manifest = {
-            "generator_version": GENERATOR_VERSION,
-            "scenes": scenes,
-            "views_per_scene": views_per_scene,
-            "seed": seed,
-            "width": W,
-            "height": H,
-        }
+        manifest = {"generator_version": GENERATOR_VERSION, "scenes": scenes, "views_per_scene": views_per_scene,
+                    "seed": seed, "width": W, "height": H}
         (staging / "builtin_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return final
+
+    return build_once(Path(cache_dir) / f"sim2real_builtin_v{GENERATOR_VERSION}_{scenes}x{views_per_scene}_seed{seed}",
+                      generate)

@@ -1,5 +1,10 @@
-"""Batch norm over the global batch of all processes, on any device: ``torch.nn.SyncBatchNorm`` runs on
-CUDA only, and the CPU (gloo) data-parallel runs need the same to train as one process does."""
+"""Data parallelism that trains as one process does with the global batch (W processes of batch b: one
+of W * b), to float rounding: a collective autograd differentiates through, batch norm over the
+processes on any device, each sample's reparameterisation noise drawn as one process draws it, and
+``match_single_process``, which sets a model up with all of them (with
+``credibility.sync_feature_statistics``). The gradients are averaged as usual, by
+``DistributedDataParallel``.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gpoe_fusion.credibility import all_reduce_sum
+# The module, not its names: credibility imports this module's all_reduce_sum.
+from . import credibility
+from .objectives import CrossModalObjective
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["GlobalBatchNoise", "SyncBatchNorm", "all_reduce_sum", "convert_sync_batchnorm", "match_single_process"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of a group, differentiable: the gradient of every process's input is the
+    sum of the gradients of the sum's copies on every process (as torch.distributed.nn.functional.all_reduce,
+    which recent torch deprecates)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The sum of ``tensor`` over the processes of ``group`` (None: the default group), differentiable:
+    each process's input gets the sum of the gradients of every process's copy of the result (what
+    ``torch.distributed.nn.functional.all_reduce`` computes, which recent torch deprecates with a
+    warning at every call). Used for statistics over a data-parallel batch."""
+    return _AllReduceSum.apply(tensor, group)
 
 
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm1d/2d/3d over the concatenated batch of every process of ``process_group`` (None: the
-    default group). x: [B, C, *spatial] -> [B, C, *spatial].
+    default group), on any device (``torch.nn.SyncBatchNorm`` runs on CUDA only). x: [B, C, *spatial] ->
+    [B, C, *spatial].
 
     In training each process's per-channel element count, sum and sum of squares are summed over the
     processes with one differentiable all-reduce; the output is normalised with the global mean and
@@ -89,3 +122,42 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     for name, child in module.named_children():
         converted.add_module(name, convert_sync_batchnorm(child, process_group))
     return converted
+
+
+class GlobalBatchNoise:
+    """The objective's reparameterisation noise of one rank's rows of the global batch, as one process
+    draws it for the whole batch: called with shape [..., B, D] (B rows on each of W ranks), it draws
+    [..., W * B, D] with torch.randn and keeps rows rank, rank + W, ..., this rank's global batch
+    positions. Every rank must seed the global RNG alike."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+
+    def __call__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        *leading, batch, dim = shape
+        draws = torch.randn((*leading, batch * self.world_size, dim), dtype=dtype, device=device)
+        return draws[..., self.rank::self.world_size, :]
+
+
+def match_single_process(model: nn.Module, rank: int, world_size: int, device: torch.device | str = "cpu") -> nn.Module:
+    """With more than one process (``world_size`` > 1), make ``model`` train on process ``rank`` as one
+    process does with the global batch (process r holding rows r, r + W, ... of it, as
+    ``DistributedSampler`` splits a batch): its BatchNorm layers and gPoE's feature standardisation take
+    their statistics over the global batch (torch's ``nn.SyncBatchNorm`` on CUDA ``device``, with its
+    fused kernels; ``SyncBatchNorm`` above on other devices, where torch's does not run), and every
+    ``CrossModalObjective`` in it draws its noise with ``GlobalBatchNoise``. A single process's model
+    stays exactly as it is.
+
+    Changes ``model`` in place (its parameters stay the same tensors) and returns it, or its
+    replacement if it is itself a batch norm.
+    """
+    if world_size == 1:
+        return model
+    model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if torch.device(device).type == "cuda"
+             else convert_sync_batchnorm(model))
+    credibility.sync_feature_statistics(model)
+    for module in model.modules():
+        if isinstance(module, CrossModalObjective):
+            module.noise = GlobalBatchNoise(rank, world_size)
+    return model
