@@ -32,11 +32,19 @@ def table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     return ["|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|" for cells in [header, rule, *rows]]
 
 
+def cpu_floor(r: dict) -> str:
+    """Kernel time over the row's larger floor and which one it is; files before the memory floor
+    was measured have the exp floor only."""
+    memory = r.get("memory_floor_ms") or 0.0
+    bound = r.get("bound") or "exp"
+    return f"{r['ms']['kernel'] / max(r['exp_floor_ms'], memory):.2f} ({bound})"
+
+
 def op_table(rows: list[dict], device: str) -> list[str]:
     """The fused op's rows of one device, as in docs/kernels.md (GPU timings in us resolution)."""
     gpu = device == "cuda"
     ms, times = (".3f", ".2f") if gpu else (".1f", ".1f")
-    last = "% of copy" if gpu else "kernel / exp floor"
+    last = "% of copy" if gpu else "kernel / floor (bound)"
     header = ["dtype", "M", "B", "D", "pass", "kernel ms", "eager ms", "compile ms", "x eager", "x compile",
               "kernel GB/s", last]
     body = []
@@ -44,7 +52,7 @@ def op_table(rows: list[dict], device: str) -> list[str]:
         if gpu:
             share = "-" if r.get("fraction_of_copy") is None else f"{100 * r['fraction_of_copy']:.0f}%"
         else:
-            share = "-" if not r.get("exp_floor_ms") else f"{r['ms']['kernel'] / r['exp_floor_ms']:.2f}"
+            share = "-" if not r.get("exp_floor_ms") else cpu_floor(r)
         body.append([r["dtype"], str(r["m"]), str(r["batch"]), str(r["d"]), r["pass_name"],
                      *(format(r["ms"][method], ms) for method in ("kernel", "eager", "compile")),
                      *(format(r["speedup"][method], times) for method in ("eager", "compile")),

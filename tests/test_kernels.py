@@ -509,3 +509,52 @@ def test_cuda_torch_compile_fullgraph():
     compiled = torch.compile(lambda a, b, c: ops.fuse(a, b, c, mask, True), fullgraph=True)
     for got, want in zip(compiled(mu, logvar, logits), ops.fuse(mu, logvar, logits, mask, True)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+def test_outputs_larger_than_the_caches_equal_those_written_in_place(dtype):
+    """Calls whose outputs exceed 32 MiB stream them out through a tile buffer (non-temporal stores,
+    csrc/cpu/capability/fusion_kernel.cpp); the same rows in calls small enough to be written in place
+    give the same bits. Sizes: the forward's weights and the backward's gradients each over 32 MiB;
+    D no multiple of the vector width (16 float32, 8 float64 lanes on AVX512), so tiles end in a
+    partial vector and rows start off the cache-line grid."""
+    g = torch.Generator().manual_seed(0)
+    m, n, d = {torch.float32: (3, 16384, 200), torch.bfloat16: (3, 16384, 392), torch.float64: (3, 8192, 196)}[dtype]
+    assert m * n * d * dtype.itemsize > 32 << 20
+    mu, logvar, logits = (torch.randn(m, n, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
+    mask = torch.rand(m, n, generator=g) > 0.2
+    mask[0] = True
+    grads = [torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    big = torch.ops.gpoe_fusion.fuse_forward(mu, logvar, logits, mask, True, True)
+    big_grads = torch.ops.gpoe_fusion.fuse_backward(*grads, None, mu, logvar, logits, mask, True, [True, True, True])
+    step = 256  # rows per small call: well under the streaming size
+    for first in range(0, n, step):
+        rows = slice(first, first + step)
+        small = torch.ops.gpoe_fusion.fuse_forward(mu[:, rows], logvar[:, rows], logits[:, rows], mask[:, rows], True,
+                                                   True)
+        small_grads = torch.ops.gpoe_fusion.fuse_backward(grads[0][rows], grads[1][rows], None, mu[:, rows],
+                                                          logvar[:, rows], logits[:, rows], mask[:, rows], True,
+                                                          [True, True, True])
+        for got, want in zip(big[:2], small[:2]):
+            assert torch.equal(got[rows], want)
+        assert torch.equal(big[2][:, rows], small[2])
+        for got, want in zip(big_grads, small_grads):
+            assert torch.equal(got[:, rows], want)
+
+
+def test_mopoe_outputs_larger_than_the_caches_equal_those_written_in_place():
+    g = torch.Generator().manual_seed(1)
+    m, n, d = 4, 2048, 150  # 15 components: 2 x 15 x 2048 x 150 x 4 bytes = 37 MB of outputs
+    mu, logvar, logits = (torch.randn(m, n, d, generator=g) for _ in range(3))
+    grads = [torch.randn(2**m - 1, n, d, generator=g) for _ in range(2)]
+    big = torch.ops.gpoe_fusion.mopoe_forward(mu, logvar, logits, None, False)
+    big_grads = torch.ops.gpoe_fusion.mopoe_backward(*grads, mu, logvar, logits, None, False, [True, True, True])
+    rows = slice(1000, 1100)
+    small = torch.ops.gpoe_fusion.mopoe_forward(mu[:, rows], logvar[:, rows], logits[:, rows], None, False)
+    small_grads = torch.ops.gpoe_fusion.mopoe_backward(grads[0][:, rows], grads[1][:, rows], mu[:, rows],
+                                                       logvar[:, rows], logits[:, rows], None, False,
+                                                       [True, True, True])
+    for got, want in zip(big, small):
+        assert torch.equal(got[:, rows], want)
+    for got, want in zip(big_grads, small_grads):
+        assert torch.equal(got[:, rows], want)

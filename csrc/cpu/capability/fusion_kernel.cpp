@@ -5,10 +5,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -32,6 +35,10 @@ using Vec = at::vec::Vectorized<T>;
 template <class scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// Whether scalar_t is a 16-bit type, whose results are rounded to 8 or 11 bits.
+template <class scalar_t>
+inline constexpr bool kNarrowType = sizeof(scalar_t) == 2;
+
 // exp and log for float vectors, inlined (ATen's Vectorized<float>::exp()/log() are Sleef calls
 // which, on x86, spill every vector register around each use; inlined, the forward runs about
 // 1.4x faster here). Both are within ~1.5 ulp of the exact value on the arguments the fusion
@@ -40,16 +47,22 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // exp: x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two so k ln2 is exact), exp(r) by its
 // Taylor series to r^7 (truncation error < 6e-9, under half an ulp), times 2^k built in the
 // exponent bits. Results below 2^-126 flush to zero: every exp here is a term of a sum that
-// holds a 1 (the largest term), so a subnormal one is below the sum's resolution.
-inline Vec<float> exp_f32(const Vec<float>& x) {
+// holds a 1 (the largest term), so a subnormal one is below the sum's resolution. kNarrow: for
+// 16-bit inputs, whose outputs keep 8 or 11 bits, the series stops at r^5 (truncation < 2.5e-6,
+// a 200th of float16's half ulp), two multiply-adds fewer.
+template <bool kNarrow = false>
+GPOE_HD Vec<float> exp_f32(const Vec<float>& x) {
   using V = Vec<float>;
-  const V clamped = at::vec::maximum(x, V(-88.0f));  // keeps k >= -127 (2^-127 -> the bits of 0)
+  // clamp_min keeps a NaN x (one instruction; maximum() spends three on NaN either side).
+  const V clamped = at::vec::clamp_min(x, V(-88.0f));  // keeps k >= -127 (2^-127 -> the bits of 0)
   const V k = (clamped * V(1.44269504088896341f)).round();
   V r = at::vec::fmadd(k, V(-0.693145751953125f), clamped);
   r = at::vec::fmadd(k, V(-1.428606820309417232e-06f), r);
-  V p(1.0f / 5040.0f);
-  p = at::vec::fmadd(p, r, V(1.0f / 720.0f));
-  p = at::vec::fmadd(p, r, V(1.0f / 120.0f));
+  V p(kNarrow ? 1.0f / 120.0f : 1.0f / 5040.0f);
+  if constexpr (!kNarrow) {
+    p = at::vec::fmadd(p, r, V(1.0f / 720.0f));
+    p = at::vec::fmadd(p, r, V(1.0f / 120.0f));
+  }
   p = at::vec::fmadd(p, r, V(1.0f / 24.0f));
   p = at::vec::fmadd(p, r, V(1.0f / 6.0f));
   p = at::vec::fmadd(p, r, V(0.5f));
@@ -60,9 +73,11 @@ inline Vec<float> exp_f32(const Vec<float>& x) {
 }
 
 // log: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(z), z = (m - 1) / (m + 1),
-// |z| <= 0.172, by its series to z^9 (truncation < 1e-9 relative); log x = e ln2 + log m.
-// Subnormal x are scaled by 2^23 first; log(0) = -inf, log(inf) = inf, log(x < 0) = NaN.
-inline Vec<float> log_f32(const Vec<float>& x) {
+// |z| <= 0.172, by its series to z^9 (truncation < 1e-9 relative; kNarrow: to z^5, < 4e-6);
+// log x = e ln2 + log m. Subnormal x are scaled by 2^23 first; log(0) = -inf, log(inf) = inf,
+// log(x < 0) = NaN.
+template <bool kNarrow = false>
+GPOE_HD Vec<float> log_f32(const Vec<float>& x) {
   using V = Vec<float>;
   using I = Vec<int32_t>;
   const V subnormal = x < V(1.17549435e-38f);
@@ -76,9 +91,11 @@ inline Vec<float> log_f32(const Vec<float>& x) {
   e = V::blendv(e, e + V(1.0f), big);
   const V z = (m - V(1.0f)) / (m + V(1.0f));
   const V z2 = z * z;
-  V p(1.0f / 9.0f);
-  p = at::vec::fmadd(p, z2, V(1.0f / 7.0f));
-  p = at::vec::fmadd(p, z2, V(1.0f / 5.0f));
+  V p(kNarrow ? 1.0f / 5.0f : 1.0f / 9.0f);
+  if constexpr (!kNarrow) {
+    p = at::vec::fmadd(p, z2, V(1.0f / 7.0f));
+    p = at::vec::fmadd(p, z2, V(1.0f / 5.0f));
+  }
   p = at::vec::fmadd(p, z2, V(1.0f / 3.0f));
   p = at::vec::fmadd(p, z2, V(1.0f));
   const V log_m = (z + z) * p;
@@ -88,52 +105,80 @@ inline Vec<float> log_f32(const Vec<float>& x) {
   return V::blendv(result, V(std::numeric_limits<float>::quiet_NaN()), (x < V(0.0f)) | x.isnan());
 }
 
-template <class T>
+// The math's operations on vectors of T (fusion_math.h); kNarrow: for 16-bit inputs (see exp_f32).
+template <class T, bool kNarrow = false>
 struct VecOps;
 
-template <>
-struct VecOps<float> {
+template <bool kNarrow>
+struct VecOps<float, kNarrow> {
   using V = Vec<float>;
-  static V zero() { return V(0.0f); }
-  static V one() { return V(1.0f); }
-  static V neg_inf() { return V(-std::numeric_limits<float>::infinity()); }
-  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
-  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  static V exp(const V& x) { return exp_f32(x); }
-  static V log(const V& x) { return log_f32(x); }
+  GPOE_HD static V zero() { return V(0.0f); }
+  GPOE_HD static V one() { return V(1.0f); }
+  GPOE_HD static V neg_inf() { return V(-std::numeric_limits<float>::infinity()); }
+  GPOE_HD static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  GPOE_HD static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  GPOE_HD static V exp(const V& x) { return exp_f32<kNarrow>(x); }
+  GPOE_HD static V log(const V& x) { return log_f32<kNarrow>(x); }
 };
 
-template <>
-struct VecOps<double> {
+template <bool kNarrow>
+struct VecOps<double, kNarrow> {
   using V = Vec<double>;
-  static V zero() { return V(0.0); }
-  static V one() { return V(1.0); }
-  static V neg_inf() { return V(-std::numeric_limits<double>::infinity()); }
-  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
-  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  static V exp(const V& x) { return x.exp(); }
-  static V log(const V& x) { return x.log(); }
+  GPOE_HD static V zero() { return V(0.0); }
+  GPOE_HD static V one() { return V(1.0); }
+  GPOE_HD static V neg_inf() { return V(-std::numeric_limits<double>::infinity()); }
+  GPOE_HD static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  GPOE_HD static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  GPOE_HD static V exp(const V& x) { return x.exp(); }
+  GPOE_HD static V log(const V& x) { return x.log(); }
 };
 
 // `count` (<= the vector width) consecutive elements from p (or, `broadcast`, the one element at
-// p repeated), as a vector of acc_t; lanes past `count` are zero.
+// p repeated), as a vector of acc_t; lanes past `count` are zero. 16-bit values are widened with
+// ATen's vector conversion (a shift for bfloat16, F16C for float16), a whole vector at a time.
 template <class scalar_t, class acc_t = acc_type<scalar_t>>
-inline Vec<acc_t> load_vec(const scalar_t* p, bool broadcast, int64_t count) {
+GPOE_HD Vec<acc_t> load_vec(const scalar_t* p, bool broadcast, int64_t count) {
   using V = Vec<acc_t>;
   if (broadcast) return V(static_cast<acc_t>(*p));
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return V::loadu(p, count);
   } else {
-    acc_t buffer[V::size()] = {};
-    for (int64_t j = 0; j < count; ++j) buffer[j] = static_cast<acc_t>(p[j]);
-    return V::loadu(buffer);
+    V out;
+    if (count == V::size()) {
+      at::vec::load_to_float(p, out);
+    } else {
+      scalar_t buffer[V::size()] = {};
+      std::copy(p, p + count, buffer);
+      at::vec::load_to_float(buffer, out);
+    }
+    return out;
   }
 }
 
+// A whole vector of float rounded to the 16-bit type (to nearest even, as c10's conversions) and
+// stored at p.
+template <class scalar_t>
+GPOE_HD void store_narrowed(scalar_t* p, const Vec<float>& v) {
+  constexpr bool kBFloat16 = std::is_same_v<scalar_t, c10::BFloat16>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i bits = kBFloat16 ? at::vec::cvtfp32_bf16(v) : at::vec::cvtfp32_fp16(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128i bits = kBFloat16 ? at::vec::cvtfp32_bf16(v) : at::vec::cvtfp32_fp16(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits);
+#else
+  float lanes[Vec<float>::size()];
+  v.store(lanes);
+  for (int j = 0; j < Vec<float>::size(); ++j) p[j] = static_cast<scalar_t>(lanes[j]);
+#endif
+}
+
 template <class scalar_t, class acc_t>
-inline void store_vec(scalar_t* p, const Vec<acc_t>& v, int64_t count) {
+GPOE_HD void store_vec(scalar_t* p, const Vec<acc_t>& v, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p, count);
+  } else if (count == Vec<acc_t>::size()) {
+    store_narrowed(p, v);
   } else {
     acc_t buffer[Vec<acc_t>::size()];
     v.store(buffer);
@@ -141,15 +186,127 @@ inline void store_vec(scalar_t* p, const Vec<acc_t>& v, int64_t count) {
   }
 }
 
+// ---- Memory traffic --------------------------------------------------------------------------------
+//
+// The kernels read M experts' operands and write M experts' outputs at once, each a stream of its
+// own: 3M + 2 streams in the forward, 6M + 2 in the backward, 2^(M+1) - 2 outputs in MoPoE's
+// forward. Two measures keep large calls at the memory's speed (docs/kernels.md, "CPU"):
+//
+// - Outputs larger than the caches (OutputRows) are written a tile of a row at a time into a buffer
+//   that stays in the L1 cache, and each finished tile is streamed out of it with non-temporal
+//   stores, whole cache lines one slice after the other: no line of the output is read before it is
+//   overwritten (a third of a backward's traffic) and the stores wait on no read. Written in
+//   place, the loads of every output line compete with the inputs' (and with 16-bit outputs, half
+//   lines streamed out directly would leave the write-combining buffers partly filled).
+// - Beyond the 32 streams the L2 hardware prefetcher follows (Intel's optimisation manual), each
+//   load also asks for the same positions of the next row. Below it, that only costs time.
+
+// Bytes written per call above which the outputs are streamed past the caches.
+constexpr int64_t kStreamingBytes = int64_t{32} << 20;
+// The bytes of OutputRows' buffer (two thirds of a 48 KiB L1 data cache).
+constexpr int64_t kTileBytes = int64_t{32} << 10;
+// Input streams beyond which the loads prefetch the next row.
+constexpr int64_t kPrefetcherStreams = 32;
+
+// n bytes from src to dst, the whole cache lines of dst with non-temporal stores.
+inline void stream_copy(void* dst, const void* src, int64_t n) {
+  auto* to = static_cast<char*>(dst);
+  const auto* from = static_cast<const char*>(src);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(to) % 64) % 64);
+  std::memcpy(to, from, head);
+  to += head, from += head, n -= head;
+  for (; n >= 64; to += 64, from += 64, n -= 64) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(to), _mm512_loadu_si512(from));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(to), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(to + 32),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + 32)));
+#endif
+  }
+#endif
+  std::memcpy(to, from, n);
+}
+
+// The per-element outputs of one chunk of rows: `targets`, each [K = slices, N, D] (nullptr: not
+// wanted). Small calls write them in place; large ones (see "Memory traffic") into a buffer of one
+// tile of a row, [targets, slices, tile], whose every slice is streamed out once the tile is
+// written (`written`). A tile is as many dimensions as fit kTileBytes, at least a cache line.
+template <class scalar_t>
+class OutputRows {
+ public:
+  OutputRows(const FuseArgs& a, std::initializer_list<void*> targets, int64_t slices)
+      : a_(a), targets_(targets), slices_(slices), tile_(a.d) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    int64_t wanted = 0;
+    for (void* t : targets_) wanted += t != nullptr;
+    constexpr int64_t kElement = sizeof(scalar_t), kWidth = Vec<acc_type<scalar_t>>::size();
+    if (wanted * slices * a.n * a.d * kElement > kStreamingBytes) {
+      const int64_t fit = kTileBytes / (wanted * slices * kElement) / kWidth * kWidth;
+      tile_ = std::min(a.d, std::max({fit, kWidth, (64 / kElement + kWidth - 1) / kWidth * kWidth}));
+      buffer_.resize(static_cast<size_t>(static_cast<int64_t>(targets_.size()) * slices * tile_));
+    }
+#endif
+  }
+  OutputRows(const OutputRows&) = delete;
+  OutputRows& operator=(const OutputRows&) = delete;
+  // Streaming stores are weakly ordered: make them visible before the chunk counts as done.
+  ~OutputRows() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (!buffer_.empty()) _mm_sfence();
+#endif
+  }
+
+  bool wanted(int k) const { return targets_[k] != nullptr; }
+  // Where output k's [slice i, row n, dimensions from d0] go (only where wanted(k)); a vector at d0
+  // never crosses a tile (tiles are whole vectors), and the vectors of a row come in order.
+  scalar_t* at(int k, int64_t i, int64_t n, int64_t d0) {
+    if (buffer_.empty()) return static_cast<scalar_t*>(targets_[k]) + a_.out_index(i, n, d0);
+    return buffer_.data() + dense_index(k, i, d0 - tile_begin_, slices_, tile_);
+  }
+  // Row n's outputs up to dimension d_end are written: stream out a tile they complete.
+  void written(int64_t n, int64_t d_end) {
+    if (buffer_.empty() || (d_end - tile_begin_ < tile_ && d_end != a_.d)) return;
+    const int64_t begin = tile_begin_;
+    const int64_t bytes = (d_end - begin) * static_cast<int64_t>(sizeof(scalar_t));
+    tile_begin_ = d_end == a_.d ? 0 : d_end;
+    for (int k = 0; k < static_cast<int>(targets_.size()); ++k) {
+      if (!wanted(k)) continue;
+      for (int64_t i = 0; i < slices_; ++i) {
+        stream_copy(static_cast<scalar_t*>(targets_[k]) + a_.out_index(i, n, begin),
+                    buffer_.data() + dense_index(k, i, 0, slices_, tile_), bytes);
+      }
+    }
+  }
+
+ private:
+  const FuseArgs& a_;
+  std::vector<void*> targets_;
+  int64_t slices_;
+  int64_t tile_;
+  int64_t tile_begin_ = 0;  // the first dimension of the tile in the buffer
+  std::vector<scalar_t> buffer_;  // [targets, slices, tile] when streaming
+};
+
+// Whether a call whose inputs are `per_element_inputs` [M, N, D] operands and `rows` [N, D] ones
+// reads more streams than the hardware prefetcher follows.
+inline bool many_streams(const FuseArgs& a, int64_t per_element_inputs, int64_t rows = 0) {
+  return rows + per_element_inputs * a.m > kPrefetcherStreams;
+}
+
+// Asks for the cache line at p now: see "Memory traffic" above.
+GPOE_HD void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
 // The vector of positions [n, d0, d0 + count) of slice i of operand o, as a vector of acc_t.
 template <class scalar_t, class acc_t = acc_type<scalar_t>>
-inline Vec<acc_t> load_operand(const Operand& o, int64_t i, int64_t n, int64_t d0, int64_t count) {
+GPOE_HD Vec<acc_t> load_operand(const Operand& o, int64_t i, int64_t n, int64_t d0, int64_t count) {
   return load_vec<scalar_t, acc_t>(o.at<scalar_t>(i, n, d0), o.broadcast_d(), count);
 }
 
 // The same, or zeros for an absent operand (an incoming gradient that is zero).
 template <class scalar_t, class acc_t = acc_type<scalar_t>>
-inline Vec<acc_t> load_operand_or_zero(const Operand& o, int64_t i, int64_t n, int64_t d0, int64_t count) {
+GPOE_HD Vec<acc_t> load_operand_or_zero(const Operand& o, int64_t i, int64_t n, int64_t d0, int64_t count) {
   return o.present() ? load_operand<scalar_t, acc_t>(o, i, n, d0, count) : Vec<acc_t>(acc_t(0));
 }
 
@@ -193,11 +350,16 @@ struct Experts {
   Slots<V, kM> mu_, logvar_, logit_, weight_grad_, w_, gs_, alpha_;
 };
 
-// Pointers into one row n of the inputs, and the loads of one vector of it.
+// One row n of the inputs (and with kWeightGrad the weights' incoming gradient), and the loads of
+// one vector of it; with `ahead` (the call reads many streams, and row n + 1 is the chunk's), each
+// load also asks for the same positions of row n + 1.
 template <class scalar_t>
 struct RowInputs {
-  const FuseArgs& a;
-  int64_t n = 0;
+  RowInputs(const FuseArgs& a, int64_t n, bool ahead, const Operand& grad_weights = Operand{})
+      : a(a), n(n), ahead(ahead), mu(a.mu.row<scalar_t>(n)), logvar(a.logvar.row<scalar_t>(n)),
+        logits(a.logits.row<scalar_t>(n)), weight_grad(grad_weights.row<scalar_t>(n)),
+        next{a.mu.row<scalar_t>(n + ahead), a.logvar.row<scalar_t>(n + ahead), a.logits.row<scalar_t>(n + ahead),
+             grad_weights.row<scalar_t>(n + ahead)} {}
 
   template <class E>
   void load_presence(E& e) const {
@@ -208,26 +370,37 @@ struct RowInputs {
 
   // The inputs of one vector of positions; with kWeightGrad also the weights' incoming gradient.
   template <bool kLogits, bool kWeightGrad = false, class E>
-  void load(E& e, int64_t d0, int64_t count, const Operand* grad_weights = nullptr) const {
+  void load(E& e, int64_t d0, int64_t count) const {
     for (int i = 0; i < e.count(); ++i) {
       // Masked experts are not read: they may hold anything, NaN included.
       if (!e.present(i)) continue;
-      e.mu_[i] = load_operand<scalar_t>(a.mu, i, n, d0, count);
-      e.logvar_[i] = load_operand<scalar_t>(a.logvar, i, n, d0, count);
-      if constexpr (kLogits) e.logit_[i] = load_operand<scalar_t>(a.logits, i, n, d0, count);
-      if constexpr (kWeightGrad) e.weight_grad_[i] = load_operand<scalar_t>(*grad_weights, i, n, d0, count);
+      e.mu_[i] = load_vec(mu.at(i, d0), false, count);
+      e.logvar_[i] = load_vec(logvar.at(i, d0), false, count);
+      if constexpr (kLogits) e.logit_[i] = load_vec(logits.at(i, d0), logits.broadcast_d(), count);
+      if constexpr (kWeightGrad) e.weight_grad_[i] = load_vec(weight_grad.at(i, d0), false, count);
+      if (ahead) {
+        prefetch(next[0].at(i, d0));
+        prefetch(next[1].at(i, d0));
+        if constexpr (kLogits) prefetch(next[2].at(i, d0));
+        if constexpr (kWeightGrad) prefetch(next[3].at(i, d0));
+      }
     }
   }
+
+  const FuseArgs& a;
+  int64_t n;
+  bool ahead;
+  OperandRow<scalar_t> mu, logvar, logits, weight_grad;
+  OperandRow<scalar_t> next[4];  // the same of row n + 1, with `ahead`
 };
 
 // Stores the experts' weights of one vector of positions [n, d0, d0 + count) into the [M, N, D] output.
 template <class scalar_t>
 struct WeightStore {
   using V = Vec<acc_type<scalar_t>>;
-  const FuseArgs& a;
-  scalar_t* weights;
+  OutputRows<scalar_t>& out;
   int64_t n = 0, d0 = 0, count = 0;
-  void weight(int i, const V& v) { store_vec(weights + a.out_index(i, n, d0), v, count); }
+  void weight(int i, const V& v) { store_vec(out.at(0, i, n, d0), v, count); }
 };
 
 template <class scalar_t, int kM, bool kLogits, bool kWeights>
@@ -238,10 +411,12 @@ void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, i
   Experts<V, kM> e(static_cast<int>(a.m));
   auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
   auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
-  WeightStore<scalar_t> weights{a, static_cast<scalar_t*>(out.weights)};
+  OutputRows<scalar_t> weight_rows(a, {out.weights}, a.m);
+  WeightStore<scalar_t> weights{weight_rows};
+  const bool many = many_streams(a, 2 + kLogits);
   NoWeights none;
   for (int64_t n = row_begin; n < row_end; ++n) {
-    const RowInputs<scalar_t> row{a, n};
+    const RowInputs<scalar_t> row(a, n, many && n + 1 < row_end);
     row.load_presence(e);
     for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
       const int64_t count = std::min(kWidth, a.d - d0);
@@ -251,12 +426,13 @@ void forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_begin, i
         weights.n = n;
         weights.d0 = d0;
         weights.count = count;
-        forward_point<VecOps<acc_t>, kLogits, true>(e, a.prior, mu, logvar, weights);
+        forward_point<VecOps<acc_t, kNarrowType<scalar_t>>, kLogits, true>(e, a.prior, mu, logvar, weights);
       } else {
-        forward_point<VecOps<acc_t>, kLogits, false>(e, a.prior, mu, logvar, none);
+        forward_point<VecOps<acc_t, kNarrowType<scalar_t>>, kLogits, false>(e, a.prior, mu, logvar, none);
       }
       store_vec(joint_mu + a.out_index(0, n, d0), mu, count);
       store_vec(joint_logvar + a.out_index(0, n, d0), logvar, count);
+      weight_rows.written(n, d0 + count);
     }
   }
 }
@@ -274,19 +450,20 @@ struct GradSink {
   int64_t count = 0;
   // kDims: this row's sums; kAll: this chunk's sums (one vector per expert).
   Slots<V, kM>& sums;
+  // The per-element gradients: grad_mu, grad_logvar and, for [M, N, D] logits, grad_logits.
+  OutputRows<scalar_t>& out;
 
-  int64_t offset(int i) const { return a.out_index(i, n, d0); }
-  void mu(int i, const V& v) {
-    if (g.grad_mu != nullptr) store_vec(static_cast<scalar_t*>(g.grad_mu) + offset(i), v, count);
+  // Expert i's gradient into per-element output k.
+  void put(int k, int i, const V& v) {
+    if (out.wanted(k)) store_vec(out.at(k, i, n, d0), v, count);
   }
-  void logvar(int i, const V& v) {
-    if (g.grad_logvar != nullptr) store_vec(static_cast<scalar_t*>(g.grad_logvar) + offset(i), v, count);
-  }
+  void mu(int i, const V& v) { put(0, i, v); }
+  void logvar(int i, const V& v) { put(1, i, v); }
   void logit(int i, const V& v) {
     if (g.grad_logits == nullptr) return;
     switch (a.logit_reduce) {
       case LogitReduce::kNone:
-        store_vec(static_cast<scalar_t*>(g.grad_logits) + offset(i), v, count);
+        put(2, i, v);
         break;
       case LogitReduce::kRows: {
         acc_t* p = static_cast<acc_t*>(g.grad_logits) + dense_index(chunk, i, d0, a.m, a.d);
@@ -320,19 +497,23 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
   Experts<V, kM> e(m);
   Slots<V, kM> sums(m);
   for (int i = 0; i < m; ++i) sums[i] = V(acc_t(0));
-  GradSink<scalar_t, kM> sink{a, g, chunk, 0, 0, 0, sums};
+  OutputRows<scalar_t> grad_rows(a, {g.grad_mu, g.grad_logvar,
+                                      a.logit_reduce == LogitReduce::kNone ? g.grad_logits : nullptr}, a.m);
+  GradSink<scalar_t, kM> sink{a, g, chunk, 0, 0, 0, sums, grad_rows};
+  const bool many = many_streams(a, 2 + kLogits + kWeightGrad, 2);
   for (int64_t n = row_begin; n < row_end; ++n) {
-    const RowInputs<scalar_t> row{a, n};
+    const RowInputs<scalar_t> row(a, n, many && n + 1 < row_end, g.grad_weights);
     row.load_presence(e);
     sink.n = n;
     for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
       const int64_t count = std::min(kWidth, a.d - d0);
-      row.template load<kLogits, kWeightGrad>(e, d0, count, &g.grad_weights);
+      row.template load<kLogits, kWeightGrad>(e, d0, count);
       const V g_mu = load_operand_or_zero<scalar_t>(g.grad_joint_mu, 0, n, d0, count);
       const V g_logvar = load_operand_or_zero<scalar_t>(g.grad_joint_logvar, 0, n, d0, count);
       sink.d0 = d0;
       sink.count = count;
-      backward_point<VecOps<acc_t>, kLogits, kWeightGrad>(e, a.prior, g_mu, g_logvar, sink);
+      backward_point<VecOps<acc_t, kNarrowType<scalar_t>>, kLogits, kWeightGrad>(e, a.prior, g_mu, g_logvar, sink);
+      grad_rows.written(n, d0 + count);
     }
     if (kLogits && g.grad_logits != nullptr && a.logit_reduce == LogitReduce::kDims) {
       for (int i = 0; i < m; ++i) {
@@ -343,7 +524,7 @@ void backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t chunk, int6
   }
   if (kLogits && g.grad_logits != nullptr && a.logit_reduce == LogitReduce::kAll) {
     for (int i = 0; i < m; ++i) {
-      static_cast<acc_t*>(g.grad_logits)[dense_index(0, chunk, i, 0, a.m)] = horizontal_sum(sums[i]);
+      static_cast<acc_t*>(g.grad_logits)[dense_index(0, chunk, i, 0, a.m)] += horizontal_sum(sums[i]);
     }
   }
 }
@@ -359,18 +540,19 @@ uint32_t presence_bits(const E& e) {
 }
 
 // Walks rows [row_begin, row_end) a vector of positions at a time with the row's present experts
-// loaded into e: f(n, d0, count, present_bits) for every vector.
+// loaded into e: f(n, d0, count, present_bits, ahead) for every vector; `many`: the call reads
+// many streams (the experts' loads prefetch, and f is told when row n + 1 follows).
 template <class scalar_t, bool kLogits, class E, class F>
-void for_each_vector(const FuseArgs& a, E& e, int64_t row_begin, int64_t row_end, const F& f) {
+void for_each_vector(const FuseArgs& a, E& e, int64_t row_begin, int64_t row_end, bool many, const F& f) {
   constexpr int64_t kWidth = Vec<acc_type<scalar_t>>::size();
   for (int64_t n = row_begin; n < row_end; ++n) {
-    const RowInputs<scalar_t> row{a, n};
+    const RowInputs<scalar_t> row(a, n, many && n + 1 < row_end);
     row.load_presence(e);
     const uint32_t present = presence_bits(e);
     for (int64_t d0 = 0; d0 < a.d; d0 += kWidth) {
       const int64_t count = std::min(kWidth, a.d - d0);
       row.template load<kLogits>(e, d0, count);
-      f(n, d0, count, present);
+      f(n, d0, count, present, row.ahead);
     }
   }
 }
@@ -381,22 +563,21 @@ void subsets_forward_rows(const FuseArgs& a, const ForwardOut& out, int64_t row_
   using V = Vec<acc_t>;
   Experts<V, kM> e(static_cast<int>(a.m));
   const uint32_t subsets = (1u << a.m) - 1;
-  auto* joint_mu = static_cast<scalar_t*>(out.joint_mu);
-  auto* joint_logvar = static_cast<scalar_t*>(out.joint_logvar);
+  OutputRows<scalar_t> rows(a, {out.joint_mu, out.joint_logvar}, subsets);
   NoWeights none;
-  for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, [&](int64_t n, int64_t d0, int64_t count,
-                                                                   uint32_t present) {
+  for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, many_streams(a, 2 + kLogits),
+                                     [&](int64_t n, int64_t d0, int64_t count, uint32_t present, bool) {
     for (uint32_t members = 1; members <= subsets; ++members) {
-      const int64_t offset = a.out_index(members - 1, n, d0);
       V mu(acc_t(0)), logvar(acc_t(0));
       // A subset with a missing member is not a component of this row: zeros, never its NaN.
       if ((members & ~present) == 0) {
         Subset<Experts<V, kM>> subset{e, members};
-        forward_point<VecOps<acc_t>, kLogits, false>(subset, a.prior, mu, logvar, none);
+        forward_point<VecOps<acc_t, kNarrowType<scalar_t>>, kLogits, false>(subset, a.prior, mu, logvar, none);
       }
-      store_vec(joint_mu + offset, mu, count);
-      store_vec(joint_logvar + offset, logvar, count);
+      store_vec(rows.at(0, members - 1, n, d0), mu, count);
+      store_vec(rows.at(1, members - 1, n, d0), logvar, count);
     }
+    rows.written(n, d0 + count);
   });
 }
 
@@ -427,23 +608,30 @@ void subsets_backward_rows(const FuseArgs& a, const BackwardArgs& g, int64_t row
   SubsetGradSums<V, kM> sums(m);
   SubsetGradSink<V, kM> sink{sums};
   const uint32_t subsets = (1u << a.m) - 1;
-  auto store = [&](void* out, const Slots<V, kM>& values, int64_t n, int64_t d0, int64_t count) {
-    if (out == nullptr) return;
-    for (int i = 0; i < m; ++i) store_vec(static_cast<scalar_t*>(out) + a.out_index(i, n, d0), values[i], count);
+  OutputRows<scalar_t> rows(a, {g.grad_mu, g.grad_logvar, g.grad_logits}, a.m);
+  auto store = [&](int k, const Slots<V, kM>& values, int64_t n, int64_t d0, int64_t count) {
+    if (!rows.wanted(k)) return;
+    for (int i = 0; i < m; ++i) store_vec(rows.at(k, i, n, d0), values[i], count);
   };
-  for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, [&](int64_t n, int64_t d0, int64_t count,
-                                                                   uint32_t present) {
+  const int64_t incoming = g.grad_joint_mu.present() + g.grad_joint_logvar.present();
+  for_each_vector<scalar_t, kLogits>(a, e, row_begin, row_end, many_streams(a, 2 + kLogits, incoming * subsets),
+                                     [&](int64_t n, int64_t d0, int64_t count, uint32_t present, bool ahead) {
     sums.clear(m);
     for (uint32_t members = 1; members <= subsets; ++members) {
+      if (ahead) {
+        if (g.grad_joint_mu.present()) prefetch(g.grad_joint_mu.at<scalar_t>(members - 1, n + 1, d0));
+        if (g.grad_joint_logvar.present()) prefetch(g.grad_joint_logvar.at<scalar_t>(members - 1, n + 1, d0));
+      }
       if ((members & ~present) != 0) continue;  // not a component of this row: no gradient
       Subset<Experts<V, kM>> subset{e, members};
-      backward_point<VecOps<acc_t>, kLogits, false>(
+      backward_point<VecOps<acc_t, kNarrowType<scalar_t>>, kLogits, false>(
           subset, a.prior, load_operand_or_zero<scalar_t>(g.grad_joint_mu, members - 1, n, d0, count),
           load_operand_or_zero<scalar_t>(g.grad_joint_logvar, members - 1, n, d0, count), sink);
     }
-    store(g.grad_mu, sums.mu, n, d0, count);
-    store(g.grad_logvar, sums.logvar, n, d0, count);
-    if constexpr (kLogits) store(g.grad_logits, sums.logit, n, d0, count);
+    store(0, sums.mu, n, d0, count);
+    store(1, sums.logvar, n, d0, count);
+    if constexpr (kLogits) store(2, sums.logit, n, d0, count);
+    rows.written(n, d0 + count);
   });
 }
 
