@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import itertools
 import multiprocessing
 import os
@@ -117,6 +118,16 @@ class Fields(Dataset):
         return {key: value for key, value in self.dataset[self.indices[index]].items() if key in self.keys}
 
 
+def _stack_fields(names: Sequence[str], items: list[dict]) -> dict[str, Tensor]:
+    """The fields ``names`` of ``items``, each stacked into one tensor [len(items), ...]."""
+    return {name: torch.stack([item[name] for item in items]) for name in names}
+
+
+# Items a loader worker hands back at once while materializing: each handover puts every field into
+# shared memory, which costs about as much per tensor as decoding a hand-pose frame does.
+MATERIALIZE_BATCH = 64
+
+
 def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
                 workers: int | None = None) -> StackDataset:
     """Every item of ``dataset`` (dicts; their tensor entries are kept) read once into one tensor per field
@@ -128,13 +139,18 @@ def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
     tensors = {k: torch.empty((len(dataset), *v.shape), dtype=v.dtype) for k, v in first.items()
                if isinstance(v, Tensor)}
     workers = default_workers() if workers is None else workers
-    # Worker processes pay off only beyond a few items (each costs a fork and a pickled item per sample).
-    rest = DataLoader(Subset(dataset, range(1, len(dataset))), batch_size=None,
-                      num_workers=workers if len(dataset) > 64 * workers else 0)
-    for i, item in enumerate(tqdm(itertools.chain([first], rest), total=len(dataset), desc=desc, disable=not progress,
-                                  leave=False)):
-        for name, t in tensors.items():
-            t[i] = item[name]
+    # Worker processes pay off only beyond a few batches (each costs a fork).
+    rest = DataLoader(Subset(dataset, range(1, len(dataset))), batch_size=MATERIALIZE_BATCH,
+                      num_workers=workers if len(dataset) > MATERIALIZE_BATCH * workers else 0,
+                      collate_fn=functools.partial(_stack_fields, list(tensors)))
+    with tqdm(total=len(dataset), desc=desc, disable=not progress, leave=False) as bar:
+        start = 0
+        for block in itertools.chain([_stack_fields(list(tensors), [first])], rest):
+            count = len(next(iter(block.values())))
+            for name, t in tensors.items():
+                t[start:start + count] = block[name]
+            start += count
+            bar.update(count)
     return StackDataset(**tensors)  # items {name: tensors[name][i]}
 
 
