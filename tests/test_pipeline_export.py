@@ -88,7 +88,7 @@ def test_an_export_that_misses_the_results_metric_fails_the_command(exported, tm
     with pytest.raises(SystemExit) as exit_info:
         handpose_rhd.main(["--out", str(run), "--export-onnx", "--no-progress"])
     assert exit_info.value.code == 1
-    error = capsys.readouterr().out.split("error: ")[1]
+    error = capsys.readouterr().err.split("error: ")[1]
     assert error.startswith("the exported models disagree") and "at 50% test corruption" in error
     assert "at 0% test corruption" not in error and ".onnx" not in error
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -222,7 +223,7 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
                for file, m in models.items() if not m["max_abs_difference"] <= EAGER_TOLERANCE * max(1, m["max_abs"])]
     if failed:
         print(f"error: the exported models disagree with the run (tolerance {tolerance:g} on the metric, "
-              f"{EAGER_TOLERANCE:g} of the largest output from eager): " + "; ".join(failed))
+              f"{EAGER_TOLERANCE:g} of the largest output from eager): " + "; ".join(failed), file=sys.stderr)
         raise SystemExit(1)
     print(f"ONNX Runtime gives back results.json's {label} within {tolerance:g} at every test level; the models are "
           f"in {run.out}")
