@@ -13,6 +13,7 @@ and ``main``, whose runs train in common/training.py (``train``, ``train_one_epo
     python examples/handpose_rhd.py --compare --corruption-sweep 0 0.25 0.5 0.75   # paper Fig. 4, first panel
     python examples/handpose_rhd.py --preset full --data-root /data/RHD_published_v2 --rgb-weights resnet18-f37072fd.pth
     torchrun --nproc_per_node 2 examples/handpose_rhd.py  # data-parallel (gloo on CPU, nccl on GPU)
+    python examples/handpose_rhd.py --export-onnx         # the demo's run (its --out) to ONNX, checked in ONNX Runtime
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from __future__ import annotations
 import argparse
 import functools
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from common import report, study, training
+from common import export, report, study, training
 from common.cli import Parser, UsageError, positive_int
 from common.data import eval_loader, load_splits, test_corruption
 from common.evaluation import fusion_weights
@@ -64,6 +67,8 @@ FROM_PAPER = {"demo": {}, "study": {}, "full": {"num_train": "Section 4.1: RHD's
                                                 "num_eval": "Section 4.1: RHD's 2728 evaluation samples"}}
 TASK = report.Task("handpose_rhd", "Hand pose on RHD", "RHD", PRESETS, FROM_PAPER, ("mean_epe_mm", "mean EPE (mm)"),
                    ".3f")
+# How far the mean EPE (mm) of the model exported by --export-onnx, in ONNX Runtime, may be from results.json's.
+EXPORT_TOLERANCE = 0.01
 # The tables' metrics, (header, key).
 COLUMNS = [("mean EPE (mm)", "mean_epe_mm"), ("AUC", "auc_20_50")]
 # Skeleton of one RHD hand: the wrist to each finger's MCP, then MCP -> PIP -> DIP -> tip.
@@ -104,20 +109,25 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
                            {"keypoints": squared_error})
 
 
-@torch.no_grad()
-def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups: ``metrics``, the pose from RGB alone with every test image pixel-corrupted at each
-    --test-corruption level (paper Section 4.4; ``KeypointEvaluator``'s EPE, PCK and AUC), and the fusion's weights
-    under noise (``evaluation.fusion_weights``)."""
+def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
+    """The pose from RGB alone, ``predict(rgb [B, 3, S, S]) -> normalised keypoints [B, 21, 3]``, with every test image
+    pixel-corrupted at each --test-corruption level (paper Section 4.4): ``{str(level): KeypointEvaluator's EPE, PCK
+    and AUC}``. ``predict`` is the model's (``evaluate``) or an exported one's (common/export.py)."""
     def pose(dataset: Dataset) -> dict:
         evaluator = KeypointEvaluator()
         for batch in eval_loader(dataset, args):
-            evaluator.update(model.predict(batch["rgb"].to(device), "keypoints").float().cpu(), batch["keypoints"],
-                             batch["scale"])
+            evaluator.update(predict(batch["rgb"]).float().cpu(), batch["keypoints"], batch["scale"])
         return evaluator.compute()
 
+    return {str(level): pose(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+
+
+@torch.no_grad()
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's metric groups: ``metrics``, ``rgb_metrics`` of the model's pose from RGB alone (z_rgb -> keypoint
+    decoder), and the fusion's weights under noise (``evaluation.fusion_weights``)."""
     model.eval()
-    metrics = {str(level): pose(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+    metrics = rgb_metrics(lambda rgb: model.predict(rgb.to(device), "keypoints"), eval_set, args)
     return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
 
 
@@ -177,8 +187,11 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
     return tables
 
 
-def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | None:
+def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dict | None:
     args = parse_args(argv)
+    if args.export_onnx:
+        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, rgb_metrics, "keypoints",
+                                                       EXPORT_TOLERANCE))
     with training.session(args) as env:
         train_set, eval_set = load_data(args, env)
         return study.run(args, env, TASK, training.runner(build_model, evaluate, train_set, eval_set, env),

@@ -10,6 +10,7 @@ pixel-corruption levels, scored by IoU and F1. The script reads as examples/hand
     python examples/surgical_seg.py --preset study        # the comparison over 6 seeds: means, CIs, paired differences
     python examples/surgical_seg.py --preset full --data-root /data/sim2real --rgb-weights resnet18-f37072fd.pth
     torchrun --nproc_per_node 2 examples/surgical_seg.py  # data-parallel (gloo on CPU, nccl on GPU)
+    python examples/surgical_seg.py --export-onnx         # the demo's run (its --out) to ONNX, checked in ONNX Runtime
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import argparse
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
-from common import report, study, training
+from common import export, report, study, training
 from common.cli import Parser, UsageError, positive_float, positive_int
 from common.data import Fields, eval_loader, load_splits, test_corruption
 from common.evaluation import fusion_weights
@@ -74,6 +76,8 @@ VIEWS_PER_SCENE = 3000
 TABLE1_LEVELS = (0.0, 0.5, 0.7)
 TASK = report.Task("surgical_seg", "Surgical segmentation on Sim2Real", "Sim2Real", PRESETS, FROM_PAPER,
                    ("iou", "IoU (macro)"), ".4f")
+# How far the IoU of the model exported by --export-onnx, in ONNX Runtime, may be from results.json's.
+EXPORT_TOLERANCE = 0.001
 # The tables' metrics, (header, key).
 COLUMNS = [("IoU", "iou"), ("F1", "f1")]
 AVERAGING = ("IoU and F1 per class from one confusion matrix accumulated over every evaluated pixel of the test set; "
@@ -199,24 +203,30 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
                            {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX)})
 
 
-@torch.no_grad()
-def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups: ``metrics``, the masks from RGB alone with every test image pixel-corrupted at each
-    --test-corruption level (paper Section 5.3; SegmentationEvaluator's ``iou``, ``f1`` macro-averaged,
-    ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and prediction,
-    ``support``, ``pixels``, and ``num_samples``), and the fusion's weights under noise
-    (``evaluation.fusion_weights``)."""
+def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
+    """The masks from RGB alone, ``predict(rgb [B, 3, S, S]) -> class logits [B, C, S, S]``, with every test image
+    pixel-corrupted at each --test-corruption level (paper Section 5.3): ``{str(level): SegmentationEvaluator's
+    ``iou``, ``f1`` macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent
+    from target and prediction, ``support``, ``pixels``, and ``num_samples``}``. ``predict`` is the model's
+    (``evaluate``) or an exported one's (common/export.py)."""
     def masks(dataset: Dataset) -> dict:
         evaluator = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX)
         for batch in eval_loader(dataset, args):
-            evaluator.update(model.predict(batch["rgb"].to(device), "mask").float(), batch["mask"].to(device))
+            evaluator.update(predict(batch["rgb"]).float(), batch["mask"])
         scores = evaluator.compute()
         for key in ("iou_per_class", "f1_per_class"):  # NaN is no JSON value
             scores[key] = [None if math.isnan(v) else v for v in scores[key]]
         return {**scores, "num_samples": len(dataset)}
 
+    return {str(level): masks(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+
+
+@torch.no_grad()
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's metric groups: ``metrics``, ``rgb_metrics`` of the model's masks from RGB alone (z_rgb -> segmentation
+    decoder), and the fusion's weights under noise (``evaluation.fusion_weights``)."""
     model.eval()
-    metrics = {str(level): masks(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+    metrics = rgb_metrics(lambda rgb: model.predict(rgb.to(device), "mask"), eval_set, args)
     return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
 
 
@@ -302,8 +312,11 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
     return tables
 
 
-def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | None:
+def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dict | None:
     args = parse_args(argv)
+    if args.export_onnx:
+        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, rgb_metrics, "mask",
+                                                       EXPORT_TOLERANCE))
     with training.session(args) as env:
         if env.is_main:
             record = intrinsics_record(args)

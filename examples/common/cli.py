@@ -28,7 +28,7 @@ TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4
 # corruption are in its signature), not of the model it trains: with other values of these it is the same run.
 NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
                     "device", "cache_dir", "workers", "in_memory", "eval_batch_size", "test_corruption", "given",
-                    "rgb_weights"}
+                    "rgb_weights", "export_onnx"}
 
 
 class UsageError(Exception):
@@ -87,6 +87,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", type=Path, metavar="DIR", help="output folder: results.json, results.md, plots, checkpoint.pt")
     add("--resume", action="store_true",
         help="continue a killed run from the checkpoint in --out (it must be of the same configuration)")
+    add("--export-onnx", action="store_true",
+        help="train nothing: export the finished run in --out (its checkpoint and results.json) to ONNX, the RGB-only "
+             "predictor and the fused model, next to its checkpoint, and check that ONNX Runtime gives back its "
+             "results.json metric (docs/deploy.md)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available, else CPU")
     add("--seed", **natural, default=0, help="initial weights, batch order, training noise and test corruption")
     add("--seeds", **count, help="train each fusion at the seeds --seed ... --seed + N - 1 (into seed<k>/; a finished "

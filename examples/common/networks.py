@@ -256,6 +256,16 @@ class CrossModalVAE(nn.Module):
         mu, _, _ = self.encoders[self.modalities[0]](inputs)
         return self.objective.decoders[decoded](mu)
 
+    @torch.no_grad()
+    def predict_joint(self, inputs: Mapping[str, Tensor], decoded: str) -> Tensor:
+        """Multimodal inference: z = the mean of the fusion of every encoded modality's posterior (a product's mean, or
+        a mixture's for MoE and MoPoE), decoded. inputs: modality name -> [B, ...]."""
+        posteriors, features = self.encode(inputs)
+        mu = torch.stack([posteriors[name][0] for name in self.modalities])
+        logvar = torch.stack([posteriors[name][1] for name in self.modalities])
+        joint = self.objective.fusion(mu, logvar, features=[features[name] for name in self.modalities])
+        return self.objective.decoders[decoded](joint.mean)
+
 
 def cross_modal_vae(args: argparse.Namespace, task_decoders: Callable[[], Mapping[str, nn.Module]],
                     likelihoods: Mapping[str, Callable[[Tensor, Tensor], Tensor]]) -> CrossModalVAE:
