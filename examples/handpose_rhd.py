@@ -27,10 +27,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset
 
-from common import report, study, training
+from common import evaluation, report, study, training
 from common.cli import Parser, UsageError, positive_int
-from common.data import eval_loader, load_splits, test_corruption
-from common.evaluation import fusion_weights
+from common.data import load_splits, test_corruption
 from common.networks import CrossModalVAE, KeypointDecoder, cross_modal_vae
 from common.report import FUSION_LABELS
 from gpoe_fusion.likelihoods import squared_error
@@ -104,21 +103,27 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
                            {"keypoints": squared_error})
 
 
-@torch.no_grad()
-def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups: ``metrics``, the pose from RGB alone with every test image pixel-corrupted at each
-    --test-corruption level (paper Section 4.4; ``KeypointEvaluator``'s EPE, PCK and AUC), and the fusion's weights
-    under noise (``evaluation.fusion_weights``)."""
-    def pose(dataset: Dataset) -> dict:
-        evaluator = KeypointEvaluator()
-        for batch in eval_loader(dataset, args):
-            evaluator.update(model.predict(batch["rgb"].to(device), "keypoints").float().cpu(), batch["keypoints"],
-                             batch["scale"])
-        return evaluator.compute()
+class PoseScore:
+    """``KeypointEvaluator``'s EPE, PCK and AUC (mm) of normalised keypoint predictions [B, 21, 3] against a batch."""
 
-    model.eval()
-    metrics = {str(level): pose(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
-    return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
+    def __init__(self):
+        self.evaluator = KeypointEvaluator()
+
+    def update(self, keypoints: torch.Tensor, batch: dict) -> None:
+        self.evaluator.update(keypoints.float().cpu(), batch["keypoints"], batch["scale"])
+
+    def compute(self) -> dict:
+        return self.evaluator.compute()
+
+
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's metric groups (``evaluation.evaluate``), each the pose's ``PoseScore`` per test level: ``metrics``, the
+    pose from RGB alone with every test image pixel-corrupted at each --test-corruption level (paper Section 4.4, the
+    headline); ``metrics_joint``, from the fused posterior of both modalities (the points clean), and
+    ``metrics_oracle``, the same with the corrupted RGB's weight set to 0; ``metrics_aux``, from the points alone, at
+    each --test-point-noise level, and ``metrics_joint_aux_noise`` and ``metrics_oracle_aux_noise`` under that noise
+    (the RGB clean); gPoE's alpha under noise and the held-out credibility."""
+    return evaluation.evaluate(model, eval_set, args, device, "keypoints", PoseScore)
 
 
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
@@ -155,18 +160,21 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, the held-out
-    credibility), the EPE and PCK plots and the qualitative figure (first seed), in --out; returns the tables."""
+    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, joint inference, the
+    held-out credibility), the EPE, joint-inference and PCK plots and the qualitative figure (first seed), in --out;
+    returns the tables."""
     out, results, statistics = Path(args.out), runs.results, runs.statistics
     summary = study.write_summary(args, TASK, runs)
     tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "
               f"better){report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.3f', statistics)}\n"
               f"{report.differences_markdown(statistics, COLUMNS, '.3f')}\n"
+              f"{report.joint_markdown(results, statistics, COLUMNS, '.3f')}\n"
               f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(f"# {TASK.title} ({summary['data']}, preset {args.preset}, "
                                     f"{report.seeds_phrase(runs.seeds)})\n\n{tables}")
     report.corruption_plot(results, "mean_epe_mm", out / "epe_vs_corruption.png", "mean EPE (mm)", "Pose from RGB",
                            statistics)
+    report.joint_plots(results, "mean_epe_mm", out, "mean EPE (mm)", statistics)
     for f, r in results.items():
         report.line_plot(next(iter(r["metrics"].values()))["pck_thresholds_mm"],
                          {f"{float(lv):.0%}": m["pck_curve"] for lv, m in r["metrics"].items()}, out / f"pck_{f}.png",

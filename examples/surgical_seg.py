@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common import report, study, training
+from common import evaluation, report, study, training
 from common.cli import Parser, UsageError, positive_float, positive_int
-from common.data import Fields, eval_loader, load_splits, test_corruption
-from common.evaluation import fusion_weights
+from common.data import Fields, load_splits, test_corruption
 from common.networks import CrossModalVAE, DCGANDecoder, cross_modal_vae
 from common.report import FUSION_LABELS
 from gpoe_fusion.likelihoods import cross_entropy
@@ -199,25 +198,34 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
                            {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX)})
 
 
-@torch.no_grad()
-def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups: ``metrics``, the masks from RGB alone with every test image pixel-corrupted at each
-    --test-corruption level (paper Section 5.3; SegmentationEvaluator's ``iou``, ``f1`` macro-averaged,
-    ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and prediction,
-    ``support``, ``pixels``, and ``num_samples``), and the fusion's weights under noise
-    (``evaluation.fusion_weights``)."""
-    def masks(dataset: Dataset) -> dict:
-        evaluator = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX)
-        for batch in eval_loader(dataset, args):
-            evaluator.update(model.predict(batch["rgb"].to(device), "mask").float(), batch["mask"].to(device))
-        scores = evaluator.compute()
-        for key in ("iou_per_class", "f1_per_class"):  # NaN is no JSON value
-            scores[key] = [None if math.isnan(v) else v for v in scores[key]]
-        return {**scores, "num_samples": len(dataset)}
+class MaskScore:
+    """``SegmentationEvaluator``'s scores of per-class logits [B, C, S, S] against a batch's masks, NaN as None (no
+    JSON value), and ``num_samples``."""
 
-    model.eval()
-    metrics = {str(level): masks(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
-    return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
+    def __init__(self):
+        self.evaluator, self.samples = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX), 0
+
+    def update(self, logits: torch.Tensor, batch: dict) -> None:
+        self.evaluator.update(logits.float(), batch["mask"].to(logits.device))
+        self.samples += len(logits)
+
+    def compute(self) -> dict:
+        scores = self.evaluator.compute()
+        for key in ("iou_per_class", "f1_per_class"):
+            scores[key] = [None if math.isnan(v) else v for v in scores[key]]
+        return {**scores, "num_samples": self.samples}
+
+
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's metric groups (``evaluation.evaluate``), each the masks' ``MaskScore`` per test level (``iou``, ``f1``
+    macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and
+    prediction, ``support``, ``pixels``, ``num_samples``): ``metrics``, the masks from RGB alone with every test image
+    pixel-corrupted at each --test-corruption level (paper Section 5.3, the headline); ``metrics_joint``, from the
+    fused posterior of both modalities (the depth points clean), and ``metrics_oracle``, the same with the corrupted
+    RGB's weight set to 0; ``metrics_aux``, from the depth points alone, at each --test-point-noise level, and
+    ``metrics_joint_aux_noise`` and ``metrics_oracle_aux_noise`` under that noise (the RGB clean); gPoE's alpha under
+    noise and the held-out credibility."""
+    return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore)
 
 
 def table_rows(runs: study.Study, fusions: list[str], levels: list[str]) -> list[dict]:
@@ -268,8 +276,9 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
     """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds, means with 95 %
-    intervals), the paired differences over seeds, the held-out credibility, the IoU / F1 plots and the qualitative
-    figure (of the first seed's models), in --out. Returns the tables as markdown."""
+    intervals), the paired differences over seeds, joint inference, the held-out credibility, the IoU / F1 and
+    joint-inference plots and the qualitative figure (of the first seed's models), in --out. Returns the tables as
+    markdown."""
     out, results, statistics = Path(args.out), runs.results, runs.statistics
     summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,
                                   intrinsics=intrinsics_record(args), splits=splits_record(args))
@@ -290,14 +299,16 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
         (out / "table1.md").write_text(table1)
         tables += f"\nPaper Table 1 layout: PoE vs gPoE.\n\n{table1}"
     tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f')}\n"
+               f"{report.joint_markdown(results, statistics, COLUMNS, '.4f')}\n"
                f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(
         f"# {TASK.title} ({summary['data']}, preset {args.preset}, {report.seeds_phrase(runs.seeds)})\n\nMasks from "
-        f"RGB alone (z_rgb -> segmentation decoder), {len(eval_set)} test views. {AVERAGING}.\n\n{tables}\nPer class"
+        f"RGB alone (z_rgb -> segmentation decoder) unless said otherwise, {len(eval_set)} test views. {AVERAGING}.\n\n{tables}\nPer class"
         f"{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
     for key, label in (("iou", "IoU (macro)"), ("f1", "F1 (macro)")):
         report.corruption_plot(results, key, out / f"{key}_vs_corruption.png", label, "Segmentation from RGB",
                                statistics)
+    report.joint_plots(results, "iou", out, "IoU (macro)", statistics)
     qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 

@@ -162,8 +162,9 @@ def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
 
 
 # The corruptions of the experiments (paper Section 4.3), each drawn from its own stream of the run's
-# seed: the training RGB and points, the test RGB, and the held-out credibility set's RGB and points.
-_SEED_RGB, _SEED_POINTS, _SEED_TEST, _SEED_CREDIBILITY_RGB, _SEED_CREDIBILITY_POINTS = 1, 2, 3, 4, 5
+# seed: the training RGB and points, the test RGB, the held-out credibility set's RGB and points, and
+# the test points.
+_SEED_RGB, _SEED_POINTS, _SEED_TEST, _SEED_CREDIBILITY_RGB, _SEED_CREDIBILITY_POINTS, _SEED_TEST_POINTS = range(1, 7)
 # The share of the credibility set's samples with a modality corrupted: the two equal groups an AUROC
 # compares best.
 CREDIBILITY_FRACTION = 0.5
@@ -189,6 +190,13 @@ def test_corruption(dataset: Dataset, level: float, seed: int) -> Dataset:
     if level <= 0:
         return dataset
     return CorruptedDataset(dataset, "rgb", 1.0, PixelCorruption(level), seed=seed * 10 + _SEED_TEST)
+
+
+def test_point_noise(dataset: Dataset, sigma: float, seed: int) -> Dataset:
+    """Every sample's point cloud noised with std ``sigma`` (seeded), the auxiliary modality's test corruption."""
+    if sigma <= 0:
+        return dataset
+    return CorruptedDataset(dataset, "points", 1.0, GaussianPointNoise(sigma), seed=seed * 10 + _SEED_TEST_POINTS)
 
 
 def credibility_set(dataset: Dataset, args: argparse.Namespace) -> dict[str, tuple[Dataset, dict[str, float]]]:
