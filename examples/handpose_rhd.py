@@ -3,7 +3,8 @@
 RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and fused; the joint and
 each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
 training samples of which a fraction is corrupted; at test time the pose comes from RGB alone (z_rgb -> keypoint
-decoder) at several pixel-corruption levels. The script reads top to bottom: options, data, model, evaluation, report
+decoder) at several pixel-corruption levels, and, for joint inference, from the fused posterior with the RGB or the
+points corrupted, from the points alone, and an oracle bound (common/evaluation.py). The script reads top to bottom: options, data, model, evaluation, report
 and ``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs of
 --compare, --seeds and --corruption-sweep. See docs/handpose.md.
 

@@ -3,7 +3,8 @@
 RGB (ResNet-18) and the view's depth point cloud (ResPEL) are encoded and fused; the joint and each unimodal latent
 decode the five-class mask (a DCGAN-style decoder, cross-entropy) and the point cloud (FoldingNet), paper Eq. 12-15 (Eq.
 16 for MoE), on training views of which a fraction is corrupted; at test time the mask comes from RGB alone at several
-pixel-corruption levels, scored by IoU and F1. The script reads as examples/handpose_rhd.py does. See docs/surgical.md.
+pixel-corruption levels, scored by IoU and F1, and joint inference is scored as in examples/handpose_rhd.py. The script
+reads as examples/handpose_rhd.py does. See docs/surgical.md.
 
     python examples/surgical_seg.py                       # demo: built-in data, gPoE, under 3 min on 2 CPU cores
     python examples/surgical_seg.py --compare             # MoE vs PoE vs gPoE (paper Tables 1 and 4, Fig. 6)
@@ -303,8 +304,8 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
                f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(
         f"# {TASK.title} ({summary['data']}, preset {args.preset}, {report.seeds_phrase(runs.seeds)})\n\nMasks from "
-        f"RGB alone (z_rgb -> segmentation decoder) unless said otherwise, {len(eval_set)} test views. {AVERAGING}.\n\n{tables}\nPer class"
-        f"{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
+        f"RGB alone (z_rgb -> segmentation decoder) unless said otherwise, {len(eval_set)} test views. "
+        f"{AVERAGING}.\n\n{tables}\nPer class{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
     for key, label in (("iou", "IoU (macro)"), ("f1", "F1 (macro)")):
         report.corruption_plot(results, key, out / f"{key}_vs_corruption.png", label, "Segmentation from RGB",
                                statistics)

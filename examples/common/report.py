@@ -105,7 +105,8 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
 
 def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str,
               title: str = "", markers: bool = True, errors: Mapping[str, Sequence[float]] | None = None,
-              ylim: tuple[float, float] | None = None, styles: Mapping[str, Mapping[str, object]] | None = None) -> None:
+              ylim: tuple[float, float] | None = None,
+              styles: Mapping[str, Mapping[str, object]] | None = None) -> None:
     """One line per entry of ``series`` over ``x``, saved to ``path``. errors: label -> the half-width of each point's
     error bar (drawn where given); ylim: a fixed y range (default: the data's); styles: label -> matplotlib line
     properties (e.g. color, linestyle) of that line."""

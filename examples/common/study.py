@@ -82,8 +82,9 @@ def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[
         metrics = {group: {level: {key: [runs[fusion][s][group][level][key] for s in seeds]
                                    for key, value in values.items() if isinstance(value, float)}
                            for level, values in first[group].items()} for group in groups}
-        return {**metrics, "credibility": {m: {key: [runs[fusion][s]["credibility"][m].get(key) for s in seeds]
-                                               for key in CREDIBILITY_MEASURES} for m in first.get("credibility") or {}}}
+        credibility = {m: {key: [runs[fusion][s]["credibility"][m].get(key) for s in seeds]
+                           for key in CREDIBILITY_MEASURES} for m in first.get("credibility") or {}}
+        return {**metrics, "credibility": credibility}
 
     values = {f: series(f) for f in runs}
 
