@@ -220,12 +220,12 @@ class MaskScore:
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
     """The run's metric groups (``evaluation.evaluate``), each the masks' ``MaskScore`` per test level (``iou``, ``f1``
     macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and
-    prediction, ``support``, ``pixels``, ``num_samples``): ``metrics``, the masks from RGB alone with every test image
-    pixel-corrupted at each --test-corruption level (paper Section 5.3, the headline); ``metrics_joint``, from the
-    fused posterior of both modalities (the depth points clean), and ``metrics_oracle``, the same with the corrupted
-    RGB's weight set to 0; ``metrics_aux``, from the depth points alone, at each --test-point-noise level, and
-    ``metrics_joint_aux_noise`` and ``metrics_oracle_aux_noise`` under that noise (the RGB clean); gPoE's alpha under
-    noise and the held-out credibility."""
+    prediction, ``support``, ``pixels``, ``num_samples``): ``metrics``, the masks from RGB alone with the test images
+    corrupted at each --test-corruption level (pixel corruption: paper Section 5.3, the headline); ``metrics_joint``,
+    from the fused posterior of both modalities (the depth points clean), and ``metrics_oracle``, the same with the
+    corrupted RGB's weight set to 0; ``metrics_aux``, from the depth points alone at each level of the points'
+    corruption, and ``metrics_joint_aux_corrupted`` and ``metrics_oracle_aux_corrupted`` under it (the RGB clean);
+    gPoE's alpha under corruption and the held-out credibility."""
     return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore)
 
 
@@ -261,7 +261,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     pixel corruption grows from left to right."""
     rows, labels = [], []
     for i in range(min(samples, len(eval_set))):
-        inputs = torch.stack([test_corruption(eval_set, level, args.seed)[i]["rgb"] for level in args.test_corruption])
+        inputs = torch.stack([test_corruption(eval_set, level, args.seed, kind=args.corruption_kind)[i]["rgb"]
+                              for level in args.test_corruption])
         truth = classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)
         rows += [[(x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in inputs],
                  [truth] * len(inputs),
@@ -271,8 +272,7 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     key = dict(zip(CLASS_NAMES, CLASS_COLORS))
     if args.unknown_colors == "ignore":
         key["not a class (ignored)"] = (0, 0, 0)
-    report.image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
-                      legend=key)
+    report.image_grid(rows, path, row_labels=labels, col_labels=report.level_labels(args), legend=key)
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
@@ -280,17 +280,17 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
     intervals), the paired differences over seeds, joint inference, the held-out credibility, the IoU / F1 and
     joint-inference plots and the qualitative figure (of the first seed's models), in --out. Returns the tables as
     markdown."""
-    out, results, statistics = Path(args.out), runs.results, runs.statistics
+    out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,
                                   intrinsics=intrinsics_record(args), splits=splits_record(args))
     levels = report.corruption_levels(results)
-    table4 = report.fusion_table(results, COLUMNS, ".4f", statistics)
+    table4 = report.fusion_table(results, COLUMNS, ".4f", statistics, kind=kind)
     training.write_json(out / "table4.json", {"layout": "paper Table 4", "averaging": AVERAGING,
                                      "rows": table_rows(runs, runs.fusions, levels)})
     (out / "table4.md").write_text(table4)
     tables = f"Paper Table 4 layout: IoU and F1 (macro) from RGB alone{report.spread(runs.seeds)}.\n\n{table4}"
     table1_levels = [lv for lv in levels if float(lv) in TABLE1_LEVELS]
-    if {"poe", "gpoe"} <= set(runs.fusions):  # paper Table 1: PoE and gPoE at its levels
+    if {"poe", "gpoe"} <= set(runs.fusions) and kind == "pixels":  # paper Table 1: PoE and gPoE at its levels
         table1 = report.markdown_table(["Pixel corruption", "Method", "IoU", "F1"], [
             [f"{float(lv):.0%}" if i == 0 else "", FUSION_LABELS[f]]
             + [report.metric_cell(results, statistics, f, lv, key, ".4f") for _, key in COLUMNS]
@@ -299,8 +299,8 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
                                          "rows": table_rows(runs, ["poe", "gpoe"], table1_levels)})
         (out / "table1.md").write_text(table1)
         tables += f"\nPaper Table 1 layout: PoE vs gPoE.\n\n{table1}"
-    tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f')}\n"
-               f"{report.joint_markdown(results, statistics, COLUMNS, '.4f')}\n"
+    tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f', kind=kind)}\n"
+               f"{report.joint_markdown(results, statistics, COLUMNS, '.4f', kind)}\n"
                f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(
         f"# {TASK.title} ({summary['data']}, preset {args.preset}, {report.seeds_phrase(runs.seeds)})\n\nMasks from "
@@ -308,8 +308,8 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
         f"{AVERAGING}.\n\n{tables}\nPer class{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
     for key, label in (("iou", "IoU (macro)"), ("f1", "F1 (macro)")):
         report.corruption_plot(results, key, out / f"{key}_vs_corruption.png", label, "Segmentation from RGB",
-                               statistics)
-    report.joint_plots(results, "iou", out, "IoU (macro)", statistics)
+                               statistics, kind=kind)
+    report.joint_plots(results, "iou", out, "IoU (macro)", statistics, kind)
     qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 

@@ -63,8 +63,23 @@ def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):
     assert "statistics" not in results and "seeds" not in results  # one seed
     assert "Credibility on held-out samples" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "epe_vs_corruption.png", "pck_gpoe.png", "alpha_gpoe.png", "credibility_gpoe.png",
-                 "qualitative.png", "joint_vs_corruption.png", "joint_vs_point_noise.png"):
+                 "qualitative.png", "joint_vs_rgb_corruption.png", "joint_vs_points_corruption.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_desync_corrupts_training_test_and_held_out_samples(rhd_root, tmp_path):
+    handpose_rhd.main(tiny_args(rhd_root, tmp_path, "--fusion", "gpoe", "--epochs", "1", "--corruption-kind", "desync",
+                                "--data-corruption", "0.5", "--test-corruption", "0", "1", *SMALL))
+    results = json.loads((tmp_path / "results.json").read_text())
+    result = results["fusions"]["gpoe"]
+    assert results["config"]["corruption_kind"] == "desync"
+    assert any("corrupted_points=1" in key for key in result["history"][0])  # desync corrupts the points in training
+    check_credibility(result, "gpoe", samples=4, kind="desync")
+    # A level of the points is then a fraction desynchronised, as the RGB's: --test-corruption's.
+    check_joint_inference(result, "mean_epe_mm", ["0.0", "1.0"], ["0.0", "1.0"])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "@ 100% desync |" in markdown and "RGB desynchronised, points clean" in markdown
+    assert "rgb: desynchronised, points: desynchronised" in markdown
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(rhd_root, tmp_path, monkeypatch):

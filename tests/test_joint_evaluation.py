@@ -49,9 +49,10 @@ def reference_joint(fusion: str, mu: np.ndarray, logvar: np.ndarray, mask: np.nd
     return total / count
 
 
-@pytest.mark.parametrize("fusion", ["poe", "gpoe", "moe", "mopoe"])
-def test_every_prediction_of_every_group_is_the_decoded_fused_mean(tmp_path, fusion):
-    args = handpose_rhd.parse_args(ARGS + ["--fusion", fusion, "--out", str(tmp_path)])
+@pytest.mark.parametrize("fusion, kind", [("poe", "pixels"), ("gpoe", "pixels"), ("moe", "pixels"),
+                                          ("mopoe", "pixels"), ("poe", "desync"), ("gpoe", "desync")])
+def test_every_prediction_of_every_group_is_the_decoded_fused_mean(tmp_path, fusion, kind):
+    args = handpose_rhd.parse_args(ARGS + ["--fusion", fusion, "--corruption-kind", kind, "--out", str(tmp_path)])
     model = handpose_rhd.build_model(args).eval()
     generator = torch.Generator().manual_seed(0)
     dataset = StackDataset(rgb=torch.rand(SAMPLES, 3, 32, 32, generator=generator),
@@ -59,22 +60,23 @@ def test_every_prediction_of_every_group_is_the_decoded_fused_mean(tmp_path, fus
                            keypoints=torch.randn(SAMPLES, 21, 3, generator=generator), scale=torch.ones(SAMPLES))
     got = predictions(model, dataset, args, torch.device("cpu"), "keypoints", Collected)
 
-    corruptions = {"rgb": data.test_corruption, "points": data.test_point_noise}
     decoder = model.objective.decoders["keypoints"]
     alpha = {}
     for group, (what, corrupted) in PREDICTIONS.items():
-        levels = args.test_corruption if corrupted == "rgb" else args.test_point_noise
+        # With desync a level of either modality is a fraction of the samples: --test-corruption's.
+        levels = args.test_point_noise if corrupted == "points" and kind == "pixels" else args.test_corruption
         assert list(got[group]) == [str(level) for level in levels]
         for level in levels:
-            corrupted_set = corruptions[corrupted](dataset, level, args.seed)
+            corrupted_set = data.test_corruption(dataset, level, args.seed, corrupted, kind)
             items = [corrupted_set[i] for i in range(SAMPLES)]
             with torch.no_grad():
                 encoded = [model.encoders[m](torch.stack([item[m] for item in items])) for m in ("rgb", "points")]
                 mu, logvar = (torch.stack([e[part] for e in encoded]) for part in (0, 1))
                 flagged = np.array([[bool(item.get(f"corrupted_{m}", False)) for item in items]
                                     for m in ("rgb", "points")])
-                # Every test sample corrupted in the one modality; none with nothing corrupted.
-                assert flagged.sum() == (SAMPLES if level > 0 else 0) and not flagged[1 - ("rgb", "points").index(corrupted)].any()
+                # The one modality corrupted: in every test sample, or with desync a fraction level of them.
+                assert flagged.sum() == round(SAMPLES * (level if kind == "desync" else level > 0))
+                assert not flagged[1 - ("rgb", "points").index(corrupted)].any()
                 mask = np.ones_like(flagged) if what == "joint" else ~flagged
                 logits = None
                 if fusion == "gpoe":
@@ -95,7 +97,8 @@ def test_every_prediction_of_every_group_is_the_decoded_fused_mean(tmp_path, fus
             assert [got["alpha"][level][m] for m in ("rgb", "points")] == pytest.approx(expected, abs=1e-6)
     else:
         assert got["alpha"] is None
-    # The oracle masks the RGB: above level 0 it is the points alone; and the joint is neither modality alone.
-    torch.testing.assert_close(got["metrics_oracle"]["0.5"]["prediction"], got["metrics_aux"]["0.0"]["prediction"],
-                               atol=2e-5, rtol=1e-4)
+    # The oracle masks the corrupted RGB: there it is the points alone; and the joint is neither modality alone.
+    corrupted = data.test_corruption(dataset, 0.5, args.seed, kind=kind).corrupted
+    torch.testing.assert_close(got["metrics_oracle"]["0.5"]["prediction"][corrupted],
+                               got["metrics_aux"]["0.0"]["prediction"][corrupted], atol=2e-5, rtol=1e-4)
     assert not torch.allclose(got["metrics_joint"]["0.0"]["prediction"], got["metrics_aux"]["0.0"]["prediction"])

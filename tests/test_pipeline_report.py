@@ -66,9 +66,9 @@ def test_joint_inference_tables_and_plots_show_each_group_at_its_own_levels(plot
         aux = {"0.0": {"mean_epe_mm": epe + 5}, "1.0": {"mean_epe_mm": epe + 9}}
         return {**result(epe), "metrics_joint": {"0.0": {"mean_epe_mm": epe - 4}, "0.5": {"mean_epe_mm": epe - 1}},
                 "metrics_oracle": {"0.0": {"mean_epe_mm": epe - 4}, "0.5": {"mean_epe_mm": epe + 5}},
-                "metrics_aux": aux, "metrics_joint_aux_noise": {"0.0": {"mean_epe_mm": epe - 4},
+                "metrics_aux": aux, "metrics_joint_aux_corrupted": {"0.0": {"mean_epe_mm": epe - 4},
                                                                 "1.0": {"mean_epe_mm": epe + 1}},
-                "metrics_oracle_aux_noise": {"0.0": {"mean_epe_mm": epe - 4}, "1.0": {"mean_epe_mm": epe}}}
+                "metrics_oracle_aux_corrupted": {"0.0": {"mean_epe_mm": epe - 4}, "1.0": {"mean_epe_mm": epe}}}
 
     results = {"poe": joint(41.0), "gpoe": joint(40.0)}
     markdown = report.joint_markdown(results, None, [("EPE", "mean_epe_mm")], ".2f")
@@ -82,5 +82,6 @@ def test_joint_inference_tables_and_plots_show_each_group_at_its_own_levels(plot
     assert x_points == [0.0, 1.0] and xlabel_points.startswith("test noise of the points")
     assert series_rgb["gPoE, oracle"] == [36.0, 45.0] and series_points["PoE, points alone"] == [46.0, 50.0]
     # A fusion keeps its colour, a prediction its line style.
-    assert styles_rgb["gPoE, joint"]["color"] == styles_rgb["gPoE, oracle"]["color"] != styles_rgb["PoE, joint"]["color"]
+    colour = {name: style["color"] for name, style in styles_rgb.items()}
+    assert colour["gPoE, joint"] == colour["gPoE, oracle"] != colour["PoE, joint"]
     assert styles_rgb["gPoE, joint"]["linestyle"] != styles_rgb["gPoE, oracle"]["linestyle"]

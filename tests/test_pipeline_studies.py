@@ -55,9 +55,9 @@ def test_seeds_give_statistics_and_a_second_invocation_reuses_the_finished_seeds
     poe = [results["fusions"]["poe"]["runs"][s]["metrics"]["0.5"]["mean_epe_mm"] for s in ("0", "1")]
     assert difference["metrics"]["0.5"]["mean_epe_mm"]["per_seed"] == pytest.approx([g - p for g, p in zip(values, poe)])
     assert set(difference["credibility"]["rgb"]["auroc"]) >= {"per_seed", "mean", "ci95", "excludes_zero"}
-    joint = [results["fusions"][f]["runs"][s]["metrics_joint_aux_noise"]["1.0"]["mean_epe_mm"]
+    joint = [results["fusions"][f]["runs"][s]["metrics_joint_aux_corrupted"]["1.0"]["mean_epe_mm"]
              for f in ("gpoe", "poe") for s in ("0", "1")]
-    assert difference["metrics_joint_aux_noise"]["1.0"]["mean_epe_mm"]["per_seed"] == pytest.approx(
+    assert difference["metrics_joint_aux_corrupted"]["1.0"]["mean_epe_mm"]["per_seed"] == pytest.approx(
         [joint[0] - joint[2], joint[1] - joint[3]])
     assert statistics["metrics_oracle"]["poe"]["0.5"]["mean_epe_mm"]["n"] == 2
     assert statistics["credibility"]["poe"]["points"]["auroc"]["n"] == 2

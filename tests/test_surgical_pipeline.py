@@ -81,8 +81,19 @@ def test_tiny_compare_run_writes_results_and_tables(sim2real_root, tmp_path):
     assert "| 70% | PoE |" in (tmp_path / "table1.md").read_text()
     assert "| PoE, oracle |" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "table4.md", "iou_vs_corruption.png", "f1_vs_corruption.png", "alpha_gpoe.png",
-                 "qualitative.png", "joint_vs_corruption.png", "joint_vs_point_noise.png"):
+                 "qualitative.png", "joint_vs_rgb_corruption.png", "joint_vs_points_corruption.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_desync_runs_end_to_end_without_the_papers_pixel_table(sim2real_root, tmp_path):
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path, "--compare", "--fusions", "poe", "gpoe", "--epochs", "1",
+                                "--max-steps", "1", "--corruption-kind", "desync", "--test-corruption", "0", "1"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    for fusion, result in results["fusions"].items():
+        check_credibility(result, fusion, samples=2, kind="desync")
+        check_joint_inference(result, "iou", ["0.0", "1.0"], ["0.0", "1.0"], distinct=False)
+    assert not (tmp_path / "table1.md").exists()  # paper Table 1 is of pixel corruption
+    assert "IoU @ 100% desync" in (tmp_path / "table4.md").read_text()
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(sim2real_root, tmp_path, monkeypatch):

@@ -26,9 +26,8 @@ TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)  # the paper's test pixel-corruption lev
 TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent)"
 # The test noise levels of the point cloud (std, normalised units): up to the presets' training --point-noise, 1.
 TEST_POINT_NOISE = (0.0, 0.25, 0.5, 1.0)
-# The test levels of each corrupted modality, the options that set them (not in a preset; in results.json's
-# provenance: the paper gives the pixel levels).
-TEST_LEVELS = {"rgb": "test_corruption", "points": "test_point_noise"}
+# The options of the test levels (not in a preset; in results.json's provenance: the paper gives the pixel levels).
+TEST_LEVELS = ("test_corruption", "test_point_noise")
 # Options of how a run executes or reports, or of which runs a study makes (a run's own seed, fusion and data
 # corruption are in its signature), not of the model it trains: with other values of these it is the same run.
 NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
@@ -144,6 +143,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--point-noise", **number, help="std of the noise on a corrupted training point cloud (normalised units)")
     add("--training-noise", choices=("fixed", "fresh"), help="fixed: a corrupted sample's noise is the same every "
         "epoch; fresh: drawn anew every epoch, so that a model cannot learn it by heart")
+    add("--corruption-kind", choices=("pixels", "desync"), default="pixels",
+        help="the corruption of training, test and held-out samples: pixels, noise the encoder can see (the RGB's "
+             "pixels replaced, Gaussian noise on the points); desync, a modality replaced by the same modality of "
+             "another sample, as a sensor out of step delivers it, which looks clean to the encoder (a test level is "
+             "then the fraction of the samples desynchronised, for the RGB and the points alike)")
     add("--test-corruption", type=fraction, metavar="P", nargs="+", help="test-time pixel-corruption levels")
     add("--test-point-noise", type=non_negative_float, metavar="SIGMA", nargs="+",
         help="test-time noise levels of the point cloud (std, as --point-noise), scored with the RGB clean")
@@ -204,7 +208,7 @@ def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
     through ``parser.error``). Records ``args.given``, the preset's settings (and the test levels) set on the
     command line, and ``args.rgb_weights_sha256``, what the RGB encoder starts from (None: random weights)."""
     preset = presets[args.preset]
-    args.given = sorted(key for key in [*preset, *TEST_LEVELS.values()] if getattr(args, key, None) is not None)
+    args.given = sorted(key for key in [*preset, *TEST_LEVELS] if getattr(args, key, None) is not None)
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -245,7 +249,7 @@ def provenance(args: argparse.Namespace, presets: Mapping[str, Mapping[str, obje
     """Where each setting comes from, for results.json: ``{"paper": {setting: where}, "command_line": [...],
     "project_choice": [...], "rgb_init": ...}``, every preset setting (and the test levels) in exactly one of the three
     lists. from_paper: setting -> where the paper gives it, for this preset."""
-    keys, given = [*presets[args.preset], *TEST_LEVELS.values()], set(args.given)
+    keys, given = [*presets[args.preset], *TEST_LEVELS], set(args.given)
     paper = {"test_corruption": TEST_CORRUPTION_SOURCE, **from_paper}
     return {"paper": {k: paper[k] for k in keys if k in paper and k not in given},
             "command_line": [k for k in keys if k in given],

@@ -17,8 +17,7 @@ from torch.utils.data import Dataset
 import gpoe_fusion as gf
 from gpoe_fusion.diagnostics import credibility_report
 
-from .cli import TEST_LEVELS
-from .data import credibility_set, eval_loader, test_corruption, test_point_noise
+from .data import credibility_set, eval_loader, test_corruption
 from .networks import CrossModalVAE
 
 # A run's metric groups: name -> (what is decoded, the modality corrupted at its test levels; the other is clean).
@@ -27,10 +26,8 @@ from .networks import CrossModalVAE
 # the weight of the modality that the corruption flags mark set to 0 (the fusion's mask): a bound for measurement
 # only, as no fusion sees the flags; "points" decodes z_points, the auxiliary modality alone.
 PREDICTIONS = {"metrics": ("rgb", "rgb"), "metrics_joint": ("joint", "rgb"), "metrics_oracle": ("oracle", "rgb"),
-               "metrics_aux": ("points", "points"), "metrics_joint_aux_noise": ("joint", "points"),
-               "metrics_oracle_aux_noise": ("oracle", "points")}
-# Each modality's test corruption of every sample at a level: its pixels, its points' noise.
-_CORRUPTIONS = {"rgb": test_corruption, "points": test_point_noise}
+               "metrics_aux": ("points", "points"), "metrics_joint_aux_corrupted": ("joint", "points"),
+               "metrics_oracle_aux_corrupted": ("oracle", "points")}
 
 
 class Score(Protocol):
@@ -41,32 +38,41 @@ class Score(Protocol):
     def compute(self) -> dict: ...
 
 
+def modality_levels(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each modality's test levels: the RGB's --test-corruption; the points' --test-point-noise, or with
+    --corruption-kind desync --test-corruption too (the fractions of the samples desynchronised)."""
+    points = args.test_corruption if args.corruption_kind == "desync" else args.test_point_noise
+    return {"rgb": list(args.test_corruption), "points": list(points)}
+
+
 def group_levels(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Each metric group's test levels: --test-corruption for the RGB's, --test-point-noise for the points'."""
-    return {group: list(getattr(args, TEST_LEVELS[corrupted])) for group, (_, corrupted) in PREDICTIONS.items()}
+    """Each metric group's test levels, those of its corrupted modality (``modality_levels``)."""
+    levels = modality_levels(args)
+    return {group: levels[corrupted] for group, (_, corrupted) in PREDICTIONS.items()}
 
 
 @torch.no_grad()
 def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device, decoded: str,
                 score: Callable[[], Score]) -> dict:
     """The metric groups of PREDICTIONS on the evaluation ``dataset``, ``{group: {str(level): scores}}``: the decoder
-    ``decoded``'s predictions scored by a fresh ``score()`` each, with every sample's RGB pixel-corrupted at each
-    --test-corruption level or its points noised at each --test-point-noise level, the other modality clean; and
+    ``decoded``'s predictions scored by a fresh ``score()`` each, with the RGB or the points corrupted at each of their
+    levels (``modality_levels``; ``data.test_corruption`` of --corruption-kind), the other modality clean; and
     ``alpha``, gPoE's mean alpha per modality at each --test-corruption level (``{level: {modality: mean}}``; None for
     the other fusions). One pass over the clean samples, then one per level that encodes the corrupted modality only:
     the other one's posterior is the clean pass's."""
     model.eval()
     fusion, decoder, names = model.objective.fusion, model.objective.decoders[decoded], model.modalities
     levels = group_levels(args)
-    passes = [(None, 0.0)] + [(m, level) for m, option in TEST_LEVELS.items()
-                              for level in dict.fromkeys(getattr(args, option)) if level > 0]
+    passes = [(None, 0.0)] + [(m, level) for m, at in modality_levels(args).items()
+                              for level in dict.fromkeys(at) if level > 0]
     scores: dict[tuple[str, float], Score] = {}
     alpha_sums: dict[float, Tensor] = {}
     clean: list[dict[str, tuple[Tensor, Tensor, Tensor]]] = []  # per batch: modality -> (mu, logvar, features)
     for corrupted, level in passes:
         groups = [g for g, (_, m) in PREDICTIONS.items() if corrupted in (None, m) and level in levels[g]]
         measure_alpha = isinstance(fusion, gf.GPoE) and corrupted in (None, "rgb") and level in args.test_corruption
-        data = dataset if corrupted is None else _CORRUPTIONS[corrupted](dataset, level, args.seed)
+        data = dataset if corrupted is None else test_corruption(dataset, level, args.seed, corrupted,
+                                                                  args.corruption_kind)
         for i, batch in enumerate(eval_loader(data, args)):
             if corrupted is None:
                 clean.append({m: model.encoders[m](batch[m].to(device)) for m in names})

@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[a
         studies.append(_run_point(point, env, run_one, heading))
         if env.is_main:
             tables = write_report(point, studies[-1])
-            report.alpha_plots(studies[-1].results, point.out)
+            report.alpha_plots(studies[-1].results, point.out, point.corruption_kind)
             report.credibility_plots(studies[-1].results, point.out)
     if not env.is_main:
         return None
@@ -250,8 +250,8 @@ def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study
     (out / "results.md").write_text(
         f"# {task.title}: sweep over the training data corruption ({head['data']}, "
         f"preset {args.preset}, {report.seeds_phrase(first.seeds)})\n\n{label} from RGB alone, by the fraction of "
-        f"training samples corrupted (--data-corruption) and the test pixel corruption; {spread}. Each fraction's "
-        f"full report is in its folder (corruption<X>/).\n\n{table}")
+        f"training samples corrupted (--data-corruption) and the test corruption (--test-corruption); {spread}. Each "
+        f"fraction's full report is in its folder (corruption<X>/).\n\n{table}")
     series, errors = {}, {}
     for f, lv in itertools.product(first.fusions, [lv for lv in levels if float(lv) in SWEEP_LEVELS] or levels):
         cells = [_cell(study, f, lv, key) for study in studies]
