@@ -2,9 +2,11 @@
 
 RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and fused; the joint and
 each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
-training samples of which a fraction is corrupted; at test time the pose comes from RGB alone (z_rgb -> keypoint
-decoder) at several pixel-corruption levels. The script reads top to bottom: options, data, model, evaluation, report
-and ``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs of
+training samples of which a fraction is corrupted (visible noise or, with --corruption-kind desync, another sample's
+modality); at test time the pose comes from RGB alone (z_rgb -> keypoint decoder) at several corruption levels, and,
+for joint inference, from the fused posterior with the RGB or the points corrupted, from the points alone, and an
+oracle bound (common/evaluation.py). The script reads top to bottom: options, data, model, evaluation, report and
+``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs of
 --compare, --seeds and --corruption-sweep. See docs/handpose.md.
 
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
@@ -30,10 +32,9 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from common import export, report, study, training
+from common import evaluation, export, report, study, training
 from common.cli import Parser, UsageError, positive_int
-from common.data import eval_loader, load_splits, test_corruption
-from common.evaluation import fusion_weights
+from common.data import load_splits, test_corruption
 from common.networks import CrossModalVAE, KeypointDecoder, cross_modal_vae
 from common.report import FUSION_LABELS
 from gpoe_fusion.likelihoods import squared_error
@@ -109,26 +110,33 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
                            {"keypoints": squared_error})
 
 
-def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """The pose from RGB alone, ``predict(rgb [B, 3, S, S]) -> normalised keypoints [B, 21, 3]``, with every test image
-    pixel-corrupted at each --test-corruption level (paper Section 4.4): ``{str(level): KeypointEvaluator's EPE, PCK
-    and AUC}``. ``predict`` is the model's (``evaluate``) or an exported one's (common/export.py)."""
-    def pose(dataset: Dataset) -> dict:
-        evaluator = KeypointEvaluator()
-        for batch in eval_loader(dataset, args):
-            evaluator.update(predict(batch["rgb"]).float().cpu(), batch["keypoints"], batch["scale"])
-        return evaluator.compute()
+class PoseScore:
+    """``KeypointEvaluator``'s EPE, PCK and AUC (mm) of normalised keypoint predictions [B, 21, 3] against a batch."""
 
-    return {str(level): pose(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+    def __init__(self):
+        self.evaluator = KeypointEvaluator()
+
+    def update(self, keypoints: torch.Tensor, batch: dict) -> None:
+        self.evaluator.update(keypoints.float().cpu(), batch["keypoints"], batch["scale"])
+
+    def compute(self) -> dict:
+        return self.evaluator.compute()
 
 
-@torch.no_grad()
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups: ``metrics``, ``rgb_metrics`` of the model's pose from RGB alone (z_rgb -> keypoint
-    decoder), and the fusion's weights under noise (``evaluation.fusion_weights``)."""
-    model.eval()
-    metrics = rgb_metrics(lambda rgb: model.predict(rgb.to(device), "keypoints"), eval_set, args)
-    return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
+    """The run's metric groups (``evaluation.evaluate``), each the pose's ``PoseScore`` per test level: ``metrics``, the
+    pose from RGB alone with the test images corrupted at each --test-corruption level (pixel corruption: paper Section
+    4.4, the headline); ``metrics_joint``, from the fused posterior of both modalities (the points clean), and
+    ``metrics_oracle``, the same with the corrupted RGB's weight set to 0; ``metrics_aux``, from the points alone at
+    each level of the points' corruption, and ``metrics_joint_aux_corrupted`` and ``metrics_oracle_aux_corrupted``
+    under it (the RGB clean); gPoE's alpha under corruption and the held-out credibility."""
+    return evaluation.evaluate(model, eval_set, args, device, "keypoints", PoseScore)
+
+
+def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
+    """``evaluate``'s ``metrics`` of any predictor of the pose from RGB alone, ``predict(rgb [B, 3, S, S]) ->
+    normalised keypoints [B, 21, 3]`` (an exported model's: common/export.py)."""
+    return evaluation.rgb_metrics(predict, eval_set, args, PoseScore)
 
 
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
@@ -149,7 +157,7 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     for i in range(min(samples, len(eval_set))):
         per_model: dict[str, list] = {name: [] for name in ["input", *models]}
         for level in args.test_corruption:
-            item = test_corruption(eval_set, level, args.seed)[i]
+            item = test_corruption(eval_set, level, args.seed, kind=args.corruption_kind)[i]
             base = Image.fromarray((item["rgb"].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
             base = base.resize((base.width * zoom, base.height * zoom), Image.NEAREST)
             truth = (item["keypoints"], (0, 0, 0))
@@ -160,23 +168,26 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
         rows += per_model.values()
         labels += [f"#{i} " + ("input + GT" if name == "input" else FUSION_LABELS[name]) for name in per_model]
     key = {"ground truth": (0, 0, 0), **{FUSION_LABELS[name]: COLOURS[name] for name in models}}
-    report.image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
-                      legend=key)
+    report.image_grid(rows, path, row_labels=labels, col_labels=report.level_labels(args), legend=key)
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, the held-out
-    credibility), the EPE and PCK plots and the qualitative figure (first seed), in --out; returns the tables."""
-    out, results, statistics = Path(args.out), runs.results, runs.statistics
+    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, joint inference, the
+    held-out credibility), the EPE, joint-inference and PCK plots and the qualitative figure (first seed), in --out;
+    returns the tables."""
+    out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs)
     tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "
-              f"better){report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.3f', statistics)}\n"
-              f"{report.differences_markdown(statistics, COLUMNS, '.3f')}\n"
+              f"better){report.spread(runs.seeds)}.\n\n"
+              f"{report.fusion_table(results, COLUMNS, '.3f', statistics, kind=kind)}\n"
+              f"{report.differences_markdown(statistics, COLUMNS, '.3f', kind=kind)}\n"
+              f"{report.joint_markdown(results, statistics, COLUMNS, '.3f', kind)}\n"
               f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(f"# {TASK.title} ({summary['data']}, preset {args.preset}, "
                                     f"{report.seeds_phrase(runs.seeds)})\n\n{tables}")
     report.corruption_plot(results, "mean_epe_mm", out / "epe_vs_corruption.png", "mean EPE (mm)", "Pose from RGB",
-                           statistics)
+                           statistics, kind=kind)
+    report.joint_plots(results, "mean_epe_mm", out, "mean EPE (mm)", statistics, kind)
     for f, r in results.items():
         report.line_plot(next(iter(r["metrics"].values()))["pck_thresholds_mm"],
                          {f"{float(lv):.0%}": m["pck_curve"] for lv, m in r["metrics"].items()}, out / f"pck_{f}.png",

@@ -3,7 +3,8 @@
 RGB (ResNet-18) and the view's depth point cloud (ResPEL) are encoded and fused; the joint and each unimodal latent
 decode the five-class mask (a DCGAN-style decoder, cross-entropy) and the point cloud (FoldingNet), paper Eq. 12-15 (Eq.
 16 for MoE), on training views of which a fraction is corrupted; at test time the mask comes from RGB alone at several
-pixel-corruption levels, scored by IoU and F1. The script reads as examples/handpose_rhd.py does. See docs/surgical.md.
+pixel-corruption levels, scored by IoU and F1, and joint inference is scored as in examples/handpose_rhd.py. The script
+reads as examples/handpose_rhd.py does. See docs/surgical.md.
 
     python examples/surgical_seg.py                       # demo: built-in data, gPoE, under 3 min on 2 CPU cores
     python examples/surgical_seg.py --compare             # MoE vs PoE vs gPoE (paper Tables 1 and 4, Fig. 6)
@@ -27,10 +28,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from common import export, report, study, training
+from common import evaluation, export, report, study, training
 from common.cli import Parser, UsageError, positive_float, positive_int
-from common.data import Fields, eval_loader, load_splits, test_corruption
-from common.evaluation import fusion_weights
+from common.data import Fields, load_splits, test_corruption
 from common.networks import CrossModalVAE, DCGANDecoder, cross_modal_vae
 from common.report import FUSION_LABELS
 from gpoe_fusion.likelihoods import cross_entropy
@@ -203,31 +203,40 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
                            {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX)})
 
 
-def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """The masks from RGB alone, ``predict(rgb [B, 3, S, S]) -> class logits [B, C, S, S]``, with every test image
-    pixel-corrupted at each --test-corruption level (paper Section 5.3): ``{str(level): SegmentationEvaluator's
-    ``iou``, ``f1`` macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent
-    from target and prediction, ``support``, ``pixels``, and ``num_samples``}``. ``predict`` is the model's
-    (``evaluate``) or an exported one's (common/export.py)."""
-    def masks(dataset: Dataset) -> dict:
-        evaluator = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX)
-        for batch in eval_loader(dataset, args):
-            evaluator.update(predict(batch["rgb"]).float(), batch["mask"])
-        scores = evaluator.compute()
-        for key in ("iou_per_class", "f1_per_class"):  # NaN is no JSON value
+class MaskScore:
+    """``SegmentationEvaluator``'s scores of per-class logits [B, C, S, S] against a batch's masks, NaN as None (no
+    JSON value), and ``num_samples``."""
+
+    def __init__(self):
+        self.evaluator, self.samples = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX), 0
+
+    def update(self, logits: torch.Tensor, batch: dict) -> None:
+        self.evaluator.update(logits.float(), batch["mask"].to(logits.device))
+        self.samples += len(logits)
+
+    def compute(self) -> dict:
+        scores = self.evaluator.compute()
+        for key in ("iou_per_class", "f1_per_class"):
             scores[key] = [None if math.isnan(v) else v for v in scores[key]]
-        return {**scores, "num_samples": len(dataset)}
-
-    return {str(level): masks(test_corruption(eval_set, level, args.seed)) for level in args.test_corruption}
+        return {**scores, "num_samples": self.samples}
 
 
-@torch.no_grad()
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups: ``metrics``, ``rgb_metrics`` of the model's masks from RGB alone (z_rgb -> segmentation
-    decoder), and the fusion's weights under noise (``evaluation.fusion_weights``)."""
-    model.eval()
-    metrics = rgb_metrics(lambda rgb: model.predict(rgb.to(device), "mask"), eval_set, args)
-    return {"metrics": metrics, **fusion_weights(model, eval_set, args, device)}
+    """The run's metric groups (``evaluation.evaluate``), each the masks' ``MaskScore`` per test level (``iou``, ``f1``
+    macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and
+    prediction, ``support``, ``pixels``, ``num_samples``): ``metrics``, the masks from RGB alone with the test images
+    corrupted at each --test-corruption level (pixel corruption: paper Section 5.3, the headline); ``metrics_joint``,
+    from the fused posterior of both modalities (the depth points clean), and ``metrics_oracle``, the same with the
+    corrupted RGB's weight set to 0; ``metrics_aux``, from the depth points alone at each level of the points'
+    corruption, and ``metrics_joint_aux_corrupted`` and ``metrics_oracle_aux_corrupted`` under it (the RGB clean);
+    gPoE's alpha under corruption and the held-out credibility."""
+    return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore)
+
+
+def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
+    """``evaluate``'s ``metrics`` of any predictor of the masks from RGB alone, ``predict(rgb [B, 3, S, S]) -> class
+    logits [B, C, S, S]`` (an exported model's: common/export.py)."""
+    return evaluation.rgb_metrics(predict, eval_set, args, MaskScore)
 
 
 def table_rows(runs: study.Study, fusions: list[str], levels: list[str]) -> list[dict]:
@@ -262,7 +271,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     pixel corruption grows from left to right."""
     rows, labels = [], []
     for i in range(min(samples, len(eval_set))):
-        inputs = torch.stack([test_corruption(eval_set, level, args.seed)[i]["rgb"] for level in args.test_corruption])
+        inputs = torch.stack([test_corruption(eval_set, level, args.seed, kind=args.corruption_kind)[i]["rgb"]
+                              for level in args.test_corruption])
         truth = classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)
         rows += [[(x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in inputs],
                  [truth] * len(inputs),
@@ -272,25 +282,25 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     key = dict(zip(CLASS_NAMES, CLASS_COLORS))
     if args.unknown_colors == "ignore":
         key["not a class (ignored)"] = (0, 0, 0)
-    report.image_grid(rows, path, row_labels=labels, col_labels=[f"{lv:.0%} corruption" for lv in args.test_corruption],
-                      legend=key)
+    report.image_grid(rows, path, row_labels=labels, col_labels=report.level_labels(args), legend=key)
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
     """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds, means with 95 %
-    intervals), the paired differences over seeds, the held-out credibility, the IoU / F1 plots and the qualitative
-    figure (of the first seed's models), in --out. Returns the tables as markdown."""
-    out, results, statistics = Path(args.out), runs.results, runs.statistics
+    intervals), the paired differences over seeds, joint inference, the held-out credibility, the IoU / F1 and
+    joint-inference plots and the qualitative figure (of the first seed's models), in --out. Returns the tables as
+    markdown."""
+    out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,
                                   intrinsics=intrinsics_record(args), splits=splits_record(args))
     levels = report.corruption_levels(results)
-    table4 = report.fusion_table(results, COLUMNS, ".4f", statistics)
+    table4 = report.fusion_table(results, COLUMNS, ".4f", statistics, kind=kind)
     training.write_json(out / "table4.json", {"layout": "paper Table 4", "averaging": AVERAGING,
                                      "rows": table_rows(runs, runs.fusions, levels)})
     (out / "table4.md").write_text(table4)
     tables = f"Paper Table 4 layout: IoU and F1 (macro) from RGB alone{report.spread(runs.seeds)}.\n\n{table4}"
     table1_levels = [lv for lv in levels if float(lv) in TABLE1_LEVELS]
-    if {"poe", "gpoe"} <= set(runs.fusions):  # paper Table 1: PoE and gPoE at its levels
+    if {"poe", "gpoe"} <= set(runs.fusions) and kind == "pixels":  # paper Table 1: PoE and gPoE at its levels
         table1 = report.markdown_table(["Pixel corruption", "Method", "IoU", "F1"], [
             [f"{float(lv):.0%}" if i == 0 else "", FUSION_LABELS[f]]
             + [report.metric_cell(results, statistics, f, lv, key, ".4f") for _, key in COLUMNS]
@@ -299,15 +309,17 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
                                          "rows": table_rows(runs, ["poe", "gpoe"], table1_levels)})
         (out / "table1.md").write_text(table1)
         tables += f"\nPaper Table 1 layout: PoE vs gPoE.\n\n{table1}"
-    tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f')}\n"
+    tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f', kind=kind)}\n"
+               f"{report.joint_markdown(results, statistics, COLUMNS, '.4f', kind)}\n"
                f"{report.credibility_markdown(results, statistics)}")
     (out / "results.md").write_text(
         f"# {TASK.title} ({summary['data']}, preset {args.preset}, {report.seeds_phrase(runs.seeds)})\n\nMasks from "
-        f"RGB alone (z_rgb -> segmentation decoder), {len(eval_set)} test views. {AVERAGING}.\n\n{tables}\nPer class"
-        f"{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
+        f"RGB alone (z_rgb -> segmentation decoder) unless said otherwise, {len(eval_set)} test views. "
+        f"{AVERAGING}.\n\n{tables}\nPer class{report.first_seed(runs.seeds)}, IoU / F1:\n\n{per_class_table(results)}")
     for key, label in (("iou", "IoU (macro)"), ("f1", "F1 (macro)")):
         report.corruption_plot(results, key, out / f"{key}_vs_corruption.png", label, "Segmentation from RGB",
-                               statistics)
+                               statistics, kind=kind)
+    report.joint_plots(results, "iou", out, "IoU (macro)", statistics, kind)
     qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 

@@ -2,6 +2,10 @@
 
 - Pixel corruption: exactly round(p * H * W) pixels of an image replaced by uniform random values.
 - Point-cloud noise: i.i.d. Gaussian noise added to every coordinate.
+- Desynchronisation: a sample's modality replaced by the same modality of another sample, as a sensor
+  out of step delivers it. Both noises above are visible in the input, so an encoder can learn to
+  answer them with a larger variance; a desynchronised input looks like a clean one, so the encoder
+  stays as confident as on clean data, and only the disagreement with the other modalities shows it.
 - ``CorruptedDataset``: a fixed, seeded subset of a dataset's samples has one modality corrupted;
   sample i's corruption depends only on (seed, i), or with ``redraw`` on (seed, epoch, i), so it does
   not change with worker count or access order.
@@ -15,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["CorruptedDataset", "GaussianPointNoise", "PixelCorruption", "gaussian_point_noise", "pixel_corruption"]
+__all__ = ["CorruptedDataset", "Desynchronisation", "GaussianPointNoise", "PixelCorruption", "gaussian_point_noise",
+           "other_index", "pixel_corruption"]
 
 
 def pixel_corruption(image: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -88,13 +93,47 @@ class GaussianPointNoise:
         return f"GaussianPointNoise(sigma={self.sigma})"
 
 
+def other_index(index: int, size: int, generator: torch.Generator | None = None) -> int:
+    """An index in [0, size) other than ``index``, uniform over the size - 1 others."""
+    if size < 2:
+        raise ValueError(f"size: expected at least 2 samples to take another one from, got {size}")
+    if not 0 <= index < size:
+        raise IndexError(f"index: expected 0 <= index < {size}, got {index}")
+    # A shift of 1..size-1 from index: every other index once, index itself never.
+    shift = 1 + int(torch.randint(size - 1, (), generator=generator))
+    return (index + shift) % size
+
+
+class Desynchronisation:
+    """A corruption for ``CorruptedDataset`` that reads other samples: the corrupted sample's modality is the
+    same modality of another sample of the wrapped dataset (``other_index``: uniform over the others, never
+    itself), as a sensor out of step delivers it. The replacement is a real input of that modality, so it looks
+    clean to its encoder.
+
+    ``CorruptedDataset`` calls ``corrupt(dataset, key, index, generator)`` for it instead of
+    ``f(tensor, generator)``; with ``redraw`` the other sample is drawn anew every epoch.
+    """
+
+    def corrupt(self, dataset: Dataset, key: str, index: int, generator: torch.Generator | None = None) -> Tensor:
+        """Modality ``key`` of another sample of ``dataset`` than ``index``."""
+        other = dataset[other_index(int(index), len(dataset), generator)]
+        if not isinstance(other, Mapping) or key not in other:
+            raise KeyError(f"key: dataset items must be mappings holding {key!r}")
+        return other[key]
+
+    def __repr__(self) -> str:
+        return "Desynchronisation()"
+
+
 class CorruptedDataset(Dataset):
     """Corrupts modality ``key`` in a seeded fraction of the samples of ``dataset``.
 
     dataset: items are mappings of name -> tensor; key: the modality to corrupt;
     fraction: share of samples corrupted (exactly round(fraction * len) of them);
-    corruption: ``f(tensor, generator) -> tensor`` (e.g. ``PixelCorruption(0.5)``); seed: fixes both
-    which samples are corrupted and how. Each item gains ``"corrupted_<key>"``: a bool tensor.
+    corruption: ``f(tensor, generator) -> tensor`` (e.g. ``PixelCorruption(0.5)``), or a corruption that
+    reads other samples, with a method ``corrupt(dataset, key, index, generator) -> tensor`` given this
+    dataset's ``dataset`` (e.g. ``Desynchronisation()``); seed: fixes both which samples are corrupted and
+    how. Each item gains ``"corrupted_<key>"``: a bool tensor.
 
     redraw: the corrupted samples stay the same, but their noise is drawn anew for every epoch
     (``set_epoch``, which also reaches a CorruptedDataset inside this one), as a noisy sensor draws
@@ -138,6 +177,9 @@ class CorruptedDataset(Dataset):
             # reproducible in any worker and order.
             stream = self.seed * 1_000_003 + self.epoch + 1 if self.redraw else self.seed
             generator = torch.Generator().manual_seed((stream * 1_000_003 + int(index) + 1) % 2**63)
-            sample[self.key] = self.corruption(sample[self.key], generator)
+            if hasattr(self.corruption, "corrupt"):
+                sample[self.key] = self.corruption.corrupt(self.dataset, self.key, index, generator)
+            else:
+                sample[self.key] = self.corruption(sample[self.key], generator)
         sample[f"corrupted_{self.key}"] = torch.tensor(flag)
         return sample

@@ -1,7 +1,8 @@
-"""Checks both example pipelines share: an exact kill-and-resume, a two-process torchrun run, and the
-held-out credibility every fusion's results hold."""
+"""Checks both example pipelines share: an exact kill-and-resume, a two-process torchrun run, the
+held-out credibility and the joint inference every fusion's results hold."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from common import training
+from common.evaluation import PREDICTIONS
 from common.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,13 +21,17 @@ CREDIBILITY_KEYS = {"auroc", "auroc_alpha", "auroc_share", "weight_clean", "weig
                     "alpha_corrupted", "effective_experts", "samples"}
 
 
-def check_credibility(result: dict, fusion: str, samples: int) -> None:
+def check_credibility(result: dict, fusion: str, samples: int, kind: str = "pixels") -> None:
     """``result`` (a fusion's entry of results.json) holds the held-out credibility of both modalities:
-    every measure, the corruption used, and for PoE and MoE a uniform alpha (AUROC 0.5)."""
+    every measure, the corruption used (of --corruption-kind ``kind``), and for PoE and MoE a uniform
+    alpha (AUROC 0.5)."""
     credibility = result["credibility"]
     assert set(credibility) == {"rgb", "points"}, fusion
-    assert set(credibility["rgb"]) == CREDIBILITY_KEYS | {"pixel_corruption"}
-    assert set(credibility["points"]) == CREDIBILITY_KEYS | {"point_noise"}
+    corruptions = ({"rgb": {"pixel_corruption": 0.9}, "points": {"point_noise": 1.0}} if kind == "pixels"
+                   else {"rgb": {"desync": True}, "points": {"desync": True}})
+    for modality, corruption in corruptions.items():
+        assert set(credibility[modality]) == CREDIBILITY_KEYS | set(corruption)
+        assert {k: credibility[modality][k] for k in corruption} == corruption
     for measures in credibility.values():
         assert measures["samples"] == samples
         for key in ("auroc", "auroc_alpha", "auroc_share", "weight_clean", "weight_corrupted"):
@@ -37,7 +43,30 @@ def check_credibility(result: dict, fusion: str, samples: int) -> None:
             assert measures["auroc"] == measures["auroc_alpha"]
         if fusion == "poe":  # its own weight is the precision share
             assert measures["auroc"] == measures["auroc_share"]
-    assert credibility["rgb"]["pixel_corruption"] == 0.9 and credibility["points"]["point_noise"] == 1.0
+
+
+def check_joint_inference(result: dict, metric: str, rgb_levels: list[str], noise_levels: list[str],
+                          distinct: bool = True) -> None:
+    """``result`` (a fusion's entry of results.json) holds every metric group at its test levels (the RGB's or the
+    points'), ``metric`` finite in each. With every test sample corrupted (pixel corruption and point noise above level
+    0; desync at level 1, the only level above 0 this accepts for it), the oracle (the joint with the corrupted
+    modality masked) is the other modality alone at every level above 0, and with nothing masked the joint. distinct:
+    the joint is neither modality alone and the points' noise changes the points alone (for a metric that a nearly
+    untrained model's predictions do not leave unchanged)."""
+    for group, (_, corrupted) in PREDICTIONS.items():
+        assert list(result[group]) == (rgb_levels if corrupted == "rgb" else noise_levels), group
+        assert all(math.isfinite(scores[metric]) for scores in result[group].values()), group
+    assert rgb_levels[0] == noise_levels[0] == "0.0"
+    rgb_alone, points_alone, joint = (result[g]["0.0"][metric] for g in ("metrics", "metrics_aux", "metrics_joint"))
+    assert result["metrics_joint_aux_corrupted"]["0.0"][metric] == joint
+    assert result["metrics_oracle"]["0.0"][metric] == pytest.approx(joint, rel=1e-5)
+    for level in rgb_levels[1:]:
+        assert result["metrics_oracle"][level][metric] == pytest.approx(points_alone, rel=1e-5), level
+    for level in noise_levels[1:]:
+        assert result["metrics_oracle_aux_corrupted"][level][metric] == pytest.approx(rgb_alone, rel=1e-5), level
+    if distinct:
+        assert joint != pytest.approx(points_alone, rel=1e-4) and joint != pytest.approx(rgb_alone, rel=1e-4)
+        assert result["metrics_aux"][noise_levels[-1]][metric] != points_alone
 
 
 def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = "gpoe") -> None:
@@ -66,8 +95,9 @@ def check_kill_and_resume(main, args_for, out: Path, monkeypatch, fusion: str = 
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
-    metrics = [json.loads((out / run / "results.json").read_text())["fusions"][fusion]["metrics"] for run in ("full", "killed")]
-    assert metrics[0] == metrics[1]
+    results = [json.loads((out / run / "results.json").read_text())["fusions"][fusion] for run in ("full", "killed")]
+    assert [{group: r[group] for group in PREDICTIONS} for r in results] == [{group: results[0][group]
+                                                                              for group in PREDICTIONS}] * 2
 
 
 def free_port() -> int:

@@ -8,10 +8,11 @@ import torch
 import handpose_rhd
 from common.cli import provenance
 from common.training import setup
-from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
+from pipeline_checks import check_credibility, check_joint_inference, check_kill_and_resume, check_torchrun
 
 TINY = ["--num-train", "8", "--num-eval", "4", "--epochs", "2", "--batch-size", "4", "--crop-size", "32",
-        "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
+        "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--test-point-noise", "0", "1",
+        "--no-progress"]
 # Narrower networks, for the runs that train several models.
 SMALL = ["--rgb-width", "8", "--pel-width", "16", "--grid-size", "4", "--fold-hidden", "16", "--keypoint-hidden", "16"]
 
@@ -54,12 +55,31 @@ def test_tiny_end_to_end_run_writes_results(rhd_root, tmp_path):
     assert provenance["rgb_init"].startswith("random")
     assert set(results["fusions"]["gpoe"]["alpha"]["0.5"]) == {"rgb", "points"}
     check_credibility(results["fusions"]["gpoe"], "gpoe", samples=4)
+    check_joint_inference(results["fusions"]["gpoe"], "mean_epe_mm", ["0.0", "0.5"], ["0.0", "1.0"])
+    assert {"test_point_noise"} <= set(provenance["command_line"]) and results["config"]["test_point_noise"] == [0, 1]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| gPoE, joint |" in markdown and "| gPoE, points alone |" in markdown and "@ σ 1 |" in markdown
     assert "signature" not in results["fusions"]["gpoe"] and "credibility_samples" not in results["fusions"]["gpoe"]
     assert "statistics" not in results and "seeds" not in results  # one seed
     assert "Credibility on held-out samples" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "epe_vs_corruption.png", "pck_gpoe.png", "alpha_gpoe.png", "credibility_gpoe.png",
-                 "qualitative.png"):
+                 "qualitative.png", "joint_vs_rgb_corruption.png", "joint_vs_points_corruption.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_desync_corrupts_training_test_and_held_out_samples(rhd_root, tmp_path):
+    handpose_rhd.main(tiny_args(rhd_root, tmp_path, "--fusion", "gpoe", "--epochs", "1", "--corruption-kind", "desync",
+                                "--data-corruption", "0.5", "--test-corruption", "0", "1", *SMALL))
+    results = json.loads((tmp_path / "results.json").read_text())
+    result = results["fusions"]["gpoe"]
+    assert results["config"]["corruption_kind"] == "desync"
+    assert any("corrupted_points=1" in key for key in result["history"][0])  # desync corrupts the points in training
+    check_credibility(result, "gpoe", samples=4, kind="desync")
+    # A level of the points is then a fraction desynchronised, as the RGB's: --test-corruption's.
+    check_joint_inference(result, "mean_epe_mm", ["0.0", "1.0"], ["0.0", "1.0"])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "@ 100% desync |" in markdown and "RGB desynchronised, points clean" in markdown
+    assert "rgb: desynchronised, points: desynchronised" in markdown
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(rhd_root, tmp_path, monkeypatch):
@@ -76,10 +96,11 @@ def test_results_say_which_settings_come_from_the_paper(tmp_path):
     assert set(record["paper"]) == {"num_train", "num_eval", "test_corruption"}
     assert "41258" in record["paper"]["num_train"] and "Table 3" in record["paper"]["test_corruption"]
     assert record["command_line"] == ["epochs"]
-    assert {"lr", "batch_size", "latent_dim", "crop_size", "num_points", "beta"} <= set(record["project_choice"])
+    assert {"lr", "batch_size", "latent_dim", "crop_size", "num_points", "beta", "test_point_noise"} <= set(
+        record["project_choice"])
     parts = [set(record["paper"]), set(record["command_line"]), set(record["project_choice"])]
-    assert set().union(*parts) == set(handpose_rhd.PRESETS["full"]) | {"test_corruption"}
-    assert sum(map(len, parts)) == len(handpose_rhd.PRESETS["full"]) + 1  # each setting in one place
+    assert set().union(*parts) == set(handpose_rhd.PRESETS["full"]) | {"test_corruption", "test_point_noise"}
+    assert sum(map(len, parts)) == len(handpose_rhd.PRESETS["full"]) + 2  # each setting in one place
     assert args.eval_batch_size == args.batch_size == 64 and not args.in_memory
 
 
@@ -92,6 +113,7 @@ def test_compare_can_include_mopoe_and_records_each_fusions_credibility(rhd_root
     assert "MoPoE" in (tmp_path / "results.md").read_text()
     for fusion, result in results["fusions"].items():
         check_credibility(result, fusion, samples=4)
+        check_joint_inference(result, "mean_epe_mm", ["0.0", "0.5"], ["0.0", "1.0"])
         assert (tmp_path / f"credibility_{fusion}.png").stat().st_size > 0
         # Each run's own results.json keeps what its study's reuse and figure need.
         own = json.loads((tmp_path / fusion / "results.json").read_text())

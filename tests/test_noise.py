@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption, gaussian_point_noise, pixel_corruption
+from gpoe_fusion.noise import (CorruptedDataset, Desynchronisation, GaussianPointNoise, PixelCorruption, gaussian_point_noise,
+                               other_index, pixel_corruption)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 0.7, 1.0])
@@ -80,3 +81,86 @@ def test_set_epoch_reaches_a_corrupted_dataset_inside():
     outer = CorruptedDataset(inner, "index", 0.0, PixelCorruption(0.5), seed=2)
     outer.set_epoch(3)
     assert inner.epoch == 3 and outer.epoch == 3
+
+
+def test_other_index_is_uniform_over_the_others_and_never_itself():
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor([other_index(2, 5, generator) for _ in range(8000)])
+    assert not (draws == 2).any()
+    counts = torch.bincount(draws, minlength=5).tolist()
+    assert counts[2] == 0 and all(abs(c - 2000) < 150 for i, c in enumerate(counts) if i != 2)  # 2000 +- 4 sigma
+    assert other_index(0, 2) == 1 and other_index(1, 2) == 0
+    with pytest.raises(ValueError, match="size: expected at least 2"):
+        other_index(0, 1)
+    with pytest.raises(IndexError, match="index: expected 0 <= index < 5"):
+        other_index(5, 5)
+
+
+class Stream(Dataset):
+    """Sample i's modalities both hold i, as synchronised sensors would."""
+
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, i):
+        return {"rgb": torch.full((2, 3), float(i)), "depth": torch.full((4,), float(i))}
+
+
+def test_desynchronised_modality_comes_from_another_sample():
+    data = CorruptedDataset(Stream(), "rgb", 0.5, Desynchronisation(), seed=3)
+    flags = torch.stack([data[i]["corrupted_rgb"] for i in range(30)])
+    assert flags.dtype == torch.bool and int(flags.sum()) == 15 and torch.equal(flags, data.corrupted)
+    sources = set()
+    for i in range(30):
+        item = data[i]
+        rgb = item["rgb"]
+        assert rgb.shape == (2, 3) and (rgb == rgb[0, 0]).all()  # a whole sample's modality, as delivered
+        source = int(rgb[0, 0])
+        assert torch.equal(item["depth"], torch.full((4,), float(i)))  # the other modality stays in step
+        assert (source != i) == bool(flags[i])  # corrupted samples never get their own, clean ones always do
+        if flags[i]:
+            sources.add(source)
+    assert len(sources) > 5  # drawn over the dataset, not one fixed partner
+
+
+def test_desynchronisation_is_reproducible_and_redrawn_per_epoch():
+    def sources(data):
+        return [int(data[i]["rgb"][0, 0]) for i in range(30)]
+
+    first = CorruptedDataset(Stream(), "rgb", 0.5, Desynchronisation(), seed=3, redraw=True)
+    again = CorruptedDataset(Stream(), "rgb", 0.5, Desynchronisation(), seed=3, redraw=True)
+    assert sources(first) == sources(again)
+    assert [int(again[i]["rgb"][0, 0]) for i in reversed(range(30))] == sources(first)[::-1]  # any access order
+    other_seed = CorruptedDataset(Stream(), "rgb", 0.5, Desynchronisation(), seed=4, redraw=True)
+    assert sources(other_seed) != sources(first)
+    epoch0 = sources(first)
+    first.set_epoch(1)
+    epoch1 = sources(first)
+    corrupted = first.corrupted.nonzero().flatten().tolist()
+    assert [epoch0[i] for i in corrupted] != [epoch1[i] for i in corrupted]  # a new partner every epoch
+    assert all(epoch1[i] != i for i in corrupted)
+    first.set_epoch(0)
+    assert sources(first) == epoch0
+
+
+class Single(Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return {"rgb": torch.zeros(3)}
+
+
+def test_desynchronisation_composes_with_the_other_corruptions():
+    # Depth noised in some samples, then RGB desynchronised: the replacement is the other sample's RGB as the
+    # wrapped dataset delivers it, and each flag speaks of its own modality.
+    noised = CorruptedDataset(Stream(), "depth", 0.5, GaussianPointNoise(0.1), seed=1)
+    data = CorruptedDataset(noised, "rgb", 1.0, Desynchronisation(), seed=2)
+    for i in range(30):
+        item = data[i]
+        assert bool(item["corrupted_rgb"]) and int(item["rgb"][0, 0]) != i
+        assert bool(item["corrupted_depth"]) == bool(noised.corrupted[i])
+        assert torch.equal(item["depth"], noised[i]["depth"])
+    assert repr(Desynchronisation()) == "Desynchronisation()"
+    with pytest.raises(ValueError, match="size: expected at least 2"):
+        CorruptedDataset(Single(), "rgb", 1.0, Desynchronisation())[0]  # no other sample to take

@@ -8,7 +8,8 @@ import torch
 import torchvision
 from torch.utils.data import StackDataset
 
-from common.data import credibility_set, materialize, ordered_map
+from common import data
+from common.data import credibility_set, materialize, ordered_map, training_noise
 from common.networks import FoldingNetDecoder, ResNet18Encoder
 
 
@@ -81,7 +82,7 @@ def test_credibility_sets_corrupt_one_modality_each():
         def __getitem__(self, i):
             return {"rgb": torch.zeros(3, 4, 4), "points": torch.zeros(8, 3)}
 
-    args = argparse.Namespace(seed=0, train_pixel_corruption=0.9, point_noise=1.0)
+    args = argparse.Namespace(seed=0, train_pixel_corruption=0.9, point_noise=1.0, corruption_kind="pixels")
     sets = credibility_set(Clean(), args)
     assert {name: corruption for name, (_, corruption) in sets.items()} == {
         "rgb": {"pixel_corruption": 0.9}, "points": {"point_noise": 1.0}}
@@ -94,3 +95,38 @@ def test_credibility_sets_corrupt_one_modality_each():
             assert f"corrupted_{other}" not in item and not item[other].abs().sum()  # the other stays clean
     args.point_noise = 0.0
     assert set(credibility_set(Clean(), args)) == {"rgb"}
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Sample i's RGB and points are all i: what a desynchronised modality holds says whose it is."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return {"rgb": torch.full((3, 4, 4), float(i)), "points": torch.full((8, 3), float(i))}
+
+
+def test_desync_replaces_a_modality_by_another_samples_in_training_test_and_credibility():
+    args = argparse.Namespace(seed=0, train_pixel_corruption=0.9, point_noise=0.0, corruption_kind="desync",
+                              data_corruption=0.3, training_noise="fixed")
+
+    def check(dataset, modality, corrupted):
+        items = [dataset[i] for i in range(10)]
+        assert sum(bool(item[f"corrupted_{modality}"]) for item in items) == corrupted
+        for i, item in enumerate(items):
+            owner = item[modality].flatten()[0].item()
+            assert torch.equal(item[modality], torch.full_like(item[modality], owner))  # a whole sample's, unchanged
+            assert (owner != i) == bool(item[f"corrupted_{modality}"])
+
+    trained = training_noise(Numbered(), args)  # desync corrupts the points whatever --point-noise is
+    for modality in ("rgb", "points"):
+        check(trained, modality, 3)
+        check(data.test_corruption(Numbered(), 0.5, 0, modality, "desync"), modality, 5)  # a level: a fraction desynced
+    sets = credibility_set(Numbered(), args)
+    assert {name: corruption for name, (_, corruption) in sets.items()} == {"rgb": {"desync": True},
+                                                                             "points": {"desync": True}}
+    for modality, (dataset, _) in sets.items():
+        check(dataset, modality, 5)
+        other = "rgb" if modality == "points" else "points"
+        assert all(dataset[i][other].flatten()[0] == i for i in range(10))  # the other modality its own

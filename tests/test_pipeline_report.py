@@ -59,3 +59,29 @@ def test_credibility_figure_and_colour_key_are_drawn(tmp_path):
     report.image_grid([images], tmp_path / "keyed.png", legend={"ground truth": (0, 0, 0), "gPoE": (40, 80, 230)})
     plain, keyed = (Image.open(tmp_path / name).size for name in ("plain.png", "keyed.png"))
     assert keyed[0] == plain[0] and keyed[1] > plain[1]  # the key gets a strip of its own below the grid
+
+
+def test_joint_inference_tables_and_plots_show_each_group_at_its_own_levels(plotted, tmp_path):
+    def joint(epe: float) -> dict:
+        aux = {"0.0": {"mean_epe_mm": epe + 5}, "1.0": {"mean_epe_mm": epe + 9}}
+        return {**result(epe), "metrics_joint": {"0.0": {"mean_epe_mm": epe - 4}, "0.5": {"mean_epe_mm": epe - 1}},
+                "metrics_oracle": {"0.0": {"mean_epe_mm": epe - 4}, "0.5": {"mean_epe_mm": epe + 5}},
+                "metrics_aux": aux, "metrics_joint_aux_corrupted": {"0.0": {"mean_epe_mm": epe - 4},
+                                                                "1.0": {"mean_epe_mm": epe + 1}},
+                "metrics_oracle_aux_corrupted": {"0.0": {"mean_epe_mm": epe - 4}, "1.0": {"mean_epe_mm": epe}}}
+
+    results = {"poe": joint(41.0), "gpoe": joint(40.0)}
+    markdown = report.joint_markdown(results, None, [("EPE", "mean_epe_mm")], ".2f")
+    assert "| Fusion | EPE @ 0% | EPE @ 50% |" in markdown and "| Fusion | EPE @ σ 0 | EPE @ σ 1 |" in markdown
+    assert "| gPoE, joint | 36.00 | 39.00 |" in markdown and "| PoE, points alone | 46.00 | 50.00 |" in markdown
+    assert markdown.index("| PoE, joint |") < markdown.index("| gPoE, joint |") < markdown.index("| PoE, oracle |")
+    report.joint_plots(results, "mean_epe_mm", tmp_path, "EPE")
+    (x_rgb, series_rgb, _, xlabel_rgb, *_), styles_rgb = plotted[0][0], plotted[0][1]["styles"]
+    (x_points, series_points, _, xlabel_points, *_), _ = plotted[1]
+    assert x_rgb == [0.0, 50.0] and xlabel_rgb == "test pixel corruption (%)"
+    assert x_points == [0.0, 1.0] and xlabel_points.startswith("test noise of the points")
+    assert series_rgb["gPoE, oracle"] == [36.0, 45.0] and series_points["PoE, points alone"] == [46.0, 50.0]
+    # A fusion keeps its colour, a prediction its line style.
+    colour = {name: style["color"] for name, style in styles_rgb.items()}
+    assert colour["gPoE, joint"] == colour["gPoE, oracle"] != colour["PoE, joint"]
+    assert styles_rgb["gPoE, joint"]["linestyle"] != styles_rgb["gPoE, oracle"]["linestyle"]

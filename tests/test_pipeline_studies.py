@@ -12,14 +12,16 @@ import surgical_seg
 from common import study, training
 from common.training import write_json
 from common.cli import provenance, run_signature
+from common.evaluation import group_levels
 
 HANDPOSE = ["--num-train", "8", "--num-eval", "4", "--epochs", "1", "--batch-size", "4", "--crop-size", "32",
             "--num-points", "32", "--latent-dim", "8", "--rgb-width", "8", "--pel-width", "16", "--grid-size", "4",
-            "--fold-hidden", "16", "--keypoint-hidden", "16", "--test-corruption", "0", "0.5", "--no-progress"]
+            "--fold-hidden", "16", "--keypoint-hidden", "16", "--test-corruption", "0", "0.5", "--test-point-noise", "0",
+            "1", "--no-progress"]
 SURGICAL = ["--num-train", "8", "--num-eval", "2", "--epochs", "1", "--batch-size", "4", "--image-size", "16",
             "--num-points", "32", "--latent-dim", "8", "--rgb-width", "8", "--pel-width", "16", "--grid-size", "4",
             "--fold-hidden", "16", "--seg-base", "32", "--seg-min-channels", "8", "--test-corruption", "0", "0.5",
-            "--no-progress"]
+            "--test-point-noise", "0", "1", "--no-progress"]
 REUSED = "its results loaded (not retrained)"
 
 
@@ -53,9 +55,15 @@ def test_seeds_give_statistics_and_a_second_invocation_reuses_the_finished_seeds
     poe = [results["fusions"]["poe"]["runs"][s]["metrics"]["0.5"]["mean_epe_mm"] for s in ("0", "1")]
     assert difference["metrics"]["0.5"]["mean_epe_mm"]["per_seed"] == pytest.approx([g - p for g, p in zip(values, poe)])
     assert set(difference["credibility"]["rgb"]["auroc"]) >= {"per_seed", "mean", "ci95", "excludes_zero"}
+    joint = [results["fusions"][f]["runs"][s]["metrics_joint_aux_corrupted"]["1.0"]["mean_epe_mm"]
+             for f in ("gpoe", "poe") for s in ("0", "1")]
+    assert difference["metrics_joint_aux_corrupted"]["1.0"]["mean_epe_mm"]["per_seed"] == pytest.approx(
+        [joint[0] - joint[2], joint[1] - joint[3]])
+    assert statistics["metrics_oracle"]["poe"]["0.5"]["mean_epe_mm"]["n"] == 2
     assert statistics["credibility"]["poe"]["points"]["auroc"]["n"] == 2
     markdown = (tmp_path / "results.md").read_text()
     assert "seeds 0-1" in markdown and " ± " in markdown and "Paired differences over the 2 seeds" in markdown
+    assert markdown.count("Paired differences of the joint over the 2 seeds") == 2
     assert "exclude 0" in markdown or "No paired difference's 95 % interval excludes 0." in markdown
     for name in ("epe_vs_corruption.png", "credibility_poe.png", "credibility_gpoe.png", "qualitative.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -173,9 +181,13 @@ def test_a_run_trained_from_other_start_weights_is_not_reused(rhd_root, tmp_path
     random_init, from_file, from_copy = args_of(), args_of("--rgb-weights", str(weights)), args_of("--rgb-weights", str(copy))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoint.pt").write_bytes(b"")
-    write_json(tmp_path / "out" / "results.json", {"signature": run_signature(from_file),
-                                                   "metrics": {str(lv): {} for lv in from_file.test_corruption}})
+    groups = {group: {str(lv): {} for lv in levels} for group, levels in group_levels(from_file).items()}
+    write_json(tmp_path / "out" / "results.json", {"signature": run_signature(from_file), **groups})
     assert study.finished_run(from_file) is not None and study.finished_run(from_copy) is not None
     assert study.finished_run(random_init) is None
+    # A result without joint inference (of an older version), or at other levels of it, is evaluated again.
+    write_json(tmp_path / "out" / "results.json", {"signature": run_signature(from_file), "metrics": groups["metrics"]})
+    assert study.finished_run(from_file) is None
+    assert study.finished_run(args_of("--rgb-weights", str(weights), "--test-point-noise", "0", "2")) is None
     assert run_signature(random_init) != run_signature(from_file) == run_signature(from_copy)
     assert provenance(from_file, handpose_rhd.PRESETS, {})["rgb_init"].startswith(f"weights from --rgb-weights {weights}")

@@ -73,3 +73,17 @@ def test_study_statistics_summarises_float_metrics_and_pairs_gpoe_with_each_othe
     assert auroc["per_seed"] == pytest.approx([0.4, 0.3]) and stats["credibility"]["poe"]["rgb"]["auroc"]["n"] == 2
     # Without gPoE there is nothing to pair.
     assert study_statistics({"poe": runs["poe"], "moe": runs["moe"]}, [0, 1])["differences"] == {}
+
+
+def test_study_statistics_summarises_and_pairs_every_metric_group_the_runs_hold():
+    def joint_run(epe: float, joint: float) -> dict:
+        return {**run(epe, 0.5), "metrics_joint": {"0.0": {"mean_epe_mm": joint}, "0.5": {"mean_epe_mm": joint + 3}}}
+
+    runs = {"poe": {0: joint_run(48.0, 30.0), 1: joint_run(51.0, 33.0)},
+            "gpoe": {0: joint_run(47.0, 29.0), 1: joint_run(49.0, 30.5)}}
+    stats = study_statistics(runs, [0, 1])
+    assert stats["metrics_joint"]["gpoe"]["0.5"]["mean_epe_mm"]["mean"] == 32.75
+    joint = stats["differences"]["gpoe-poe"]["metrics_joint"]
+    assert joint["0.0"]["mean_epe_mm"]["per_seed"] == [-1.0, -2.5] == joint["0.5"]["mean_epe_mm"]["per_seed"]
+    assert stats["differences"]["gpoe-poe"]["metrics"]["0.0"]["mean_epe_mm"]["per_seed"] == [-1.0, -2.0]
+    assert "metrics_aux" not in stats  # a group no run holds

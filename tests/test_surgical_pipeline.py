@@ -10,13 +10,14 @@ import torch
 import surgical_seg
 from common.cli import UsageError
 from common.training import setup
-from pipeline_checks import check_credibility, check_kill_and_resume, check_torchrun
+from pipeline_checks import check_credibility, check_joint_inference, check_kill_and_resume, check_torchrun
 from common.networks import DCGANDecoder
 from sim2real.dataset import NUM_CLASSES, Sim2RealDataset
 
 # 7 scenes x 2 views: 8 training views (scenes 1-4) and 2 test views (scene 7).
 TINY = ["--split", "scene", "--num-train", "8", "--num-eval", "2", "--epochs", "2", "--batch-size", "4", "--image-size", "16",
-        "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--no-progress"]
+        "--num-points", "32", "--latent-dim", "8", "--test-corruption", "0", "0.5", "--test-point-noise", "0", "1",
+        "--no-progress"]
 
 
 def tiny_args(root, out, *extra):
@@ -64,6 +65,10 @@ def test_tiny_compare_run_writes_results_and_tables(sim2real_root, tmp_path):
         assert (result["alpha"] is not None) == (fusion == "gpoe")
         assert (tmp_path / fusion / "checkpoint.pt").is_file()
         check_credibility(result, fusion, samples=2)
+        # IoU of two views, from a decoder trained one epoch: predictions of different latents may well agree.
+        check_joint_inference(result, "iou", ["0.0", "0.25", "0.7"], ["0.0", "1.0"], distinct=False)
+        assert result["metrics_joint"]["0.7"]["num_samples"] == 2
+        assert len(result["metrics_aux"]["1.0"]["iou_per_class"]) == NUM_CLASSES
         assert (tmp_path / f"credibility_{fusion}.png").stat().st_size > 0
     assert set(results["fusions"]["gpoe"]["alpha"]["0.7"]) == {"rgb", "points"}
     table4 = json.loads((tmp_path / "table4.json").read_text())["rows"]
@@ -74,9 +79,21 @@ def test_tiny_compare_run_writes_results_and_tables(sim2real_root, tmp_path):
     expected = [(0.0, "poe"), (0.0, "gpoe"), (0.7, "poe"), (0.7, "gpoe")]  # 25 % is no Table 1 level
     assert [(r["corruption"], r["fusion"]) for r in table1] == expected
     assert "| 70% | PoE |" in (tmp_path / "table1.md").read_text()
+    assert "| PoE, oracle |" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "table4.md", "iou_vs_corruption.png", "f1_vs_corruption.png", "alpha_gpoe.png",
-                 "qualitative.png"):
+                 "qualitative.png", "joint_vs_rgb_corruption.png", "joint_vs_points_corruption.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_desync_runs_end_to_end_without_the_papers_pixel_table(sim2real_root, tmp_path):
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path, "--compare", "--fusions", "poe", "gpoe", "--epochs", "1",
+                                "--max-steps", "1", "--corruption-kind", "desync", "--test-corruption", "0", "1"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    for fusion, result in results["fusions"].items():
+        check_credibility(result, fusion, samples=2, kind="desync")
+        check_joint_inference(result, "iou", ["0.0", "1.0"], ["0.0", "1.0"], distinct=False)
+    assert not (tmp_path / "table1.md").exists()  # paper Table 1 is of pixel corruption
+    assert "IoU @ 100% desync" in (tmp_path / "table4.md").read_text()
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(sim2real_root, tmp_path, monkeypatch):

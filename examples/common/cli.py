@@ -24,11 +24,15 @@ from .networks import FUSIONS, load_resnet18_state
 COMPARED = ("moe", "poe", "gpoe")  # what --compare trains unless --fusions says otherwise: the paper's comparison
 TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)  # the paper's test pixel-corruption levels
 TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent)"
+# The test noise levels of the point cloud (std, normalised units): up to the presets' training --point-noise, 1.
+TEST_POINT_NOISE = (0.0, 0.25, 0.5, 1.0)
+# The options of the test levels (not in a preset; in results.json's provenance: the paper gives the pixel levels).
+TEST_LEVELS = ("test_corruption", "test_point_noise")
 # Options of how a run executes or reports, or of which runs a study makes (a run's own seed, fusion and data
 # corruption are in its signature), not of the model it trains: with other values of these it is the same run.
 NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
                     "device", "cache_dir", "workers", "in_memory", "eval_batch_size", "test_corruption", "given",
-                    "rgb_weights", "export_onnx"}
+                    "rgb_weights", "export_onnx", "test_point_noise"}
 
 
 class UsageError(Exception):
@@ -143,7 +147,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--point-noise", **number, help="std of the noise on a corrupted training point cloud (normalised units)")
     add("--training-noise", choices=("fixed", "fresh"), help="fixed: a corrupted sample's noise is the same every "
         "epoch; fresh: drawn anew every epoch, so that a model cannot learn it by heart")
+    add("--corruption-kind", choices=("pixels", "desync"), default="pixels",
+        help="the corruption of training, test and held-out samples: pixels, noise the encoder can see (the RGB's "
+             "pixels replaced, Gaussian noise on the points); desync, a modality replaced by the same modality of "
+             "another sample, as a sensor out of step delivers it, which looks clean to the encoder (a test level is "
+             "then the fraction of the samples desynchronised, for the RGB and the points alike)")
     add("--test-corruption", type=fraction, metavar="P", nargs="+", help="test-time pixel-corruption levels")
+    add("--test-point-noise", type=non_negative_float, metavar="SIGMA", nargs="+",
+        help="test-time noise levels of the point cloud (std, as --point-noise), scored with the RGB clean")
     add("--corruption-sweep", **share, nargs="+", help="train at each --data-corruption X (into corruption<X>/) and "
         "plot the metric against them (paper Fig. 4, first panel) (default: none)")
 
@@ -179,6 +190,7 @@ def _shown(value: object) -> str:
 def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, object]], **notes: str) -> None:
     """End every option's help with its default: each preset's value, the fixed one, or words (``notes[dest]``)."""
     notes = {"test_corruption": f"{_shown(TEST_CORRUPTION)}, the paper's levels",
+             "test_point_noise": f"{_shown(TEST_POINT_NOISE)}, up to the presets' training noise",
              "compare": ", ".join(f"{name} {'on' if p.get('compare') else 'off'}" for name, p in presets.items()),
              "eval_batch_size": ", ".join(f"{name} {p['eval_batch_size'] or 'the training batch size'}"
                                           for name, p in presets.items()), **notes}
@@ -197,15 +209,16 @@ def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[s
 def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  presets: Mapping[str, Mapping[str, object]]) -> argparse.Namespace:
     """Fill every option left unset from the chosen preset, then check the values together (a bad one ends the program
-    through ``parser.error``). Records ``args.given``, the preset's settings (and ``test_corruption``) set on the
+    through ``parser.error``). Records ``args.given``, the preset's settings (and the test levels) set on the
     command line, and ``args.rgb_weights_sha256``, what the RGB encoder starts from (None: random weights)."""
     preset = presets[args.preset]
-    args.given = sorted(key for key in [*preset, "test_corruption"] if getattr(args, key, None) is not None)
+    args.given = sorted(key for key in [*preset, *TEST_LEVELS] if getattr(args, key, None) is not None)
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.compare = bool(args.compare)
     args.test_corruption = args.test_corruption or list(TEST_CORRUPTION)
+    args.test_point_noise = args.test_point_noise or list(TEST_POINT_NOISE)
     args.eval_batch_size = args.eval_batch_size or args.batch_size
     if args.corruption_sweep is not None:
         if len(set(args.corruption_sweep)) < len(args.corruption_sweep):
@@ -240,7 +253,7 @@ def provenance(args: argparse.Namespace, presets: Mapping[str, Mapping[str, obje
     """Where each setting comes from, for results.json: ``{"paper": {setting: where}, "command_line": [...],
     "project_choice": [...], "rgb_init": ...}``, every preset setting (and the test levels) in exactly one of the three
     lists. from_paper: setting -> where the paper gives it, for this preset."""
-    keys, given = [*presets[args.preset], "test_corruption"], set(args.given)
+    keys, given = [*presets[args.preset], *TEST_LEVELS], set(args.given)
     paper = {"test_corruption": TEST_CORRUPTION_SOURCE, **from_paper}
     return {"paper": {k: paper[k] for k in keys if k in paper and k not in given},
             "command_line": [k for k in keys if k in given],

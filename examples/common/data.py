@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, StackDataset, Subset
 from tqdm import tqdm
 
-from gpoe_fusion.noise import CorruptedDataset, GaussianPointNoise, PixelCorruption
+from gpoe_fusion.noise import CorruptedDataset, Desynchronisation, GaussianPointNoise, PixelCorruption
 
 from .cli import UsageError
 
@@ -178,51 +178,66 @@ def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
 
 
 # The corruptions of the experiments (paper Section 4.3), each drawn from its own stream of the run's
-# seed: the training RGB and points, the test RGB, and the held-out credibility set's RGB and points.
-_SEED_RGB, _SEED_POINTS, _SEED_TEST, _SEED_CREDIBILITY_RGB, _SEED_CREDIBILITY_POINTS = 1, 2, 3, 4, 5
+# seed: the training RGB and points, the test RGB, the held-out credibility set's RGB and points, and
+# the test points.
+_SEED_RGB, _SEED_POINTS, _SEED_TEST, _SEED_CREDIBILITY_RGB, _SEED_CREDIBILITY_POINTS, _SEED_TEST_POINTS = range(1, 7)
 # The share of the credibility set's samples with a modality corrupted: the two equal groups an AUROC
 # compares best.
 CREDIBILITY_FRACTION = 0.5
 
 
+def corruption(modality: str, strength: float, kind: str) -> object:
+    """A corruption of ``modality`` for ``CorruptedDataset``, of --corruption-kind ``kind``: "pixels", the visible noise
+    (the RGB: a share ``strength`` of its pixels replaced; the points: Gaussian noise of std ``strength``), or "desync",
+    the modality of another sample, which looks clean to the encoder (``strength`` does not apply)."""
+    if kind == "desync":
+        return Desynchronisation()
+    return PixelCorruption(strength) if modality == "rgb" else GaussianPointNoise(strength)
+
+
 def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
-    """The RGB of a seeded --data-corruption of the samples pixel-corrupted and, independently, the point cloud of
-    another such fraction noised; with --training-noise fresh their noise is drawn anew every epoch (the training loop's
-    ``set_epoch``). Items gain ``corrupted_rgb`` / ``corrupted_points``."""
+    """The RGB of a seeded --data-corruption of the samples corrupted and, independently, the point cloud of another
+    such fraction, by --corruption-kind: pixels, the RGB pixel-corrupted at --train-pixel-corruption and the points
+    noised at --point-noise (unless it is 0); desync, both desynchronised. With --training-noise fresh the noise (the
+    other sample) is drawn anew every epoch (the training loop's ``set_epoch``). Items gain ``corrupted_rgb`` /
+    ``corrupted_points``."""
     if args.data_corruption <= 0:
         return dataset
     redraw = args.training_noise == "fresh"
-    dataset = CorruptedDataset(dataset, "rgb", args.data_corruption, PixelCorruption(args.train_pixel_corruption),
+    dataset = CorruptedDataset(dataset, "rgb", args.data_corruption,
+                               corruption("rgb", args.train_pixel_corruption, args.corruption_kind),
                                seed=args.seed * 10 + _SEED_RGB, redraw=redraw)
-    if args.point_noise > 0:
-        dataset = CorruptedDataset(dataset, "points", args.data_corruption, GaussianPointNoise(args.point_noise),
+    if args.point_noise > 0 or args.corruption_kind == "desync":
+        dataset = CorruptedDataset(dataset, "points", args.data_corruption,
+                                   corruption("points", args.point_noise, args.corruption_kind),
                                    seed=args.seed * 10 + _SEED_POINTS, redraw=redraw)
     return dataset
 
 
-def test_corruption(dataset: Dataset, level: float, seed: int) -> Dataset:
-    """Every sample's RGB pixel-corrupted at ``level`` (seeded), as the paper's test settings."""
+def test_corruption(dataset: Dataset, level: float, seed: int, modality: str = "rgb", kind: str = "pixels") -> Dataset:
+    """``modality`` corrupted at the test ``level`` (seeded), by --corruption-kind ``kind``: pixels, every sample's RGB
+    pixel-corrupted at ``level`` (the paper's test settings) or its points noised with std ``level``; desync, a
+    fraction ``level`` of the samples with that modality desynchronised."""
     if level <= 0:
         return dataset
-    return CorruptedDataset(dataset, "rgb", 1.0, PixelCorruption(level), seed=seed * 10 + _SEED_TEST)
+    return CorruptedDataset(dataset, modality, level if kind == "desync" else 1.0, corruption(modality, level, kind),
+                            seed=seed * 10 + (_SEED_TEST if modality == "rgb" else _SEED_TEST_POINTS))
 
 
-def credibility_set(dataset: Dataset, args: argparse.Namespace) -> dict[str, tuple[Dataset, dict[str, float]]]:
-    """Held-out samples with known corruption, one set per corrupted modality: the RGB of a seeded half of ``dataset``
-    pixel-corrupted at --train-pixel-corruption, or the points of a seeded half noised at --point-noise, each item
-    flagging its own (``corrupted_<modality>``), every other modality clean: a fusion's weights share out a whole, so
-    with both corrupted neither weight needs to fall. Returns modality -> (its set, ``{"pixel_corruption": p}`` or
-    ``{"point_noise": sigma}``); a modality whose training strength is 0 is left out.
+def credibility_set(dataset: Dataset, args: argparse.Namespace) -> dict[str, tuple[Dataset, dict[str, object]]]:
+    """Held-out samples with known corruption, one set per corrupted modality, by --corruption-kind: the RGB of a
+    seeded half of ``dataset`` pixel-corrupted at --train-pixel-corruption, or the points of a seeded half noised at
+    --point-noise, or either desynchronised; each item flags its own (``corrupted_<modality>``), every other modality
+    clean: a fusion's weights share out a whole, so with both corrupted neither weight needs to fall. Returns modality
+    -> (its set, ``{"pixel_corruption": p}``, ``{"point_noise": sigma}`` or ``{"desync": True}``); with pixels, a
+    modality whose training strength is 0 is left out.
     """
-    sets = {}
-    if args.train_pixel_corruption > 0:
-        sets["rgb"] = (CorruptedDataset(dataset, "rgb", CREDIBILITY_FRACTION,
-                                        PixelCorruption(args.train_pixel_corruption),
-                                        seed=args.seed * 10 + _SEED_CREDIBILITY_RGB),
-                       {"pixel_corruption": args.train_pixel_corruption})
-    if args.point_noise > 0:
-        sets["points"] = (CorruptedDataset(dataset, "points", CREDIBILITY_FRACTION,
-                                           GaussianPointNoise(args.point_noise),
-                                           seed=args.seed * 10 + _SEED_CREDIBILITY_POINTS),
-                          {"point_noise": args.point_noise})
+    kind, sets = args.corruption_kind, {}
+    strengths = (("rgb", args.train_pixel_corruption, "pixel_corruption", _SEED_CREDIBILITY_RGB),
+                 ("points", args.point_noise, "point_noise", _SEED_CREDIBILITY_POINTS))
+    for modality, strength, key, seed in strengths:
+        if strength > 0 or kind == "desync":
+            sets[modality] = (CorruptedDataset(dataset, modality, CREDIBILITY_FRACTION,
+                                               corruption(modality, strength, kind), seed=args.seed * 10 + seed),
+                              {"desync": True} if kind == "desync" else {key: strength})
     return sets

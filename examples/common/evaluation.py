@@ -1,12 +1,17 @@
-"""What both pipelines measure of a trained fusion besides their own metrics: does it trust a modality less when that
-modality is corrupted? (The flags only measure; nothing in training sees them.)"""
+"""What both pipelines measure of a trained model: the task's scores of the predictions it makes under test corruption
+(``predictions``: from RGB alone, the paper's protocol; from the fused posterior of all modalities; from the auxiliary
+modality alone; an oracle bound) and whether the fusion trusts a modality less when that modality is corrupted
+(``credibility``). (The corruption flags only measure; nothing in training sees them.)"""
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 import gpoe_fusion as gf
@@ -15,36 +20,130 @@ from gpoe_fusion.diagnostics import credibility_report
 from .data import credibility_set, eval_loader, test_corruption
 from .networks import CrossModalVAE
 
+# A run's metric groups: name -> (what is decoded, the modality corrupted at its test levels; the other is clean).
+# "metrics", z_rgb under pixel corruption, is the paper's protocol (Section 4.4) and the headline. "joint" decodes
+# the mean of the fused posterior of all modalities (MoE's and MoPoE's: the mixture's mean); "oracle" the same with
+# the weight of the modality that the corruption flags mark set to 0 (the fusion's mask): a bound for measurement
+# only, as no fusion sees the flags; "points" decodes z_points, the auxiliary modality alone.
+PREDICTIONS = {"metrics": ("rgb", "rgb"), "metrics_joint": ("joint", "rgb"), "metrics_oracle": ("oracle", "rgb"),
+               "metrics_aux": ("points", "points"), "metrics_joint_aux_corrupted": ("joint", "points"),
+               "metrics_oracle_aux_corrupted": ("oracle", "points")}
+
+
+class Score(Protocol):
+    """A pipeline's metric accumulated over the batches: ``update(prediction, batch)`` each, then ``compute()``."""
+
+    def update(self, prediction: Tensor, batch: Mapping[str, Tensor]) -> None: ...
+
+    def compute(self) -> dict: ...
+
+
+def modality_levels(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each modality's test levels: the RGB's --test-corruption; the points' --test-point-noise, or with
+    --corruption-kind desync --test-corruption too (the fractions of the samples desynchronised)."""
+    points = args.test_corruption if args.corruption_kind == "desync" else args.test_point_noise
+    return {"rgb": list(args.test_corruption), "points": list(points)}
+
+
+def group_levels(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each metric group's test levels, those of its corrupted modality (``modality_levels``)."""
+    levels = modality_levels(args)
+    return {group: levels[corrupted] for group, (_, corrupted) in PREDICTIONS.items()}
+
 
 @torch.no_grad()
-def fusion_weights(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The metric groups of the fusion's weights on the evaluation ``dataset``: ``alpha``, gPoE's mean alpha per
-    modality at each --test-corruption level of the RGB (``{level: {modality: mean}}``; None for the other fusions);
-    ``credibility``, per modality of ``data.credibility_set``, ``diagnostics.credibility_report``'s measures (``auroc``
-    of the fusion's own weight, ``auroc_alpha``, ``auroc_share``, ``weight_clean``, ``weight_corrupted``,
-    ``alpha_clean``, ``alpha_corrupted``, ``effective_experts``, ``samples``; None where a group is empty) and the
-    corruption; ``credibility_samples``, each sample's weight (mean over D) and flag."""
+def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device, decoded: str,
+                score: Callable[[], Score]) -> dict:
+    """The metric groups of PREDICTIONS on the evaluation ``dataset``, ``{group: {str(level): scores}}``: the decoder
+    ``decoded``'s predictions scored by a fresh ``score()`` each, with the RGB or the points corrupted at each of their
+    levels (``modality_levels``; ``data.test_corruption`` of --corruption-kind), the other modality clean; and
+    ``alpha``, gPoE's mean alpha per modality at each --test-corruption level (``{level: {modality: mean}}``; None for
+    the other fusions). One pass over the clean samples, then one per level that encodes the corrupted modality only:
+    the other one's posterior is the clean pass's."""
+    model.eval()
+    fusion, decoder, names = model.objective.fusion, model.objective.decoders[decoded], model.modalities
+    levels = group_levels(args)
+    passes = [(None, 0.0)] + [(m, level) for m, at in modality_levels(args).items()
+                              for level in dict.fromkeys(at) if level > 0]
+    scores: dict[tuple[str, float], Score] = {}
+    alpha_sums: dict[float, Tensor] = {}
+    clean: list[dict[str, tuple[Tensor, Tensor, Tensor]]] = []  # per batch: modality -> (mu, logvar, features)
+    for corrupted, level in passes:
+        groups = [g for g, (_, m) in PREDICTIONS.items() if corrupted in (None, m) and level in levels[g]]
+        measure_alpha = isinstance(fusion, gf.GPoE) and corrupted in (None, "rgb") and level in args.test_corruption
+        data = dataset if corrupted is None else test_corruption(dataset, level, args.seed, corrupted,
+                                                                  args.corruption_kind)
+        for i, batch in enumerate(eval_loader(data, args)):
+            if corrupted is None:
+                clean.append({m: model.encoders[m](batch[m].to(device)) for m in names})
+                encoded = clean[i]
+            else:
+                encoded = {**clean[i], corrupted: model.encoders[corrupted](batch[corrupted].to(device))}
+            mu, logvar = (torch.stack([encoded[m][part] for m in names]) for part in (0, 1))
+            features = [encoded[m][2] for m in names]
+            joint, weights = fusion(mu, logvar, None, features, return_weights=True)
+            if measure_alpha:
+                alpha_sums[level] = alpha_sums.get(level, 0) + weights.double().sum((1, 2)).cpu()
+            flags = torch.stack([batch.get(f"corrupted_{m}", torch.zeros(len(mu[0]), dtype=torch.bool))
+                                 for m in names]).to(device)
+            decoded_once: dict[str, Tensor] = {}  # the clean pass scores the joint for both corrupted modalities
+            for group in groups:
+                what = PREDICTIONS[group][0]
+                if what not in decoded_once:
+                    if what == "joint":
+                        z = joint.mean
+                    elif what == "oracle":
+                        z = fusion(mu, logvar, ~flags, features).mean
+                    else:
+                        z = encoded[what][0]
+                    decoded_once[what] = decoder(z)
+                if (group, level) not in scores:
+                    scores[group, level] = score()
+                scores[group, level].update(decoded_once[what], batch)
+    result = {group: {str(level): scores[group, level].compute() for level in at} for group, at in levels.items()}
+    count = len(dataset) * clean[0][names[0]][0].shape[-1]  # alpha's entries at a level: samples x latent dims
+    result["alpha"] = None if not alpha_sums else {
+        str(level): dict(zip(names, (alpha_sums[level] / count).tolist())) for level in args.test_corruption}
+    return result
+
+
+@torch.no_grad()
+def rgb_metrics(predict: Callable[[Tensor], Tensor], dataset: Dataset, args: argparse.Namespace,
+                score: Callable[[], Score]) -> dict:
+    """The ``metrics`` group of ``predictions`` for any predictor of the task from RGB alone, ``predict(rgb) ->
+    prediction`` (an exported model's, common/export.py): ``{str(level): score().compute()}`` with the RGB corrupted at
+    each --test-corruption level as ``predictions`` corrupts it."""
+    result = {}
+    for level in args.test_corruption:
+        data = dataset if level == 0 else test_corruption(dataset, level, args.seed, "rgb", args.corruption_kind)
+        scores = score()
+        for batch in eval_loader(data, args):
+            scores.update(predict(batch["rgb"]), batch)
+        result[str(level)] = scores.compute()
+    return result
+
+
+@torch.no_grad()
+def credibility(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The held-out credibility of the fusion's weights on the evaluation ``dataset``: ``credibility``, per modality of
+    ``data.credibility_set``, ``diagnostics.credibility_report``'s measures (``auroc`` of the fusion's own weight,
+    ``auroc_alpha``, ``auroc_share``, ``weight_clean``, ``weight_corrupted``, ``alpha_clean``, ``alpha_corrupted``,
+    ``effective_experts``, ``samples``; None where a group is empty) and the corruption; ``credibility_samples``, each
+    sample's weight (mean over D) and flag."""
     model.eval()
 
-    def measure(data: Dataset, flag: str | None = None) -> dict[str, torch.Tensor]:
+    def measure(data: Dataset, flag: str) -> dict[str, torch.Tensor]:
         """Over ``data``: the fusion's own weights, gPoE's alpha (uniform for the other fusions: a product of experts is
-        gPoE with uniform alpha) and the experts' logvar, [M, N, D] each (and the item's ``flag`` [N])."""
+        gPoE with uniform alpha) and the experts' logvar, [M, N, D] each, and the item's ``flag`` [N]."""
         parts = []
         for batch in eval_loader(data, args):
             posteriors, features = model.encode({m: batch[m].to(device) for m in model.modalities})
             weights = model.objective.fusion_weights(posteriors, features=features)
             logvar = torch.stack([lv for _, lv in posteriors.values()])
             alpha = weights if isinstance(model.objective.fusion, gf.GPoE) else torch.full_like(logvar, 1 / len(logvar))
-            parts.append({"weights": weights, "alpha": alpha, "logvar": logvar,
-                          **({flag: batch[flag]} if flag else {})})
+            parts.append({"weights": weights, "alpha": alpha, "logvar": logvar, flag: batch[flag]})
         return {key: torch.cat([p[key].float().cpu() for p in parts], dim=0 if key == flag else 1) for key in parts[0]}
 
-    alpha = None
-    if isinstance(model.objective.fusion, gf.GPoE):
-        alpha = {}
-        for level in args.test_corruption:
-            mean = measure(test_corruption(dataset, level, args.seed))["alpha"].double().mean((1, 2))
-            alpha[str(level)] = dict(zip(model.modalities, mean.tolist()))
     report, samples = {}, {}
     for name, (held_out, corruption) in credibility_set(dataset, args).items():
         measured = measure(held_out, f"corrupted_{name}")
@@ -55,4 +154,11 @@ def fusion_weights(model: CrossModalVAE, dataset: Dataset, args: argparse.Namesp
                         **corruption}
         per_sample = measured["weights"].double().mean(-1)[model.modalities.index(name)]
         samples[name] = {"weight": [round(w, 5) for w in per_sample.tolist()], "corrupted": flag.tolist()}
-    return {"alpha": alpha, "credibility": report, "credibility_samples": samples}
+    return {"credibility": report, "credibility_samples": samples}
+
+
+def evaluate(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device, decoded: str,
+             score: Callable[[], Score]) -> dict:
+    """A run's metric groups: ``predictions`` (the scores of every prediction under test corruption, gPoE's alpha) and
+    ``credibility`` (the fusion's weights on held-out samples with known corruption)."""
+    return {**predictions(model, dataset, args, device, decoded, score), **credibility(model, dataset, args, device)}

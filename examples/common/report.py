@@ -28,10 +28,24 @@ import gpoe_fusion as gf  # noqa: E402
 from .training import CHECKPOINT  # noqa: E402
 from .cli import provenance  # noqa: E402
 from .data import describe_size  # noqa: E402
+from .evaluation import PREDICTIONS  # noqa: E402
 
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
 # What each fusion's own weight of a modality is (``CrossModalObjective.fusion_weights``).
 FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha", "mopoe": "subsets' weight"}
+# How the test levels of a corrupted modality are shown, per --corruption-kind: (a table's cell, a plot's axis, the
+# axis' scale, what the corruption does).
+_LEVELS = {("rgb", "pixels"): (lambda lv: f"{lv:.0%}", "test pixel corruption (%)", 100.0, "pixel-corrupted"),
+           ("points", "pixels"): (lambda lv: f"σ {lv:g}", "test noise of the points (std, normalised units)", 1.0,
+                                  "noised"),
+           ("rgb", "desync"): (lambda lv: f"{lv:.0%} desync", "test samples with the RGB desynchronised (%)", 100.0,
+                               "desynchronised"),
+           ("points", "desync"): (lambda lv: f"{lv:.0%} desync", "test samples with the points desynchronised (%)",
+                                  100.0, "desynchronised")}
+# The tables and plots of joint inference: per corrupted modality, its metric groups and their rows' labels.
+JOINT_GROUPS = {"rgb": {"metrics_joint": "joint", "metrics_oracle": "oracle"},
+                "points": {"metrics_joint_aux_corrupted": "joint", "metrics_aux": "points alone",
+                           "metrics_oracle_aux_corrupted": "oracle"}}
 _CREDIBILITY_COLUMNS = (("AUROC", "auroc"), ("AUROC of the share", "auroc_share"), ("weight clean", "weight_clean"),
                         ("weight corrupted", "weight_corrupted"))
 
@@ -97,13 +111,15 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
 
 def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str,
               title: str = "", markers: bool = True, errors: Mapping[str, Sequence[float]] | None = None,
-              ylim: tuple[float, float] | None = None) -> None:
+              ylim: tuple[float, float] | None = None,
+              styles: Mapping[str, Mapping[str, object]] | None = None) -> None:
     """One line per entry of ``series`` over ``x``, saved to ``path``. errors: label -> the half-width of each point's
-    error bar (drawn where given); ylim: a fixed y range (default: the data's)."""
+    error bar (drawn where given); ylim: a fixed y range (default: the data's); styles: label -> matplotlib line
+    properties (e.g. color, linestyle) of that line."""
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for label, ys in series.items():
         ax.errorbar(x, ys, yerr=(errors or {}).get(label), marker="o" if markers else None, markersize=4, capsize=3,
-                    label=label)
+                    label=label, **(styles or {}).get(label, {}))
     ax.set(xlabel=xlabel, ylabel=ylabel, **({"ylim": ylim} if ylim else {}))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -140,9 +156,20 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_label
     _save(fig, path)
 
 
-def corruption_levels(results: Mapping[str, Mapping]) -> list[str]:
-    """The test-corruption levels (the metrics' keys, e.g. "0.5") of the first fusion, in order."""
-    return list(next(iter(results.values()))["metrics"])
+def corruption_levels(results: Mapping[str, Mapping], group: str = "metrics") -> list[str]:
+    """The test levels (the keys of the metric group ``group``, e.g. "0.5") of the first fusion, in order."""
+    return list(next(iter(results.values()))[group])
+
+
+def level_labels(args: argparse.Namespace) -> list[str]:
+    """The RGB's --test-corruption levels as a figure's columns are titled, e.g. "50% corruption", "50% desync"."""
+    return [f"{lv:.0%} {'desync' if args.corruption_kind == 'desync' else 'corruption'}" for lv in args.test_corruption]
+
+
+def level_label(group: str, level: str, kind: str = "pixels") -> str:
+    """A test level of the metric group ``group`` under --corruption-kind ``kind`` as a table shows it: "50%" of the
+    pixels, "σ 0.5" of the points' noise, "50% desync" of the samples."""
+    return _LEVELS[PREDICTIONS[group][1], kind][0](float(level))
 
 
 def fusions_title(what: str, fusions: Sequence[str], seeds: int = 1) -> str:
@@ -164,47 +191,77 @@ def interval_cell(summary: Mapping, floatfmt: str, brackets: bool = False) -> st
 
 
 def metric_cell(results: Mapping[str, Mapping], statistics: Mapping | None, fusion: str, level: str, key: str,
-                floatfmt: str) -> float | str:
-    """One fusion's ``key`` at ``level``: the value of its single run, or mean ± 95 % CI half-width."""
+                floatfmt: str, group: str = "metrics") -> float | str:
+    """One fusion's ``key`` of the metric group ``group`` at ``level``: the value of its single run, or mean ± 95 % CI
+    half-width."""
     if statistics is None:
-        return results[fusion]["metrics"][level][key]
-    return interval_cell(statistics["metrics"][fusion][level][key], floatfmt)
+        return results[fusion][group][level][key]
+    return interval_cell(statistics[group][fusion][level][key], floatfmt)
 
 
 def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, str]], floatfmt: str = ".4f",
-                 statistics: Mapping | None = None) -> str:
+                 statistics: Mapping | None = None, groups: Mapping[str, str] | None = None,
+                 kind: str = "pixels") -> str:
     """The paper's comparison layout (Tables 3 and 4): a row per fusion and, for every corruption level, one column per
-    (header, metric key) of ``columns``; over seeds, mean ± half-width."""
-    levels = corruption_levels(results)
-    header = ["Fusion"] + [f"{h} @ {float(lv):.0%}" for lv in levels for h, _ in columns]
-    rows = [[FUSION_LABELS[f]] + [metric_cell(results, statistics, f, lv, key, floatfmt)
-                                  for lv in levels for _, key in columns] for f in results]
+    (header, metric key) of ``columns``; over seeds, mean ± half-width. groups: metric group -> the label of its rows
+    (groups of the same test levels), a row per group and fusion; default the paper's, ``metrics``, unlabelled. kind:
+    the --corruption-kind of the levels."""
+    groups = groups or {"metrics": ""}
+    first = next(iter(groups))
+    levels = corruption_levels(results, first)
+    header = ["Fusion"] + [f"{h} @ {level_label(first, lv, kind)}" for lv in levels for h, _ in columns]
+    rows = [[FUSION_LABELS[f] + (f", {label}" if label else "")]
+            + [metric_cell(results, statistics, f, lv, key, floatfmt, group) for lv in levels for _, key in columns]
+            for group, label in groups.items() for f in results]
     return markdown_table(header, rows, floatfmt=floatfmt)
 
 
 def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Path, ylabel: str, what: str,
-                    statistics: Mapping | None = None) -> None:
-    """``metric`` against the test pixel corruption, one line per fusion, titled ``what`` and the fusions shown; over
-    seeds, the means with their 95 % confidence intervals as error bars."""
-    levels = corruption_levels(results)
-    points = {FUSION_LABELS[f]: [{"mean": r["metrics"][lv][metric], "half_width": None} if statistics is None
-                                 else statistics["metrics"][f][lv][metric] for lv in levels]
-              for f, r in results.items()}
+                    statistics: Mapping | None = None, groups: Mapping[str, str] | None = None,
+                    kind: str = "pixels") -> None:
+    """``metric`` against the test corruption, one line per fusion (and per metric group of ``groups``, group -> the
+    label of its lines, of the same test levels; default the paper's, ``metrics``), titled ``what`` and the fusions
+    shown; over seeds, the means with their 95 % confidence intervals as error bars. A fusion keeps its colour, a
+    group its line style. kind: the --corruption-kind of the levels."""
+    groups = groups or {"metrics": ""}
+    first = next(iter(groups))
+    levels = corruption_levels(results, first)
+    points, styles = {}, {}
+    for (g, label), linestyle in zip(groups.items(), ("-", "--", ":", "-.")):
+        for f, colour in zip(results, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
+            name = FUSION_LABELS[f] + (f", {label}" if label else "")
+            points[name] = [{"mean": results[f][g][lv][metric], "half_width": None} if statistics is None
+                            else statistics[g][f][lv][metric] for lv in levels]
+            styles[name] = {"color": colour, "linestyle": linestyle}
     errors = None if statistics is None else {k: [p["half_width"] or 0.0 for p in v] for k, v in points.items()}
-    line_plot([100 * float(lv) for lv in levels], {k: [p["mean"] for p in v] for k, v in points.items()}, path,
-              "test pixel corruption (%)", ylabel,
-              fusions_title(what, list(results), len(statistics["seeds"]) if statistics else 1), errors=errors)
+    _, xlabel, scale, _ = _LEVELS[PREDICTIONS[first][1], kind]
+    line_plot([scale * float(lv) for lv in levels], {k: [p["mean"] for p in v] for k, v in points.items()}, path,
+              xlabel, ylabel, fusions_title(what, list(results), len(statistics["seeds"]) if statistics else 1),
+              errors=errors, styles=styles)
 
 
-def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
+def joint_plots(results: Mapping[str, Mapping], metric: str, out: str | Path, ylabel: str,
+                statistics: Mapping | None = None, kind: str = "pixels") -> None:
+    """Joint inference's figures of ``metric`` (of --corruption-kind ``kind``): ``joint_vs_rgb_corruption.png`` (the
+    joint and the oracle against the RGB's corruption, the points clean) and ``joint_vs_points_corruption.png`` (the
+    joint and the points alone against the points' corruption, the RGB clean)."""
+    corruption_plot(results, metric, Path(out) / "joint_vs_rgb_corruption.png", ylabel,
+                    "Joint inference, RGB corrupted", statistics, {"metrics_joint": "joint", "metrics_oracle": "oracle"},
+                    kind)
+    corruption_plot(results, metric, Path(out) / "joint_vs_points_corruption.png", ylabel,
+                    "Joint inference, points corrupted", statistics,
+                    {"metrics_joint_aux_corrupted": "joint", "metrics_aux": "points alone"}, kind)
+
+
+def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path, kind: str = "pixels") -> None:
     """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each modality against the
-    test pixel corruption of RGB, on alpha's whole range 0-1."""
+    test corruption of RGB (of --corruption-kind ``kind``), on alpha's whole range 0-1."""
     levels = corruption_levels(results)
     for f, r in results.items():
         if r.get("alpha"):
             series = {m: [r["alpha"][lv][m] for lv in levels] for m in r["alpha"][levels[0]]}
             line_plot([100 * float(lv) for lv in levels], series, Path(out_dir) / f"alpha_{f}.png",
-                      "test pixel corruption of RGB (%)", "mean alpha", f"{FUSION_LABELS[f]}: credibility per modality",
+                      _LEVELS["rgb", kind][1], "mean alpha", f"{FUSION_LABELS[f]}: credibility per modality",
                       ylim=(0.0, 1.0))
 
 
@@ -257,16 +314,38 @@ def differences_table(statistics: Mapping, part: str, cells: Sequence[tuple[str,
                            else "No paired difference's 95 % interval excludes 0.\n"))
 
 
-def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str, str]], floatfmt: str) -> str:
-    """The paired differences of the metrics ``columns`` (header, key) at every test level (``differences_table``);
-    empty without statistics or without a pair of fusions to compare."""
+def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str, str]], floatfmt: str,
+                         group: str = "metrics", of: str = "", kind: str = "pixels") -> str:
+    """The paired differences of the metrics ``columns`` (header, key) of the metric group ``group`` at every test
+    level (of --corruption-kind ``kind``; ``differences_table``), introduced as those ``of`` a prediction (e.g. " of
+    the joint"); empty without statistics or without a pair of fusions to compare."""
     if statistics is None or not statistics["differences"]:
         return ""
-    levels = list(next(iter(statistics["metrics"].values())))
-    return (f"Paired differences over the {len(statistics['seeds'])} seeds (the runs of a seed share their data, "
+    levels = list(next(iter(statistics[group].values())))
+    return (f"Paired differences{of} over the {len(statistics['seeds'])} seeds (the runs of a seed share their data, "
             f"training noise, test corruption and the initial weights of their encoders and decoders): mean [95 % "
-            f"paired-t interval].\n\n" + differences_table(statistics, "metrics", [
-                (lv, key, f"{h} @ {float(lv):.0%}") for lv in levels for h, key in columns], floatfmt))
+            f"paired-t interval].\n\n" + differences_table(statistics, group, [
+                (lv, key, f"{h} @ {level_label(group, lv, kind)}") for lv in levels for h, key in columns], floatfmt))
+
+
+def joint_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, columns: Sequence[tuple[str, str]],
+                   floatfmt: str, kind: str = "pixels") -> str:
+    """Joint inference's tables of the metrics ``columns`` (header, key) under --corruption-kind ``kind``: with the RGB
+    corrupted (the joint, the oracle) and with the points corrupted (the joint, the points alone, the oracle), each
+    over seeds with the paired differences of the joint."""
+    seeds = spread(statistics["seeds"]) if statistics else ""
+    masked = ("as every test sample is corrupted, above level 0 it is the other modality alone" if kind == "pixels"
+              else "it masks the modality of the desynchronised samples only")
+    text = ("Joint inference: the fused posterior of both modalities decoded (MoE and MoPoE: the mixture's mean); "
+            "oracle: the same with the corrupted modality's weight set to 0 from the corruption flags (for measurement "
+            f"only: no fusion sees them; {masked}).\n\n")
+    for modality, other in (("rgb", "points"), ("points", "RGB")):
+        groups = JOINT_GROUPS[modality]
+        what = f"{'RGB' if modality == 'rgb' else 'Points'} {_LEVELS[modality, kind][3]}, {other} clean{seeds}"
+        text += f"{what}.\n\n{fusion_table(results, columns, floatfmt, statistics, groups, kind)}\n"
+        joint = next(g for g, label in groups.items() if label == "joint")
+        text += differences_markdown(statistics, columns, floatfmt, joint, " of the joint", kind)
+    return text
 
 
 def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, floatfmt: str = ".3f") -> str:
@@ -276,8 +355,9 @@ def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | N
     first = next(iter(results.values()))["credibility"]
     if not first:
         return ""
-    corruption = ", ".join(f"{m}: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in first[m].items()
-                                                if k in ("pixel_corruption", "point_noise")) for m in first)
+    corruption = ", ".join(f"{m}: " + ("desynchronised" if first[m].get("desync") else ", ".join(
+        f"{k.replace('_', ' ')} {v:g}" for k, v in first[m].items() if k in ("pixel_corruption", "point_noise")))
+        for m in first)
 
     def cell(fusion: str, modality: str, measure: str) -> float | str:
         if statistics is not None:

@@ -24,6 +24,7 @@ from torch import nn
 from . import report
 from .training import CHECKPOINT, DistEnv, load_checkpoint, write_json
 from .cli import run_signature
+from .evaluation import PREDICTIONS, group_levels
 from .report import FUSION_LABELS, Task
 
 CONFIDENCE = 0.95
@@ -69,16 +70,21 @@ def paired_difference(a: Sequence[float | None], b: Sequence[float | None]) -> d
 
 def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[int]) -> dict:
     """Statistics of a study's runs (fusion -> seed -> result) over its seeds: ``{"confidence", "seeds", "metrics":
-    {fusion: {level: {metric: t_interval}}}, "credibility": {fusion: {modality: {measure: t_interval}}}, "differences":
-    {"gpoe-poe": {"metrics": ..., "credibility": ...} of paired_difference, ...}}``: the float metrics and
-    CREDIBILITY_MEASURES, the differences of DIFFERENCES of the fusions trained."""
+    {fusion: {level: {metric: t_interval}}}, the same for every other metric group of ``evaluation.PREDICTIONS`` the
+    runs hold ("metrics_joint", ...), "credibility": {fusion: {modality: {measure: t_interval}}}, "differences":
+    {"gpoe-poe": {"metrics": ..., "metrics_joint": ..., "credibility": ...} of paired_difference, ...}}``: the float
+    metrics and CREDIBILITY_MEASURES, the differences of DIFFERENCES of the fusions trained."""
+    groups = [group for group in PREDICTIONS if group in runs[next(iter(runs))][seeds[0]]]
+    parts = [*groups, "credibility"]
+
     def series(fusion: str) -> dict[str, dict]:
         first = runs[fusion][seeds[0]]
-        return {"metrics": {level: {key: [runs[fusion][s]["metrics"][level][key] for s in seeds]
-                                    for key, value in values.items() if isinstance(value, float)}
-                            for level, values in first["metrics"].items()},
-                "credibility": {m: {key: [runs[fusion][s]["credibility"][m].get(key) for s in seeds]
-                                    for key in CREDIBILITY_MEASURES} for m in first.get("credibility") or {}}}
+        metrics = {group: {level: {key: [runs[fusion][s][group][level][key] for s in seeds]
+                                   for key, value in values.items() if isinstance(value, float)}
+                           for level, values in first[group].items()} for group in groups}
+        credibility = {m: {key: [runs[fusion][s]["credibility"][m].get(key) for s in seeds]
+                           for key in CREDIBILITY_MEASURES} for m in first.get("credibility") or {}}
+        return {**metrics, "credibility": credibility}
 
     values = {f: series(f) for f in runs}
 
@@ -87,9 +93,8 @@ def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[
                         for inner, v in sub.items()} for outer, sub in a[part].items()}
 
     return {"confidence": CONFIDENCE, "seeds": list(seeds),
-            "metrics": {f: combine(v, None, "metrics") for f, v in values.items()},
-            "credibility": {f: combine(v, None, "credibility") for f, v in values.items()},
-            "differences": {f"{a}-{b}": {p: combine(values[a], values[b], p) for p in ("metrics", "credibility")}
+            **{p: {f: combine(v, None, p) for f, v in values.items()} for p in parts},
+            "differences": {f"{a}-{b}": {p: combine(values[a], values[b], p) for p in parts}
                             for a, b in DIFFERENCES if a in values and b in values}}
 
 
@@ -141,15 +146,16 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 
 
 def finished_run(args: argparse.Namespace) -> dict | None:
-    """The result in --out/results.json if it is that of this very run (the same signature, evaluated at the same test
-    levels) and its checkpoint is there too; else None."""
+    """The result in --out/results.json if it is that of this very run (the same signature, every metric group
+    evaluated at the same test levels) and its checkpoint is there too; else None."""
     try:
         result = json.loads((Path(args.out) / "results.json").read_text())
     except (OSError, ValueError):  # none, half a file of an older version, or unreadable: train again
         return None
     same = isinstance(result, dict) and result.get("signature") == run_signature(args)
-    levels = [str(level) for level in args.test_corruption]
-    return result if same and list(result["metrics"]) == levels and (Path(args.out) / CHECKPOINT).is_file() else None
+    evaluated = same and all(list(result.get(group) or ()) == [str(level) for level in levels]
+                             for group, levels in group_levels(args).items())
+    return result if evaluated and (Path(args.out) / CHECKPOINT).is_file() else None
 
 
 def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argparse.Namespace], dict | None],
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[a
         studies.append(_run_point(point, env, run_one, heading))
         if env.is_main:
             tables = write_report(point, studies[-1])
-            report.alpha_plots(studies[-1].results, point.out)
+            report.alpha_plots(studies[-1].results, point.out, point.corruption_kind)
             report.credibility_plots(studies[-1].results, point.out)
     if not env.is_main:
         return None
@@ -244,8 +250,8 @@ def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study
     (out / "results.md").write_text(
         f"# {task.title}: sweep over the training data corruption ({head['data']}, "
         f"preset {args.preset}, {report.seeds_phrase(first.seeds)})\n\n{label} from RGB alone, by the fraction of "
-        f"training samples corrupted (--data-corruption) and the test pixel corruption; {spread}. Each fraction's "
-        f"full report is in its folder (corruption<X>/).\n\n{table}")
+        f"training samples corrupted (--data-corruption) and the test corruption (--test-corruption); {spread}. Each "
+        f"fraction's full report is in its folder (corruption<X>/).\n\n{table}")
     series, errors = {}, {}
     for f, lv in itertools.product(first.fusions, [lv for lv in levels if float(lv) in SWEEP_LEVELS] or levels):
         cells = [_cell(study, f, lv, key) for study in studies]
