@@ -41,8 +41,9 @@ the faults and the initial weights, which cancel in the difference).
 
     python benchmarks/when_gpoe_helps.py --out runs/when_gpoe_helps     # 10 seeds: 350 models, 2 processes
 
-It takes about 260 s of CPU time (user + sys), a little over 2 minutes on two free cores; results.json (every run
-and the statistics), results.md (the tables) and when_gpoe_helps.png go to --out.
+It takes about 250 s of CPU time (user + sys) in two processes, so about half of that in wall time on two free
+cores (docs/when-gpoe-helps.md); results.json (every run and the statistics), results.md (the tables) and
+when_gpoe_helps.png go to --out.
 """
 
 from __future__ import annotations
