@@ -41,8 +41,9 @@ the faults and the initial weights, which cancel in the difference).
 
     python benchmarks/when_gpoe_helps.py --out runs/when_gpoe_helps     # 10 seeds: 350 models, 2 processes
 
-It takes about 260 s of CPU time (user + sys), a little over 2 minutes on two free cores; results.json (every run
-and the statistics), results.md (the tables) and when_gpoe_helps.png go to --out.
+It takes about 250 s of CPU time (user + sys) in two processes, so about half of that in wall time on two free
+cores (docs/when-gpoe-helps.md); results.json (every run and the statistics), results.md (the tables) and
+when_gpoe_helps.png go to --out.
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ class Settings:
         return [f"x{m}" for m in range(self.sensors)]
 
 
-def _mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them (ReLU, not GELU: GELU's erf costs a quarter of a
+    training step at these sizes on a CPU)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(activation())
+            layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
 
@@ -270,8 +273,9 @@ def _prediction_error(model: SensorVAE, joint, latent: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate(model: SensorVAE, sets: Mapping[str, Mapping[str, Tensor]], kinds: Sequence[str],
              single: bool) -> dict[str, float]:
-    """``clean`` and, per kind, ``<kind>/error``, ``<kind>/oracle``, ``<kind>/auroc`` (and ``<kind>/single`` with
-    ``single``), each averaged over the corrupted sensor."""
+    """``clean``, ``clean_weights`` (each sensor's mean weight on the clean test set, a list of M) and, per kind,
+    ``<kind>/error``, ``<kind>/oracle``, ``<kind>/auroc`` (and ``<kind>/single`` with ``single``), each averaged over
+    the corrupted sensor."""
     model.eval()
     names = model.settings.names
     fusion = model.objective.fusion
@@ -285,7 +289,9 @@ def evaluate(model: SensorVAE, sets: Mapping[str, Mapping[str, Tensor]], kinds: 
         return posteriors, joint, weights
 
     clean = sets["clean"]
-    out = {"clean": float(_prediction_error(model, fused(clean)[1], clean["latent"]).mean())}
+    _, joint, weights = fused(clean)
+    out = {"clean": float(_prediction_error(model, joint, clean["latent"]).mean()),
+           "clean_weights": weights.double().mean((1, 2)).tolist()}
     for kind in kinds:
         per_sensor: dict[str, list[float]] = {"error": [], "oracle": [], "auroc": [], "single": []}
         for m, name in enumerate(names):
@@ -377,8 +383,9 @@ def conditions(fractions: Sequence[float]) -> list[tuple[str, float]]:
 
 def statistics(results: Sequence[dict], seeds: Sequence[int], fractions: Sequence[float],
                fusions: Sequence[str]) -> dict:
-    """Per ``"<fault>@<fraction>"``: each fusion's measures over the seeds (``t_interval``), the single sensor's, and
-    each fusion's paired difference to PoE of ``error`` and ``clean`` (``paired_difference``)."""
+    """Per ``"<fault>@<fraction>"``: each fusion's measures over the seeds (``t_interval``; ``clean_weights``: one per
+    sensor), the single sensor's, and each fusion's paired difference to PoE of ``error`` and ``clean``
+    (``paired_difference``)."""
     def run_of(kind: str, fraction: float, seed: int) -> dict:
         trained = None if fraction == 0 else kind
         return next(r for r in results if (r["seed"], r["kind"], r["fraction"]) == (seed, trained, fraction))
@@ -387,13 +394,14 @@ def statistics(results: Sequence[dict], seeds: Sequence[int], fractions: Sequenc
     for kind, fraction in conditions(fractions):
         runs = [run_of(kind, fraction, seed)["metrics"] for seed in seeds]
 
-        def series(fusion: str, measure: str) -> list[float]:
-            key = measure if measure == "clean" else f"{kind}/{measure}"
+        def series(fusion: str, measure: str) -> list:
+            key = measure if measure.startswith("clean") else f"{kind}/{measure}"
             return [r[fusion][key] for r in runs]
 
         cell: dict = {"fusions": {}, "single": t_interval(series("poe", "single"))}
         for fusion in fusions:
             cell["fusions"][fusion] = {m: t_interval(series(fusion, m)) for m in ("error", "oracle", "auroc", "clean")}
+            cell["fusions"][fusion]["clean_weights"] = [t_interval(w) for w in zip(*series(fusion, "clean_weights"))]
             if fusion != "poe":
                 cell["fusions"][fusion]["error_minus_poe"] = paired_difference(series(fusion, "error"),
                                                                                series("poe", "error"))

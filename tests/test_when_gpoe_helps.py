@@ -53,10 +53,12 @@ def test_every_condition_trains_every_fusion_and_reports_it(bench, results, tmp_
         (s, k, f) for s in SEEDS for f, kinds in ((0.0, [None]), (0.4, ["noise", "desync"])) for k in kinds]
     clean_run = metrics(results, 0, None, 0.0)
     assert set(clean_run) == set(FUSIONS)
-    assert set(clean_run["poe"]) == {"clean"} | {f"{k}/{m}" for k in bench.FAULTS
-                                                 for m in ("error", "oracle", "auroc", "single")}
+    assert set(clean_run["poe"]) == {"clean", "clean_weights"} | {f"{k}/{m}" for k in bench.FAULTS
+                                                                  for m in ("error", "oracle", "auroc", "single")}
+    for fusion in FUSIONS:  # every fusion's weights share out a whole
+        assert sum(clean_run[fusion]["clean_weights"]) == pytest.approx(1.0, abs=1e-6)
     assert "noise/single" not in clean_run["gpoe-joint"]  # the single sensor is read from PoE's model only
-    assert set(metrics(results, 0, "desync", 0.4)["poe"]) == {"clean", "desync/error", "desync/oracle",
+    assert set(metrics(results, 0, "desync", 0.4)["poe"]) == {"clean", "clean_weights", "desync/error", "desync/oracle",
                                                               "desync/auroc", "desync/single"}
     stats = bench.statistics(results, SEEDS, FRACTIONS, FUSIONS)
     assert set(stats) == {"noise@0", "noise@0.4", "desync@0", "desync@0.4"}
@@ -65,6 +67,8 @@ def test_every_condition_trains_every_fusion_and_reports_it(bench, results, tmp_
     difference = [m["gpoe-joint"]["desync/error"] - m["poe"]["desync/error"] for m in per_seed]
     assert cell["fusions"]["gpoe-joint"]["error_minus_poe"]["per_seed"] == pytest.approx(difference)
     assert cell["fusions"]["poe"]["error"]["n"] == 2 and "error_minus_poe" not in cell["fusions"]["poe"]
+    first_sensor = [m["poe"]["clean_weights"][0] for m in per_seed]
+    assert cell["fusions"]["poe"]["clean_weights"][0]["mean"] == pytest.approx(sum(first_sensor) / 2)
     # Clean training is one model per seed: its two faults' cells share its clean error.
     assert stats["noise@0"]["fusions"]["poe"]["clean"] == stats["desync@0"]["fusions"]["poe"]["clean"]
     table = bench.markdown(stats, FRACTIONS, FUSIONS, SEEDS)
