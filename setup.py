@@ -1,25 +1,10 @@
-"""Builds the fused C++ (always) and CUDA (when possible) kernels as ``gpoe_fusion._C``.
-
-Build with the torch you will run against already installed, without build isolation:
-
-    pip install --no-build-isolation -e .
-
-Environment switches:
-    FORCE_CUDA=1            build the CUDA kernels even if this torch does not look CUDA-enabled
-    GPOE_FUSION_NO_CUDA=1   never build the CUDA kernels
-    TORCH_CUDA_ARCH_LIST    CUDA architectures, e.g. "8.0;9.0+PTX" (default: the visible GPUs', or without
-                            one every architecture this torch was built for; PTX of the newest either way)
-    MAX_JOBS                parallel compile jobs
-
-The CPU kernel (csrc/cpu/capability/fusion_kernel.cpp) is compiled once per x86 instruction set
-(baseline, AVX2, AVX512) with that set's flags, as ATen compiles its own kernels, and the widest
-one the machine (and ATen) uses is picked at run time; everything else is compiled for the
-baseline, so the library runs on any x86-64 CPU.
-
-After linking, the build loads the extension in a fresh process and makes one of its ops raise a
-C++ error: it must arrive in Python as an exception. A toolchain that links libstdc++ statically
-gives the extension its own C++ runtime, whose exceptions torch cannot catch (the process aborts);
-the build then stops and says which compiler to use.
+"""Builds the fused C++ (always) and CUDA (when possible) kernels as ``gpoe_fusion._C``, against the torch
+already installed: ``pip install --no-build-isolation -e .``. Switches: FORCE_CUDA=1, GPOE_FUSION_NO_CUDA=1,
+TORCH_CUDA_ARCH_LIST (default: the visible GPUs', else every architecture this torch was built for; PTX of the
+newest either way), MAX_JOBS. The CPU kernel is compiled once per x86 instruction set (baseline, AVX2, AVX512), as
+ATen compiles its own, and picked at run time. After linking, one op of the library must raise a C++ error into
+Python in a fresh process; a toolchain linking libstdc++ statically aborts instead, and the build says which
+compiler to use (docs/kernels.md).
 """
 
 import glob
@@ -91,12 +76,9 @@ def check_exceptions_reach_python(library: str, script: str = EXCEPTION_CHECK) -
 def _cuda_home() -> str | None:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported, and /usr/local/bin/nvcc may be a
     # shim, so point it at the real toolkit before that import.
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
-        return "/usr/local/cuda"
-    return None
+    return os.environ.get("CUDA_HOME") or None
 
 
 def cuda_arch_list(torch) -> str:
@@ -178,10 +160,8 @@ def _missing_torch_message(exc: ImportError) -> str:
             "  pip install --no-build-isolation .\n"
             "If torch is not installed yet, first: pip install torch==2.14.1 torchvision==0.29.1"
         )
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "torch":
-        problem = "torch is not installed"
-    else:
-        problem = f"torch is installed but does not import ({type(exc).__name__}: {exc})"
+    missing = isinstance(exc, ModuleNotFoundError) and exc.name == "torch"
+    problem = "torch is not installed" if missing else f"torch is installed but does not import ({type(exc).__name__}: {exc})"
     return (f"gpoe_fusion: {problem}; the kernels are compiled against it. Install torch, then this package:\n"
             "  pip install torch==2.14.1 torchvision==0.29.1\n"
             "  pip install --no-build-isolation -e .")
@@ -226,8 +206,7 @@ def _extensions():
     return [ext], {"build_ext": _build_ext_class(BuildExtension).with_options(no_python_abi_suffix=True)}
 
 
-# setuptools' build backend (setuptools/build_meta.py) also runs this file with __name__ == "__main__";
-# the guard only lets tests import the helpers above without building.
+# setuptools' build backend also runs this file as __main__; the guard lets tests import the helpers.
 if __name__ == "__main__":
     ext_modules, cmdclass = _extensions()
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -136,6 +136,20 @@ def test_corruption_sweep_trains_each_fraction_and_plots_the_metric_against_it(r
     assert (tmp_path / "training_corruption_sweep.png").stat().st_size > 0
 
 
+def test_sweep_of_one_run_keeps_each_runs_results_apart_from_the_fractions(rhd_root, tmp_path, capsys):
+    # One fusion, one seed: the run's results.json must not be the fraction's study summary, or a rerun trains again.
+    argv = handpose_args(rhd_root, tmp_path, "--corruption-sweep", "0", "0.5")
+    handpose_rhd.main(argv)
+    for folder in ("corruption0", "corruption0.5"):
+        own = json.loads((tmp_path / folder / "gpoe" / "results.json").read_text())
+        assert own["signature"] and (tmp_path / folder / "gpoe" / "checkpoint.pt").is_file()
+        assert set(json.loads((tmp_path / folder / "results.json").read_text())["fusions"]) == {"gpoe"}
+    capsys.readouterr()
+    handpose_rhd.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count(REUSED) == 2, printed
+
+
 def test_surgical_tables_over_seeds_carry_intervals(sim2real_root, tmp_path):
     surgical_seg.main(["--data-root", str(sim2real_root), "--out", str(tmp_path)] + SURGICAL
                       + ["--compare", "--fusions", "poe", "gpoe", "--seeds", "2"])

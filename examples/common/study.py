@@ -1,6 +1,6 @@
 """Studies, a layer above a pipeline's run: every fusion of --fusions (with --compare) at every seed of --seeds, at
 every fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/`` with
---compare, ``seed<k>/`` with several seeds); the reuse of finished runs (in a study of several, a run whose folder holds
+--compare or a sweep, ``seed<k>/`` with several seeds); the reuse of finished runs (in a study of several, a run whose folder holds
 its checkpoint and a results.json of the same signature at the same test levels is loaded, not trained again); the
 statistics over seeds, whose runs are paired (the same data, noise and initial weights of the parts they share, built
 from the seed before the fusion layer, so the spread the fusions share cancels in their difference); the sweep's report.
@@ -167,7 +167,9 @@ def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argpar
     study = Study(fusions, list(range(args.seed, args.seed + args.seeds)), {f: {} for f in fusions})
     runs = list(itertools.product(study.seeds, study.fusions))
     for count, (seed, fusion) in enumerate(runs, start=1):
-        out = Path(args.out) / (fusion if args.compare else "") / (f"seed{seed}" if args.seeds > 1 else "")
+        # In a sweep the fraction's folder holds its study's results.json: a run of its own goes below it.
+        own_folder = args.compare or args.corruption_sweep
+        out = Path(args.out) / (fusion if own_folder else "") / (f"seed{seed}" if args.seeds > 1 else "")
         run = _with(args, fusion=fusion, seed=seed, out=out)
         name = heading + FUSION_LABELS[fusion] + (f", seed {seed}" if args.seeds > 1 else "")
         name += f" (run {count} of {len(runs)})" if len(runs) > 1 else ""
