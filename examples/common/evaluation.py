@@ -21,10 +21,10 @@ from .data import credibility_set, eval_loader, test_corruption
 from .networks import CrossModalVAE
 
 # A run's metric groups: name -> (what is decoded, the modality corrupted at its test levels; the other is clean).
-# "metrics", z_rgb under pixel corruption, is the paper's protocol (Section 4.4) and the headline. "joint" decodes
-# the mean of the fused posterior of all modalities (MoE's and MoPoE's: the mixture's mean); "oracle" the same with
-# the weight of the modality that the corruption flags mark set to 0 (the fusion's mask): a bound for measurement
-# only, as no fusion sees the flags; "points" decodes z_points, the auxiliary modality alone.
+# "metrics", z_rgb with the RGB corrupted, is the headline (under pixel corruption the paper's protocol, Section
+# 4.4). "joint" decodes the mean of the fused posterior of all modalities (MoE's and MoPoE's: the mixture's mean);
+# "oracle" the same with the weight of the modality that the corruption flags mark set to 0 (the fusion's mask): a
+# bound for measurement only, as no fusion sees the flags; "points" decodes z_points, the auxiliary modality alone.
 PREDICTIONS = {"metrics": ("rgb", "rgb"), "metrics_joint": ("joint", "rgb"), "metrics_oracle": ("oracle", "rgb"),
                "metrics_aux": ("points", "points"), "metrics_joint_aux_corrupted": ("joint", "points"),
                "metrics_oracle_aux_corrupted": ("oracle", "points")}
