@@ -2,12 +2,9 @@
 
 RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and fused; the joint and
 each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
-training samples of which a fraction is corrupted (visible noise or, with --corruption-kind desync, another sample's
-modality); at test time the pose comes from RGB alone (z_rgb -> keypoint decoder) at several corruption levels, and,
-for joint inference, from the fused posterior with the RGB or the points corrupted, from the points alone, and an
-oracle bound (common/evaluation.py). The script reads top to bottom: options, data, model, evaluation, report and
-``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs of
---compare, --seeds and --corruption-sweep. See docs/handpose.md.
+training samples of which a fraction is corrupted; at test time the pose comes from RGB alone at several corruption
+levels, and from joint inference (common/evaluation.py). The script reads top to bottom: options, data, model,
+evaluation, report, ``main`` (training: common/training.py; studies: common/study.py). See docs/handpose.md.
 
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
     python examples/handpose_rhd.py --compare             # MoE vs PoE vs gPoE (paper Table 3, Figs. 4-5)
@@ -124,18 +121,12 @@ class PoseScore:
 
 
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups (``evaluation.evaluate``), each the pose's ``PoseScore`` per test level: ``metrics``, the
-    pose from RGB alone with the test images corrupted at each --test-corruption level (pixel corruption: paper Section
-    4.4, the headline); ``metrics_joint``, from the fused posterior of both modalities (the points clean), and
-    ``metrics_oracle``, the same with the corrupted RGB's weight set to 0; ``metrics_aux``, from the points alone at
-    each level of the points' corruption, and ``metrics_joint_aux_corrupted`` and ``metrics_oracle_aux_corrupted``
-    under it (the RGB clean); gPoE's alpha under corruption and the held-out credibility."""
+    """The run's metric groups (``evaluation.evaluate``), the pose's ``PoseScore`` per test level."""
     return evaluation.evaluate(model, eval_set, args, device, "keypoints", PoseScore)
 
 
 def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of any predictor of the pose from RGB alone, ``predict(rgb [B, 3, S, S]) ->
-    normalised keypoints [B, 21, 3]`` (an exported model's: common/export.py)."""
+    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> normalised keypoints [B, 21, 3]``."""
     return evaluation.rgb_metrics(predict, eval_set, args, PoseScore)
 
 
@@ -172,9 +163,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, joint inference, the
-    held-out credibility), the EPE, joint-inference and PCK plots and the qualitative figure (first seed), in --out;
-    returns the tables."""
+    """results.json, results.md (the paper's Table 3 layout and the common tables), the plots and the qualitative
+    figure (first seed) in --out; returns the tables."""
     out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs)
     tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "

@@ -222,20 +222,14 @@ class MaskScore:
 
 
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups (``evaluation.evaluate``), each the masks' ``MaskScore`` per test level (``iou``, ``f1``
-    macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and
-    prediction, ``support``, ``pixels``, ``num_samples``): ``metrics``, the masks from RGB alone with the test images
-    corrupted at each --test-corruption level (pixel corruption: paper Section 5.3, the headline); ``metrics_joint``,
-    from the fused posterior of both modalities (the depth points clean), and ``metrics_oracle``, the same with the
-    corrupted RGB's weight set to 0; ``metrics_aux``, from the depth points alone at each level of the points'
-    corruption, and ``metrics_joint_aux_corrupted`` and ``metrics_oracle_aux_corrupted`` under it (the RGB clean);
-    gPoE's alpha under corruption and the held-out credibility."""
+    """The run's metric groups (``evaluation.evaluate``), the masks' ``MaskScore`` per test level (``iou``, ``f1``
+    macro-averaged, ``pixel_accuracy``, per class with None for a class absent from both, ``support``, ``pixels``,
+    ``num_samples``)."""
     return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore)
 
 
 def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of any predictor of the masks from RGB alone, ``predict(rgb [B, 3, S, S]) -> class
-    logits [B, C, S, S]`` (an exported model's: common/export.py)."""
+    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> class logits [B, C, S, S]``."""
     return evaluation.rgb_metrics(predict, eval_set, args, MaskScore)
 
 
@@ -286,10 +280,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds, means with 95 %
-    intervals), the paired differences over seeds, joint inference, the held-out credibility, the IoU / F1 and
-    joint-inference plots and the qualitative figure (of the first seed's models), in --out. Returns the tables as
-    markdown."""
+    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON), the common tables, the
+    plots and the qualitative figure (first seed) in --out; returns the tables."""
     out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,
                                   intrinsics=intrinsics_record(args), splits=splits_record(args))
