@@ -40,11 +40,9 @@ from rhd.metrics import KeypointEvaluator
 from rhd.synthetic import ensure_builtin_rhd
 
 PRESETS = {
-    # Built-in data at small sizes, held in memory: about two minutes on a 2-core CPU once the data exist. What
-    # made it learn (docs/handpose.md, "How the demo was made to learn"): 8000 distinct hands, a ResNet-18 of
-    # width 16 (on 64-pixel crops four times faster than 64 at the same error), a point branch sized to 128 points,
-    # batches of 64; noise that destroys a modality's content (90 % of an image's pixels, about a bone length on
-    # the points) on 30 % of the samples (at 50 % too few clean hands remain to learn the pose in the time).
+    # Built-in data at small sizes, in memory: about two minutes on a 2-core CPU. Why these learn: docs/handpose.md,
+    # "How the demo was made to learn" (width 16: four times faster than 64 at the same error; at 50 % corrupted too
+    # few clean hands remain to learn the pose in the time).
     "demo": dict(num_train=8000, num_eval=300, crop_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, keypoint_hidden=256, epochs=10,
                  batch_size=64, eval_batch_size=150, lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, beta=1e-3,
@@ -65,9 +63,7 @@ FROM_PAPER = {"demo": {}, "study": {}, "full": {"num_train": "Section 4.1: RHD's
                                                 "num_eval": "Section 4.1: RHD's 2728 evaluation samples"}}
 TASK = report.Task("handpose_rhd", "Hand pose on RHD", "RHD", PRESETS, FROM_PAPER, ("mean_epe_mm", "mean EPE (mm)"),
                    ".3f")
-# How far the mean EPE (mm) of the model exported by --export-onnx, in ONNX Runtime, may be from results.json's.
-EXPORT_TOLERANCE = 0.01
-# The tables' metrics, (header, key).
+EXPORT_TOLERANCE = 0.01  # how far --export-onnx's mean EPE (mm) in ONNX Runtime may be from results.json's
 COLUMNS = [("mean EPE (mm)", "mean_epe_mm"), ("AUC", "auc_20_50")]
 # Skeleton of one RHD hand: the wrist to each finger's MCP, then MCP -> PIP -> DIP -> tip.
 BONES = [(0, 4), (4, 3), (3, 2), (2, 1), (0, 8), (8, 7), (7, 6), (6, 5), (0, 12), (12, 11), (11, 10), (10, 9),

@@ -194,11 +194,9 @@ class KeypointDecoder(nn.Module):
 
 
 class DCGANDecoder(nn.Module):
-    """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S]. z is projected to a 4x4 map,
-    then transposed convolutions (stride 2) double the size up to out_size (a power of two >= 8), halving the channels
-    from ``base`` to ``min_channels`` at least, each followed by BN + ReLU but the last, which gives the logits as
-    DCGAN's gives the image. (Only that layer runs at full resolution: an extra BN, ReLU and 3x3 convolution there cost
-    the demo's decoder half its time and gained no IoU.)"""
+    """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S]: a 4x4 map, then stride-2
+    transposed convolutions up to out_size (a power of two >= 8), channels halving from ``base`` to ``min_channels``, BN
+    + ReLU after all but the last (more layers at full resolution cost the demo half its time for no IoU)."""
 
     def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256,
                  min_channels: int = 32):

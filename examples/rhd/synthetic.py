@@ -399,9 +399,8 @@ def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                        progress: bool = True) -> Path:
     """The ``RHD_published_v2`` folder of a built-in dataset under ``cache_dir`` with at least ``num_training`` and
-    ``num_evaluation`` frames: the smallest cached one of this generator and seed that has them (its first n frames are
-    those of a dataset of n frames), else a new one (``data.build_once``) large enough for the request and the largest
-    cached one, whose frames it links. None is changed or deleted: a running job may be reading it.
+    ``num_evaluation`` frames: the smallest cached one that has them (a dataset's first n frames are those of one of n),
+    else a new one (``data.build_once``) linking the largest cached one's frames. None is changed or deleted.
     """
     cache_dir, seed = Path(cache_dir), int(seed)
     cached = {f: sizes for f in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(f, seed))}

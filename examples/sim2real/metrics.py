@@ -36,10 +36,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 def scores_from_confusion(confusion: torch.Tensor) -> dict:
-    """IoU, F1 and pixel accuracy of a confusion matrix [C, C] (rows: target, columns: prediction), as Python numbers:
-    ``"iou"`` and ``"f1"`` (macro means over the classes present), ``"pixel_accuracy"``, ``"iou_per_class"`` and
-    ``"f1_per_class"`` (C floats, NaN for absent classes), ``"support"`` (target pixels per class) and ``"pixels"``.
-    ValueError when the matrix counts no pixel."""
+    """Scores of a confusion matrix [C, C] (rows: target): ``"iou"``, ``"f1"`` (macro over classes present),
+    ``"pixel_accuracy"``, ``"iou_per_class"``, ``"f1_per_class"`` (C floats, NaN if absent), ``"support"``, ``"pixels"``.
+    ValueError when it counts no pixel."""
     confusion = confusion.detach().to("cpu", torch.float64)
     total = confusion.sum()
     if total == 0:

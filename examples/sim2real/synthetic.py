@@ -464,10 +464,8 @@ def _write_view(job: tuple[Path, int, int, int]) -> None:
 
 
 def ensure_builtin_sim2real(cache_dir: str | Path, views_per_scene: int, seed: int = 0, progress: bool = True) -> Path:
-    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use (``data.build_once``).
-    Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
-    ``sim2real_builtin_v3_7x100_seed0``, so a run sees exactly the views of its size (a random split permutes them all);
-    an existing folder is reused, and none is ever changed or deleted."""
+    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use (``data.build_once``)
+    into a folder of its own per (generator version, size, seed), so a run sees exactly the views of its size."""
     scenes = 7
 
     def generate(staging: Path) -> None:
