@@ -134,20 +134,20 @@ def trained_run(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, dic
 
 
 @torch.no_grad()
-def largest_differences(model: CrossModalVAE, exported: Mapping[str, Callable[..., Tensor]], eval_set: Dataset,
-                        decoded: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Per exported model, on the clean evaluation samples: the largest absolute difference of its output from eager's,
-    ``max_abs_difference``, and the largest absolute eager output, ``max_abs``."""
+def largest_differences(modules: Mapping[str, tuple[nn.Module, list[str]]],
+                        exported: Mapping[str, Callable[..., Tensor]], eval_set: Dataset,
+                        args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Per exported model (file -> its eager module and input names), on the clean evaluation samples: the largest
+    absolute difference of its output from eager's, ``max_abs_difference``, and the largest eager output, ``max_abs``."""
     found = {name: {"max_abs_difference": 0.0, "max_abs": 0.0} for name in exported}
     for batch in eval_loader(eval_set, args):
-        rgb, points = batch["rgb"], batch["points"]
-        eager = {RGB_PREDICTOR: model.predict(rgb, decoded),
-                 FUSED_MODEL: model.predict_joint({"rgb": rgb, "points": points}, decoded)}
-        inputs = {RGB_PREDICTOR: (rgb,), FUSED_MODEL: (rgb, points)}
         for name, predict in exported.items():
-            difference = (predict(*inputs[name]) - eager[name]).abs()
+            module, names = modules[name]
+            inputs = tuple(batch[n] for n in names)
+            eager = module(*inputs)
+            difference = (predict(*inputs) - eager).abs()
             found[name]["max_abs_difference"] = max(found[name]["max_abs_difference"], difference.max().item())
-            found[name]["max_abs"] = max(found[name]["max_abs"], eager[name].abs().max().item())
+            found[name]["max_abs"] = max(found[name]["max_abs"], eager.abs().max().item())
     return found
 
 
@@ -170,9 +170,9 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     model.eval()
     example = default_collate([eval_set[i % len(eval_set)] for i in range(2)])  # a batch of 2: a dynamic size
     print(f"exporting {run.out} ({run.fusion}, {len(state['history'])} epochs) to ONNX")
-    models = {}
-    for file, module, names in ((RGB_PREDICTOR, RGBPredictor(model, pipeline.decoded), ["rgb"]),
-                                (FUSED_MODEL, FusedModel(model, pipeline.decoded), ["rgb", "points"])):
+    models, modules = {}, {RGB_PREDICTOR: (RGBPredictor(model, pipeline.decoded), ["rgb"]),
+                           FUSED_MODEL: (FusedModel(model, pipeline.decoded), ["rgb", "points"])}
+    for file, (module, names) in modules.items():
         seconds = export_onnx(module, tuple(example[name] for name in names), names, pipeline.decoded, run.out / file)
         models[file] = {"bytes": (run.out / file).stat().st_size, "export_seconds": seconds}
     import onnxruntime
@@ -180,7 +180,7 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     sessions = {file: onnxruntime.InferenceSession(str(run.out / file), providers=["CPUExecutionProvider"])
                 for file in models}
     exported = {file: session_predictor(session) for file, session in sessions.items()}
-    for file, found in largest_differences(model, exported, eval_set, pipeline.decoded, run).items():
+    for file, found in largest_differences(modules, exported, eval_set, run).items():
         models[file].update(found)
     measured = pipeline.rgb_metrics(exported[RGB_PREDICTOR], eval_set, run)
     (key, label), tolerance = pipeline.task.metric, pipeline.tolerance
