@@ -129,7 +129,7 @@ def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: ar
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 3, zoom: int = 3) -> None:
     """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each fusion's prediction
-    from RGB alone; corruption grows from left to right; a key of the colours below."""
+    from RGB alone, corruption growing from left to right."""
     def drawn(base: Image.Image, item: dict, poses: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> np.ndarray:
         """``base`` with each of ``poses`` (normalised keypoints [21, 3], colour) drawn through the crop's K."""
         image = base.copy()

@@ -54,11 +54,9 @@ def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
 class ResNet18Encoder(nn.Module):
     """RGB encoder: a ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1].
 
-    width: channels of the first stage (the stages have 1, 2, 4 and 8 times width; 64 with ``stem_pool`` is
-    torchvision's ResNet-18). A narrower one (the same blocks, depths and strides) suits small crops on a CPU: the
-    compute falls with width squared. stem_pool: the max-pool after the stem (without it a 64-pixel crop keeps a 4x4 map
-    in the last stage). weights: a local ResNet-18 weights file (``load_resnet18_state``; the paper's are ImageNet's),
-    width 64 with stem_pool only; nothing is downloaded.
+    width: channels of the first stage (stages of 1, 2, 4, 8 times width; 64 with ``stem_pool`` is torchvision's
+    ResNet-18; compute falls with width squared). stem_pool: the max-pool after the stem. weights: a local ResNet-18
+    weights file (``load_resnet18_state``), width 64 with stem_pool only; nothing is downloaded.
     """
 
     MEAN = (0.485, 0.456, 0.406)

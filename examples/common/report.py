@@ -245,8 +245,8 @@ def joint_plots(results: Mapping[str, Mapping], metric: str, out: str | Path, yl
 
 
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path, kind: str = "pixels") -> None:
-    """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each modality against the
-    test corruption of RGB (of --corruption-kind ``kind``), on alpha's whole range 0-1."""
+    """Per fusion with credibilities (gPoE), ``alpha_<fusion>.png``: each modality's mean alpha against the RGB's test
+    corruption."""
     levels = corruption_levels(results)
     for f, r in results.items():
         if r.get("alpha"):
