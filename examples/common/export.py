@@ -138,7 +138,7 @@ def largest_differences(modules: Mapping[str, tuple[nn.Module, list[str]]],
                         exported: Mapping[str, Callable[..., Tensor]], eval_set: Dataset,
                         args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Per exported model (file -> its eager module and input names), on the clean evaluation samples: the largest
-    absolute difference of its output from eager's, ``max_abs_difference``, and the largest eager output, ``max_abs``."""
+    absolute difference from eager's output, ``max_abs_difference``, and the largest eager output, ``max_abs``."""
     found = {name: {"max_abs_difference": 0.0, "max_abs": 0.0} for name in exported}
     for batch in eval_loader(eval_set, args):
         for name, predict in exported.items():

@@ -167,8 +167,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and its loader workers, as glibc raises it
-    to every freed mapped block and the heap then fragments (a full-size step peaked at 2.29 GB by the third step
+    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and its loader workers, as glibc raises
+    it to every freed mapped block and the heap then fragments (a full-size step peaked at 2.29 GB by the third step
     instead of 1.93 GB). Returns whether it took effect (False without glibc)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
@@ -252,8 +252,8 @@ def _means(sums: dict[str, list], env: DistEnv) -> dict[str, float]:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, args: argparse.Namespace,
                     env: DistEnv, steps: int | None = None) -> dict[str, float]:
-    """One pass over ``loader`` (its first ``steps`` batches if given), a clipped AdamW step per batch. Returns the epoch
-    means of the objective's terms and, for gPoE, of alpha per modality and corruption flag."""
+    """One pass over ``loader`` (its first ``steps`` batches if given), a clipped AdamW step per batch. Returns the
+    epoch means of the objective's terms and, for gPoE, of alpha per modality and corruption flag."""
     model.train()
     core = model.module if isinstance(model, DistributedDataParallel) else model
     log_alpha = isinstance(core.objective.fusion, gf.GPoE)

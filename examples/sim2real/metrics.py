@@ -37,8 +37,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 def scores_from_confusion(confusion: torch.Tensor) -> dict:
     """Scores of a confusion matrix [C, C] (rows: target): ``"iou"``, ``"f1"`` (macro over classes present),
-    ``"pixel_accuracy"``, ``"iou_per_class"``, ``"f1_per_class"`` (C floats, NaN if absent), ``"support"``, ``"pixels"``.
-    ValueError when it counts no pixel."""
+    ``"pixel_accuracy"``, ``"iou_per_class"``, ``"f1_per_class"`` (C floats, NaN if absent), ``"support"`` and
+    ``"pixels"``. ValueError when it counts no pixel."""
     confusion = confusion.detach().to("cpu", torch.float64)
     total = confusion.sum()
     if total == 0:
