@@ -1,8 +1,7 @@
 """Segmentation metrics from a confusion matrix accumulated over every evaluated pixel of the test set (not per image):
-``IoU_c = TP / (TP + FP + FN)``, ``F1_c = 2 TP / (2 TP + FP + FN)``, and pixel accuracy. The single IoU and F1 (paper
-Tables 1 and 4) are macro averages over the classes present in the prediction or the ground truth: an absent class (TP +
-FP + FN = 0) is NaN and left out, as torchmetrics' ``average="macro"`` does; a present class never predicted right
-scores 0. Pixels whose target is ``ignore_index`` are dropped before counting.
+``IoU_c = TP / (TP + FP + FN)``, ``F1_c = 2 TP / (2 TP + FP + FN)``, and pixel accuracy. The single IoU and F1 are macro
+averages over the classes present in prediction or ground truth (an absent class is NaN, left out, as torchmetrics'
+``average="macro"``). Pixels whose target is ``ignore_index`` are dropped.
 """
 
 from __future__ import annotations
