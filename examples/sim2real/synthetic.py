@@ -1,10 +1,8 @@
 """Built-in synthetic Sim2Real data, written in exactly the on-disk format of the real dataset.
 
 As the real dataset renders each scene, one fixed 3-D anatomy, from random camera poses, scene k here is one fixed
-procedural laparoscopic anatomy in world coordinates (abdominal wall and fat/stomach regions split by a smooth level
-set, a two-lobed liver, a gallbladder at its lower rim, a curved ligament band; every pixel one of the five classes) and
-each 512 x 256 view a random pose: a pan (mostly onto the liver), a distance (weak perspective: the image scales by 215
-/ distance) and a roll of up to 30 degrees. A view's masks are therefore a function of four pose parameters per scene
+procedural anatomy (wall and fat regions, a two-lobed liver, a gallbladder, a ligament band: the five classes) and each
+512 x 256 view a random pan, distance (the image scales by 215 / distance) and roll of up to 30 degrees
 (docs/surgical.md). It writes:
 
 * depth: z-depth in scene units, about 75..290: a tilted wall, fat bulging out of it, the liver a dome in
