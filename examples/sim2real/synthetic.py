@@ -190,14 +190,11 @@ class _CameraPose:
 
 
 class _WaveField:
-    """A smooth random field on the plane, evaluated analytically at any world point p: ``sum_k amplitude * cos(k_k . p
-    + phase_k)`` over ``waves`` waves with Gaussian wave vectors of standard deviation ``wavenumber`` per axis and
-    uniform phases: a stationary, isotropic field of standard deviation ``std`` with (for many waves) a Gaussian
-    correlation.
+    """A smooth random field, ``sum_k amplitude * cos(k_k . p + phase_k)`` over ``waves`` waves with Gaussian wave
+    vectors (std ``wavenumber`` per axis) and uniform phases: stationary and isotropic, of standard deviation ``std``.
 
-    On a view the phase is affine in the pixel's (X, Y), so ``cos(a X + b Y + c)`` splits into products of row and
-    column terms and the field is one small matrix product (H x 2 waves x W), computed by NumPy's own loops
-    (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
+    On a view the phase is affine in the pixel's (X, Y), so the field is one small matrix product of row and column
+    terms, by NumPy's own loops (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
     """
 
     def __init__(self, rng: np.random.Generator, wavenumber: float, std: float, waves: int) -> None:
