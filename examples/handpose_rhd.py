@@ -2,12 +2,9 @@
 
 RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and fused; the joint and
 each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
-training samples of which a fraction is corrupted (visible noise or, with --corruption-kind desync, another sample's
-modality); at test time the pose comes from RGB alone (z_rgb -> keypoint decoder) at several corruption levels, and,
-for joint inference, from the fused posterior with the RGB or the points corrupted, from the points alone, and an
-oracle bound (common/evaluation.py). The script reads top to bottom: options, data, model, evaluation, report and
-``main``, whose runs train in common/training.py (``train``, ``train_one_epoch``); common/study.py makes the runs of
---compare, --seeds and --corruption-sweep. See docs/handpose.md.
+training samples of which a fraction is corrupted; at test time the pose comes from RGB alone at several corruption
+levels, and from joint inference (common/evaluation.py). The script reads top to bottom: options, data, model,
+evaluation, report, ``main`` (training: common/training.py; studies: common/study.py). See docs/handpose.md.
 
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
     python examples/handpose_rhd.py --compare             # MoE vs PoE vs gPoE (paper Table 3, Figs. 4-5)
@@ -43,11 +40,9 @@ from rhd.metrics import KeypointEvaluator
 from rhd.synthetic import ensure_builtin_rhd
 
 PRESETS = {
-    # Built-in data at small sizes, held in memory: about two minutes on a 2-core CPU once the data exist. What
-    # made it learn (docs/handpose.md, "How the demo was made to learn"): 8000 distinct hands, a ResNet-18 of
-    # width 16 (on 64-pixel crops four times faster than 64 at the same error), a point branch sized to 128 points,
-    # batches of 64; noise that destroys a modality's content (90 % of an image's pixels, about a bone length on
-    # the points) on 30 % of the samples (at 50 % too few clean hands remain to learn the pose in the time).
+    # Built-in data at small sizes, in memory: about two minutes on a 2-core CPU. Why these learn: docs/handpose.md,
+    # "How the demo was made to learn" (width 16: four times faster than 64 at the same error; at 50 % corrupted too
+    # few clean hands remain to learn the pose in the time).
     "demo": dict(num_train=8000, num_eval=300, crop_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, keypoint_hidden=256, epochs=10,
                  batch_size=64, eval_batch_size=150, lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, beta=1e-3,
@@ -68,9 +63,7 @@ FROM_PAPER = {"demo": {}, "study": {}, "full": {"num_train": "Section 4.1: RHD's
                                                 "num_eval": "Section 4.1: RHD's 2728 evaluation samples"}}
 TASK = report.Task("handpose_rhd", "Hand pose on RHD", "RHD", PRESETS, FROM_PAPER, ("mean_epe_mm", "mean EPE (mm)"),
                    ".3f")
-# How far the mean EPE (mm) of the model exported by --export-onnx, in ONNX Runtime, may be from results.json's.
-EXPORT_TOLERANCE = 0.01
-# The tables' metrics, (header, key).
+EXPORT_TOLERANCE = 0.01  # how far --export-onnx's mean EPE (mm) in ONNX Runtime may be from results.json's
 COLUMNS = [("mean EPE (mm)", "mean_epe_mm"), ("AUC", "auc_20_50")]
 # Skeleton of one RHD hand: the wrist to each finger's MCP, then MCP -> PIP -> DIP -> tip.
 BONES = [(0, 4), (4, 3), (3, 2), (2, 1), (0, 8), (8, 7), (7, 6), (6, 5), (0, 12), (12, 11), (11, 10), (10, 9),
@@ -124,25 +117,19 @@ class PoseScore:
 
 
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups (``evaluation.evaluate``), each the pose's ``PoseScore`` per test level: ``metrics``, the
-    pose from RGB alone with the test images corrupted at each --test-corruption level (pixel corruption: paper Section
-    4.4, the headline); ``metrics_joint``, from the fused posterior of both modalities (the points clean), and
-    ``metrics_oracle``, the same with the corrupted RGB's weight set to 0; ``metrics_aux``, from the points alone at
-    each level of the points' corruption, and ``metrics_joint_aux_corrupted`` and ``metrics_oracle_aux_corrupted``
-    under it (the RGB clean); gPoE's alpha under corruption and the held-out credibility."""
+    """The run's metric groups (``evaluation.evaluate``), the pose's ``PoseScore`` per test level."""
     return evaluation.evaluate(model, eval_set, args, device, "keypoints", PoseScore)
 
 
 def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of any predictor of the pose from RGB alone, ``predict(rgb [B, 3, S, S]) ->
-    normalised keypoints [B, 21, 3]`` (an exported model's: common/export.py)."""
+    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> normalised keypoints [B, 21, 3]``."""
     return evaluation.rgb_metrics(predict, eval_set, args, PoseScore)
 
 
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 3, zoom: int = 3) -> None:
     """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each fusion's prediction
-    from RGB alone; corruption grows from left to right; a key of the colours below."""
+    from RGB alone, corruption growing from left to right."""
     def drawn(base: Image.Image, item: dict, poses: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> np.ndarray:
         """``base`` with each of ``poses`` (normalised keypoints [21, 3], colour) drawn through the crop's K."""
         image = base.copy()
@@ -172,9 +159,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md (the paper's Table 3 layout, over seeds the paired differences, joint inference, the
-    held-out credibility), the EPE, joint-inference and PCK plots and the qualitative figure (first seed), in --out;
-    returns the tables."""
+    """results.json, results.md (the paper's Table 3 layout and the common tables), the plots and the qualitative
+    figure (first seed) in --out; returns the tables."""
     out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs)
     tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "

@@ -1,10 +1,9 @@
 """Surgical scene segmentation from RGB with a cross-modal VAE and MoE / PoE / gPoE fusion (paper Tables 1, 4).
 
-RGB (ResNet-18) and the view's depth point cloud (ResPEL) are encoded and fused; the joint and each unimodal latent
-decode the five-class mask (a DCGAN-style decoder, cross-entropy) and the point cloud (FoldingNet), paper Eq. 12-15 (Eq.
-16 for MoE), on training views of which a fraction is corrupted; at test time the mask comes from RGB alone at several
-pixel-corruption levels, scored by IoU and F1, and joint inference is scored as in examples/handpose_rhd.py. The script
-reads as examples/handpose_rhd.py does. See docs/surgical.md.
+RGB (ResNet-18) and the view's depth point cloud (ResPEL) are encoded and fused; each latent decodes the five-class
+mask (DCGAN-style, cross-entropy) and the point cloud (FoldingNet), paper Eq. 12-15, on partly corrupted training
+views; at test time the mask from RGB alone and from joint inference is scored by IoU and F1. The script reads as
+examples/handpose_rhd.py does. See docs/surgical.md.
 
     python examples/surgical_seg.py                       # demo: built-in data, gPoE, under 3 min on 2 CPU cores
     python examples/surgical_seg.py --compare             # MoE vs PoE vs gPoE (paper Tables 1 and 4, Fig. 6)
@@ -65,8 +64,7 @@ FROM_PAPER = {"demo": {}, "study": {}, "full": {
     "num_eval": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)"}}
 IGNORE_INDEX = 255
 TRAIN_SPLIT, EVAL_SPLIT = "train", "test"
-# --split random: a permutation of the views of every scene drawn from this seed, whatever --seed is,
-# so that every seed of a study is tested on the same views.
+# --split random: the views' permutation, whatever --seed is, so that every seed of a study tests on the same views.
 RANDOM_SPLIT_SEED = 0
 ALL_SCENES = tuple(range(1, 8))
 FIELDS = ("rgb", "mask", "points")  # what training and evaluation read of a view
@@ -76,9 +74,7 @@ VIEWS_PER_SCENE = 3000
 TABLE1_LEVELS = (0.0, 0.5, 0.7)
 TASK = report.Task("surgical_seg", "Surgical segmentation on Sim2Real", "Sim2Real", PRESETS, FROM_PAPER,
                    ("iou", "IoU (macro)"), ".4f")
-# How far the IoU of the model exported by --export-onnx, in ONNX Runtime, may be from results.json's.
-EXPORT_TOLERANCE = 0.001
-# The tables' metrics, (header, key).
+EXPORT_TOLERANCE = 0.001  # how far --export-onnx's IoU in ONNX Runtime may be from results.json's
 COLUMNS = [("IoU", "iou"), ("F1", "f1")]
 AVERAGING = ("IoU and F1 per class from one confusion matrix accumulated over every evaluated pixel of the test set; "
              "the single IoU and F1 are macro averages, the unweighted mean over the classes present in the "
@@ -157,11 +153,9 @@ def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
 
 
 def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
-    """The training and test views of --split of --data-root, or of the built-in data (generated once under
-    --cache-dir): scenes 1-4 and scene 7 (a count below a split's size takes views evenly spaced over the split), or a
-    seeded random split of the views of all scenes. Streamed: each view is decoded from disk when it is used, in the
-    loader's workers; with --in-memory decoded once into memory. A folder that is no Sim2Real (or a damaged one) raises
-    UsageError naming --data-root."""
+    """The training and test views of --split of --data-root or the built-in data: scenes 1-4 and scene 7 (a smaller
+    count takes views evenly spaced), or a seeded random split of all scenes; streamed or (--in-memory) decoded once. A
+    folder that is no Sim2Real raises UsageError naming --data-root."""
     root = args.data_root or training.builtin_root(
         lambda progress: ensure_builtin_sim2real(args.cache_dir, builtin_views_per_scene(args), progress=progress),
         not args.no_progress, env)
@@ -222,20 +216,14 @@ class MaskScore:
 
 
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups (``evaluation.evaluate``), each the masks' ``MaskScore`` per test level (``iou``, ``f1``
-    macro-averaged, ``pixel_accuracy``, ``iou_per_class``, ``f1_per_class`` with None for a class absent from target and
-    prediction, ``support``, ``pixels``, ``num_samples``): ``metrics``, the masks from RGB alone with the test images
-    corrupted at each --test-corruption level (pixel corruption: paper Section 5.3, the headline); ``metrics_joint``,
-    from the fused posterior of both modalities (the depth points clean), and ``metrics_oracle``, the same with the
-    corrupted RGB's weight set to 0; ``metrics_aux``, from the depth points alone at each level of the points'
-    corruption, and ``metrics_joint_aux_corrupted`` and ``metrics_oracle_aux_corrupted`` under it (the RGB clean);
-    gPoE's alpha under corruption and the held-out credibility."""
+    """The run's metric groups (``evaluation.evaluate``), the masks' ``MaskScore`` per test level (``iou``, ``f1``
+    macro-averaged, ``pixel_accuracy``, per class with None for a class absent from both, ``support``, ``pixels``,
+    ``num_samples``)."""
     return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore)
 
 
 def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of any predictor of the masks from RGB alone, ``predict(rgb [B, 3, S, S]) -> class
-    logits [B, C, S, S]`` (an exported model's: common/export.py)."""
+    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> class logits [B, C, S, S]``."""
     return evaluation.rgb_metrics(predict, eval_set, args, MaskScore)
 
 
@@ -286,10 +274,8 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
 
 
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
-    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON; over seeds, means with 95 %
-    intervals), the paired differences over seeds, joint inference, the held-out credibility, the IoU / F1 and
-    joint-inference plots and the qualitative figure (of the first seed's models), in --out. Returns the tables as
-    markdown."""
+    """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON), the common tables, the
+    plots and the qualitative figure (first seed) in --out; returns the tables."""
     out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs, classes=list(CLASS_NAMES), averaging=AVERAGING,
                                   intrinsics=intrinsics_record(args), splits=splits_record(args))

@@ -1,8 +1,6 @@
-"""The command line both pipelines share: the options, the presets that fill them (a value given on the command line
-wins: ``args.given`` lists them), their checks, where each value comes from (the paper, the command line, or our
-choice), and a run's signature. A bad invocation ends with one line on stderr and exit status 2, e.g. ``handpose_rhd.py:
-error: argument --epochs: expected a positive integer, got -1``: argparse's errors and UsageError, for a value found
-wrong once it is used (a data folder of another layout).
+"""The command line both pipelines share: the options, the presets that fill them (``args.given``: those given on the
+command line, which win), their checks, where each value comes from, and a run's signature. A bad invocation ends with
+one line on stderr and exit status 2 (argparse's errors, and UsageError for a value found wrong once it is used).
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4
 TEST_POINT_NOISE = (0.0, 0.25, 0.5, 1.0)
 # The options of the test levels (not in a preset; in results.json's provenance: the paper gives the pixel levels).
 TEST_LEVELS = ("test_corruption", "test_point_noise")
-# Options of how a run executes or reports, or of which runs a study makes (a run's own seed, fusion and data
-# corruption are in its signature), not of the model it trains: with other values of these it is the same run.
+# Options of how a run executes or reports, or of which runs a study makes, not of the model it trains: with other
+# values of these it is the same run.
 NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
                     "device", "cache_dir", "workers", "in_memory", "eval_batch_size", "test_corruption", "given",
                     "rgb_weights", "export_onnx", "test_point_noise"}
@@ -208,9 +206,8 @@ def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[s
 
 def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  presets: Mapping[str, Mapping[str, object]]) -> argparse.Namespace:
-    """Fill every option left unset from the chosen preset, then check the values together (a bad one ends the program
-    through ``parser.error``). Records ``args.given``, the preset's settings (and the test levels) set on the
-    command line, and ``args.rgb_weights_sha256``, what the RGB encoder starts from (None: random weights)."""
+    """Fill every option left unset from the chosen preset, then check the values together (``parser.error``). Records
+    ``args.given`` and ``args.rgb_weights_sha256`` (None: random weights)."""
     preset = presets[args.preset]
     args.given = sorted(key for key in [*preset, *TEST_LEVELS] if getattr(args, key, None) is not None)
     for key, value in preset.items():
@@ -250,9 +247,8 @@ def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 def provenance(args: argparse.Namespace, presets: Mapping[str, Mapping[str, object]],
                from_paper: Mapping[str, str]) -> dict:
-    """Where each setting comes from, for results.json: ``{"paper": {setting: where}, "command_line": [...],
-    "project_choice": [...], "rgb_init": ...}``, every preset setting (and the test levels) in exactly one of the three
-    lists. from_paper: setting -> where the paper gives it, for this preset."""
+    """Where each setting comes from: ``{"paper": {setting: where}, "command_line": [...], "project_choice": [...],
+    "rgb_init": ...}``, every preset setting and test level in exactly one of the three."""
     keys, given = [*presets[args.preset], *TEST_LEVELS], set(args.given)
     paper = {"test_corruption": TEST_CORRUPTION_SOURCE, **from_paper}
     return {"paper": {k: paper[k] for k in keys if k in paper and k not in given},
@@ -264,9 +260,8 @@ def provenance(args: argparse.Namespace, presets: Mapping[str, Mapping[str, obje
 
 
 def run_signature(args: argparse.Namespace) -> dict:
-    """Every setting that defines the trained model, as plain values (checkpoints hold no others): a checkpoint is
-    resumed, and a finished run reused, only by a run of the same signature. The start weights of the RGB encoder count
-    by their file's hash (``rgb_weights_sha256``), not its path."""
+    """Every setting that defines the trained model, as plain values: a checkpoint is resumed, a finished run reused,
+    only by a run of the same signature (the RGB start weights count by their hash, not their path)."""
     signature = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
                  for k, v in sorted(vars(args).items()) if k not in NOT_IN_SIGNATURE}
     if "data_root" in signature:

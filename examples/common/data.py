@@ -1,7 +1,6 @@
-"""How both pipelines get their data: built-in data generated once into a cache; the splits streamed from disk (each
-sample decoded when it is used, by the loader's workers: memory does not grow with the dataset) or decoded once into
-memory (``materialize``, the demo), the same dict of tensors either way; the corruptions of the experiments; the
-point-cloud and parallel helpers of the datasets and generators.
+"""How both pipelines get their data: built-in data cached once; the splits streamed from disk or decoded once into
+memory (``materialize``), the same dict of tensors either way; the experiments' corruptions; point-cloud and parallel
+helpers of the datasets and generators.
 """
 
 from __future__ import annotations
@@ -157,10 +156,9 @@ def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
 def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequence[tuple[str, int | None, str]],
                 in_memory: bool, progress: bool,
                 errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list:
-    """``make(split, count, option)`` for every (split, count, option): that split's dataset, streamed or, with
-    ``in_memory``, decoded once into memory. Its first sample is decoded here, so that a folder of the wrong layout or a
-    damaged one fails now with one line naming --data-root (``errors``: what reading such a folder raises), not later in
-    a loader worker. ``make`` raises UsageError itself for a count it cannot serve."""
+    """``make(split, count, option)`` for every (split, count, option), streamed or decoded into memory. Its first
+    sample is decoded here, so that a bad folder fails now with UsageError naming --data-root (on ``errors``), not in a
+    loader worker."""
     sets = []
     for split, count, option in splits:
         try:
@@ -177,30 +175,24 @@ def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
     return DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers)
 
 
-# The corruptions of the experiments (paper Section 4.3), each drawn from its own stream of the run's
-# seed: the training RGB and points, the test RGB, the held-out credibility set's RGB and points, and
-# the test points.
+# The corruptions of the experiments (paper Section 4.3), each drawn from its own stream of the run's seed.
 _SEED_RGB, _SEED_POINTS, _SEED_TEST, _SEED_CREDIBILITY_RGB, _SEED_CREDIBILITY_POINTS, _SEED_TEST_POINTS = range(1, 7)
-# The share of the credibility set's samples with a modality corrupted: the two equal groups an AUROC
-# compares best.
+# The share of the credibility set's samples with a modality corrupted: equal groups, which an AUROC compares best.
 CREDIBILITY_FRACTION = 0.5
 
 
 def corruption(modality: str, strength: float, kind: str) -> object:
-    """A corruption of ``modality`` for ``CorruptedDataset``, of --corruption-kind ``kind``: "pixels", the visible noise
-    (the RGB: a share ``strength`` of its pixels replaced; the points: Gaussian noise of std ``strength``), or "desync",
-    the modality of another sample, which looks clean to the encoder (``strength`` does not apply)."""
+    """A corruption of ``modality`` of --corruption-kind ``kind``: "pixels", visible noise of ``strength`` (a share of
+    the RGB's pixels, the points' std), or "desync", another sample's modality (``strength`` does not apply)."""
     if kind == "desync":
         return Desynchronisation()
     return PixelCorruption(strength) if modality == "rgb" else GaussianPointNoise(strength)
 
 
 def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
-    """The RGB of a seeded --data-corruption of the samples corrupted and, independently, the point cloud of another
-    such fraction, by --corruption-kind: pixels, the RGB pixel-corrupted at --train-pixel-corruption and the points
-    noised at --point-noise (unless it is 0); desync, both desynchronised. With --training-noise fresh the noise (the
-    other sample) is drawn anew every epoch (the training loop's ``set_epoch``). Items gain ``corrupted_rgb`` /
-    ``corrupted_points``."""
+    """The RGB and, independently, the points of a seeded --data-corruption of the samples corrupted (``corruption``, at
+    --train-pixel-corruption, --point-noise unless 0), drawn anew every epoch with --training-noise fresh. Items gain
+    ``corrupted_rgb`` / ``corrupted_points``."""
     if args.data_corruption <= 0:
         return dataset
     redraw = args.training_noise == "fresh"
@@ -215,9 +207,8 @@ def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
 
 
 def test_corruption(dataset: Dataset, level: float, seed: int, modality: str = "rgb", kind: str = "pixels") -> Dataset:
-    """``modality`` corrupted at the test ``level`` (seeded), by --corruption-kind ``kind``: pixels, every sample's RGB
-    pixel-corrupted at ``level`` (the paper's test settings) or its points noised with std ``level``; desync, a
-    fraction ``level`` of the samples with that modality desynchronised."""
+    """``modality`` corrupted at the test ``level`` (seeded): pixels, every sample at strength ``level``; desync, a
+    fraction ``level`` of the samples desynchronised."""
     if level <= 0:
         return dataset
     return CorruptedDataset(dataset, modality, level if kind == "desync" else 1.0, corruption(modality, level, kind),
@@ -225,13 +216,9 @@ def test_corruption(dataset: Dataset, level: float, seed: int, modality: str = "
 
 
 def credibility_set(dataset: Dataset, args: argparse.Namespace) -> dict[str, tuple[Dataset, dict[str, object]]]:
-    """Held-out samples with known corruption, one set per corrupted modality, by --corruption-kind: the RGB of a
-    seeded half of ``dataset`` pixel-corrupted at --train-pixel-corruption, or the points of a seeded half noised at
-    --point-noise, or either desynchronised; each item flags its own (``corrupted_<modality>``), every other modality
-    clean: a fusion's weights share out a whole, so with both corrupted neither weight needs to fall. Returns modality
-    -> (its set, ``{"pixel_corruption": p}``, ``{"point_noise": sigma}`` or ``{"desync": True}``); with pixels, a
-    modality whose training strength is 0 is left out.
-    """
+    """Held-out samples with known corruption: per modality, a seeded half of ``dataset`` with that modality corrupted
+    as in training, flagged ``corrupted_<modality>``, the other clean (weights share out a whole, so with both corrupted
+    neither need fall). Returns modality -> (its set, its corruption); with pixels, a strength of 0 is left out."""
     kind, sets = args.corruption_kind, {}
     strengths = (("rgb", args.train_pixel_corruption, "pixel_corruption", _SEED_CREDIBILITY_RGB),
                  ("points", args.point_noise, "point_noise", _SEED_CREDIBILITY_POINTS))

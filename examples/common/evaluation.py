@@ -1,7 +1,5 @@
-"""What both pipelines measure of a trained model: the task's scores of the predictions it makes under test corruption
-(``predictions``: from RGB alone, the paper's protocol; from the fused posterior of all modalities; from the auxiliary
-modality alone; an oracle bound) and whether the fusion trusts a modality less when that modality is corrupted
-(``credibility``). (The corruption flags only measure; nothing in training sees them.)"""
+"""What both pipelines measure of a trained model: the task's scores of its predictions under test corruption
+(``predictions``) and whether the fusion trusts a corrupted modality less (``credibility``)."""
 
 from __future__ import annotations
 
@@ -21,10 +19,8 @@ from .data import credibility_set, eval_loader, test_corruption
 from .networks import CrossModalVAE
 
 # A run's metric groups: name -> (what is decoded, the modality corrupted at its test levels; the other is clean).
-# "metrics", z_rgb with the RGB corrupted, is the headline (under pixel corruption the paper's protocol, Section
-# 4.4). "joint" decodes the mean of the fused posterior of all modalities (MoE's and MoPoE's: the mixture's mean);
-# "oracle" the same with the weight of the modality that the corruption flags mark set to 0 (the fusion's mask): a
-# bound for measurement only, as no fusion sees the flags; "points" decodes z_points, the auxiliary modality alone.
+# "metrics" (z_rgb, the RGB corrupted) is the paper's protocol (Section 4.4); "joint" decodes the fused posterior's
+# mean; "oracle" the same with the flagged modality's weight set to 0, a bound only, as no fusion sees the flags.
 PREDICTIONS = {"metrics": ("rgb", "rgb"), "metrics_joint": ("joint", "rgb"), "metrics_oracle": ("oracle", "rgb"),
                "metrics_aux": ("points", "points"), "metrics_joint_aux_corrupted": ("joint", "points"),
                "metrics_oracle_aux_corrupted": ("oracle", "points")}
@@ -54,12 +50,9 @@ def group_levels(args: argparse.Namespace) -> dict[str, list[float]]:
 @torch.no_grad()
 def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device, decoded: str,
                 score: Callable[[], Score]) -> dict:
-    """The metric groups of PREDICTIONS on the evaluation ``dataset``, ``{group: {str(level): scores}}``: the decoder
-    ``decoded``'s predictions scored by a fresh ``score()`` each, with the RGB or the points corrupted at each of their
-    levels (``modality_levels``; ``data.test_corruption`` of --corruption-kind), the other modality clean; and
-    ``alpha``, gPoE's mean alpha per modality at each --test-corruption level (``{level: {modality: mean}}``; None for
-    the other fusions). One pass over the clean samples, then one per level that encodes the corrupted modality only:
-    the other one's posterior is the clean pass's."""
+    """The metric groups of PREDICTIONS on ``dataset``, ``{group: {str(level): score().compute()}}``, at the levels of
+    ``modality_levels``, and ``alpha``, gPoE's mean alpha per --test-corruption level (``{level: {modality: mean}}``;
+    None for the other fusions). A clean pass, then one per level encoding only the corrupted modality."""
     model.eval()
     fusion, decoder, names = model.objective.fusion, model.objective.decoders[decoded], model.modalities
     levels = group_levels(args)
@@ -110,9 +103,8 @@ def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
 @torch.no_grad()
 def rgb_metrics(predict: Callable[[Tensor], Tensor], dataset: Dataset, args: argparse.Namespace,
                 score: Callable[[], Score]) -> dict:
-    """The ``metrics`` group of ``predictions`` for any predictor of the task from RGB alone, ``predict(rgb) ->
-    prediction`` (an exported model's, common/export.py): ``{str(level): score().compute()}`` with the RGB corrupted at
-    each --test-corruption level as ``predictions`` corrupts it."""
+    """The ``metrics`` group of ``predictions`` for any predictor from RGB alone, ``predict(rgb) -> prediction`` (an
+    exported model's, common/export.py)."""
     result = {}
     for level in args.test_corruption:
         data = dataset if level == 0 else test_corruption(dataset, level, args.seed, "rgb", args.corruption_kind)
@@ -125,11 +117,8 @@ def rgb_metrics(predict: Callable[[Tensor], Tensor], dataset: Dataset, args: arg
 
 @torch.no_grad()
 def credibility(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The held-out credibility of the fusion's weights on the evaluation ``dataset``: ``credibility``, per modality of
-    ``data.credibility_set``, ``diagnostics.credibility_report``'s measures (``auroc`` of the fusion's own weight,
-    ``auroc_alpha``, ``auroc_share``, ``weight_clean``, ``weight_corrupted``, ``alpha_clean``, ``alpha_corrupted``,
-    ``effective_experts``, ``samples``; None where a group is empty) and the corruption; ``credibility_samples``, each
-    sample's weight (mean over D) and flag."""
+    """``credibility``: per modality of ``data.credibility_set``, ``diagnostics.credibility_report``'s measures (None
+    where a group is empty) and the corruption; ``credibility_samples``: each sample's weight (mean over D) and flag."""
     model.eval()
 
     def measure(data: Dataset, flag: str) -> dict[str, torch.Tensor]:
@@ -159,6 +148,5 @@ def credibility(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
 
 def evaluate(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device, decoded: str,
              score: Callable[[], Score]) -> dict:
-    """A run's metric groups: ``predictions`` (the scores of every prediction under test corruption, gPoE's alpha) and
-    ``credibility`` (the fusion's weights on held-out samples with known corruption)."""
+    """A run's metric groups: ``predictions`` and ``credibility``."""
     return {**predictions(model, dataset, args, device, decoded, score), **credibility(model, dataset, args, device)}

@@ -1,10 +1,7 @@
-"""--export-onnx: a finished run of either pipeline in ONNX, checked in ONNX Runtime. Two models are written next to the
-run's checkpoint, each a module in eval mode exported with ``torch.onnx.export(..., dynamo=True)`` and a dynamic batch:
-``rgb_predictor.onnx``, what the evaluation scores (rgb -> z_rgb's mean -> the task decoder), and ``fused_model.onnx``
-(every modality's encoder, the fusion layer, the task decoder on the joint's mean). The RGB predictor, run in ONNX
-Runtime, then takes the model's place in the pipeline's own evaluation (its ``rgb_metrics``: the same samples,
-preprocessing and test corruption), whose metric must be results.json's within the pipeline's tolerance; both models
-are compared with eager PyTorch on the clean evaluation samples. See docs/deploy.md.
+"""--export-onnx: a finished run of either pipeline in ONNX (dynamic batch), checked in ONNX Runtime:
+``rgb_predictor.onnx`` (rgb -> z_rgb's mean -> the task decoder), scored by the pipeline's own evaluation against
+results.json, and ``fused_model.onnx`` (every encoder, the fusion, the decoder on the joint's mean); both are compared
+with eager PyTorch on the clean evaluation samples. See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -32,19 +29,15 @@ from .training import CHECKPOINT, DistEnv, load_checkpoint
 
 RGB_PREDICTOR, FUSED_MODEL = "rgb_predictor.onnx", "fused_model.onnx"
 DEPLOY_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the optional extra "deploy"
-# How far from eager's the outputs of either exported model may be, relative to the largest output (at least 1): float32
-# rounding by another library's operators. Not elementwise: a logit near 0 is a sum of far larger terms, so its rounding
-# is theirs (torch.testing.assert_close's rule, 1e-5 (1 + |eager|), fails 2 of the demo segmentation's 4.1 million
-# logits, 1.1e-5 off where the largest logit is 14).
+# How far from eager's an exported model's outputs may be, relative to the largest output (at least 1): not elementwise,
+# as a logit near 0 is a sum of far larger terms and rounds like them (assert_close's rule fails 2 of the demo's 4.1 M).
 EAGER_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    """What --export-onnx needs of a pipeline: its task (``Task.metric``: the metric compared with results.json's),
-    ``build_model(args)``, ``load_data(args, env) -> (train_set, eval_set)``, ``rgb_metrics(predict, eval_set, args)``
-    (its evaluation of ``predict(rgb) -> prediction``: ``{str(level): metrics}``), the decoder that evaluation reads,
-    and how far from results.json's metric the exported predictor's may be."""
+    """What --export-onnx needs of a pipeline: its task (``Task.metric`` is compared), model, data, evaluation of
+    ``predict(rgb) -> prediction`` (``{str(level): metrics}``), decoder, and the metric's tolerance."""
 
     task: Task
     build_model: Callable[[argparse.Namespace], CrossModalVAE]
@@ -65,12 +58,8 @@ class RGBPredictor(nn.Module):
         return self.model.predict(rgb, self.decoded)
 
 
-class FusedModel(nn.Module):
+class FusedModel(RGBPredictor):
     """rgb [B, 3, S, S], points [B, P, 3] -> the prediction from the joint's mean (``CrossModalVAE.predict_joint``)."""
-
-    def __init__(self, model: CrossModalVAE, decoded: str):
-        super().__init__()
-        self.model, self.decoded = model, decoded
 
     def forward(self, rgb: Tensor, points: Tensor) -> Tensor:
         return self.model.predict_joint({"rgb": rgb, "points": points}, self.decoded)
@@ -78,8 +67,7 @@ class FusedModel(nn.Module):
 
 def export_onnx(module: nn.Module, inputs: tuple[Tensor, ...], input_names: list[str], output_name: str,
                 path: Path) -> float:
-    """``module`` (in eval mode) written to ``path`` as ONNX, the first dimension of every input dynamic; returns the
-    seconds the export took."""
+    """``module`` (in eval mode) written to ``path`` as ONNX, every input's batch dynamic; returns the seconds taken."""
     began = time.perf_counter()
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
@@ -89,13 +77,6 @@ def export_onnx(module: nn.Module, inputs: tuple[Tensor, ...], input_names: list
                                     input_names=input_names, output_names=[output_name], dynamo=True, verbose=False)
     program.save(str(path))
     return time.perf_counter() - began
-
-
-def onnx_session(path: Path):
-    """The ONNX model at ``path`` in an ONNX Runtime session on the CPU."""
-    import onnxruntime
-
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def session_predictor(session) -> Callable[..., Tensor]:
@@ -118,11 +99,9 @@ def session_signature(session) -> str:
 
 
 def trained_run(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, dict]:
-    """The finished run in --out: its arguments, its checkpoint and its result (``{"metrics": {str(level): ...}, ...}``
-    of results.json: a single run's, or that of a run inside a study, in its own folder). The model's settings are the
-    checkpoint's signature; the test levels are results.json's, the data cache and evaluation batch those it records;
-    the data are streamed (the same items as in memory), so that only the evaluation split need be decoded. A folder
-    without both files, or whose files are of different runs, raises UsageError naming --out."""
+    """The finished run in --out (a single run's folder): its arguments (the checkpoint's signature; results.json's test
+    levels, cache and evaluation batch; data streamed), checkpoint and result. A folder without both files, or whose
+    files are of different runs, raises UsageError naming --out."""
     out = Path(args.out)
     try:
         state = load_checkpoint(out / CHECKPOINT)
@@ -155,31 +134,27 @@ def trained_run(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, dic
 
 
 @torch.no_grad()
-def largest_differences(model: CrossModalVAE, exported: Mapping[str, Callable[..., Tensor]], eval_set: Dataset,
-                        decoded: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Per exported model (RGB_PREDICTOR, FUSED_MODEL), on the clean evaluation samples: the largest absolute
-    difference of its output from eager's, ``max_abs_difference``, and the largest absolute eager output, ``max_abs``."""
+def largest_differences(modules: Mapping[str, tuple[nn.Module, list[str]]],
+                        exported: Mapping[str, Callable[..., Tensor]], eval_set: Dataset,
+                        args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Per exported model (file -> its eager module and input names), on the clean evaluation samples: the largest
+    absolute difference from eager's output, ``max_abs_difference``, and the largest eager output, ``max_abs``."""
     found = {name: {"max_abs_difference": 0.0, "max_abs": 0.0} for name in exported}
     for batch in eval_loader(eval_set, args):
-        rgb, points = batch["rgb"], batch["points"]
-        eager = {RGB_PREDICTOR: model.predict(rgb, decoded),
-                 FUSED_MODEL: model.predict_joint({"rgb": rgb, "points": points}, decoded)}
-        inputs = {RGB_PREDICTOR: (rgb,), FUSED_MODEL: (rgb, points)}
         for name, predict in exported.items():
-            difference = (predict(*inputs[name]) - eager[name]).abs()
+            module, names = modules[name]
+            inputs = tuple(batch[n] for n in names)
+            eager = module(*inputs)
+            difference = (predict(*inputs) - eager).abs()
             found[name]["max_abs_difference"] = max(found[name]["max_abs_difference"], difference.max().item())
-            found[name]["max_abs"] = max(found[name]["max_abs"], eager[name].abs().max().item())
+            found[name]["max_abs"] = max(found[name]["max_abs"], eager.abs().max().item())
     return found
 
 
 def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
-    """--export-onnx: the finished run in --out (``trained_run``) exported to RGB_PREDICTOR and FUSED_MODEL next to its
-    checkpoint; ``pipeline.rgb_metrics`` of the RGB predictor in ONNX Runtime, per test level, printed beside
-    results.json's; each model's largest difference from eager. Returns the record ``{"models": {file: {"bytes",
-    "export_seconds", "max_abs_difference", "max_abs"}}, "metric", "levels": {level:
-    {"results_json", "onnx_runtime"}}, "tolerance"}``. A metric further from results.json's than
-    ``pipeline.tolerance``, or a model further from eager than EAGER_TOLERANCE, ends the program with exit status 1; a
-    bad --out with status 2."""
+    """--export-onnx of the run in --out; returns ``{"models": {file: {"bytes", "export_seconds", "max_abs_difference",
+    "max_abs"}}, "metric", "levels": {level: {"results_json", "onnx_runtime"}}, "tolerance"}``. A metric or output out
+    of tolerance exits with status 1, a bad --out with status 2."""
     try:
         missing = [name for name in DEPLOY_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
@@ -195,14 +170,17 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     model.eval()
     example = default_collate([eval_set[i % len(eval_set)] for i in range(2)])  # a batch of 2: a dynamic size
     print(f"exporting {run.out} ({run.fusion}, {len(state['history'])} epochs) to ONNX")
-    models = {}
-    for file, module, names in ((RGB_PREDICTOR, RGBPredictor(model, pipeline.decoded), ["rgb"]),
-                                (FUSED_MODEL, FusedModel(model, pipeline.decoded), ["rgb", "points"])):
+    models, modules = {}, {RGB_PREDICTOR: (RGBPredictor(model, pipeline.decoded), ["rgb"]),
+                           FUSED_MODEL: (FusedModel(model, pipeline.decoded), ["rgb", "points"])}
+    for file, (module, names) in modules.items():
         seconds = export_onnx(module, tuple(example[name] for name in names), names, pipeline.decoded, run.out / file)
         models[file] = {"bytes": (run.out / file).stat().st_size, "export_seconds": seconds}
-    sessions = {file: onnx_session(run.out / file) for file in models}
+    import onnxruntime
+
+    sessions = {file: onnxruntime.InferenceSession(str(run.out / file), providers=["CPUExecutionProvider"])
+                for file in models}
     exported = {file: session_predictor(session) for file, session in sessions.items()}
-    for file, found in largest_differences(model, exported, eval_set, pipeline.decoded, run).items():
+    for file, found in largest_differences(modules, exported, eval_set, run).items():
         models[file].update(found)
     measured = pipeline.rgb_metrics(exported[RGB_PREDICTOR], eval_set, run)
     (key, label), tolerance = pipeline.task.metric, pipeline.tolerance

@@ -54,11 +54,9 @@ def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
 class ResNet18Encoder(nn.Module):
     """RGB encoder: a ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1].
 
-    width: channels of the first stage (the stages have 1, 2, 4 and 8 times width; 64 with ``stem_pool`` is
-    torchvision's ResNet-18). A narrower one (the same blocks, depths and strides) suits small crops on a CPU: the
-    compute falls with width squared. stem_pool: the max-pool after the stem (without it a 64-pixel crop keeps a 4x4 map
-    in the last stage). weights: a local ResNet-18 weights file (``load_resnet18_state``; the paper's are ImageNet's),
-    width 64 with stem_pool only; nothing is downloaded.
+    width: channels of the first stage (stages of 1, 2, 4, 8 times width; 64 with ``stem_pool`` is torchvision's
+    ResNet-18; compute falls with width squared). stem_pool: the max-pool after the stem. weights: a local ResNet-18
+    weights file (``load_resnet18_state``), width 64 with stem_pool only; nothing is downloaded.
     """
 
     MEAN = (0.485, 0.456, 0.406)
@@ -194,11 +192,9 @@ class KeypointDecoder(nn.Module):
 
 
 class DCGANDecoder(nn.Module):
-    """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S]. z is projected to a 4x4 map,
-    then transposed convolutions (stride 2) double the size up to out_size (a power of two >= 8), halving the channels
-    from ``base`` to ``min_channels`` at least, each followed by BN + ReLU but the last, which gives the logits as
-    DCGAN's gives the image. (Only that layer runs at full resolution: an extra BN, ReLU and 3x3 convolution there cost
-    the demo's decoder half its time and gained no IoU.)"""
+    """DCGAN-style generator (Radford et al.): z [B, D] -> per-class logits [B, C, S, S]: a 4x4 map, then stride-2
+    transposed convolutions up to out_size (a power of two >= 8), channels halving from ``base`` to ``min_channels``, BN
+    + ReLU after all but the last (more layers at full resolution cost the demo half its time for no IoU)."""
 
     def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256,
                  min_channels: int = 32):
@@ -235,8 +231,7 @@ class CrossModalVAE(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.objective = objective
         self.modalities = list(encoders)
-        # Convolutions with weights in channels-last order run in oneDNN's (and cuDNN's) preferred
-        # layout, and so do their outputs: a demo training step on 2 CPU cores takes 109 ms instead of 157.
+        # oneDNN's and cuDNN's preferred layout: a demo training step on 2 CPU cores takes 109 ms instead of 157.
         self.to(memory_format=torch.channels_last)
 
     def encode(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
@@ -261,18 +256,16 @@ class CrossModalVAE(nn.Module):
         """Multimodal inference: z = the mean of the fusion of every encoded modality's posterior (a product's mean, or
         a mixture's for MoE and MoPoE), decoded. inputs: modality name -> [B, ...]."""
         posteriors, features = self.encode(inputs)
-        mu = torch.stack([posteriors[name][0] for name in self.modalities])
-        logvar = torch.stack([posteriors[name][1] for name in self.modalities])
+        mu, logvar = (torch.stack([posteriors[name][part] for name in self.modalities]) for part in (0, 1))
         joint = self.objective.fusion(mu, logvar, features=[features[name] for name in self.modalities])
         return self.objective.decoders[decoded](joint.mean)
 
 
 def cross_modal_vae(args: argparse.Namespace, task_decoders: Callable[[], Mapping[str, nn.Module]],
                     likelihoods: Mapping[str, Callable[[Tensor, Tensor], Tensor]]) -> CrossModalVAE:
-    """The paper's model of both pipelines: RGB (ResNet-18) and point-cloud (ResPEL) encoders, the fusion layer of
-    --fusion, and the objective over the task's decoders (``task_decoders()``, with their ``likelihoods``) and a
-    FoldingNet decoding the point cloud. Encoders and decoders are built first, from --seed, so every fusion starts from
-    the same weights; the fusion layer comes last."""
+    """The paper's model: RGB (ResNet-18) and point-cloud (ResPEL) encoders, --fusion, and the objective over the task's
+    decoders (``task_decoders()``, ``likelihoods``) and a FoldingNet; all but the fusion built first from --seed, so
+    every fusion starts from the same weights."""
     torch.manual_seed(args.seed)
     rgb = ResNet18Encoder(args.latent_dim, weights=args.rgb_weights, width=args.rgb_width, stem_pool=args.rgb_stem_pool)
     points = ResPELEncoder(args.latent_dim, width=args.pel_width)

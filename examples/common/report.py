@@ -1,7 +1,6 @@
-"""Readable results both pipelines write: results.json's header (the settings and where they come from), markdown tables
-and matplotlib figures (headless PNG), of a study's results (``{fusion: {"metrics": {str(level): {metric: value}},
-"alpha", "credibility", "credibility_samples"}}``, its runs' results.json) and, over seeds, its ``statistics``: then a
-cell is the mean ± the half-width of its 95 % interval and a plotted point has that error bar.
+"""Readable results both pipelines write: results.json's header, markdown tables and matplotlib figures (PNG) of a
+study's results (``{fusion: {"metrics": {str(level): {metric: value}}, ...}}``) and, over seeds, its ``statistics``
+(a cell: mean ± 95 % CI half-width; a point: that error bar).
 """
 
 from __future__ import annotations
@@ -113,9 +112,8 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
               title: str = "", markers: bool = True, errors: Mapping[str, Sequence[float]] | None = None,
               ylim: tuple[float, float] | None = None,
               styles: Mapping[str, Mapping[str, object]] | None = None) -> None:
-    """One line per entry of ``series`` over ``x``, saved to ``path``. errors: label -> the half-width of each point's
-    error bar (drawn where given); ylim: a fixed y range (default: the data's); styles: label -> matplotlib line
-    properties (e.g. color, linestyle) of that line."""
+    """One line per entry of ``series`` over ``x``, saved to ``path``; errors, styles: label -> error bars' half-widths,
+    matplotlib line properties."""
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for label, ys in series.items():
         ax.errorbar(x, ys, yerr=(errors or {}).get(label), marker="o" if markers else None, markersize=4, capsize=3,
@@ -131,8 +129,8 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
 def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_labels: Sequence[str] = (),
                col_labels: Sequence[str] = (), cell: float = 1.6,
                legend: Mapping[str, Sequence[int]] | None = None) -> None:
-    """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]) with optional row/column labels. legend: label -> RGB
-    colour (0..255), colour patches in a strip below the grid, in as many columns as its width holds."""
+    """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]) with optional labels; legend: label -> RGB colour
+    (0..255), patches below the grid."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     width, strip, columns = cell * n_cols, 0.0, 1
     if legend:
@@ -173,15 +171,14 @@ def level_label(group: str, level: str, kind: str = "pixels") -> str:
 
 
 def fusions_title(what: str, fusions: Sequence[str], seeds: int = 1) -> str:
-    """A figure's title that says what it compares: "what: gPoE" for one fusion, "what: MoE vs PoE vs gPoE" for several,
-    and over how many seeds the points are means."""
+    """"what: MoE vs PoE vs gPoE" (or one fusion), and over how many seeds the points are means."""
     title = f"{what}: {' vs '.join(FUSION_LABELS[f] for f in fusions)}"
     return title + (f"\nmean and 95 % CI over {seeds} seeds" if seeds > 1 else "")
 
 
 def interval_cell(summary: Mapping, floatfmt: str, brackets: bool = False) -> str:
-    """A ``study.t_interval`` as ``mean ± half-width`` (with ``brackets``: ``mean [low, high]``, as paired differences
-    are shown), the mean alone with one value, n/a with none."""
+    """A ``study.t_interval`` as ``mean ± half-width`` (``brackets``: ``mean [low, high]``), the mean alone with one
+    value, n/a with none."""
     if summary["mean"] is None or summary["half_width"] is None:
         return "n/a" if summary["mean"] is None else format(summary["mean"], floatfmt)
     if brackets:
@@ -202,10 +199,8 @@ def metric_cell(results: Mapping[str, Mapping], statistics: Mapping | None, fusi
 def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, str]], floatfmt: str = ".4f",
                  statistics: Mapping | None = None, groups: Mapping[str, str] | None = None,
                  kind: str = "pixels") -> str:
-    """The paper's comparison layout (Tables 3 and 4): a row per fusion and, for every corruption level, one column per
-    (header, metric key) of ``columns``; over seeds, mean ± half-width. groups: metric group -> the label of its rows
-    (groups of the same test levels), a row per group and fusion; default the paper's, ``metrics``, unlabelled. kind:
-    the --corruption-kind of the levels."""
+    """The paper's comparison layout (Tables 3 and 4): a row per fusion (and metric group of ``groups``, group -> label;
+    default ``metrics``) and per level a column per (header, key) of ``columns``; over seeds, mean ± half-width."""
     groups = groups or {"metrics": ""}
     first = next(iter(groups))
     levels = corruption_levels(results, first)
@@ -219,10 +214,8 @@ def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, st
 def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Path, ylabel: str, what: str,
                     statistics: Mapping | None = None, groups: Mapping[str, str] | None = None,
                     kind: str = "pixels") -> None:
-    """``metric`` against the test corruption, one line per fusion (and per metric group of ``groups``, group -> the
-    label of its lines, of the same test levels; default the paper's, ``metrics``), titled ``what`` and the fusions
-    shown; over seeds, the means with their 95 % confidence intervals as error bars. A fusion keeps its colour, a
-    group its line style. kind: the --corruption-kind of the levels."""
+    """``metric`` against the test corruption, a line per fusion and metric group of ``groups`` (group -> label; default
+    ``metrics``), over seeds with 95 % CI error bars; a fusion keeps its colour, a group its line style."""
     groups = groups or {"metrics": ""}
     first = next(iter(groups))
     levels = corruption_levels(results, first)
@@ -242,20 +235,18 @@ def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Pat
 
 def joint_plots(results: Mapping[str, Mapping], metric: str, out: str | Path, ylabel: str,
                 statistics: Mapping | None = None, kind: str = "pixels") -> None:
-    """Joint inference's figures of ``metric`` (of --corruption-kind ``kind``): ``joint_vs_rgb_corruption.png`` (the
-    joint and the oracle against the RGB's corruption, the points clean) and ``joint_vs_points_corruption.png`` (the
-    joint and the points alone against the points' corruption, the RGB clean)."""
+    """``joint_vs_rgb_corruption.png`` (the joint and the oracle, the points clean) and
+    ``joint_vs_points_corruption.png`` (the joint and the points alone, the RGB clean) of ``metric``."""
     corruption_plot(results, metric, Path(out) / "joint_vs_rgb_corruption.png", ylabel,
-                    "Joint inference, RGB corrupted", statistics, {"metrics_joint": "joint", "metrics_oracle": "oracle"},
-                    kind)
+                    "Joint inference, RGB corrupted", statistics, JOINT_GROUPS["rgb"], kind)
     corruption_plot(results, metric, Path(out) / "joint_vs_points_corruption.png", ylabel,
                     "Joint inference, points corrupted", statistics,
                     {"metrics_joint_aux_corrupted": "joint", "metrics_aux": "points alone"}, kind)
 
 
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path, kind: str = "pixels") -> None:
-    """For every fusion with credibilities (gPoE), ``alpha_<fusion>.png``: the mean alpha of each modality against the
-    test corruption of RGB (of --corruption-kind ``kind``), on alpha's whole range 0-1."""
+    """Per fusion with credibilities (gPoE), ``alpha_<fusion>.png``: each modality's mean alpha against the RGB's test
+    corruption."""
     levels = corruption_levels(results)
     for f, r in results.items():
         if r.get("alpha"):
@@ -266,9 +257,8 @@ def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path, kind: str =
 
 
 def credibility_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> None:
-    """For every fusion, ``credibility_<fusion>.png``: per corrupted modality of the held-out credibility set, box plots
-    of the fusion's own weight (each sample's mean over the latent dimensions, dots: the samples) on its clean and its
-    corrupted samples, on the weights' range 0-1."""
+    """Per fusion, ``credibility_<fusion>.png``: per modality, box plots (and dots) of each held-out sample's own weight
+    (mean over D) on its clean and its corrupted samples."""
     for f, r in results.items():
         samples = r.get("credibility_samples")
         if not samples:
@@ -316,9 +306,8 @@ def differences_table(statistics: Mapping, part: str, cells: Sequence[tuple[str,
 
 def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str, str]], floatfmt: str,
                          group: str = "metrics", of: str = "", kind: str = "pixels") -> str:
-    """The paired differences of the metrics ``columns`` (header, key) of the metric group ``group`` at every test
-    level (of --corruption-kind ``kind``; ``differences_table``), introduced as those ``of`` a prediction (e.g. " of
-    the joint"); empty without statistics or without a pair of fusions to compare."""
+    """``differences_table`` of ``columns`` (header, key) of ``group`` at every level, introduced as those ``of`` a
+    prediction (e.g. " of the joint"); empty without statistics or a pair of fusions."""
     if statistics is None or not statistics["differences"]:
         return ""
     levels = list(next(iter(statistics[group].values())))
@@ -330,9 +319,8 @@ def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str
 
 def joint_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, columns: Sequence[tuple[str, str]],
                    floatfmt: str, kind: str = "pixels") -> str:
-    """Joint inference's tables of the metrics ``columns`` (header, key) under --corruption-kind ``kind``: with the RGB
-    corrupted (the joint, the oracle) and with the points corrupted (the joint, the points alone, the oracle), each
-    over seeds with the paired differences of the joint."""
+    """Joint inference's tables of ``columns`` (header, key), the RGB or the points corrupted (JOINT_GROUPS), each over
+    seeds with the paired differences of the joint."""
     seeds = spread(statistics["seeds"]) if statistics else ""
     masked = ("as every test sample is corrupted, above level 0 it is the other modality alone" if kind == "pixels"
               else "it masks the modality of the desynchronised samples only")
@@ -349,9 +337,8 @@ def joint_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, c
 
 
 def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, floatfmt: str = ".3f") -> str:
-    """The held-out credibility: per fusion and corrupted modality, the AUROC that the fusion's own weight (and the
-    precision share) is lower on the corrupted samples and the mean weight on clean and corrupted ones; over seeds, mean
-    ± 95 % CI half-width, then the paired AUROC differences."""
+    """The held-out credibility table (_CREDIBILITY_COLUMNS per fusion and modality), then the paired AUROC
+    differences."""
     first = next(iter(results.values()))["credibility"]
     if not first:
         return ""

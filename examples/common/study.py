@@ -1,9 +1,7 @@
-"""Studies, a layer above a pipeline's run: every fusion of --fusions (with --compare) at every seed of --seeds, at
-every fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/`` with
---compare or a sweep, ``seed<k>/`` with several seeds); the reuse of finished runs (in a study of several, a run whose folder holds
-its checkpoint and a results.json of the same signature at the same test levels is loaded, not trained again); the
-statistics over seeds, whose runs are paired (the same data, noise and initial weights of the parts they share, built
-from the seed before the fusion layer, so the spread the fusions share cancels in their difference); the sweep's report.
+"""Studies, a layer above a pipeline's run: every fusion of --fusions (--compare) at every seed of --seeds, at every
+fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/``,
+``seed<k>/``); finished runs reused, not trained again; the statistics over seeds, whose runs are paired (the same data,
+noise and initial weights of the parts they share, so the spread they share cancels in their difference); the sweep.
 """
 
 from __future__ import annotations
@@ -34,8 +32,8 @@ DIFFERENCES = (("gpoe", "poe"), ("gpoe", "moe"))
 CREDIBILITY_MEASURES = ("auroc", "auroc_alpha", "auroc_share", "weight_clean", "weight_corrupted", "effective_experts")
 # The test levels the sweep's figure shows (paper Fig. 4, first panel: clean and 50 % corrupted).
 SWEEP_LEVELS = (0.0, 0.5)
-# What a run's own results.json holds that its study's does not: the settings it was trained with (the
-# study's config says them) and the per-sample credibility weights (only the figure needs them).
+# What a run's own results.json holds that its study's does not: its settings (the study's config says them) and the
+# per-sample credibility weights (only the figure needs them).
 _RUN_ONLY = ("signature", "credibility_samples")
 
 
@@ -44,9 +42,8 @@ def _present(value: object) -> bool:
 
 
 def t_interval(values: Sequence[float | None]) -> dict:
-    """``{"mean", "std", "n", "ci95", "half_width"}`` of ``values`` (None and NaN left out): the mean, the sample
-    standard deviation (n - 1), n, and the 95 % Student-t interval ``[mean - h, mean + h]``, ``h = t(0.975, n - 1) * std
-    / sqrt(n)``. With fewer than two values std, ci95 and half_width are None (with none the mean too)."""
+    """``{"mean", "std", "n", "ci95", "half_width"}`` of ``values`` (None and NaN left out): the sample std (n - 1) and
+    the Student-t interval, ``h = t(0.975, n - 1) * std / sqrt(n)``; None below two values (the mean too with none)."""
     xs = [float(v) for v in values if _present(v)]
     n = len(xs)
     out = {"mean": math.fsum(xs) / n if n else None, "std": None, "n": n, "ci95": None, "half_width": None}
@@ -69,11 +66,9 @@ def paired_difference(a: Sequence[float | None], b: Sequence[float | None]) -> d
 
 
 def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[int]) -> dict:
-    """Statistics of a study's runs (fusion -> seed -> result) over its seeds: ``{"confidence", "seeds", "metrics":
-    {fusion: {level: {metric: t_interval}}}, the same for every other metric group of ``evaluation.PREDICTIONS`` the
-    runs hold ("metrics_joint", ...), "credibility": {fusion: {modality: {measure: t_interval}}}, "differences":
-    {"gpoe-poe": {"metrics": ..., "metrics_joint": ..., "credibility": ...} of paired_difference, ...}}``: the float
-    metrics and CREDIBILITY_MEASURES, the differences of DIFFERENCES of the fusions trained."""
+    """Statistics of a study's runs (fusion -> seed -> result): ``{"confidence", "seeds", <group>: {fusion: {level:
+    {metric: t_interval}}} per metric group held, "credibility": {fusion: {modality: {measure: t_interval}}},
+    "differences": {"gpoe-poe": {<group>: ..., "credibility": ...} of paired_difference}}`` for DIFFERENCES trained."""
     groups = [group for group in PREDICTIONS if group in runs[next(iter(runs))][seeds[0]]]
     parts = [*groups, "credibility"]
 
@@ -100,9 +95,8 @@ def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[
 
 @dataclass
 class Study:
-    """The runs of one training data corruption, in the order trained. runs: fusion -> seed -> the run's result (its
-    results.json), filled on the main process; first: fusion -> the arguments of its first seed's run, whose model the
-    figures show; began: when it started (``time.perf_counter``)."""
+    """The runs of one training data corruption. runs: fusion -> seed -> result (main process only); first: fusion ->
+    the arguments of its first seed's run, whose model the figures show; began: ``time.perf_counter`` at its start."""
 
     fusions: list[str]
     seeds: list[int]
@@ -146,8 +140,8 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 
 
 def finished_run(args: argparse.Namespace) -> dict | None:
-    """The result in --out/results.json if it is that of this very run (the same signature, every metric group
-    evaluated at the same test levels) and its checkpoint is there too; else None."""
+    """The result in --out/results.json if it is this run's (signature and test levels) beside its checkpoint; else
+    None."""
     try:
         result = json.loads((Path(args.out) / "results.json").read_text())
     except (OSError, ValueError):  # none, half a file of an older version, or unreadable: train again
@@ -187,10 +181,9 @@ def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argpar
 
 def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[argparse.Namespace], dict | None],
         write_report: Callable[[argparse.Namespace, Study], str]) -> Study | list[Study] | None:
-    """The command's runs, ``run_one(args of the run)`` each (the pipeline's run: it trains into its --out and returns
-    its results.json on the main process), then on the main process each study's report, ``write_report(args, study)``
-    (its results.json, tables and figures; returns the tables) and the fusions' weight figures, a sweep's own report,
-    and the tables printed. Returns the study (with a sweep, one per fraction), None on the other processes."""
+    """The command's runs, ``run_one(args)`` each, then on the main process each study's ``write_report(args, study)``
+    (returns its tables) and weight figures, a sweep's report, the tables printed. Returns the study (a sweep: one per
+    fraction), None on the other processes."""
     began = time.perf_counter()
     fractions = args.corruption_sweep or [None]
     studies = []
@@ -227,10 +220,9 @@ def _cell(study: Study, fusion: str, level: str, metric: str) -> dict:
 
 
 def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study], seconds: float) -> str:
-    """The sweep's report in --out: results.json (``report.header`` and ``sweep``: ``{"metric", "fractions", "points":
-    {str(fraction): {"out", **Study.record()}}}``), results.md (the main metric per training fraction, fusion and test
-    level, and over seeds the paired differences) and ``training_corruption_sweep.png`` (the metric at the levels of
-    SWEEP_LEVELS against the fraction). Returns the table."""
+    """The sweep's results.json (``sweep``: ``{"metric", "fractions", "points": {str(fraction): {"out", **record}}}``),
+    results.md (the metric per fraction, fusion and level; paired differences) and ``training_corruption_sweep.png``
+    (at SWEEP_LEVELS). Returns the table."""
     out, (key, label), fractions = Path(args.out), task.metric, args.corruption_sweep
     head = report.header(args, task, seconds)
     write_json(out / "results.json", {**head, "sweep": {

@@ -1,11 +1,8 @@
 """The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written atomically
 and loaded safely, and one run of either pipeline (``runner``): AdamW, warm-up and cosine decay, gradient clipping, bf16
-autocast on GPU, data parallelism, a checkpoint every epoch, exact resumption, --max-steps, results.json.
-
-``train`` is the epoch loop (torchvision's references write it in ``main``), ``train_one_epoch`` the step loop, which
-reads nothing of the device per step. The ranks of a data-parallel run train as one process with their global batch
-(``gpoe_fusion.distributed.match_single_process``), so every rank seeds alike; all randomness is a function of (seed,
-epoch), so a resumed run continues as the uninterrupted one did.
+autocast on GPU, data parallelism, a checkpoint every epoch, exact resumption, --max-steps, results.json. The ranks
+train as one process with their global batch (``match_single_process``); all randomness is a function of (seed, epoch),
+so a resumed run continues as the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -170,12 +167,9 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and those it forks (loader workers).
-    glibc maps a block over its threshold afresh and unmaps it when freed, but raises the threshold (up to 32 MiB) to
-    every mapped block freed, so after the first step the activations come from the heap, which fragments: a full-size
-    step of 8 at 256x256 peaked at 1.88 GB in the first step and 2.29 GB by the third; with the threshold fixed, 1.93
-    GB, four steps in 10.5 s instead of 8.4 s (a page fault per fresh page). Returns whether it took effect (False
-    without glibc)."""
+    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and its loader workers, as glibc raises
+    it to every freed mapped block and the heap then fragments (a full-size step peaked at 2.29 GB by the third step
+    instead of 1.93 GB). Returns whether it took effect (False without glibc)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
@@ -258,9 +252,8 @@ def _means(sums: dict[str, list], env: DistEnv) -> dict[str, float]:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, args: argparse.Namespace,
                     env: DistEnv, steps: int | None = None) -> dict[str, float]:
-    """One pass over ``loader`` (its first ``steps`` batches if given): each batch's loss (``CrossModalVAE.forward``,
-    the library's objective), its gradient, a clipped AdamW step and a step of the schedule. Returns the epoch means of
-    the objective's terms and, for gPoE (only then asked for its weights), of alpha per modality and corruption flag."""
+    """One pass over ``loader`` (its first ``steps`` batches if given), a clipped AdamW step per batch. Returns the
+    epoch means of the objective's terms and, for gPoE, of alpha per modality and corruption flag."""
     model.train()
     core = model.module if isinstance(model, DistributedDataParallel) else model
     log_alpha = isinstance(core.objective.fusion, gf.GPoE)
@@ -314,11 +307,8 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler, args: argparse.N
 
 def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: DistEnv,
           log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` on ``train_set`` for --epochs (or --max-steps optimizer steps), checkpointing to
-    --out/checkpoint.pt after every epoch; with --resume, continue from that checkpoint (exactly), which a run of
-    another signature may not. With more than one process ``model`` is changed in place to train as one process with the
-    global batch would (``match_single_process``). Returns the history: per epoch, ``train_one_epoch``'s means,
-    ``epoch``, ``steps`` (taken by its end) and ``seconds``.
+    """Train ``model`` for --epochs (or --max-steps), checkpointing to --out after every epoch; --resume continues a
+    run of the same signature exactly. Returns per epoch ``train_one_epoch``'s means, ``epoch``, ``steps``, ``seconds``.
     """
     log = log or (print if env.is_main else lambda _: None)
     per_rank = len(train_set) // env.world_size
@@ -335,9 +325,8 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args, len(loader)))
     history, start = _resume(path, model, optimizer, scheduler, args, env, log) if args.resume else ([], 0)
     ddp = DistributedDataParallel(model) if env.distributed else model
-    # Loader workers are forked from this process and share its pages until they write to them; the
-    # garbage collector writes to every object it visits, so unless they are frozen the workers soon hold
-    # copies of the interpreter's heap (at full size two workers added 240 MB; frozen, 50-100 MB).
+    # Forked loader workers share this process's pages until written; the garbage collector writes to every object
+    # it visits, so unfrozen the workers soon copy the heap (two workers added 240 MB at full size; frozen, 50-100).
     gc.collect()
     gc.freeze()
     try:
@@ -368,10 +357,9 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
 
 def runner(build_model: Callable[[argparse.Namespace], nn.Module], evaluate: Callable[..., dict], train_set: Dataset,
            eval_set: Dataset, env: DistEnv) -> Callable[[argparse.Namespace], dict | None]:
-    """A pipeline's run, ``run(args)``: the model ``build_model(args)`` trained on ``train_set`` with the noise of
-    ``args`` (``data.training_noise``), then, on the main process, its record written to --out/results.json and
-    returned: ``{"fusion", "seed", **evaluate(model, eval_set, args, device)}`` (the pipeline's metric groups),
-    ``"train_seconds", "history", "dir", "signature"}``."""
+    """A pipeline's run, ``run(args)``: ``build_model(args)`` trained with ``data.training_noise``, then on the main
+    process ``{"fusion", "seed", **evaluate(...), "train_seconds", "history", "dir", "signature"}`` written to
+    --out/results.json and returned."""
     def run(args: argparse.Namespace) -> dict | None:
         model = build_model(args)
         history = train(model, training_noise(train_set, args), args, env)

@@ -2,9 +2,8 @@
 3) metres, camera frame, 'uv_vis': (42, 3) pixel u, v and a visibility flag (visible iff == 1), 'K': (3, 3)}``
 (keypoints 0..20 left hand, 21..41 right) and was written by Python 2 (read with ``encoding="latin1"``).
 
-A pickle can call any importable function while it loads, and this one comes from the internet, so
-``RestrictedUnpickler`` resolves only a table of globals: builtin containers and scalars and the functions numpy's own
-pickles name (``numpy.core.*`` in numpy 1.x, ``numpy._core.*`` in 2.x; both map to the running numpy's objects).
+A pickle can call any importable function while it loads, so ``RestrictedUnpickler`` resolves only builtin containers
+and scalars and the functions numpy's own pickles name (``numpy.core.*`` or ``numpy._core.*``, the running numpy's).
 """
 
 from __future__ import annotations

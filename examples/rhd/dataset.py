@@ -88,11 +88,8 @@ def _annotation_path(root: str | os.PathLike, split: str) -> Path:
 
 def read_frame(root: str | os.PathLike, split: str, index: int,
                annotations: dict[int, dict[str, np.ndarray]] | None = None) -> Frame:
-    """Decode frame ``index`` of ``split`` at full resolution.
-
-    ``annotations`` (from :func:`rhd.annotations.load_annotations`) avoids re-reading the pickle for every frame;
-    without it the split's pickle is loaded. Missing or undecodable files raise errors naming the file.
-    """
+    """Decode frame ``index`` of ``split`` at full resolution; ``annotations`` (``load_annotations``) saves re-reading
+    the pickle. Missing or undecodable files raise errors naming the file."""
     folder = _split_dir(root, split)
     if annotations is None:
         annotations = load_annotations(_annotation_path(root, split))

@@ -2,14 +2,11 @@
 (``generate_rhd``), so ``rhd.dataset.RHDDataset`` reads it with the code that reads the real release;
 ``ensure_builtin_rhd`` generates once into a cache.
 
-A frame holds two hands in the pickle (RHD order). One, left or right at random, is dominant: its middle MCP (keypoint
-12) near the image centre, 0.3-0.8 m away; the other farther, towards or beyond the border, so "the hand with more mask
-pixels" picks either side. A hand is a kinematic skeleton (size, bone lengths, flexion, abduction and thumb opposition
-within joint limits; a palm/back flip, +-50 degree tilts, a +-90 degree roll) drawn as Lambert-shaded capsules
-intersected exactly with each pixel's ray and z-buffered, with a forearm (mask id 1). So that pose is learnable from
-small crops, every finger has its own hue in a per-frame skin tone, segments lighten towards the tip and the palm side
-is lighter than the back. Backgrounds: low-frequency colour textures, a slanted far plane (1-5 m). Frame ``i`` of a
-split depends only on ``(seed, split, i)``: equal arguments give byte-identical files.
+A frame holds two hands (RHD order): a dominant one, left or right at random, its middle MCP near the image centre
+0.3-0.8 m away, and a farther one towards the border. A hand is a kinematic skeleton within joint limits, drawn as
+Lambert-shaded capsules ray-traced and z-buffered, with a forearm (mask id 1); so that pose is learnable from small
+crops, every finger has its own hue, lightening towards the tip. Backgrounds: low-frequency textures on a far plane.
+Frame ``i`` of a split depends only on ``(seed, split, i)``: equal arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -399,9 +396,8 @@ def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                        progress: bool = True) -> Path:
     """The ``RHD_published_v2`` folder of a built-in dataset under ``cache_dir`` with at least ``num_training`` and
-    ``num_evaluation`` frames: the smallest cached one of this generator and seed that has them (its first n frames are
-    those of a dataset of n frames), else a new one (``data.build_once``) large enough for the request and the largest
-    cached one, whose frames it links. None is changed or deleted: a running job may be reading it.
+    ``num_evaluation`` frames: the smallest cached one that has them (a dataset's first n frames are those of one of n),
+    else a new one (``data.build_once``) linking the largest cached one's frames. None is changed or deleted.
     """
     cache_dir, seed = Path(cache_dir), int(seed)
     cached = {f: sizes for f in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(f, seed))}

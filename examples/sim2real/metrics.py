@@ -1,8 +1,7 @@
 """Segmentation metrics from a confusion matrix accumulated over every evaluated pixel of the test set (not per image):
-``IoU_c = TP / (TP + FP + FN)``, ``F1_c = 2 TP / (2 TP + FP + FN)``, and pixel accuracy. The single IoU and F1 (paper
-Tables 1 and 4) are macro averages over the classes present in the prediction or the ground truth: an absent class (TP +
-FP + FN = 0) is NaN and left out, as torchmetrics' ``average="macro"`` does; a present class never predicted right
-scores 0. Pixels whose target is ``ignore_index`` are dropped before counting.
+``IoU_c = TP / (TP + FP + FN)``, ``F1_c = 2 TP / (2 TP + FP + FN)``, and pixel accuracy. The single IoU and F1 are macro
+averages over the classes present in prediction or ground truth (an absent class is NaN, left out, as torchmetrics'
+``average="macro"``). Pixels whose target is ``ignore_index`` are dropped.
 """
 
 from __future__ import annotations
@@ -36,10 +35,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 def scores_from_confusion(confusion: torch.Tensor) -> dict:
-    """IoU, F1 and pixel accuracy of a confusion matrix [C, C] (rows: target, columns: prediction), as Python numbers:
-    ``"iou"`` and ``"f1"`` (macro means over the classes present), ``"pixel_accuracy"``, ``"iou_per_class"`` and
-    ``"f1_per_class"`` (C floats, NaN for absent classes), ``"support"`` (target pixels per class) and ``"pixels"``.
-    ValueError when the matrix counts no pixel."""
+    """Scores of a confusion matrix [C, C] (rows: target): ``"iou"``, ``"f1"`` (macro over classes present),
+    ``"pixel_accuracy"``, ``"iou_per_class"``, ``"f1_per_class"`` (C floats, NaN if absent), ``"support"`` and
+    ``"pixels"``. ValueError when it counts no pixel."""
     confusion = confusion.detach().to("cpu", torch.float64)
     total = confusion.sum()
     if total == 0:

@@ -1,10 +1,8 @@
 """Built-in synthetic Sim2Real data, written in exactly the on-disk format of the real dataset.
 
 As the real dataset renders each scene, one fixed 3-D anatomy, from random camera poses, scene k here is one fixed
-procedural laparoscopic anatomy in world coordinates (abdominal wall and fat/stomach regions split by a smooth level
-set, a two-lobed liver, a gallbladder at its lower rim, a curved ligament band; every pixel one of the five classes) and
-each 512 x 256 view a random pose: a pan (mostly onto the liver), a distance (weak perspective: the image scales by 215
-/ distance) and a roll of up to 30 degrees. A view's masks are therefore a function of four pose parameters per scene
+procedural anatomy (wall and fat regions, a two-lobed liver, a gallbladder, a ligament band: the five classes) and each
+512 x 256 view a random pan, distance (the image scales by 215 / distance) and roll of up to 30 degrees
 (docs/surgical.md). It writes:
 
 * depth: z-depth in scene units, about 75..290: a tilted wall, fat bulging out of it, the liver a dome in
@@ -192,14 +190,11 @@ class _CameraPose:
 
 
 class _WaveField:
-    """A smooth random field on the plane, evaluated analytically at any world point p: ``sum_k amplitude * cos(k_k . p
-    + phase_k)`` over ``waves`` waves with Gaussian wave vectors of standard deviation ``wavenumber`` per axis and
-    uniform phases: a stationary, isotropic field of standard deviation ``std`` with (for many waves) a Gaussian
-    correlation.
+    """A smooth random field, ``sum_k amplitude * cos(k_k . p + phase_k)`` over ``waves`` waves with Gaussian wave
+    vectors (std ``wavenumber`` per axis) and uniform phases: stationary and isotropic, of standard deviation ``std``.
 
-    On a view the phase is affine in the pixel's (X, Y), so ``cos(a X + b Y + c)`` splits into products of row and
-    column terms and the field is one small matrix product (H x 2 waves x W), computed by NumPy's own loops
-    (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
+    On a view the phase is affine in the pixel's (X, Y), so the field is one small matrix product of row and column
+    terms, by NumPy's own loops (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
     """
 
     def __init__(self, rng: np.random.Generator, wavenumber: float, std: float, waves: int) -> None:
@@ -464,10 +459,8 @@ def _write_view(job: tuple[Path, int, int, int]) -> None:
 
 
 def ensure_builtin_sim2real(cache_dir: str | Path, views_per_scene: int, seed: int = 0, progress: bool = True) -> Path:
-    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use (``data.build_once``).
-    Each (generator version, size, seed) has its own folder under ``cache_dir``, e.g.
-    ``sim2real_builtin_v3_7x100_seed0``, so a run sees exactly the views of its size (a random split permutes them all);
-    an existing folder is reused, and none is ever changed or deleted."""
+    """The root of the built-in dataset (7 scenes x ``views_per_scene``), generated on first use (``data.build_once``)
+    into a folder of its own per (generator version, size, seed), so a run sees exactly the views of its size."""
     scenes = 7
 
     def generate(staging: Path) -> None:
