@@ -31,8 +31,6 @@ inline constexpr int kMaxSubsetExperts = 8;
 // The inputs' floating-point type. 16-bit types are computed in float32, float64 in float64.
 enum class Dtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// A strided operand indexed [m, n, d] (or [n, d] with stride_m unused). stride_d is 1, or 0
-// when the operand is broadcast along d; data == nullptr means "absent".
 // One row n of an operand: its elements [i, n, d] (Operand::row). A small value kept in registers,
 // so that a kernel's loads of one row's experts do not recompute (or reload) the row's address.
 template <class T>
@@ -44,6 +42,8 @@ struct OperandRow {
   GPOE_HD bool broadcast_d() const { return stride_d == 0; }
 };
 
+// A strided operand indexed [m, n, d] (or [n, d] with stride_m unused). stride_d is 1, or 0
+// when the operand is broadcast along d; data == nullptr means "absent".
 struct Operand {
   const void* data = nullptr;
   int64_t stride_m = 0;
@@ -63,21 +63,6 @@ struct Operand {
   }
   // A vector along d is one element repeated (broadcast), else consecutive elements.
   GPOE_HD bool broadcast_d() const { return stride_d == 0; }
-  // Whether the operand holds one value per element of each row (not broadcast along n or d).
-  GPOE_HD bool per_element() const { return data != nullptr && stride_d == 1 && stride_n != 0; }
-  // Whether the rows of each slice follow one another in memory (rows of `dims` elements).
-  GPOE_HD bool rows_contiguous(int64_t dims) const { return stride_d == 1 && stride_n == dims; }
-  // The same operand with its rows counted from row `first`.
-  template <class T>
-  GPOE_HD Operand from_row(int64_t first) const {
-    Operand o = *this;
-    if (data != nullptr) o.data = at<T>(0, first, 0);
-    return o;
-  }
-  // A contiguous [K, rows, dims] buffer as an operand.
-  GPOE_HD static Operand dense(const void* data, int64_t rows, int64_t dims) {
-    return Operand{data, rows * dims, dims, 1};
-  }
   // Whether every vector of `vec` elements (of `element_bytes` each) that starts at a d divisible
   // by `vec` is aligned to its own size, so that it can be one wide load.
   bool vectors_aligned(int64_t vec, size_t element_bytes) const {
@@ -112,17 +97,6 @@ struct FuseArgs {
   // Whether expert i of row `row` is present.
   GPOE_HD bool present(int64_t i, int64_t row) const {
     return mask == nullptr || mask[i * mask_stride_m + row * mask_stride_n];
-  }
-  // Rows [first, first + count) of this call: the operands and the mask from row `first`.
-  template <class T>
-  GPOE_HD FuseArgs rows_from(int64_t first, int64_t count) const {
-    FuseArgs view = *this;
-    view.n = count;
-    view.mu = mu.from_row<T>(first);
-    view.logvar = logvar.from_row<T>(first);
-    view.logits = logits.from_row<T>(first);
-    if (mask != nullptr) view.mask = mask + first * mask_stride_n;
-    return view;
   }
   // Element [i, row, dim] of a contiguous [K, N, D] output (the weights, the gradients, MoPoE's
   // components; K = 1 for the joint [N, D]).
