@@ -63,7 +63,7 @@ FROM_PAPER = {"demo": {}, "study": {}, "full": {
     "num_train": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)",
     "num_eval": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)"}}
 IGNORE_INDEX = 255
-TRAIN_SPLIT, EVAL_SPLIT = "train", "test"
+TRAIN_SPLIT, EVAL_SPLIT, UNSEEN_SPLIT = "train", "test", "unseen"
 # --split random: the views' permutation, whatever --seed is, so that every seed of a study tests on the same views.
 RANDOM_SPLIT_SEED = 0
 ALL_SCENES = tuple(range(1, 8))
@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="scene: train on scenes 1-4, test on scene 7, an anatomy never seen in training; random: a seeded random "
              "split of the views of all 7 scenes, test views from the anatomies seen in training (--num-eval of them, "
              "default a tenth)")
+    add("--unseen-scenes", type=int, nargs="+", choices=ALL_SCENES, default=[], metavar="K",
+        help="with --split random: scenes left out of its views and tested on as well (--num-eval views, evenly "
+             "spaced), anatomies never seen in training (metric groups <group>_unseen) (default: none)")
     add("--unknown-colors", choices=("error", "ignore"), default="error",
         help=f"a segmentation colour that is no class: an error, or ignored (label {IGNORE_INDEX}, left out of loss "
              f"and metrics)")
@@ -103,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         num_train="demo 1200, full every view of scenes 1-4 (with --split random: of the views that do "
                                   "not test)", num_eval="demo 200, full every view of scene 7 (with --split random: a "
                                                         "tenth of the views)")
+    if args.unseen_scenes and (args.split != "random" or len(set(args.unseen_scenes)) == len(ALL_SCENES)):
+        parser.error("argument --unseen-scenes: expected some of the 7 scenes with --split random (--split scene tests "
+                     f"on an unseen scene already), got {args.unseen_scenes} with --split {args.split}")
     if args.image_size < 8 or args.image_size & (args.image_size - 1):
         parser.error(f"argument --image-size: expected a power of two >= 8 (the segmentation decoder doubles a 4x4 "
                      f"map up to it), got {args.image_size}")
@@ -125,37 +131,45 @@ def intrinsics_record(args: argparse.Namespace) -> dict:
             "image": f"{IMAGE_WIDTH}x{IMAGE_HEIGHT} (before the centre crop)", "source": source}
 
 
+def seen_scenes(args: argparse.Namespace) -> tuple[int, ...]:
+    """The scenes of --split random's views: all but --unseen-scenes."""
+    return tuple(k for k in ALL_SCENES if k not in args.unseen_scenes)
+
+
 def builtin_views_per_scene(args: argparse.Namespace) -> int:
     """Views per scene of built-in data large enough for --num-train and --num-eval: with --split scene, spread over
-    scenes 1-4 and scene 7; with --split random, both together over the 7 scenes."""
+    scenes 1-4 and scene 7; with --split random, both together over its scenes, and --num-eval over --unseen-scenes."""
     if args.num_train is None or args.num_eval is None:
         return VIEWS_PER_SCENE
     if args.split == "random":
-        return math.ceil((args.num_train + args.num_eval) / len(ALL_SCENES))
+        unseen = math.ceil(args.num_eval / len(args.unseen_scenes)) if args.unseen_scenes else 0
+        return max(math.ceil((args.num_train + args.num_eval) / len(seen_scenes(args))), unseen)
     return max(math.ceil(count / len(SPLITS[split]))
                for split, count in ((TRAIN_SPLIT, args.num_train), (EVAL_SPLIT, args.num_eval)))
 
 
 def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """--split random: the positions of the test and the training views among ``size`` views of all scenes, each sorted.
+    """--split random: the positions of the test and the training views among ``size`` views of its scenes, each sorted.
     A permutation from RANDOM_SPLIT_SEED: its first --num-eval views (default a tenth) are the test views, the next
     --num-train (default all others) the training views."""
     order = np.random.default_rng(RANDOM_SPLIT_SEED).permutation(size)
     num_eval = size // 10 if args.num_eval is None else args.num_eval
+    scenes = f"the {len(seen_scenes(args))} scenes" if args.unseen_scenes else "the 7 scenes"
     if num_eval > size:
-        raise UsageError("--num-eval", f"{num_eval} views requested, but the 7 scenes have {size}")
+        raise UsageError("--num-eval", f"{num_eval} views requested, but {scenes} have {size}")
     rest = size - num_eval
     num_train = rest if args.num_train is None else args.num_train
     if num_train > rest:
-        raise UsageError("--num-train", f"{num_train} views requested, but the 7 scenes have {rest} besides the "
+        raise UsageError("--num-train", f"{num_train} views requested, but {scenes} have {rest} besides the "
                                         f"{num_eval} test views")
     return {EVAL_SPLIT: np.sort(order[:num_eval]), TRAIN_SPLIT: np.sort(order[num_eval:num_eval + num_train])}
 
 
-def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
+def load_data(args: argparse.Namespace, env) -> list[Dataset]:
     """The training and test views of --split of --data-root or the built-in data: scenes 1-4 and scene 7 (a smaller
-    count takes views evenly spaced), or a seeded random split of all scenes; streamed or (--in-memory) decoded once. A
-    folder that is no Sim2Real raises UsageError naming --data-root."""
+    count takes views evenly spaced), or a seeded random split of the scenes but --unseen-scenes, and the test views of
+    --unseen-scenes, if any; streamed or (--in-memory) decoded once. A folder that is no Sim2Real raises
+    UsageError naming --data-root."""
     root = args.data_root or training.builtin_root(
         lambda progress: ensure_builtin_sim2real(args.cache_dir, builtin_views_per_scene(args), progress=progress),
         not args.no_progress, env)
@@ -166,10 +180,10 @@ def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
                                ignore_index=IGNORE_INDEX, seed=args.seed)
 
     def split_of(split: str, count: int | None, option: str) -> Dataset:
-        if args.split == "random":
-            every = views_of(ALL_SCENES)
+        if args.split == "random" and split != UNSEEN_SPLIT:
+            every = views_of(seen_scenes(args))
             return Fields(every, split_indices(len(every), args)[split].tolist(), FIELDS)
-        full = views_of(SPLITS[split])
+        full = views_of(args.unseen_scenes if split == UNSEEN_SPLIT else SPLITS[split])
         count = len(full) if count is None else count
         if count > len(full):
             raise UsageError(option, f"{count} views requested, but the {split} split (scenes "
@@ -177,15 +191,16 @@ def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
         return Fields(full, np.linspace(0, len(full) - 1, count).round().astype(int).tolist(), FIELDS)
 
     splits = [(TRAIN_SPLIT, args.num_train, "--num-train"), (EVAL_SPLIT, args.num_eval, "--num-eval")]
+    splits += [(UNSEEN_SPLIT, args.num_eval, "--num-eval")] if args.unseen_scenes else []
     return load_splits(split_of, splits, args.in_memory, progress=not args.no_progress and env.is_main)
 
 
 def splits_record(args: argparse.Namespace) -> dict:
     """Which views train and which test, for results.json."""
     if args.split == "random":
-        return {"kind": "random", "scenes": list(ALL_SCENES), "seed": RANDOM_SPLIT_SEED,
-                "how": "a permutation of the views of every scene from seed; its first num_eval views test, "
-                       "the next num_train train"}
+        return {"kind": "random", "scenes": list(seen_scenes(args)), "seed": RANDOM_SPLIT_SEED,
+                "how": "a permutation of the views of these scenes from seed; its first num_eval views test, "
+                       "the next num_train train", "unseen": sorted(args.unseen_scenes)}
     return {"kind": "scene", "train": list(SPLITS[TRAIN_SPLIT]), "eval": list(SPLITS[EVAL_SPLIT])}
 
 
@@ -215,11 +230,12 @@ class MaskScore:
         return {**scores, "num_samples": self.samples}
 
 
-def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's metric groups (``evaluation.evaluate``), the masks' ``MaskScore`` per test level (``iou``, ``f1``
-    macro-averaged, ``pixel_accuracy``, per class with None for a class absent from both, ``support``, ``pixels``,
-    ``num_samples``)."""
-    return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore)
+def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device,
+             unseen: Dataset | None = None) -> dict:
+    """The run's metric groups (``evaluation.evaluate``, those of the ``unseen`` scenes' views too), the masks'
+    ``MaskScore`` per test level (``iou``, ``f1`` macro-averaged, ``pixel_accuracy``, per class with None for a class
+    absent from both, ``support``, ``pixels``, ``num_samples``)."""
+    return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore, unseen)
 
 
 def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
@@ -273,6 +289,22 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     report.image_grid(rows, path, row_labels=labels, col_labels=report.level_labels(args), legend=key)
 
 
+def unseen_markdown(args: argparse.Namespace, runs: study.Study, out: Path) -> str:
+    """The IoU and F1 on the --unseen-scenes' views from RGB alone, the joint and the oracle (RGB corrupted, the points
+    clean) with the paired differences, and ``iou_unseen_vs_corruption.png``."""
+    results, statistics, kind = runs.results, runs.statistics, args.corruption_kind
+    groups = {f"{group}{evaluation.UNSEEN}": label for group, label in
+              (("metrics", "RGB alone"), ("metrics_joint", "joint"), ("metrics_oracle", "oracle"))}
+    scenes = ", ".join(map(str, sorted(args.unseen_scenes)))
+    text = (f"\nScenes never seen in training (scene {scenes}, {args.num_eval} views; RGB corrupted, the points clean)"
+            f"{report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.4f', statistics, groups, kind)}\n")
+    for group, label in list(groups.items())[:2]:
+        text += report.differences_markdown(statistics, COLUMNS, ".4f", group, f" on the unseen scenes, {label}", kind)
+    report.corruption_plot(results, "iou", out / "iou_unseen_vs_corruption.png", "IoU (macro)",
+                           f"Segmentation of unseen scene {scenes}", statistics, dict(list(groups.items())[:2]), kind)
+    return text
+
+
 def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset) -> str:
     """results.json, results.md, the paper's Table 4 and Table 1 layouts (markdown and JSON), the common tables, the
     plots and the qualitative figure (first seed) in --out; returns the tables."""
@@ -298,6 +330,8 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
     tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f', kind=kind)}\n"
                f"{report.joint_markdown(results, statistics, COLUMNS, '.4f', kind)}\n"
                f"{report.credibility_markdown(results, statistics)}")
+    if args.unseen_scenes:
+        tables += unseen_markdown(args, runs, out)
     (out / "results.md").write_text(
         f"# {TASK.title} ({summary['data']}, preset {args.preset}, {report.seeds_phrase(runs.seeds)})\n\nMasks from "
         f"RGB alone (z_rgb -> segmentation decoder) unless said otherwise, {len(eval_set)} test views. "
@@ -320,8 +354,10 @@ def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dic
             record = intrinsics_record(args)
             print(f"intrinsics: fx {record['fx']:g}, fy {record['fy']:g}, cx {record['cx']:g}, cy {record['cy']:g} "
                   f"({record['source'].split(' (')[0]})")
-        train_set, eval_set = load_data(args, env)
-        return study.run(args, env, TASK, training.runner(build_model, evaluate, train_set, eval_set, env),
+        train_set, eval_set, *unseen = load_data(args, env)
+        run_one = training.runner(build_model, functools.partial(evaluate, unseen=next(iter(unseen), None)), train_set,
+                                  eval_set, env)
+        return study.run(args, env, TASK, run_one,
                          functools.partial(write_report, eval_set=eval_set))
 
 

@@ -133,6 +133,36 @@ def test_random_split_tests_on_views_of_every_scene(sim2real_root, tmp_path):
     assert [len(v) for v in surgical_seg.split_indices(14, defaults).values()] == [1, 13]  # a tenth tests
 
 
+def test_unseen_scenes_are_left_out_of_training_and_tested_as_well(sim2real_root, tmp_path, capsys):
+    extra = ["--split", "random", "--unseen-scenes", "7", "--num-train", "8", "--num-eval", "2"]
+    args = surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, *extra))
+    train_set, eval_set, unseen_set = surgical_seg.load_data(args, setup("cpu"))
+    seen = Sim2RealDataset(sim2real_root, scenes=range(1, 7), image_size=16, num_points=32)
+    parts = surgical_seg.split_indices(len(seen), args)
+    for dataset, split in ((train_set, "train"), (eval_set, "test")):
+        assert [seen.views[j][0] for j in parts[split]] and all(seen.views[j][0] != 7 for j in parts[split])
+        for i, j in enumerate(parts[split]):
+            assert torch.equal(dataset.datasets["mask"][i], seen[j]["mask"])
+    scene7 = Sim2RealDataset(sim2real_root, scenes=[7], image_size=16, num_points=32)
+    assert all(torch.equal(unseen_set.datasets["mask"][i], scene7[i]["mask"]) for i in range(2))
+    surgical_seg.main(tiny_args(sim2real_root, tmp_path, *extra, "--compare", "--fusions", "poe", "gpoe", "--seeds",
+                                "2", "--epochs", "1"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["splits"]["unseen"] == [7] and 7 not in results["splits"]["scenes"]
+    run = results["fusions"]["gpoe"]["runs"]["1"]
+    for group in ("metrics", "metrics_joint", "metrics_oracle", "metrics_aux", "metrics_joint_aux_corrupted"):
+        assert list(run[f"{group}_unseen"]) == list(run[group])
+        assert all(m["num_samples"] == 2 for m in run[f"{group}_unseen"].values())
+    assert run["metrics_unseen"] != run["metrics"]  # other views
+    difference = results["statistics"]["differences"]["gpoe-poe"]["metrics_joint_unseen"]["0.5"]["iou"]
+    assert len(difference["per_seed"]) == 2
+    assert "Scenes never seen in training (scene 7, 2 views" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "iou_unseen_vs_corruption.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--unseen-scenes", "7"))
+    assert "--unseen-scenes: expected some of the 7 scenes with --split random" in capsys.readouterr().err
+
+
 def test_image_size_must_suit_the_segmentation_decoder(sim2real_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         surgical_seg.parse_args(tiny_args(sim2real_root, tmp_path, "--image-size", "48"))

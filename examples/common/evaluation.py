@@ -24,6 +24,13 @@ from .networks import CrossModalVAE
 PREDICTIONS = {"metrics": ("rgb", "rgb"), "metrics_joint": ("joint", "rgb"), "metrics_oracle": ("oracle", "rgb"),
                "metrics_aux": ("points", "points"), "metrics_joint_aux_corrupted": ("joint", "points"),
                "metrics_oracle_aux_corrupted": ("oracle", "points")}
+# The suffix of a metric group measured on the views of scenes never seen in training (surgical --unseen-scenes).
+UNSEEN = "_unseen"
+
+
+def base_group(group: str) -> str:
+    """The PREDICTIONS group that ``group`` (maybe of the unseen scenes) measures."""
+    return group.removesuffix(UNSEEN)
 
 
 class Score(Protocol):
@@ -147,6 +154,11 @@ def credibility(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
 
 
 def evaluate(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device, decoded: str,
-             score: Callable[[], Score]) -> dict:
-    """A run's metric groups: ``predictions`` and ``credibility``."""
-    return {**predictions(model, dataset, args, device, decoded, score), **credibility(model, dataset, args, device)}
+             score: Callable[[], Score], unseen: Dataset | None = None) -> dict:
+    """A run's metric groups: ``predictions`` and ``credibility``; with ``unseen`` (test views of scenes never seen in
+    training) its ``predictions`` as well, each group named with the suffix UNSEEN."""
+    result = {**predictions(model, dataset, args, device, decoded, score), **credibility(model, dataset, args, device)}
+    if unseen is not None:
+        measured = predictions(model, unseen, args, device, decoded, score)
+        result.update({group + UNSEEN: measured[group] for group in PREDICTIONS})
+    return result

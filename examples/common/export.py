@@ -12,7 +12,7 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ class Pipeline:
 
     task: Task
     build_model: Callable[[argparse.Namespace], CrossModalVAE]
-    load_data: Callable[[argparse.Namespace, DistEnv], tuple[Dataset, Dataset]]
+    load_data: Callable[[argparse.Namespace, DistEnv], Sequence[Dataset]]  # the training and test sets first
     rgb_metrics: Callable[[Callable[[Tensor], Tensor], Dataset, argparse.Namespace], dict]
     decoded: str
     tolerance: float
@@ -161,7 +161,7 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
             raise UsageError("--export-onnx", f"needs the deploy extra ({', '.join(missing)} missing): pip install "
                                               f"'gpoe_fusion[deploy]'")
         run, state, result = trained_run(args)
-        _, streamed = pipeline.load_data(run, DistEnv(0, 1, torch.device("cpu")))
+        streamed = pipeline.load_data(run, DistEnv(0, 1, torch.device("cpu")))[1]
     except UsageError as error:
         exit_with(str(error))
     eval_set = materialize(streamed, desc="decoding the evaluation split", progress=not run.no_progress)

@@ -27,7 +27,7 @@ import gpoe_fusion as gf  # noqa: E402
 from .training import CHECKPOINT  # noqa: E402
 from .cli import provenance  # noqa: E402
 from .data import describe_size  # noqa: E402
-from .evaluation import PREDICTIONS  # noqa: E402
+from .evaluation import PREDICTIONS, base_group  # noqa: E402
 
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
 # What each fusion's own weight of a modality is (``CrossModalObjective.fusion_weights``).
@@ -167,7 +167,7 @@ def level_labels(args: argparse.Namespace) -> list[str]:
 def level_label(group: str, level: str, kind: str = "pixels") -> str:
     """A test level of the metric group ``group`` under --corruption-kind ``kind`` as a table shows it: "50%" of the
     pixels, "σ 0.5" of the points' noise, "50% desync" of the samples."""
-    return _LEVELS[PREDICTIONS[group][1], kind][0](float(level))
+    return _LEVELS[PREDICTIONS[base_group(group)][1], kind][0](float(level))
 
 
 def fusions_title(what: str, fusions: Sequence[str], seeds: int = 1) -> str:
@@ -227,7 +227,7 @@ def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Pat
                             else statistics[g][f][lv][metric] for lv in levels]
             styles[name] = {"color": colour, "linestyle": linestyle}
     errors = None if statistics is None else {k: [p["half_width"] or 0.0 for p in v] for k, v in points.items()}
-    _, xlabel, scale, _ = _LEVELS[PREDICTIONS[first][1], kind]
+    _, xlabel, scale, _ = _LEVELS[PREDICTIONS[base_group(first)][1], kind]
     line_plot([scale * float(lv) for lv in levels], {k: [p["mean"] for p in v] for k, v in points.items()}, path,
               xlabel, ylabel, fusions_title(what, list(results), len(statistics["seeds"]) if statistics else 1),
               errors=errors, styles=styles)

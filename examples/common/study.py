@@ -22,7 +22,7 @@ from torch import nn
 from . import report
 from .training import CHECKPOINT, DistEnv, load_checkpoint, write_json
 from .cli import run_signature
-from .evaluation import PREDICTIONS, group_levels
+from .evaluation import PREDICTIONS, base_group, group_levels
 from .report import FUSION_LABELS, Task
 
 CONFIDENCE = 0.95
@@ -69,7 +69,7 @@ def study_statistics(runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[
     """Statistics of a study's runs (fusion -> seed -> result): ``{"confidence", "seeds", <group>: {fusion: {level:
     {metric: t_interval}}} per metric group held, "credibility": {fusion: {modality: {measure: t_interval}}},
     "differences": {"gpoe-poe": {<group>: ..., "credibility": ...} of paired_difference}}`` for DIFFERENCES trained."""
-    groups = [group for group in PREDICTIONS if group in runs[next(iter(runs))][seeds[0]]]
+    groups = [group for group in runs[next(iter(runs))][seeds[0]] if base_group(group) in PREDICTIONS]
     parts = [*groups, "credibility"]
 
     def series(fusion: str) -> dict[str, dict]:
