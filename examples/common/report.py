@@ -332,7 +332,7 @@ def joint_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, c
         what = f"{'RGB' if modality == 'rgb' else 'Points'} {_LEVELS[modality, kind][3]}, {other} clean{seeds}"
         text += f"{what}.\n\n{fusion_table(results, columns, floatfmt, statistics, groups, kind)}\n"
         joint = next(g for g, label in groups.items() if label == "joint")
-        text += differences_markdown(statistics, columns, floatfmt, joint, " of the joint", kind)
+        text += differences_markdown(statistics, columns, floatfmt, joint, " of the joint", kind) + "\n"
     return text
 
 
