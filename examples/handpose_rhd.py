@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import functools
 import pickle
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from common import evaluation, export, report, study, training
@@ -121,11 +119,6 @@ def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, 
     return evaluation.evaluate(model, eval_set, args, device, "keypoints", PoseScore)
 
 
-def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> normalised keypoints [B, 21, 3]``."""
-    return evaluation.rgb_metrics(predict, eval_set, args, PoseScore)
-
-
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 3, zoom: int = 3) -> None:
     """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each fusion's prediction
@@ -187,7 +180,7 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
 def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dict | None:
     args = parse_args(argv)
     if args.export_onnx:
-        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, rgb_metrics, "keypoints",
+        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, PoseScore, "keypoints",
                                                        EXPORT_TOLERANCE))
     with training.session(args) as env:
         train_set, eval_set = load_data(args, env)

@@ -19,12 +19,11 @@ import argparse
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from common import evaluation, export, report, study, training
@@ -213,8 +212,9 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
 
 
 class MaskScore:
-    """``SegmentationEvaluator``'s scores of per-class logits [B, C, S, S] against a batch's masks, NaN as None (no
-    JSON value), and ``num_samples``."""
+    """``SegmentationEvaluator``'s scores of per-class logits [B, C, S, S] against a batch's masks (``iou``, ``f1``
+    macro-averaged, ``pixel_accuracy``, per class with None for a class absent from both, ``support``, ``pixels``), and
+    ``num_samples``."""
 
     def __init__(self):
         self.evaluator, self.samples = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX), 0
@@ -233,14 +233,8 @@ class MaskScore:
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device,
              unseen: Dataset | None = None) -> dict:
     """The run's metric groups (``evaluation.evaluate``, those of the ``unseen`` scenes' views too), the masks'
-    ``MaskScore`` per test level (``iou``, ``f1`` macro-averaged, ``pixel_accuracy``, per class with None for a class
-    absent from both, ``support``, ``pixels``, ``num_samples``)."""
+    ``MaskScore`` per test level."""
     return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore, unseen)
-
-
-def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> class logits [B, C, S, S]``."""
-    return evaluation.rgb_metrics(predict, eval_set, args, MaskScore)
 
 
 def table_rows(runs: study.Study, fusions: list[str], levels: list[str]) -> list[dict]:
@@ -297,7 +291,8 @@ def unseen_markdown(args: argparse.Namespace, runs: study.Study, out: Path) -> s
               (("metrics", "RGB alone"), ("metrics_joint", "joint"), ("metrics_oracle", "oracle"))}
     scenes = ", ".join(map(str, sorted(args.unseen_scenes)))
     text = (f"\nScenes never seen in training (scene {scenes}, {args.num_eval} views; RGB corrupted, the points clean)"
-            f"{report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.4f', statistics, groups, kind)}\n")
+            f"{report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.4f', statistics, groups, kind)}"
+            "\n")
     for group, label in list(groups.items())[:2]:
         text += report.differences_markdown(statistics, COLUMNS, ".4f", group, f" on the unseen scenes, {label}", kind)
     report.corruption_plot(results, "iou", out / "iou_unseen_vs_corruption.png", "IoU (macro)",
@@ -347,7 +342,7 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
 def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dict | None:
     args = parse_args(argv)
     if args.export_onnx:
-        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, rgb_metrics, "mask",
+        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, MaskScore, "mask",
                                                        EXPORT_TOLERANCE))
     with training.session(args) as env:
         if env.is_main:
