@@ -110,8 +110,7 @@ def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
 @torch.no_grad()
 def rgb_metrics(predict: Callable[[Tensor], Tensor], dataset: Dataset, args: argparse.Namespace,
                 score: Callable[[], Score]) -> dict:
-    """The ``metrics`` group of ``predictions`` for any predictor from RGB alone, ``predict(rgb) -> prediction`` (an
-    exported model's, common/export.py)."""
+    """``predictions``' ``metrics`` group of any ``predict(rgb) -> prediction`` (e.g. an exported model's)."""
     result = {}
     for level in args.test_corruption:
         data = dataset if level == 0 else test_corruption(dataset, level, args.seed, "rgb", args.corruption_kind)

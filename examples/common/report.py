@@ -251,8 +251,7 @@ def joint_plots(results: Mapping[str, Mapping], metric: str, out: str | Path, yl
 
 
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path, kind: str = "pixels") -> None:
-    """Per fusion with credibilities (gPoE), ``alpha_<fusion>.png``: each modality's mean alpha against the RGB's test
-    corruption."""
+    """Per gPoE fusion, ``alpha_<fusion>.png``: each modality's mean alpha against the RGB's test corruption."""
     levels = corruption_levels(results)
     for f, r in results.items():
         if r.get("alpha"):
@@ -343,8 +342,7 @@ def joint_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, c
 
 
 def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, floatfmt: str = ".3f") -> str:
-    """The held-out credibility table (_CREDIBILITY_COLUMNS per fusion and modality), then the paired AUROC
-    differences."""
+    """The held-out credibility table (_CREDIBILITY_COLUMNS per fusion and modality), the paired AUROC differences."""
     first = next(iter(results.values()))["credibility"]
     if not first:
         return ""

@@ -1,8 +1,6 @@
-"""The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written atomically
-and loaded safely, and one run of either pipeline (``runner``): AdamW, warm-up and cosine decay, gradient clipping, bf16
-autocast on GPU, data parallelism, a checkpoint every epoch, exact resumption, --max-steps, results.json. The ranks
-train as one process with their global batch (``match_single_process``); all randomness is a function of (seed, epoch),
-so a resumed run continues as the uninterrupted one did.
+"""The engine: the process group under torchrun, checkpoints and results written atomically and loaded safely, and one
+run of either pipeline (``runner``). The ranks train as one process with their global batch (``match_single_process``);
+all randomness is a function of (seed, epoch), so a resumed run continues as the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -67,16 +65,14 @@ def setup(device: str = "auto") -> DistEnv:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     launched = "WORLD_SIZE" in os.environ  # torchrun sets it for every process it starts
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = (int(os.environ.get(name, "0")) for name in ("RANK", "LOCAL_RANK"))
+    dev = torch.device("cpu")
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UsageError("--device", f"process {local_rank} of this node needs CUDA device {local_rank}, but only "
                                          f"{torch.cuda.device_count()} are visible")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
     if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistEnv(rank, world_size, dev, launched)
@@ -308,8 +304,7 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler, args: argparse.N
 def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: DistEnv,
           log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` for --epochs (or --max-steps), checkpointing to --out after every epoch; --resume continues a
-    run of the same signature exactly. Returns per epoch ``train_one_epoch``'s means, ``epoch``, ``steps``, ``seconds``.
-    """
+    run of the same signature exactly. Returns per epoch ``train_one_epoch``'s means, epoch, steps and seconds."""
     log = log or (print if env.is_main else lambda _: None)
     per_rank = len(train_set) // env.world_size
     if per_rank < args.batch_size:
