@@ -37,8 +37,7 @@ from rhd.metrics import KeypointEvaluator
 from rhd.synthetic import ensure_builtin_rhd
 
 PRESETS = {
-    # Built-in data at small sizes, in memory: about two minutes on a 2-core CPU. Why these learn: docs/handpose.md,
-    # "How the demo was made to learn".
+    # Built-in data at small sizes, in memory: about 2 min on a 2-core CPU (docs/handpose.md: how the demo learns).
     "demo": dict(num_train=8000, num_eval=300, crop_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, keypoint_hidden=256, epochs=10,
                  batch_size=64, eval_batch_size=150, lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, beta=1e-3,

@@ -37,15 +37,13 @@ from sim2real.metrics import SegmentationEvaluator
 from sim2real.synthetic import ensure_builtin_sim2real
 
 PRESETS = {
-    # Built-in data at small sizes, held in memory: a few minutes on a 2-core CPU. The networks and the training
-    # noise are the hand-pose demo's (docs/handpose.md).
+    # Built-in data at small sizes, in memory: minutes on a 2-core CPU; networks and noise as the hand-pose demo's.
     "demo": dict(num_train=1200, num_eval=200, image_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, seg_base=128, seg_min_channels=16,
                  epochs=48, batch_size=32, eval_batch_size=100, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.5,
                  beta=1e-3, points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0,
                  in_memory=True, workers=0, low_memory=False, seeds=1, split="random", training_noise="fresh"),
-    # The real random views at the paper's image size, streamed from disk; num_train / num_eval None: every view of
-    # the split (12000 of scenes 1-4, 3000 of scene 7).
+    # The real random views at the paper's image size, streamed; num_train / num_eval None: every view of the split.
     "full": dict(num_train=None, num_eval=None, image_size=256, num_points=1024, latent_dim=64, rgb_width=64,
                  rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, seg_base=256, seg_min_channels=32,
                  epochs=60, batch_size=64, eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0,

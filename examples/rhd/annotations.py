@@ -38,8 +38,7 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    # Take the rebuild functions from numpy's own reductions rather than importing private modules by name:
-    # they are then exactly the running numpy's objects, whichever numpy wrote the file.
+    # From numpy's own reductions, not private modules by name: the running numpy's functions, whichever wrote the file.
     reconstruct = np.zeros(1).__reduce__()[0]
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]
     scalar = np.float64(0).__reduce__()[0]

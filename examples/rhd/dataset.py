@@ -183,9 +183,8 @@ class RHDDataset(Dataset):
             if missing:
                 raise ValueError(f"indices not in {_annotation_path(root, split)}: {missing[:10]}"
                                  + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-        # One array per field, row i for self.indices[i]: a dict of 41258 small arrays is about 110 MB
-        # of Python objects that every DataLoader worker, forked from this process, slowly copies (reference
-        # counting writes to them); plain arrays stay shared.
+        # One array per field, row i for self.indices[i]: a dict of 41258 small arrays is 110 MB of Python objects
+        # that every forked DataLoader worker slowly copies (reference counting writes to them); arrays stay shared.
         self._fields = {name: np.stack([annotations[i][name] for i in self.indices]) if self.indices else
                         np.zeros((0, *shape)) for name, shape in (("xyz", (42, 3)), ("uv_vis", (42, 3)), ("K", (3, 3)))}
 
@@ -196,9 +195,8 @@ class RHDDataset(Dataset):
         index = self.indices[item]
         frame = read_frame(self.root, self.split, index, {index: {name: f[item] for name, f in self._fields.items()}})
         hand = choose_hand(frame.mask)
-        keypoints = frame.xyz[21 * hand:21 * hand + 21]
-        uv = frame.uv_vis[21 * hand:21 * hand + 21, :2]
-        visible = frame.uv_vis[21 * hand:21 * hand + 21, 2] == 1
+        own = slice(21 * hand, 21 * hand + 21)
+        keypoints, uv, visible = frame.xyz[own], frame.uv_vis[own, :2], frame.uv_vis[own, 2] == 1
         root = keypoints[ROOT_KEYPOINT]
         scale = float(np.linalg.norm(keypoints[SCALE_KEYPOINTS[0]] - keypoints[SCALE_KEYPOINTS[1]]))
         if not scale > 0:

@@ -111,14 +111,12 @@ def classes_to_colors(classes: np.ndarray, ignore_index: int = 255) -> np.ndarra
 
 def read_segmentation(path: str | Path, unknown_colors: str = "error", ignore_index: int = 255) -> np.ndarray:
     """Class ids int64 [H, W] of a colour-coded segmentation PNG (see :func:`colors_to_classes`)."""
-    path = Path(path)
     return colors_to_classes(read_rgb(path), unknown_colors, ignore_index, source=str(path))
 
 
 def read_depth_exr(path: str | Path) -> np.ndarray:
     """Depth float32 [H, W] from the single channel ``'Y'`` of an EXR file (half or float pixels)."""
-    path = Path(path)
-    _require_file(path)
+    path = _require_file(Path(path))
     try:
         with OpenEXR.File(str(path), separate_channels=True) as exr:
             channels = exr.channels()
@@ -233,8 +231,7 @@ class Sim2RealDataset(torch.utils.data.Dataset):
         box = (left, top, left + side, top + side)
         size = (self.image_size, self.image_size)
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, box=box))
-        # Class ids are resized as an int32 image so that Pillow's nearest sampling, the same pixel
-        # grid as the bilinear RGB, also holds for any ignore_index.
+        # Class ids resized as an int32 image: Pillow's nearest sampling on the RGB's pixel grid, for any ignore_index.
         mask = np.asarray(Image.fromarray(classes.astype(np.int32)).resize(size, Image.Resampling.NEAREST, box=box))
 
         K = np.array(self.intrinsics if self.intrinsics is not None else default_intrinsics(width, height))

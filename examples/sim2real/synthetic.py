@@ -32,10 +32,9 @@ _FOCAL = float(default_intrinsics(W, H)[0, 0])
 
 LIVER, FAT, WALL, GALLBLADDER, LIGAMENT = range(NUM_CLASSES)
 
-# Camera poses, in world units of the image height at the reference distance (f = H): a distance from _DISTANCE
-# (to the wall's mean plane) scales the image by _REFERENCE_DISTANCE / distance; a roll of up to _ROLL; an aim in a
-# random direction from the scene centre at an exponential elliptical radius with semi-axes _PAN at its mean (mostly
-# on the liver, now and then off it, as when a laparoscope looks around).
+# Camera poses, in world units of the image height at the reference distance (f = H): a distance from _DISTANCE (to the
+# wall's mean plane) scales the image by _REFERENCE_DISTANCE / distance; a roll of up to _ROLL; an aim in a random
+# direction at an exponential elliptical radius, semi-axes _PAN at its mean (mostly on the liver, now and then off it).
 _REFERENCE_DISTANCE = 215.0
 _DISTANCE = (190.0, 235.0)
 _ROLL = np.pi / 6
@@ -379,8 +378,7 @@ def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Gene
         np.clip(value, 0.5, 255.5, out=value)
         rgb[..., channel] = value
     shade = (lambert * (_RENDER_SHADES - 1) + 0.5).astype(np.uint8)
-    # Depth in steps of 1/16 scene unit (far below what the point clouds resolve): exact in float32, and a ZIP EXR
-    # six times smaller than of full-precision floats.
+    # Depth in steps of 1/16 scene unit (finer than the point clouds resolve): exact in float32, a ZIP EXR 6x smaller.
     depth = np.round(depth * 16.0) * (1.0 / 16.0)
     return {"translation": rgb, "input": classes * np.uint8(_RENDER_SHADES) + shade, "classes": classes, "depth": depth}
 
