@@ -93,10 +93,8 @@ def session_predictor(session) -> Callable[..., Tensor]:
 
 def session_signature(session) -> str:
     """A session's inputs and outputs with their shapes, e.g. ``rgb [batch, 3, 64, 64] -> keypoints [batch, 21, 3]``."""
-    def shaped(nodes) -> str:
-        return ", ".join(f"{node.name} [{', '.join(map(str, node.shape))}]" for node in nodes)
-
-    return f"{shaped(session.get_inputs())} -> {shaped(session.get_outputs())}"
+    return " -> ".join(", ".join(f"{node.name} [{', '.join(map(str, node.shape))}]" for node in nodes)
+                       for nodes in (session.get_inputs(), session.get_outputs()))
 
 
 def trained_run(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, dict]:

@@ -140,8 +140,7 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 
 
 def finished_run(args: argparse.Namespace) -> dict | None:
-    """The result in --out/results.json if it is this run's (signature and test levels) beside its checkpoint; else
-    None."""
+    """The result in --out/results.json if it is this run's (signature, test levels) by its checkpoint, else None."""
     try:
         result = json.loads((Path(args.out) / "results.json").read_text())
     except (OSError, ValueError):  # none, half a file of an older version, or unreadable: train again

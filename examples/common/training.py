@@ -139,21 +139,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.exists():
         return None
-    reason = None
     try:
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this also catches truncated files
             reason = "not a torch zip archive: truncated, or another kind of file"
         else:
             state = torch.load(path, map_location=map_location, weights_only=True)
-            reason = None if isinstance(state, dict) else f"it holds a {type(state).__name__}, not a dict"
+            if isinstance(state, dict):
+                return state
+            reason = f"it holds a {type(state).__name__}, not a dict"
     except OSError as exc:
         raise RuntimeError(f"checkpoint {path}: cannot be read ({exc})") from exc
     except Exception as exc:
         reason = _unsafe_reason(exc)
-    if reason is not None:
-        raise RuntimeError(f"checkpoint {path}: not a gpoe_fusion checkpoint or unsafe to load ({reason}); delete "
-                           f"it to start over")
-    return state
+    raise RuntimeError(f"checkpoint {path}: not a gpoe_fusion checkpoint or unsafe to load ({reason}); delete it to "
+                       f"start over")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -353,8 +352,7 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
 def runner(build_model: Callable[[argparse.Namespace], nn.Module], evaluate: Callable[..., dict], train_set: Dataset,
            eval_set: Dataset, env: DistEnv) -> Callable[[argparse.Namespace], dict | None]:
     """A pipeline's run, ``run(args)``: ``build_model(args)`` trained with ``data.training_noise``, then on the main
-    process ``{"fusion", "seed", **evaluate(...), "train_seconds", "history", "dir", "signature"}`` written to
-    --out/results.json and returned."""
+    process its result (``evaluate``'s metric groups and the run's record) written to --out/results.json, returned."""
     def run(args: argparse.Namespace) -> dict | None:
         model = build_model(args)
         history = train(model, training_noise(train_set, args), args, env)

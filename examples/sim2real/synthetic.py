@@ -108,23 +108,16 @@ class _SceneStyle:
         detail = np.empty_like(liver)
         _smooth_field(rng, (8, 8), liver)
         _smooth_field(rng, (4, 4), detail)
-        liver *= 0.7
-        liver += 0.3 * detail
+        liver[:] = 0.7 * liver + 0.3 * detail
         _smooth_field(rng, (10, 10), fat)
-        np.abs(fat, out=fat)
-        fat *= -2.0
-        fat += 1.0
+        fat[:] = -2.0 * np.abs(fat) + 1.0
         _smooth_field(rng, (5, 80), wall)
         _smooth_field(rng, (20, 20), detail)
-        wall *= 0.8
-        wall += 0.3 * detail
-        _smooth_field(rng, (40, 40), detail)  # the veins
-        detail *= 1.0 / 0.08
-        detail *= detail
-        np.exp(-detail, out=detail)
+        wall[:] = 0.8 * wall + 0.3 * detail
+        _smooth_field(rng, (40, 40), detail)
+        veins = np.exp(-np.square(detail * (1.0 / 0.08)))
         _smooth_field(rng, (40, 40), gallbladder)
-        gallbladder *= 0.4
-        gallbladder -= 1.2 * detail
+        gallbladder[:] = 0.4 * gallbladder - 1.2 * veins
         _smooth_field(rng, (56, 5), ligament)
         ligament *= 0.9
         _smooth_field(rng, (8, 8), wetness)
@@ -169,10 +162,7 @@ class _CameraPose:
         c, s = float(np.cos(angle)), float(np.sin(angle))
         a = self.plane(c / radii[0], s / radii[0], -(c * center[0] + s * center[1]) / radii[0])
         b = self.plane(-s / radii[1], c / radii[1], (s * center[0] - c * center[1]) / radii[1])
-        a *= a
-        b *= b
-        a += b
-        return np.sqrt(a, out=a)
+        return np.sqrt(a * a + b * b)
 
 
 class _WaveField:
@@ -400,12 +390,11 @@ def generate_sim2real(root: str | Path, scenes: int = 7, views_per_scene: int = 
     if not (isinstance(views_per_scene, int) and 0 < views_per_scene <= 10000):
         raise ValueError(f"views_per_scene must be an int in 1..10000, got {views_per_scene!r}")
     root = Path(root)
-    bar = tqdm(total=scenes * views_per_scene, desc="generating Sim2Real views", unit="view", disable=not progress)
     for scene in range(1, scenes + 1):
         for path in sample_paths(root, scene, 0).values():
             path.parent.mkdir(parents=True, exist_ok=True)
     jobs = [(root, seed, scene, view) for scene in range(1, scenes + 1) for view in range(views_per_scene)]
-    with bar:
+    with tqdm(total=len(jobs), desc="generating Sim2Real views", unit="view", disable=not progress) as bar:
         for _ in ordered_map(_write_view, jobs):
             bar.update()
     return root
