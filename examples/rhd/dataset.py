@@ -167,11 +167,9 @@ class RHDDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str = "training", crop_size: int = 256, num_points: int = 1024,
                  indices: list[int] | np.ndarray | None = None, seed: int = 0):
-        for name, value in (("crop_size", crop_size), ("num_points", num_points)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        for name, value, low in (("crop_size", crop_size, 1), ("num_points", num_points, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.root, self.split, self.seed = Path(root), split, int(seed)
         self.crop_size, self.num_points = int(crop_size), int(num_points)
         annotations = load_annotations(_annotation_path(root, split))
