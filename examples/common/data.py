@@ -29,8 +29,8 @@ from .cli import UsageError
 
 def backproject(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Camera-frame points [P, 3] float32 ``z * K^-1 [u, v, 1]`` of the (masked) pixels with depth > 0 of a z-depth map
-    [H, W] through pinhole intrinsics K [3, 3], pixel (u, v) at integer coordinates (RHD's ``uv = (xyz @ K.T)[:, :2] /
-    z``)."""
+    [H, W] through pinhole intrinsics K [3, 3]; pixel (u, v) at integer coordinates, as in RHD's
+    ``uv = (xyz @ K.T)[:, :2] / z``."""
     keep = depth > 0 if mask is None else (depth > 0) & mask
     v, u = np.nonzero(keep)
     z = depth[v, u].astype(np.float64)

@@ -53,7 +53,8 @@ def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
 class ResNet18Encoder(nn.Module):
     """RGB encoder: a ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1]. width: channels of the first stage
     (stages of 1, 2, 4, 8 times width; 64 with ``stem_pool`` is torchvision's ResNet-18; compute falls with width
-    squared); stem_pool: the max-pool after the stem; weights: a local ResNet-18 file (``load_resnet18_state``)."""
+    squared); stem_pool: the max-pool after the stem; weights: a local ResNet-18 file (``load_resnet18_state``), width
+    64 with stem_pool only; nothing is downloaded."""
 
     MEAN = (0.485, 0.456, 0.406)
     STD = (0.229, 0.224, 0.225)

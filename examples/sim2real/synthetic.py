@@ -94,9 +94,10 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 
 class _SceneStyle:
-    """The tissue appearance of one scene: ``colors`` and ``textures`` float32 [NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1]
-    + 1], each class's texture, then the surface's wetness (where highlights appear), fixed to the world: tile pixel
-    (row, column) shows the world points ``((column + i _TILE[1]) / H, (row + j _TILE[0]) / H)`` for all integers i, j.
+    """The tissue appearance of one scene: ``colors``, and ``textures`` float32
+    [NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1], each class's texture, then the surface's wetness (where highlights
+    appear), fixed to the world: tile pixel (row, column) shows the world points ``((column + i _TILE[1]) / H,
+    (row + j _TILE[0]) / H)`` for all integers i, j.
     """
 
     def __init__(self, rng: np.random.Generator) -> None:
