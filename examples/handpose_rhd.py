@@ -2,9 +2,8 @@
 
 RGB (ResNet-18) and the hand's depth point cloud (ResPEL) are encoded to Gaussian posteriors and fused; the joint and
 each unimodal latent decode the 21 keypoints and the point cloud (FoldingNet), paper Eq. 12-15 (Eq. 16 for MoE), on
-training samples of which a fraction is corrupted; at test time the pose comes from RGB alone at several corruption
-levels, and from joint inference (common/evaluation.py). The script reads top to bottom: options, data, model,
-evaluation, report, ``main`` (training: common/training.py; studies: common/study.py). See docs/handpose.md.
+partly corrupted training samples; at test time the pose comes from RGB alone at several corruption levels, and from
+joint inference. The script reads top to bottom: options, data, model, evaluation, report, ``main``.
 
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
     python examples/handpose_rhd.py --compare             # MoE vs PoE vs gPoE (paper Table 3, Figs. 4-5)
@@ -20,13 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import pickle
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from common import evaluation, export, report, study, training
@@ -40,16 +37,13 @@ from rhd.metrics import KeypointEvaluator
 from rhd.synthetic import ensure_builtin_rhd
 
 PRESETS = {
-    # Built-in data at small sizes, in memory: about two minutes on a 2-core CPU. Why these learn: docs/handpose.md,
-    # "How the demo was made to learn" (width 16: four times faster than 64 at the same error; at 50 % corrupted too
-    # few clean hands remain to learn the pose in the time).
+    # Built-in data at small sizes, in memory: about 2 min on a 2-core CPU (docs/handpose.md: how the demo learns).
     "demo": dict(num_train=8000, num_eval=300, crop_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, keypoint_hidden=256, epochs=10,
                  batch_size=64, eval_batch_size=150, lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, beta=1e-3,
                  points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0, in_memory=True,
                  workers=0, low_memory=False, seeds=1, training_noise="fixed"),
-    # The real RHD at the crop size of the preprocessing the paper follows (Yang et al.), streamed from disk; the
-    # paper publishes the data sizes only (FROM_PAPER), the rest are our choices.
+    # The real RHD at the crop size of Yang et al.'s preprocessing (which the paper follows), streamed from disk.
     "full": dict(num_train=41258, num_eval=2728, crop_size=256, num_points=1024, latent_dim=64, rgb_width=64,
                  rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, keypoint_hidden=512, epochs=60,
                  batch_size=64, eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, beta=1e-3,
@@ -121,11 +115,6 @@ def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, 
     return evaluation.evaluate(model, eval_set, args, device, "keypoints", PoseScore)
 
 
-def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> normalised keypoints [B, 21, 3]``."""
-    return evaluation.rgb_metrics(predict, eval_set, args, PoseScore)
-
-
 def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args: argparse.Namespace, path: Path,
                        samples: int = 3, zoom: int = 3) -> None:
     """Like paper Fig. 5: per sample, the corrupted input with the ground truth (black), then each fusion's prediction
@@ -187,7 +176,7 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
 def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dict | None:
     args = parse_args(argv)
     if args.export_onnx:
-        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, rgb_metrics, "keypoints",
+        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, PoseScore, "keypoints",
                                                        EXPORT_TOLERANCE))
     with training.session(args) as env:
         train_set, eval_set = load_data(args, env)

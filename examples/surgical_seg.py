@@ -2,8 +2,7 @@
 
 RGB (ResNet-18) and the view's depth point cloud (ResPEL) are encoded and fused; each latent decodes the five-class
 mask (DCGAN-style, cross-entropy) and the point cloud (FoldingNet), paper Eq. 12-15, on partly corrupted training
-views; at test time the mask from RGB alone and from joint inference is scored by IoU and F1. The script reads as
-examples/handpose_rhd.py does. See docs/surgical.md.
+views; at test time the mask from RGB alone and from joint inference is scored by IoU and F1.
 
     python examples/surgical_seg.py                       # demo: built-in data, gPoE, under 3 min on 2 CPU cores
     python examples/surgical_seg.py --compare             # MoE vs PoE vs gPoE (paper Tables 1 and 4, Fig. 6)
@@ -19,12 +18,11 @@ import argparse
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from common import evaluation, export, report, study, training
@@ -39,16 +37,13 @@ from sim2real.metrics import SegmentationEvaluator
 from sim2real.synthetic import ensure_builtin_sim2real
 
 PRESETS = {
-    # Built-in data at small sizes, held in memory: a few minutes on a 2-core CPU. The networks and the training
-    # noise are the hand-pose demo's (docs/handpose.md): 90 % of an image's pixels, about the cloud's extent of
-    # noise on the points, on 30 % of the views.
+    # Built-in data at small sizes, in memory: minutes on a 2-core CPU; networks and noise as the hand-pose demo's.
     "demo": dict(num_train=1200, num_eval=200, image_size=64, num_points=128, latent_dim=32, rgb_width=16,
                  rgb_stem_pool=True, pel_width=48, grid_size=8, fold_hidden=64, seg_base=128, seg_min_channels=16,
                  epochs=48, batch_size=32, eval_batch_size=100, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.5,
                  beta=1e-3, points_weight=1.0, data_corruption=0.3, train_pixel_corruption=0.9, point_noise=1.0,
                  in_memory=True, workers=0, low_memory=False, seeds=1, split="random", training_noise="fresh"),
-    # The real random views at the paper's image size, streamed from disk; num_train / num_eval None: every view of
-    # the split (12000 of scenes 1-4, 3000 of scene 7). The paper gives the image size and the data (FROM_PAPER).
+    # The real random views at the paper's image size, streamed; num_train / num_eval None: every view of the split.
     "full": dict(num_train=None, num_eval=None, image_size=256, num_points=1024, latent_dim=64, rgb_width=64,
                  rgb_stem_pool=True, pel_width=256, grid_size=32, fold_hidden=512, seg_base=256, seg_min_channels=32,
                  epochs=60, batch_size=64, eval_batch_size=None, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0,
@@ -213,8 +208,9 @@ def build_model(args: argparse.Namespace) -> CrossModalVAE:
 
 
 class MaskScore:
-    """``SegmentationEvaluator``'s scores of per-class logits [B, C, S, S] against a batch's masks, NaN as None (no
-    JSON value), and ``num_samples``."""
+    """``SegmentationEvaluator``'s scores of per-class logits [B, C, S, S] against a batch's masks (``iou``, ``f1``
+    macro-averaged, ``pixel_accuracy``, per class with None for a class absent from both, ``support``, ``pixels``), and
+    ``num_samples``."""
 
     def __init__(self):
         self.evaluator, self.samples = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX), 0
@@ -233,14 +229,8 @@ class MaskScore:
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device,
              unseen: Dataset | None = None) -> dict:
     """The run's metric groups (``evaluation.evaluate``, those of the ``unseen`` scenes' views too), the masks'
-    ``MaskScore`` per test level (``iou``, ``f1`` macro-averaged, ``pixel_accuracy``, per class with None for a class
-    absent from both, ``support``, ``pixels``, ``num_samples``)."""
+    ``MaskScore`` per test level."""
     return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore, unseen)
-
-
-def rgb_metrics(predict: Callable[[Tensor], Tensor], eval_set: Dataset, args: argparse.Namespace) -> dict:
-    """``evaluate``'s ``metrics`` of ``predict(rgb [B, 3, S, S]) -> class logits [B, C, S, S]``."""
-    return evaluation.rgb_metrics(predict, eval_set, args, MaskScore)
 
 
 def table_rows(runs: study.Study, fusions: list[str], levels: list[str]) -> list[dict]:
@@ -297,7 +287,8 @@ def unseen_markdown(args: argparse.Namespace, runs: study.Study, out: Path) -> s
               (("metrics", "RGB alone"), ("metrics_joint", "joint"), ("metrics_oracle", "oracle"))}
     scenes = ", ".join(map(str, sorted(args.unseen_scenes)))
     text = (f"\nScenes never seen in training (scene {scenes}, {args.num_eval} views; RGB corrupted, the points clean)"
-            f"{report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.4f', statistics, groups, kind)}\n")
+            f"{report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.4f', statistics, groups, kind)}"
+            "\n")
     for group, label in list(groups.items())[:2]:
         text += report.differences_markdown(statistics, COLUMNS, ".4f", group, f" on the unseen scenes, {label}", kind)
     report.corruption_plot(results, "iou", out / "iou_unseen_vs_corruption.png", "IoU (macro)",
@@ -347,7 +338,7 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
 def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dict | None:
     args = parse_args(argv)
     if args.export_onnx:
-        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, rgb_metrics, "mask",
+        return export.export_run(args, export.Pipeline(TASK, build_model, load_data, MaskScore, "mask",
                                                        EXPORT_TOLERANCE))
     with training.session(args) as env:
         if env.is_main:

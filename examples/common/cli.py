@@ -26,8 +26,7 @@ TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4
 TEST_POINT_NOISE = (0.0, 0.25, 0.5, 1.0)
 # The options of the test levels (not in a preset; in results.json's provenance: the paper gives the pixel levels).
 TEST_LEVELS = ("test_corruption", "test_point_noise")
-# Options of how a run executes or reports, or of which runs a study makes, not of the model it trains: with other
-# values of these it is the same run.
+# Options of how a run executes or reports or which runs a study makes, not of its model: other values, the same run.
 NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
                     "device", "cache_dir", "workers", "in_memory", "eval_batch_size", "test_corruption", "given",
                     "rgb_weights", "export_onnx", "test_point_noise"}

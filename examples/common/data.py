@@ -6,7 +6,6 @@ helpers of the datasets and generators.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import functools
 import itertools
@@ -30,8 +29,8 @@ from .cli import UsageError
 
 def backproject(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Camera-frame points [P, 3] float32 ``z * K^-1 [u, v, 1]`` of the (masked) pixels with depth > 0 of a z-depth map
-    [H, W] through pinhole intrinsics K [3, 3]. Pixel (u, v) sits at integer coordinates, the convention of the RHD
-    annotations (``uv = (xyz @ K.T)[:, :2] / z``): a point projects back to its pixel."""
+    [H, W] through pinhole intrinsics K [3, 3]; pixel (u, v) at integer coordinates, as in RHD's
+    ``uv = (xyz @ K.T)[:, :2] / z``."""
     keep = depth > 0 if mask is None else (depth > 0) & mask
     v, u = np.nonzero(keep)
     z = depth[v, u].astype(np.float64)
@@ -55,26 +54,16 @@ def default_workers() -> int:
 
 
 def ordered_map(function: Callable, jobs: Iterable, workers: int | None = None, chunksize: int = 8) -> Iterator:
-    """``function(job)`` for every job, in the jobs' order, computed by ``workers`` processes (default: one per core; 1
-    runs them here). The generators' jobs depend only on their arguments, so the files they write are byte-identical in
-    any order. ``function`` must be a module-level function."""
+    """``function(job)`` (a module-level function) for every job, in the jobs' order, computed by ``workers`` processes
+    (default: one per core; 1 runs them here)."""
     workers = default_workers() if workers is None else workers
     if workers <= 1:
         yield from map(function, jobs)
         return
-    # fork: the workers inherit the parent's sys.path (the examples import their packages relative to
-    # the script's folder, which a spawned worker would not see).
+    # fork: the workers inherit sys.path (the examples import their packages relative to the script's folder).
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with context.Pool(workers) as pool:
         yield from pool.imap(function, jobs, chunksize=chunksize)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``path`` (released when the file closes)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def build_once(folder: Path, generate: Callable[[Path], None]) -> Path:
@@ -83,7 +72,8 @@ def build_once(folder: Path, generate: Callable[[Path], None]) -> Path:
     ranks) wait on. The generators' cache: a finished folder is never changed or deleted (a job may be reading it)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(folder.parent / ".lock"):
+    with open(folder.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not folder.is_dir():
             for leftover in folder.parent.glob(f".{folder.name}.*"):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -122,8 +112,8 @@ def _stack_fields(names: Sequence[str], items: list[dict]) -> dict[str, Tensor]:
     return {name: torch.stack([item[name] for item in items]) for name in names}
 
 
-# Items a loader worker hands back at once while materializing: each handover puts every field into
-# shared memory, which costs about as much per tensor as decoding a hand-pose frame does.
+# Items a loader worker hands back at once while materializing: each handover puts every field into shared memory,
+# which costs about as much per tensor as decoding a hand-pose frame does.
 MATERIALIZE_BATCH = 64
 
 
@@ -157,8 +147,7 @@ def load_splits(make: Callable[[str, int | None, str], Dataset], splits: Sequenc
                 in_memory: bool, progress: bool,
                 errors: tuple[type[BaseException], ...] = (OSError, ValueError)) -> list:
     """``make(split, count, option)`` for every (split, count, option), streamed or decoded into memory. Its first
-    sample is decoded here, so that a bad folder fails now with UsageError naming --data-root (on ``errors``), not in a
-    loader worker."""
+    sample is decoded here, so that a bad folder fails now with UsageError naming --data-root (on ``errors``)."""
     sets = []
     for split, count, option in splits:
         try:
@@ -207,8 +196,8 @@ def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
 
 
 def test_corruption(dataset: Dataset, level: float, seed: int, modality: str = "rgb", kind: str = "pixels") -> Dataset:
-    """``modality`` corrupted at the test ``level`` (seeded): pixels, every sample at strength ``level``; desync, a
-    fraction ``level`` of the samples desynchronised."""
+    """``modality`` corrupted at the test ``level`` (seeded): every sample at strength ``level``, or with desync a
+    fraction ``level`` of them."""
     if level <= 0:
         return dataset
     return CorruptedDataset(dataset, modality, level if kind == "desync" else 1.0, corruption(modality, level, kind),

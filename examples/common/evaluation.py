@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -65,7 +66,7 @@ def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
     levels = group_levels(args)
     passes = [(None, 0.0)] + [(m, level) for m, at in modality_levels(args).items()
                               for level in dict.fromkeys(at) if level > 0]
-    scores: dict[tuple[str, float], Score] = {}
+    scores: dict[tuple[str, float], Score] = defaultdict(score)
     alpha_sums: dict[float, Tensor] = {}
     clean: list[dict[str, tuple[Tensor, Tensor, Tensor]]] = []  # per batch: modality -> (mu, logvar, features)
     for corrupted, level in passes:
@@ -97,8 +98,6 @@ def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
                     else:
                         z = encoded[what][0]
                     decoded_once[what] = decoder(z)
-                if (group, level) not in scores:
-                    scores[group, level] = score()
                 scores[group, level].update(decoded_once[what], batch)
     result = {group: {str(level): scores[group, level].compute() for level in at} for group, at in levels.items()}
     count = len(dataset) * clean[0][names[0]][0].shape[-1]  # alpha's entries at a level: samples x latent dims
@@ -110,8 +109,7 @@ def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
 @torch.no_grad()
 def rgb_metrics(predict: Callable[[Tensor], Tensor], dataset: Dataset, args: argparse.Namespace,
                 score: Callable[[], Score]) -> dict:
-    """The ``metrics`` group of ``predictions`` for any predictor from RGB alone, ``predict(rgb) -> prediction`` (an
-    exported model's, common/export.py)."""
+    """``predictions``' ``metrics`` group of any ``predict(rgb) -> prediction`` (e.g. an exported model's)."""
     result = {}
     for level in args.test_corruption:
         data = dataset if level == 0 else test_corruption(dataset, level, args.seed, "rgb", args.corruption_kind)

@@ -1,7 +1,7 @@
 """--export-onnx: a finished run of either pipeline in ONNX (dynamic batch), checked in ONNX Runtime:
-``rgb_predictor.onnx`` (rgb -> z_rgb's mean -> the task decoder), scored by the pipeline's own evaluation against
-results.json, and ``fused_model.onnx`` (every encoder, the fusion, the decoder on the joint's mean); both are compared
-with eager PyTorch on the clean evaluation samples. See docs/deploy.md.
+``rgb_predictor.onnx`` (rgb -> z_rgb's mean -> the task decoder), scored by the pipeline's own evaluation
+(``evaluation.rgb_metrics``) against results.json, and ``fused_model.onnx`` (every encoder, the fusion, the decoder on
+the joint's mean); both are compared with eager PyTorch on the clean evaluation samples. See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .cli import UsageError, exit_with
 from .data import eval_loader, materialize
+from .evaluation import Score, rgb_metrics
 from .networks import CrossModalVAE
 from .report import Task, markdown_table
 from .training import CHECKPOINT, DistEnv, load_checkpoint
@@ -36,13 +37,13 @@ EAGER_TOLERANCE = 1e-5
 
 @dataclass(frozen=True)
 class Pipeline:
-    """What --export-onnx needs of a pipeline: its task (``Task.metric`` is compared), model, data, evaluation of
-    ``predict(rgb) -> prediction`` (``{str(level): metrics}``), decoder, and the metric's tolerance."""
+    """What --export-onnx needs of a pipeline: its task (``Task.metric`` is compared), model, data, the score its
+    evaluation computes of the decoded modality ``decoded``, and the metric's tolerance."""
 
     task: Task
     build_model: Callable[[argparse.Namespace], CrossModalVAE]
     load_data: Callable[[argparse.Namespace, DistEnv], Sequence[Dataset]]  # the training and test sets first
-    rgb_metrics: Callable[[Callable[[Tensor], Tensor], Dataset, argparse.Namespace], dict]
+    score: Callable[[], Score]
     decoded: str
     tolerance: float
 
@@ -92,10 +93,8 @@ def session_predictor(session) -> Callable[..., Tensor]:
 
 def session_signature(session) -> str:
     """A session's inputs and outputs with their shapes, e.g. ``rgb [batch, 3, 64, 64] -> keypoints [batch, 21, 3]``."""
-    def shaped(nodes) -> str:
-        return ", ".join(f"{node.name} [{', '.join(map(str, node.shape))}]" for node in nodes)
-
-    return f"{shaped(session.get_inputs())} -> {shaped(session.get_outputs())}"
+    return " -> ".join(", ".join(f"{node.name} [{', '.join(map(str, node.shape))}]" for node in nodes)
+                       for nodes in (session.get_inputs(), session.get_outputs()))
 
 
 def trained_run(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, dict]:
@@ -182,7 +181,7 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     exported = {file: session_predictor(session) for file, session in sessions.items()}
     for file, found in largest_differences(modules, exported, eval_set, run).items():
         models[file].update(found)
-    measured = pipeline.rgb_metrics(exported[RGB_PREDICTOR], eval_set, run)
+    measured = rgb_metrics(exported[RGB_PREDICTOR], eval_set, run, pipeline.score)
     (key, label), tolerance = pipeline.task.metric, pipeline.tolerance
     levels = {level: {"results_json": result["metrics"][level][key], "onnx_runtime": measured[level][key]}
               for level in result["metrics"]}

@@ -26,8 +26,7 @@ class GaussianHead(nn.Module):
 
     def __init__(self, in_dim: int, latent_dim: int):
         super().__init__()
-        self.mu = nn.Linear(in_dim, latent_dim)
-        self.logvar = nn.Linear(in_dim, latent_dim)
+        self.mu, self.logvar = nn.Linear(in_dim, latent_dim), nn.Linear(in_dim, latent_dim)
         nn.init.zeros_(self.logvar.bias)
         nn.init.normal_(self.logvar.weight, std=1e-3)
 
@@ -52,12 +51,10 @@ def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
 
 
 class ResNet18Encoder(nn.Module):
-    """RGB encoder: a ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1].
-
-    width: channels of the first stage (stages of 1, 2, 4, 8 times width; 64 with ``stem_pool`` is torchvision's
-    ResNet-18; compute falls with width squared). stem_pool: the max-pool after the stem. weights: a local ResNet-18
-    weights file (``load_resnet18_state``), width 64 with stem_pool only; nothing is downloaded.
-    """
+    """RGB encoder: a ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1]. width: channels of the first stage
+    (stages of 1, 2, 4, 8 times width; 64 with ``stem_pool`` is torchvision's ResNet-18; compute falls with width
+    squared); stem_pool: the max-pool after the stem; weights: a local ResNet-18 file (``load_resnet18_state``), width
+    64 with stem_pool only; nothing is downloaded."""
 
     MEAN = (0.485, 0.456, 0.406)
     STD = (0.229, 0.224, 0.225)
@@ -101,8 +98,7 @@ class PermutationEquivariant(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.gamma = nn.Linear(in_dim, out_dim)
-        self.lam = nn.Linear(in_dim, out_dim, bias=False)
+        self.gamma, self.lam = nn.Linear(in_dim, out_dim), nn.Linear(in_dim, out_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gamma(x) - self.lam(x.amax(dim=1, keepdim=True))
@@ -113,15 +109,12 @@ class ResPELBlock(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.pe1 = PermutationEquivariant(width, width)
-        self.pe2 = PermutationEquivariant(width, width)
-        self.norm1 = nn.LayerNorm(width)
-        self.norm2 = nn.LayerNorm(width)
+        self.pe1, self.pe2 = PermutationEquivariant(width, width), PermutationEquivariant(width, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.pe1(torch.relu(self.norm1(x)))
-        h = self.pe2(torch.relu(self.norm2(h)))
-        return x + h
+        return x + self.pe2(torch.relu(self.norm2(h)))
 
 
 class ResPELEncoder(nn.Module):
@@ -145,9 +138,8 @@ class ResPELEncoder(nn.Module):
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(dims[:-2], dims[1:-1]):
-        # In place: a Linear's backward needs its input, not its output, so the ReLU may overwrite it.
-        # FoldingNet's hidden layers on 3 latents x B x 1024 points are the largest activations of a
-        # full-size step; this keeps one copy of each instead of two.
+        # In place (a Linear's backward needs its input, not its output): FoldingNet's hidden layers on 3 latents x B x
+        # 1024 points, the largest activations of a full-size step, are kept once instead of twice.
         layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1]))
     return nn.Sequential(*layers)
@@ -223,8 +215,7 @@ class DCGANDecoder(nn.Module):
 class CrossModalVAE(nn.Module):
     """encoders: encoded modality name -> module giving (mu, logvar, features); the first one is the input modality used
     alone at test time. objective: the library's CrossModalObjective, whose decoders name the decoded modalities.
-    Batches are mappings of modality name -> tensor. Convolution weights are kept in channels-last memory order.
-    """
+    Batches are mappings of modality name -> tensor."""
 
     def __init__(self, encoders: Mapping[str, nn.Module], objective: gf.CrossModalObjective):
         super().__init__()

@@ -95,6 +95,7 @@ def describe_checkpoints(out: str | Path) -> str:
         return "; ".join(f"{path} {describe_size(path)}" for path in paths)
     return f"{len(paths)} checkpoints under {out} ({sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB)"
 
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floatfmt: str = ".4f") -> str:
     """A GitHub-markdown table; floats formatted with ``floatfmt``."""
     lines = ["| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in row) + " |"
@@ -187,13 +188,19 @@ def interval_cell(summary: Mapping, floatfmt: str, brackets: bool = False) -> st
     return f"{summary['mean']:{floatfmt}} ± {summary['half_width']:{floatfmt}}"
 
 
-def metric_cell(results: Mapping[str, Mapping], statistics: Mapping | None, fusion: str, level: str, key: str,
-                floatfmt: str, group: str = "metrics") -> float | str:
-    """One fusion's ``key`` of the metric group ``group`` at ``level``: the value of its single run, or mean ± 95 % CI
-    half-width."""
+def metric_summary(results: Mapping[str, Mapping], statistics: Mapping | None, fusion: str, level: str, key: str,
+                   group: str = "metrics") -> Mapping:
+    """One fusion's ``key`` of the metric group ``group`` at ``level``: its ``study.t_interval`` over seeds, or the
+    value of its single run as ``{"mean": value, "half_width": None}``."""
     if statistics is None:
-        return results[fusion][group][level][key]
-    return interval_cell(statistics[group][fusion][level][key], floatfmt)
+        return {"mean": results[fusion][group][level][key], "half_width": None}
+    return statistics[group][fusion][level][key]
+
+
+def metric_cell(results: Mapping[str, Mapping], statistics: Mapping | None, fusion: str, level: str, key: str,
+                floatfmt: str, group: str = "metrics") -> str:
+    """``metric_summary`` as a table shows it: the single run's value, or mean ± 95 % CI half-width."""
+    return interval_cell(metric_summary(results, statistics, fusion, level, key, group), floatfmt)
 
 
 def fusion_table(results: Mapping[str, Mapping], columns: Sequence[tuple[str, str]], floatfmt: str = ".4f",
@@ -223,8 +230,7 @@ def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Pat
     for (g, label), linestyle in zip(groups.items(), ("-", "--", ":", "-.")):
         for f, colour in zip(results, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
             name = FUSION_LABELS[f] + (f", {label}" if label else "")
-            points[name] = [{"mean": results[f][g][lv][metric], "half_width": None} if statistics is None
-                            else statistics[g][f][lv][metric] for lv in levels]
+            points[name] = [metric_summary(results, statistics, f, lv, metric, g) for lv in levels]
             styles[name] = {"color": colour, "linestyle": linestyle}
     errors = None if statistics is None else {k: [p["half_width"] or 0.0 for p in v] for k, v in points.items()}
     _, xlabel, scale, _ = _LEVELS[PREDICTIONS[base_group(first)][1], kind]
@@ -245,8 +251,7 @@ def joint_plots(results: Mapping[str, Mapping], metric: str, out: str | Path, yl
 
 
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path, kind: str = "pixels") -> None:
-    """Per fusion with credibilities (gPoE), ``alpha_<fusion>.png``: each modality's mean alpha against the RGB's test
-    corruption."""
+    """Per gPoE fusion, ``alpha_<fusion>.png``: each modality's mean alpha against the RGB's test corruption."""
     levels = corruption_levels(results)
     for f, r in results.items():
         if r.get("alpha"):
@@ -337,8 +342,7 @@ def joint_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, c
 
 
 def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, floatfmt: str = ".3f") -> str:
-    """The held-out credibility table (_CREDIBILITY_COLUMNS per fusion and modality), then the paired AUROC
-    differences."""
+    """The held-out credibility table (_CREDIBILITY_COLUMNS per fusion and modality), the paired AUROC differences."""
     first = next(iter(results.values()))["credibility"]
     if not first:
         return ""

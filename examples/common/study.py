@@ -140,8 +140,7 @@ def _with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
 
 
 def finished_run(args: argparse.Namespace) -> dict | None:
-    """The result in --out/results.json if it is this run's (signature and test levels) beside its checkpoint; else
-    None."""
+    """The result in --out/results.json if it is this run's (signature, test levels) by its checkpoint, else None."""
     try:
         result = json.loads((Path(args.out) / "results.json").read_text())
     except (OSError, ValueError):  # none, half a file of an older version, or unreadable: train again
@@ -212,13 +211,6 @@ def write_summary(args: argparse.Namespace, task: Task, study: Study, **extra: o
     return summary
 
 
-def _cell(study: Study, fusion: str, level: str, metric: str) -> dict:
-    """A sweep point's ``metric``: ``{"mean", "half_width"}`` over seeds, or the single run's value."""
-    if study.statistics is not None:
-        return study.statistics["metrics"][fusion][level][metric]
-    return {"mean": study.results[fusion]["metrics"][level][metric], "half_width": None}
-
-
 def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study], seconds: float) -> str:
     """The sweep's results.json (``sweep``: ``{"metric", "fractions", "points": {str(fraction): {"out", **record}}}``),
     results.md (the metric per fraction, fusion and level; paired differences) and ``training_corruption_sweep.png``
@@ -232,8 +224,9 @@ def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study
     levels = report.corruption_levels(first.results)
     rows = []
     for fraction, study in zip(fractions, studies):
-        rows += [[f"{fraction:.0%}", FUSION_LABELS[f]] + [report.interval_cell(_cell(study, f, lv, key), task.floatfmt)
-                                                         for lv in levels] for f in study.fusions]
+        rows += [[f"{fraction:.0%}", FUSION_LABELS[f]]
+                 + [report.metric_cell(study.results, study.statistics, f, lv, key, task.floatfmt) for lv in levels]
+                 for f in study.fusions]
         rows += [[f"{fraction:.0%}", report.difference_label(name)]
                  + [report.interval_cell(d["metrics"][lv][key], task.floatfmt, True) for lv in levels]
                  for name, d in (study.statistics or {"differences": {}})["differences"].items()]
@@ -248,7 +241,7 @@ def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study
         f"fraction's full report is in its folder (corruption<X>/).\n\n{table}")
     series, errors = {}, {}
     for f, lv in itertools.product(first.fusions, [lv for lv in levels if float(lv) in SWEEP_LEVELS] or levels):
-        cells = [_cell(study, f, lv, key) for study in studies]
+        cells = [report.metric_summary(study.results, study.statistics, f, lv, key) for study in studies]
         name = f"{FUSION_LABELS[f]} @ {float(lv):.0%} test corruption"
         series[name], errors[name] = [c["mean"] for c in cells], [c["half_width"] or 0.0 for c in cells]
     report.line_plot([100 * f for f in fractions], series, out / "training_corruption_sweep.png",

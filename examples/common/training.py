@@ -1,8 +1,6 @@
-"""The engine: the process group under torchrun (gloo on CPU, nccl on GPU), checkpoints and results written atomically
-and loaded safely, and one run of either pipeline (``runner``): AdamW, warm-up and cosine decay, gradient clipping, bf16
-autocast on GPU, data parallelism, a checkpoint every epoch, exact resumption, --max-steps, results.json. The ranks
-train as one process with their global batch (``match_single_process``); all randomness is a function of (seed, epoch),
-so a resumed run continues as the uninterrupted one did.
+"""The engine: the process group under torchrun, checkpoints and results written atomically and loaded safely, and one
+run of either pipeline (``runner``). The ranks train as one process with their global batch (``match_single_process``);
+all randomness is a function of (seed, epoch), so a resumed run continues as the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -67,16 +65,14 @@ def setup(device: str = "auto") -> DistEnv:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     launched = "WORLD_SIZE" in os.environ  # torchrun sets it for every process it starts
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = (int(os.environ.get(name, "0")) for name in ("RANK", "LOCAL_RANK"))
+    dev = torch.device("cpu")
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UsageError("--device", f"process {local_rank} of this node needs CUDA device {local_rank}, but only "
                                          f"{torch.cuda.device_count()} are visible")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
     if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistEnv(rank, world_size, dev, launched)
@@ -143,21 +139,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.exists():
         return None
-    reason = None
     try:
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this also catches truncated files
             reason = "not a torch zip archive: truncated, or another kind of file"
         else:
             state = torch.load(path, map_location=map_location, weights_only=True)
-            reason = None if isinstance(state, dict) else f"it holds a {type(state).__name__}, not a dict"
+            if isinstance(state, dict):
+                return state
+            reason = f"it holds a {type(state).__name__}, not a dict"
     except OSError as exc:
         raise RuntimeError(f"checkpoint {path}: cannot be read ({exc})") from exc
     except Exception as exc:
         reason = _unsafe_reason(exc)
-    if reason is not None:
-        raise RuntimeError(f"checkpoint {path}: not a gpoe_fusion checkpoint or unsafe to load ({reason}); delete "
-                           f"it to start over")
-    return state
+    raise RuntimeError(f"checkpoint {path}: not a gpoe_fusion checkpoint or unsafe to load ({reason}); delete it to "
+                       f"start over")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -308,8 +303,7 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler, args: argparse.N
 def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: DistEnv,
           log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` for --epochs (or --max-steps), checkpointing to --out after every epoch; --resume continues a
-    run of the same signature exactly. Returns per epoch ``train_one_epoch``'s means, ``epoch``, ``steps``, ``seconds``.
-    """
+    run of the same signature exactly. Returns per epoch ``train_one_epoch``'s means, epoch, steps and seconds."""
     log = log or (print if env.is_main else lambda _: None)
     per_rank = len(train_set) // env.world_size
     if per_rank < args.batch_size:
@@ -358,8 +352,7 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
 def runner(build_model: Callable[[argparse.Namespace], nn.Module], evaluate: Callable[..., dict], train_set: Dataset,
            eval_set: Dataset, env: DistEnv) -> Callable[[argparse.Namespace], dict | None]:
     """A pipeline's run, ``run(args)``: ``build_model(args)`` trained with ``data.training_noise``, then on the main
-    process ``{"fusion", "seed", **evaluate(...), "train_seconds", "history", "dir", "signature"}`` written to
-    --out/results.json and returned."""
+    process its result (``evaluate``'s metric groups and the run's record) written to --out/results.json, returned."""
     def run(args: argparse.Namespace) -> dict | None:
         model = build_model(args)
         history = train(model, training_noise(train_set, args), args, env)

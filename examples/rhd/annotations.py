@@ -1,9 +1,7 @@
-"""RHD's annotation pickle (``anno_<split>.pickle``), read without trusting it. It maps ``sample_id -> {'xyz': (42,
-3) metres, camera frame, 'uv_vis': (42, 3) pixel u, v and a visibility flag (visible iff == 1), 'K': (3, 3)}``
-(keypoints 0..20 left hand, 21..41 right) and was written by Python 2 (read with ``encoding="latin1"``).
-
-A pickle can call any importable function while it loads, so ``RestrictedUnpickler`` resolves only builtin containers
-and scalars and the functions numpy's own pickles name (``numpy.core.*`` or ``numpy._core.*``, the running numpy's).
+"""RHD's annotation pickle (``anno_<split>.pickle``, written by Python 2: read with ``encoding="latin1"``), read without
+trusting it: a pickle can call any importable function while it loads, so ``RestrictedUnpickler`` resolves only builtin
+containers and scalars and the functions numpy's own pickles name (``numpy.core.*`` or ``numpy._core.*``, the running
+numpy's).
 """
 
 from __future__ import annotations
@@ -40,8 +38,7 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    # Take the rebuild functions from numpy's own reductions rather than importing private modules by name:
-    # they are then exactly the running numpy's objects, whichever numpy wrote the file.
+    # From numpy's own reductions, not private modules by name: the running numpy's functions, whichever wrote the file.
     reconstruct = np.zeros(1).__reduce__()[0]
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]
     scalar = np.float64(0).__reduce__()[0]
@@ -100,8 +97,9 @@ def _validate_entry(path: Path, key: Any, entry: Any) -> tuple[int, dict[str, np
 
 
 def load_annotations(path: str | os.PathLike) -> dict[int, dict[str, np.ndarray]]:
-    """An RHD annotation pickle read with ``RestrictedUnpickler`` and checked: ``{sample_id: {'xyz': [42, 3], 'uv_vis':
-    [42, 3], 'K': [3, 3]}}`` as float64 arrays, by sample id (other fields dropped). FileNotFoundError,
+    """An RHD annotation pickle read with ``RestrictedUnpickler`` and checked: ``{sample_id: {'xyz': [42, 3] metres,
+    camera frame, 'uv_vis': [42, 3] pixel u, v and a visibility flag (visible iff == 1), 'K': [3, 3]}}`` (keypoints
+    0..20 left hand, 21..41 right) as float64 arrays, by sample id (other fields dropped). FileNotFoundError,
     UnsafePickleError (a refused global) or AnnotationError (a corrupt file, malformed entries), naming the file."""
     path = Path(path)
     if not path.is_file():

@@ -1,12 +1,6 @@
-"""Reading RHD (Rendered Hand Pose Dataset, Zimmermann & Brox 2017) from its on-disk format: ``root`` is the
-``RHD_published_v2`` folder, ``split`` "training" or "evaluation"::
-
-    root/<split>/color/%05d.png          RGB, 320x320
-    root/<split>/depth/%05d.png          depth: metres = (R * 256 + G) / 65535 * 5
-    root/<split>/mask/%05d.png           8-bit ids: 0 background, 1 person, 2..17 left hand, 18..33 right hand
-    root/<split>/anno_<split>.pickle     sample_id -> {'xyz', 'uv_vis', 'K'}
-
-``read_frame`` decodes one raw frame, ``RHDDataset`` makes the network's inputs and targets of frames.
+"""Reading RHD (Rendered Hand Pose Dataset, Zimmermann & Brox 2017) from its on-disk ``RHD_published_v2`` folder
+(its layout: docs/handpose.md, "Getting RHD and pointing at it"): ``read_frame`` decodes one raw frame, ``RHDDataset``
+makes the network's inputs and targets of frames.
 """
 
 from __future__ import annotations
@@ -75,9 +69,8 @@ def _split_dir(root: str | os.PathLike, split: str) -> Path:
     root = Path(root)
     folder = root / split
     if not folder.is_dir():
-        hint = ""
-        if (root / "RHD_published_v2" / split).is_dir():
-            hint = f" (did you mean root={root / 'RHD_published_v2'}?)"
+        nested = root / "RHD_published_v2"
+        hint = f" (did you mean root={nested}?)" if (nested / split).is_dir() else ""
         raise FileNotFoundError(f"RHD split folder not found: {folder}; root must be the RHD_published_v2 folder{hint}")
     return folder
 
@@ -168,26 +161,17 @@ class RHDDataset(Dataset):
     - "K": float32 [3, 3], the crop's intrinsics: K @ (keypoints * scale + root) projects onto "uv";
     - "hand": int64 [], 0 left, 1 right; "index": int64 [], the sample id.
 
-    The hand is the one with more mask pixels (a tie keeps the right one; left hands are not mirrored); root = keypoint
-    12 (middle MCP, as in Yang et al., whose set-up the paper follows), scale = ||kp12 - kp11||, normalised = (xyz -
-    root) / scale, for keypoints and points alike; the crop is ``crop_box``'s, padded with RGB 127 and resized
-    bilinearly, "K" the frame's composed exactly with it (``crop_intrinsics``); the points are the hand's mask pixels
-    back-projected with the frame's K and depth, those within 0.2 m of the root, resampled to P (a hand without any
-    gives P copies of the origin).
+    Which hand, the normalisation, the crop and the points: docs/handpose.md, "Getting RHD and pointing at it" (a hand
+    without points gives P copies of the origin).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training", crop_size: int = 256, num_points: int = 1024,
                  indices: list[int] | np.ndarray | None = None, seed: int = 0):
-        for name, value in (("crop_size", crop_size), ("num_points", num_points)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.root = Path(root)
-        self.split = split
-        self.crop_size = int(crop_size)
-        self.num_points = int(num_points)
-        self.seed = int(seed)
+        for name, value, low in (("crop_size", crop_size, 1), ("num_points", num_points, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.root, self.split, self.seed = Path(root), split, int(seed)
+        self.crop_size, self.num_points = int(crop_size), int(num_points)
         annotations = load_annotations(_annotation_path(root, split))
         if indices is None:
             self.indices = list(annotations)
@@ -197,9 +181,8 @@ class RHDDataset(Dataset):
             if missing:
                 raise ValueError(f"indices not in {_annotation_path(root, split)}: {missing[:10]}"
                                  + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-        # One array per field, row i for self.indices[i]: a dict of 41258 small arrays is about 110 MB
-        # of Python objects that every DataLoader worker, forked from this process, slowly copies (reference
-        # counting writes to them); plain arrays stay shared.
+        # One array per field, row i for self.indices[i]: a dict of 41258 small arrays is 110 MB of Python objects
+        # that every forked DataLoader worker slowly copies (reference counting writes to them); arrays stay shared.
         self._fields = {name: np.stack([annotations[i][name] for i in self.indices]) if self.indices else
                         np.zeros((0, *shape)) for name, shape in (("xyz", (42, 3)), ("uv_vis", (42, 3)), ("K", (3, 3)))}
 
@@ -210,9 +193,8 @@ class RHDDataset(Dataset):
         index = self.indices[item]
         frame = read_frame(self.root, self.split, index, {index: {name: f[item] for name, f in self._fields.items()}})
         hand = choose_hand(frame.mask)
-        keypoints = frame.xyz[21 * hand:21 * hand + 21]
-        uv = frame.uv_vis[21 * hand:21 * hand + 21, :2]
-        visible = frame.uv_vis[21 * hand:21 * hand + 21, 2] == 1
+        own = slice(21 * hand, 21 * hand + 21)
+        keypoints, uv, visible = frame.xyz[own], frame.uv_vis[own, :2], frame.uv_vis[own, 2] == 1
         root = keypoints[ROOT_KEYPOINT]
         scale = float(np.linalg.norm(keypoints[SCALE_KEYPOINTS[0]] - keypoints[SCALE_KEYPOINTS[1]]))
         if not scale > 0:

@@ -1,12 +1,8 @@
-"""The standard 3-D hand-pose evaluation on RHD (Zimmermann & Brox 2017 and the work that follows it).
-
-Predictions and ground truth are normalised root-relative keypoints (``(xyz - root) / scale``, as ``RHDDataset`` gives
-them), both de-normalised with the ground-truth scale: keypoint k's error is ``||pred_k - gt_k|| * scale`` in mm (not
-re-centred on the predicted root). As the common evaluation code (``EvalUtil``), every statistic is computed per
-keypoint over the samples where it counts, then averaged over keypoints: ``median_epe_mm`` is the mean of per-keypoint
-medians, the PCK curve the mean of per-keypoint fractions. AUC over 20-50 mm: the curve on ``linspace(0, 50, 20)`` mm
-from 21.05 to 50 mm (the last 12 points), trapezoids, divided by that span. All 21 keypoints count by default (the task
-is the full 3-D pose, occluded joints included); ``visible_only=True`` counts the visible ones, as Zimmermann & Brox do.
+"""The standard 3-D hand-pose evaluation on RHD (Zimmermann & Brox 2017 and the work that follows it; docs/handpose.md).
+Keypoint k's error is ``||pred_k - gt_k|| * scale`` in mm, both normalised root-relative (``(xyz - root) / scale``) and
+de-normalised with the ground-truth scale. As the common evaluation code (``EvalUtil``), every statistic is computed
+per keypoint over the samples where it counts, then averaged over keypoints; the AUC over 20-50 mm takes the curve on
+``linspace(0, 50, 20)`` from 21.05 to 50 mm (the last 12 points), trapezoids, divided by that span.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """The built-in hand-pose data: procedural articulated hands written in exactly the RHD on-disk format
-(``generate_rhd``), so ``rhd.dataset.RHDDataset`` reads it with the code that reads the real release;
-``ensure_builtin_rhd`` generates once into a cache.
+(``generate_rhd``), read by the code that reads the real release; ``ensure_builtin_rhd`` generates once into a cache.
 
-A frame holds two hands (RHD order): a dominant one, left or right at random, its middle MCP near the image centre
-0.3-0.8 m away, and a farther one towards the border. A hand is a kinematic skeleton within joint limits, drawn as
-Lambert-shaded capsules ray-traced and z-buffered, with a forearm (mask id 1); so that pose is learnable from small
-crops, every finger has its own hue, lightening towards the tip. Backgrounds: low-frequency textures on a far plane.
-Frame ``i`` of a split depends only on ``(seed, split, i)``: equal arguments give byte-identical files.
+A frame holds two hands: a dominant one, left or right, near the image centre 0.3-0.8 m away, and a farther one towards
+the border, each a kinematic skeleton within joint limits drawn as ray-traced Lambert-shaded capsules with a forearm;
+so that pose is learnable from small crops, every finger has its own hue. Frame ``i`` of a split depends only on
+``(seed, split, i)``: equal arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -54,8 +52,7 @@ _FINGER_HUES = np.array([[0.95, 0.15, 0.10], [0.95, 0.85, 0.10], [0.15, 0.80, 0.
 _SKIN_TONES = np.array([[0.98, 0.84, 0.72], [0.90, 0.72, 0.58], [0.78, 0.57, 0.42],
                         [0.60, 0.42, 0.30], [0.42, 0.29, 0.20]])
 
-# Palm capsules between RHD keypoints: wrist to the thumb CMC and to each MCP, across the knuckles, and two
-# diagonals from the thumb CMC that fill the middle of the palm.
+# Palm capsules between RHD keypoints: wrist to the thumb CMC and each MCP, across the knuckles, two diagonals.
 _PALM_BONES = ((0, 4), (0, 8), (0, 12), (0, 16), (0, 20), (4, 8), (8, 12), (12, 16), (16, 20), (4, 16), (4, 20))
 
 
@@ -102,8 +99,8 @@ def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, floa
         keypoints[first:first + 4] = np.concatenate([joints[::-1], mcp[None]])  # tip, DIP, PIP, MCP
         radii[first:first + 3] = _FINGER_RADIUS[finger] * size
         radii[first + 3] = _PALM_RADIUS * size
-    # Thumb: the metacarpal leaves the CMC joint abducted in the palm plane and opposed towards the palm;
-    # the MCP and IP joints bend it across the palm (towards the pinky side and out of the palm).
+    # Thumb: the metacarpal leaves the CMC abducted in the palm plane and opposed towards the palm; the MCP and IP
+    # joints bend it across the palm (towards the pinky side and out of the palm).
     cmc = _THUMB_CMC_REST * size * jitter(3)
     abduction = np.deg2rad(rng.uniform(15.0, 60.0))
     opposition = np.deg2rad(rng.uniform(0.0, 50.0))
@@ -116,8 +113,7 @@ def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, floa
     joints = _finger_chain(cmc, forward, bend, _THUMB_BONES * size * jitter(3), flex)
     keypoints[1:5] = np.concatenate([joints[::-1], cmc[None]])  # tip, IP, MCP, CMC
     radii[1:4] = _THUMB_RADIUS * size
-    radii[4] = _PALM_RADIUS * size
-    radii[0] = _PALM_RADIUS * size
+    radii[[0, 4]] = _PALM_RADIUS * size
     return keypoints, radii, size
 
 
@@ -141,9 +137,8 @@ class _Capsule:
 
 
 class _Canvas:
-    """Colour/depth/mask buffers with exact ray-capsule intersection and a z-buffer.
-
-    color: uint8 [320, 320, 3]; depth: float32 [320, 320] metres (both start as the background)."""
+    """Colour uint8 [320, 320, 3], depth float32 [320, 320] metres (both start as the background) and mask buffers, with
+    exact ray-capsule intersection and a z-buffer."""
 
     def __init__(self, focal: float, center: float, color: np.ndarray, depth: np.ndarray, light: np.ndarray,
                  ambient: float):
@@ -157,8 +152,7 @@ class _Canvas:
     def _bounds(self, a: tuple[float, ...], b: tuple[float, ...], r: float) -> tuple[int, int, int, int] | None:
         if min(a[2], b[2]) - r <= 1e-3:
             return 0, IMAGE_SIZE, 0, IMAGE_SIZE
-        # x/z over the box [x +- r] x [z +- r] is extreme at its corners, and the projection of a capsule lies in
-        # the hull of its end spheres' projections.
+        # x/z over the box [x +- r] x [z +- r] is extreme at its corners; a capsule projects into its end spheres' hull.
         us, vs = [], []
         for x, y, z in (a, b):
             for depth in (z - r, z + r):
@@ -307,8 +301,7 @@ def synthesize_frame(rng: np.random.Generator) -> Frame:
     uv = projected[:, :2] / projected[:, 2:]
     pixel = np.rint(uv).astype(np.int64)
     inside = np.all((pixel >= 0) & (pixel < IMAGE_SIZE), axis=1)
-    # A keypoint is visible when nothing lies in front of its own surface: at its pixel the z-buffer is not
-    # closer than the joint's radius (plus 5 mm of slack).
+    # Visible: at its pixel the z-buffer is not closer than the joint's radius (plus 5 mm of slack).
     surface = np.full(42, -np.inf)
     surface[inside] = canvas.depth[pixel[inside, 1], pixel[inside, 0]]
     visible = inside & (surface >= xyz[:, 2] - joint_radius - 0.005)
@@ -350,10 +343,8 @@ def _write_frame(job: tuple[Path, int, int, int]) -> tuple[int, dict[str, np.nda
     """Render frame ``index`` of a split and write its three PNGs; returns (index, its annotation)."""
     split_dir, split_code, seed, index = job
     frame = synthesize_frame(np.random.default_rng([seed, split_code, index]))
-    name = f"{index:05d}.png"
-    Image.fromarray(frame.color).save(split_dir / "color" / name, compress_level=PNG_COMPRESS_LEVEL)
-    Image.fromarray(encode_depth(frame.depth)).save(split_dir / "depth" / name, compress_level=PNG_COMPRESS_LEVEL)
-    Image.fromarray(frame.mask).save(split_dir / "mask" / name, compress_level=PNG_COMPRESS_LEVEL)
+    for folder, pixels in (("color", frame.color), ("depth", encode_depth(frame.depth)), ("mask", frame.mask)):
+        Image.fromarray(pixels).save(split_dir / folder / f"{index:05d}.png", compress_level=PNG_COMPRESS_LEVEL)
     return index, {"xyz": frame.xyz, "uv_vis": frame.uv_vis, "K": frame.K}
 
 

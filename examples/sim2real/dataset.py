@@ -1,17 +1,6 @@
-"""Loader for the Surgical Video-Sim2Real random views (Rivoir et al., ICCV 2021) on disk.
-
-Layout under ``root`` (k = scene 1..7, N = view ``0000``..``2999``; every image 512 x 256)::
-
-    translation_random_views/random_views/scene_k/translation/translation{N}.png     translated RGB
-    input_random_views/random_views/scene_k/input/input{N}.png                      raw render (not in a sample)
-    segmentation_random_views/random_views/scene_k/segmentation/segmentation{N}.png colour-coded classes
-    depth_random_views/random_views/scene_k/depth/depth{N}.exr                       float EXR, channel 'Y'
-
-The dataset documents no geometry, so these are choices: depth is z-depth in scene units; the camera a pinhole, by
-default of a 90 degree horizontal field of view (``fx = fy = 256, cx = 255.5, cy = 127.5``; pixel (u, v) at integer
-coordinates); a view is centre-cropped to its largest square (columns 128..383, the principal point moved by the
-offset), whose depth becomes the point cloud, centred on its centroid and divided by POINT_SCALE = 100 scene units (most
-depths are below 300, so coordinates are of order 1, relative sizes kept).
+"""Loader for the Surgical Video-Sim2Real random views (Rivoir et al., ICCV 2021) on disk. The layout, and the choices
+made where the dataset documents no geometry (z-depth, pinhole intrinsics, the centre crop, the point cloud's
+normalisation): docs/surgical.md, "Getting the real dataset".
 """
 
 from __future__ import annotations
@@ -35,7 +24,7 @@ NUM_CLASSES = len(CLASS_NAMES)
 SPLITS: dict[str, tuple[int, ...]] = {"train": (1, 2, 3, 4), "val": (5, 6), "test": (7,)}
 IMAGE_WIDTH, IMAGE_HEIGHT = 512, 256
 DEFAULT_HFOV_DEG = 90.0
-POINT_SCALE = 100.0
+POINT_SCALE = 100.0  # scene units: most depths are below 300, so the points' coordinates are of order 1
 
 # The four modalities: (top folder, per-scene sub folder, file prefix, suffix); a sample needs all but the raw render.
 _MODALITIES = {name: (f"{name}_random_views", name, name, ".exr" if name == "depth" else ".png")
@@ -122,14 +111,12 @@ def classes_to_colors(classes: np.ndarray, ignore_index: int = 255) -> np.ndarra
 
 def read_segmentation(path: str | Path, unknown_colors: str = "error", ignore_index: int = 255) -> np.ndarray:
     """Class ids int64 [H, W] of a colour-coded segmentation PNG (see :func:`colors_to_classes`)."""
-    path = Path(path)
     return colors_to_classes(read_rgb(path), unknown_colors, ignore_index, source=str(path))
 
 
 def read_depth_exr(path: str | Path) -> np.ndarray:
     """Depth float32 [H, W] from the single channel ``'Y'`` of an EXR file (half or float pixels)."""
-    path = Path(path)
-    _require_file(path)
+    path = _require_file(Path(path))
     try:
         with OpenEXR.File(str(path), separate_channels=True) as exr:
             channels = exr.channels()
@@ -165,24 +152,17 @@ def depth_to_points(depth: np.ndarray, K: np.ndarray, num_points: int, rng: np.r
     return resample_points(points.astype(np.float32), num_points, rng)
 
 
-def _view_digits(directory: Path, prefix: str, suffix: str) -> set[str]:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
-    return {m.group(1) for m in map(pattern.fullmatch, (p.name for p in directory.iterdir())) if m}
-
-
 class Sim2RealDataset(torch.utils.data.Dataset):
     """Sim2Real views of whole scenes as RGB, segmentation mask and depth point cloud.
 
     root: the folder holding ``translation_random_views/``, ``segmentation_random_views/`` and ``depth_random_views/``;
     split: ``"train"``, ``"val"`` or ``"test"``, the scenes of SPLITS, unless ``scenes`` names them; image_size: side S
-    of the square RGB and mask; num_points: points per cloud; intrinsics: [3, 3] of the full image (None:
-    ``default_intrinsics`` of its size); unknown_colors: ``"error"`` or ``"ignore"`` (``colors_to_classes``);
-    ignore_index: the mask value of ignored pixels; seed: view (scene, N) resamples its points with
+    of the square RGB and mask; num_points: P; intrinsics: [3, 3] of the full image (None: ``default_intrinsics``);
+    unknown_colors, ignore_index: as ``colors_to_classes``; seed: view (scene, N) resamples its points with
     ``np.random.default_rng([seed, scene, N])``. ``views``: (scene, digits of N) in dataset order. A sample: "rgb"
-    float32 [3, S, S] in [0, 1], the square crop resized bilinearly; "mask" int64 [S, S] class ids (or ignore_index),
-    the same crop resized nearest; "points" float32 [num_points, 3], ``depth_to_points`` of the crop's depth with the
-    crop's intrinsics; "scene" and "index" (N), ints. A missing file is a FileNotFoundError (checked for every view when
-    the dataset is built), an unreadable one a ValueError, each naming the file.
+    float32 [3, S, S] in [0, 1], the square crop resized bilinearly; "mask" int64 [S, S], the same crop resized nearest;
+    "points" float32 [P, 3], ``depth_to_points`` of the crop's depth and intrinsics; "scene" and "index" (N), ints. A
+    missing file (checked for every view here) is a FileNotFoundError, an unreadable one a ValueError, naming the file.
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", scenes: Sequence[int] | None = None,
@@ -217,7 +197,8 @@ class Sim2RealDataset(torch.utils.data.Dataset):
             if not directory.is_dir():
                 raise FileNotFoundError(f"Sim2Real folder missing: {directory}")
             _, _, prefix, suffix = _MODALITIES[name]
-            found[name] = _view_digits(directory, prefix, suffix)
+            pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
+            found[name] = {m.group(1) for m in map(pattern.fullmatch, (p.name for p in directory.iterdir())) if m}
         views = found["translation"]
         if not views:
             raise FileNotFoundError(f"no translation*.png views in "
@@ -250,8 +231,7 @@ class Sim2RealDataset(torch.utils.data.Dataset):
         box = (left, top, left + side, top + side)
         size = (self.image_size, self.image_size)
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, box=box))
-        # Class ids are resized as an int32 image so that Pillow's nearest sampling, the same pixel
-        # grid as the bilinear RGB, also holds for any ignore_index.
+        # Class ids resized as an int32 image: Pillow's nearest sampling on the RGB's pixel grid, for any ignore_index.
         mask = np.asarray(Image.fromarray(classes.astype(np.int32)).resize(size, Image.Resampling.NEAREST, box=box))
 
         K = np.array(self.intrinsics if self.intrinsics is not None else default_intrinsics(width, height))

@@ -1,7 +1,6 @@
-"""Segmentation metrics from a confusion matrix accumulated over every evaluated pixel of the test set (not per image):
-``IoU_c = TP / (TP + FP + FN)``, ``F1_c = 2 TP / (2 TP + FP + FN)``, and pixel accuracy. The single IoU and F1 are macro
-averages over the classes present in prediction or ground truth (an absent class is NaN, left out, as torchmetrics'
-``average="macro"``). Pixels whose target is ``ignore_index`` are dropped.
+"""Segmentation metrics from one confusion matrix accumulated over every evaluated pixel of the test set: IoU, F1 (macro
+over the classes present, torchmetrics' ``average="macro"``) and pixel accuracy (docs/surgical.md, "The metrics and
+their averaging"). Pixels whose target is ``ignore_index`` are dropped.
 """
 
 from __future__ import annotations

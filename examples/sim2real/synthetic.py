@@ -1,15 +1,10 @@
-"""Built-in synthetic Sim2Real data, written in exactly the on-disk format of the real dataset.
+"""Built-in synthetic Sim2Real data, written in exactly the on-disk format of the real dataset (docs/surgical.md).
 
 As the real dataset renders each scene, one fixed 3-D anatomy, from random camera poses, scene k here is one fixed
 procedural anatomy (wall and fat regions, a two-lobed liver, a gallbladder, a ligament band: the five classes) and each
-512 x 256 view a random pan, distance (the image scales by 215 / distance) and roll of up to 30 degrees
-(docs/surgical.md). It writes:
-
-* depth: z-depth in scene units, about 75..290: a tilted wall, fat bulging out of it, the liver a dome in
-  front, the gallbladder in front of the liver, the ligament a thin sheet on top;
-* translation (the "realistic" image): per-class textures fixed to the tissue, colours varying per scene
-  and view, lit by a light at the camera (Lambert shading, fall-off, vignetting, wet highlights);
-* input (the raw render): flat colours per class with Lambert shading, 51 shades each (a palette PNG).
+512 x 256 view a random pan, distance and roll. A view's depth is z-depth in scene units (about 75..290), its
+translation (the "realistic" image) per-class textures fixed to the tissue, lit by a light at the camera, its input
+(the raw render) flat colours per class with Lambert shading, 51 shades each (a palette PNG).
 
 Scene k is drawn from ``np.random.default_rng([seed, k])``, its view N from ``[seed, k, N]``: a view does not depend on
 how many are generated, and a seed writes byte-identical files (same numpy, Pillow, zlib, OpenEXR).
@@ -37,30 +32,26 @@ _FOCAL = float(default_intrinsics(W, H)[0, 0])
 
 LIVER, FAT, WALL, GALLBLADDER, LIGAMENT = range(NUM_CLASSES)
 
-# Camera poses, in world units of the image height at the reference distance (_REFERENCE_DISTANCE scene
-# units across, as f = H): a distance from _DISTANCE (to the wall's mean plane) scales the image by
-# _REFERENCE_DISTANCE / distance; a roll of up to _ROLL; an aim in a random direction from the scene
-# centre at an exponentially distributed elliptical radius with semi-axes _PAN at its mean (mostly on the
-# liver, now and then far enough off that it leaves the view, as when a laparoscope looks around).
+# Camera poses, in world units of the image height at the reference distance (f = H): a distance from _DISTANCE (to the
+# wall's mean plane) scales the image by _REFERENCE_DISTANCE / distance; a roll of up to _ROLL; an aim in a random
+# direction at an exponential elliptical radius, semi-axes _PAN at its mean (mostly on the liver, now and then off it).
 _REFERENCE_DISTANCE = 215.0
 _DISTANCE = (190.0, 235.0)
 _ROLL = np.pi / 6
 _PAN = (0.32, 0.24)
 
-# The texture maps: one tile of _TILE (rows, columns) pixels (one per view pixel at the reference distance)
-# repeated over the world; a view covers at most 624 x 520 of it, so none shows a texture twice.
+# The texture maps: one tile of _TILE (rows, columns) pixels (one per view pixel at the reference distance) repeated
+# over the world; a view covers at most 624 x 520 of it, so none shows a texture twice.
 _TILE = (560, 640)
 
-# Mean tissue colours (RGB in [0, 1]: liver dark red-brown, fat yellow, wall pink, gallbladder olive,
-# ligament off-white) and the colour direction of each class's texture; lighting and per-view jitter make
-# neighbouring classes (liver/wall, fat/ligament) overlap in brightness.
+# Mean tissue colours (RGB in [0, 1]) and the colour direction of each class's texture; lighting and per-view jitter
+# make neighbouring classes (liver/wall, fat/ligament) overlap in brightness.
 _BASE_COLORS = np.array([[0.50, 0.16, 0.12], [0.86, 0.68, 0.34], [0.80, 0.46, 0.44], [0.42, 0.50, 0.26],
                          [0.88, 0.80, 0.72]], dtype=np.float32)
 _TEXTURE_COLORS = np.array([[0.16, 0.06, 0.05], [0.10, 0.12, 0.16], [0.16, 0.10, 0.10], [0.06, 0.10, 0.06],
                             [0.08, 0.08, 0.09]], dtype=np.float32)
 _SPECULARITY = np.array([0.55, 0.25, 0.20, 0.80, 0.15], dtype=np.float32)
-# The raw simulator render: flat colours per class under Lambert shading, quantised to _RENDER_SHADES
-# levels per class so that the whole render fits one 256-colour palette.
+# The raw render's colours, quantised to _RENDER_SHADES levels per class: the whole render fits one 256-colour palette.
 _RENDER_COLORS = np.array([[0.55, 0.20, 0.16], [0.90, 0.75, 0.40], [0.85, 0.55, 0.52], [0.45, 0.60, 0.30],
                            [0.92, 0.88, 0.82]], dtype=np.float32)
 _RENDER_SHADES = 51
@@ -85,9 +76,9 @@ def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
 
 
 def _smooth_field(rng: np.random.Generator, cell: tuple[int, int], out: np.ndarray) -> None:
-    """Writes a smooth random texture field into ``out`` float32 [_TILE[0] + 1, _TILE[1] + 1], which repeats with period
-    _TILE (its last row and column repeat the first): Gaussian noise on a periodic grid of cells of ``cell`` (rows,
-    columns) pixels, which divide _TILE, bicubically upsampled, so its features are about that size."""
+    """Writes into ``out`` float32 [_TILE[0] + 1, _TILE[1] + 1] a smooth random field of period _TILE (its last row and
+    column repeat the first): Gaussian noise on a periodic grid of ``cell`` (rows, columns) pixels, upsampled
+    bicubically."""
     cells = (_TILE[0] // cell[0], _TILE[1] // cell[1])
     # Wrapped by 2 cells (bicubic interpolation's reach), so that the upsampled tile wraps around as well.
     coarse = Image.fromarray(np.pad(rng.standard_normal(cells, dtype=np.float32), 2, mode="wrap"))
@@ -103,11 +94,9 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 
 class _SceneStyle:
-    """The tissue appearance shared by all views of one scene: palette and texture maps fixed to the world, so the
-    texture moves with the tissue from view to view.
-
-    ``textures`` float32 [NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1]: each class's texture, then the wetness of the
-    surface (where highlights appear); tile pixel (row, column) shows the world points ``((column + i _TILE[1]) / H,
+    """The tissue appearance of one scene: ``colors``, and ``textures`` float32
+    [NUM_CLASSES + 1, _TILE[0] + 1, _TILE[1] + 1], each class's texture, then the surface's wetness (where highlights
+    appear), fixed to the world: tile pixel (row, column) shows the world points ``((column + i _TILE[1]) / H,
     (row + j _TILE[0]) / H)`` for all integers i, j.
     """
 
@@ -120,23 +109,16 @@ class _SceneStyle:
         detail = np.empty_like(liver)
         _smooth_field(rng, (8, 8), liver)
         _smooth_field(rng, (4, 4), detail)
-        liver *= 0.7
-        liver += 0.3 * detail
+        liver[:] = 0.7 * liver + 0.3 * detail
         _smooth_field(rng, (10, 10), fat)
-        np.abs(fat, out=fat)
-        fat *= -2.0
-        fat += 1.0
+        fat[:] = -2.0 * np.abs(fat) + 1.0
         _smooth_field(rng, (5, 80), wall)
         _smooth_field(rng, (20, 20), detail)
-        wall *= 0.8
-        wall += 0.3 * detail
-        _smooth_field(rng, (40, 40), detail)  # the veins
-        detail *= 1.0 / 0.08
-        detail *= detail
-        np.exp(-detail, out=detail)
+        wall[:] = 0.8 * wall + 0.3 * detail
+        _smooth_field(rng, (40, 40), detail)
+        veins = np.exp(-np.square(detail * (1.0 / 0.08)))
         _smooth_field(rng, (40, 40), gallbladder)
-        gallbladder *= 0.4
-        gallbladder -= 1.2 * detail
+        gallbladder[:] = 0.4 * gallbladder - 1.2 * veins
         _smooth_field(rng, (56, 5), ligament)
         ligament *= 0.9
         _smooth_field(rng, (8, 8), wetness)
@@ -144,11 +126,9 @@ class _SceneStyle:
 
 
 class _CameraPose:
-    """A view's camera: aimed at world point ``target``, ``distance`` scene units from the wall's mean plane along the
-    optical axis, rolled by ``roll`` radians about that axis.
-
-    View point (X, Y) (units of the image height, origin at the centre, as :func:`_view_axes`) shows the world point
-    ``target + matrix (X, Y)``, ``matrix = R(roll) / zoom`` with ``zoom = _REFERENCE_DISTANCE / distance``.
+    """A view's camera: aimed at world point ``target``, ``distance`` scene units from the wall's mean plane, rolled by
+    ``roll`` radians. View point (X, Y) (as :func:`_view_axes`) shows the world point ``target + matrix (X, Y)``,
+    ``matrix = R(roll) / zoom`` with ``zoom = _REFERENCE_DISTANCE / distance``.
     """
 
     def __init__(self, target: tuple[float, float], roll: float, distance: float) -> None:
@@ -183,18 +163,12 @@ class _CameraPose:
         c, s = float(np.cos(angle)), float(np.sin(angle))
         a = self.plane(c / radii[0], s / radii[0], -(c * center[0] + s * center[1]) / radii[0])
         b = self.plane(-s / radii[1], c / radii[1], (s * center[0] - c * center[1]) / radii[1])
-        a *= a
-        b *= b
-        a += b
-        return np.sqrt(a, out=a)
+        return np.sqrt(a * a + b * b)
 
 
 class _WaveField:
     """A smooth random field, ``sum_k amplitude * cos(k_k . p + phase_k)`` over ``waves`` waves with Gaussian wave
     vectors (std ``wavenumber`` per axis) and uniform phases: stationary and isotropic, of standard deviation ``std``.
-
-    On a view the phase is affine in the pixel's (X, Y), so the field is one small matrix product of row and column
-    terms, by NumPy's own loops (``einsum``): a multithreaded BLAS would make the sums depend on its thread count.
     """
 
     def __init__(self, rng: np.random.Generator, wavenumber: float, std: float, waves: int) -> None:
@@ -208,6 +182,8 @@ class _WaveField:
 
     def render(self, pose: _CameraPose) -> np.ndarray:
         """The field float32 [H, W] at every pixel's world point of the view ``pose``."""
+        # The phase is affine in the pixel's (X, Y): one small matrix product of row and column terms, by NumPy's own
+        # loops (einsum), as a multithreaded BLAS would make the sums depend on its thread count.
         x, y, _ = _view_axes()
         alpha, beta, gamma = pose.affine(self.waves[:, 0], self.waves[:, 1], self.phases)  # each [waves]
         # The phases (tens of radians) in float64, their cosines in float32: ten times faster, errors near 1e-5.
@@ -221,14 +197,9 @@ class _WaveField:
 
 
 class _SceneAnatomy:
-    """The fixed 3-D anatomy of one scene, shared by all its views, in world coordinates (units of the image height at
-    the reference distance, origin at the scene centre).
-
-    ``fat_level``, ``wall_bumps``, ``liver_wobble``: smooth fields; ``fat_ramp``, ``gallbladder_wobble``: world-affine
-    functions (wx, wy, w0); ``lobes`` (two) and ``gallbladder``: ellipses (centre, semi-axes, angle); ``ligament_*``:
-    the band's start, direction, length, bend and width. Depths (``wall_slope``: scene units per world unit;
-    ``wall_bumps``; ``gallbladder_anchor``: the liver's surface under the gallbladder's centre) are relative: a view
-    adds the camera's offset.
+    """The fixed 3-D anatomy of one scene in world coordinates (units of the image height at the reference distance,
+    origin at the scene centre): smooth fields, world-affine functions (wx, wy, w0) and ellipses (centre, semi-axes,
+    angle). Its depths (``wall_slope``, ``wall_bumps``, ``gallbladder_anchor``) are relative: a view adds the camera's.
     """
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -240,8 +211,7 @@ class _SceneAnatomy:
         # Abdominal wall with fat/stomach regions: the level set tilted by a ramp in a random direction.
         direction = _uniform(rng, 0.0, 2.0 * np.pi)
         self.fat_ramp = (1.2 * float(np.cos(direction)), 1.2 * float(np.sin(direction)), -_uniform(rng, -0.5, 0.3))
-        # The wall's slope: uniform in a disc of radius 40, so that the far side of a zoomed-out view stays
-        # below depth 300.
+        # The wall's slope: uniform in a disc of radius 40, so that a zoomed-out view's far side stays below depth 300.
         slope, direction = 40.0 * float(np.sqrt(rng.uniform())), _uniform(rng, 0.0, 2.0 * np.pi)
         self.wall_slope = (slope * float(np.cos(direction)), slope * float(np.sin(direction)))
 
@@ -259,8 +229,7 @@ class _SceneAnatomy:
         self.ligament_heading = (float(np.cos(heading)), float(np.sin(heading)))
         self.ligament_length = _uniform(rng, 0.45, 0.8)
         self.ligament_bend = (_uniform(rng, -0.12, 0.12), _uniform(rng, 4.0, 8.0))
-        # Its half-width in world units: 18-31 pixels wide in a view at the reference distance, 5-8 in the
-        # demo's 64 x 64 crops (half of that, in generator v2, the demo's model hardly ever predicted).
+        # Its half-width: 18-31 pixels wide at the reference distance, 5-8 in the demo's 64 x 64 crops.
         self.ligament_width = _uniform(rng, 0.036, 0.06)
 
         # The gallbladder: a blob hanging at the liver's lower rim, near the scene centre.
@@ -269,8 +238,7 @@ class _SceneAnatomy:
         gy = min(max(cy + 0.95 * ry * float(np.sin(phi)), -0.35), 0.38)
         radii = (_uniform(rng, 0.10, 0.15), _uniform(rng, 0.065, 0.10))
         self.gallbladder = ((gx, gy), radii, phi + _uniform(rng, -0.6, 0.6))
-        # The wobble of its rim: a smooth field like the liver's, of which its value and slope suffice (the
-        # blob is far smaller than the field's features).
+        # The wobble of its rim: a smooth field's value and slope (the blob is far smaller than the field's features).
         value = 0.07 * rng.standard_normal()
         slope_x, slope_y = (0.3 * rng.standard_normal(2)).tolist()
         self.gallbladder_wobble = (slope_x, slope_y, value - slope_x * gx - slope_y * gy)
@@ -401,15 +369,9 @@ def _render_view(style: _SceneStyle, anatomy: _SceneAnatomy, rng: np.random.Gene
         np.clip(value, 0.5, 255.5, out=value)
         rgb[..., channel] = value
     shade = (lambert * (_RENDER_SHADES - 1) + 0.5).astype(np.uint8)
-    # Depth in steps of 1/16 scene unit (far below what the point clouds resolve): exact in float32, and a ZIP EXR
-    # six times smaller than of full-precision floats.
+    # Depth in steps of 1/16 scene unit (finer than the point clouds resolve): exact in float32, a ZIP EXR 6x smaller.
     depth = np.round(depth * 16.0) * (1.0 / 16.0)
     return {"translation": rgb, "input": classes * np.uint8(_RENDER_SHADES) + shade, "classes": classes, "depth": depth}
-
-
-def _write_rgb_png(path: Path, rgb: np.ndarray) -> None:
-    # zlib level 1 with run-length matching: encoding costs about as much as rendering the view.
-    Image.fromarray(rgb).save(path, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
 
 
 def _write_palette_png(path: Path, indices: np.ndarray, palette: np.ndarray) -> None:
@@ -429,12 +391,11 @@ def generate_sim2real(root: str | Path, scenes: int = 7, views_per_scene: int = 
     if not (isinstance(views_per_scene, int) and 0 < views_per_scene <= 10000):
         raise ValueError(f"views_per_scene must be an int in 1..10000, got {views_per_scene!r}")
     root = Path(root)
-    bar = tqdm(total=scenes * views_per_scene, desc="generating Sim2Real views", unit="view", disable=not progress)
     for scene in range(1, scenes + 1):
         for path in sample_paths(root, scene, 0).values():
             path.parent.mkdir(parents=True, exist_ok=True)
     jobs = [(root, seed, scene, view) for scene in range(1, scenes + 1) for view in range(views_per_scene)]
-    with bar:
+    with tqdm(total=len(jobs), desc="generating Sim2Real views", unit="view", disable=not progress) as bar:
         for _ in ordered_map(_write_view, jobs):
             bar.update()
     return root
@@ -452,7 +413,9 @@ def _write_view(job: tuple[Path, int, int, int]) -> None:
     root, seed, scene, view = job
     sample = _render_view(*_scene(seed, scene), np.random.default_rng([seed, scene, view]))
     paths = sample_paths(root, scene, view)
-    _write_rgb_png(paths["translation"], sample["translation"])
+    # zlib level 1 with run-length matching: encoding costs about as much as rendering the view.
+    Image.fromarray(sample["translation"]).save(paths["translation"], format="PNG", compress_level=1,
+                                                compress_type=zlib.Z_RLE)
     _write_palette_png(paths["input"], sample["input"], _RENDER_PALETTE)
     _write_palette_png(paths["segmentation"], sample["classes"], _CLASS_PALETTE)
     write_depth_exr(paths["depth"], sample["depth"])
