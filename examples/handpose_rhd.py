@@ -32,7 +32,7 @@ from common.data import load_splits, test_corruption
 from common.networks import CrossModalVAE, KeypointDecoder, cross_modal_vae
 from common.report import FUSION_LABELS
 from gpoe_fusion.likelihoods import squared_error
-from rhd.dataset import RHDDataset
+from rhd.dataset import RHDDataset, make_sample
 from rhd.metrics import KeypointEvaluator
 from rhd.synthetic import ensure_builtin_rhd
 
@@ -76,12 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_data(args: argparse.Namespace, env) -> tuple[Dataset, Dataset]:
     """The first --num-train training and --num-eval evaluation samples of --data-root or of the built-in data, streamed
     or (--in-memory) decoded once into memory. A folder that is no RHD raises UsageError naming --data-root."""
+    # Built-in frames rendered by this run become samples as they are drawn, instead of being decoded again.
+    sample = functools.partial(make_sample, crop_size=args.crop_size, num_points=args.num_points, seed=args.seed)
+    rendered: dict[str, dict[int, dict]] = {}
     root = args.data_root or training.builtin_root(
-        lambda progress: ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=progress),
+        lambda progress: ensure_builtin_rhd(args.cache_dir, args.num_train, args.num_eval, progress=progress,
+                                            sample=sample if args.in_memory else None, samples=rendered),
         not args.no_progress, env)
 
     def split_of(split: str, count: int, option: str) -> Dataset:
-        full = RHDDataset(root, split, crop_size=args.crop_size, num_points=args.num_points, seed=args.seed)
+        full = RHDDataset(root, split, crop_size=args.crop_size, num_points=args.num_points, seed=args.seed,
+                          samples=rendered.get(split))
         if count > len(full):
             raise UsageError(option, f"{count} samples requested, but {root / split} has {len(full)}")
         return Subset(full, range(count))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import handpose_rhd
+import rhd.dataset
 from common.cli import provenance
 from common.training import setup
 from pipeline_checks import check_credibility, check_joint_inference, check_kill_and_resume, check_torchrun
@@ -121,3 +122,27 @@ def test_compare_can_include_mopoe_and_records_each_fusions_credibility(rhd_root
         assert len(own["credibility_samples"]["rgb"]["weight"]) == 4
     # MoPoE's weights are its subsets': a modality's is the share of the subsets holding it.
     assert results["fusions"]["mopoe"]["credibility"]["rgb"]["weight_clean"] == pytest.approx(0.5)
+
+
+def test_the_first_run_of_the_built_in_data_loads_what_a_later_run_decodes(tmp_path, monkeypatch):
+    """The first run takes its samples from the processes that render the built-in frames; a run finding them cached
+    decodes the files. Both must train on the very same tensors."""
+    decoded_frames = []
+    real_read_frame = rhd.dataset.read_frame
+
+    def counting_read_frame(*args, **kwargs):
+        decoded_frames.append(args[1:3])
+        return real_read_frame(*args, **kwargs)
+
+    monkeypatch.setattr(rhd.dataset, "read_frame", counting_read_frame)
+    args = handpose_rhd.parse_args(["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *TINY])
+    env = setup("cpu")
+    first = handpose_rhd.load_data(args, env)
+    assert len(list((tmp_path / "cache").glob("rhd_builtin*"))) == 1 and decoded_frames == []
+    later = handpose_rhd.load_data(args, env)
+    # The 8 training and 4 evaluation samples (TINY), and each split's first once more (load_splits' check).
+    assert len(decoded_frames) == 8 + 4 + 2
+    for made, decoded in zip(first, later):
+        assert made.datasets.keys() == decoded.datasets.keys()
+        for key, value in decoded.datasets.items():
+            assert torch.equal(made.datasets[key], value), key

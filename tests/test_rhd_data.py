@@ -1,6 +1,7 @@
 """RHD data side: annotation pickle (restricted unpickler), frame decoding, RHDDataset conventions, and the
 built-in generator. Fixtures are tiny datasets written in the real RHD layout at the real 320x320 size."""
 
+import functools
 import os
 import pickle
 import shutil
@@ -14,7 +15,7 @@ from PIL import Image
 
 import rhd.synthetic as synthetic
 from rhd.annotations import AnnotationError, UnsafePickleError, load_annotations, save_annotations
-from rhd.dataset import RHDDataset, choose_hand, read_frame
+from rhd.dataset import RHDDataset, choose_hand, make_sample, read_frame
 from rhd.synthetic import IMAGE_SIZE, encode_depth, ensure_builtin_rhd, generate_rhd
 
 
@@ -423,3 +424,23 @@ def test_a_dataset_a_run_reads_is_never_changed_or_deleted_by_another_run(tmp_pa
     ensure_builtin_rhd(tmp_path, 3, 1, seed=5, progress=False)  # another seed
     assert all(torch.equal(reading[i]["rgb"], rgb) for i, rgb in enumerate(before))
     assert {p: p.stat().st_ino for p in files if p.exists()} == files  # not deleted, not replaced
+
+
+def test_samples_made_while_rendering_equal_those_decoded_from_the_written_files(tmp_path):
+    """The first run of the built-in data takes its samples from the rendering processes instead of decoding the
+    files they wrote: every field must be exactly what reading the files gives, and only frames rendered are made."""
+    sample = functools.partial(make_sample, crop_size=24, num_points=32, seed=2)
+    small = ensure_builtin_rhd(tmp_path, 2, 1, seed=6, progress=False)
+    samples: dict = {}
+    root = ensure_builtin_rhd(tmp_path, 4, 2, seed=6, progress=False, sample=sample, samples=samples)
+    assert root != small
+    assert {split: sorted(made) for split, made in samples.items()} == {"training": [2, 3], "evaluation": [1]}
+    for split, made in samples.items():
+        decoded = RHDDataset(root, split, crop_size=24, num_points=32, seed=2)
+        served = RHDDataset(root, split, crop_size=24, num_points=32, seed=2, samples=made)
+        for index, item in made.items():
+            expected = decoded[index]
+            assert item.keys() == expected.keys()
+            for key, value in expected.items():
+                assert value.dtype == item[key].dtype and torch.equal(value, item[key]), (split, index, key)
+            assert served[index] is item

@@ -98,8 +98,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                                  "one is loaded) and report means, 95 % intervals and paired differences")
     add("--no-amp", action="store_true", help="train in float32 on GPU instead of bf16 autocast")
     add("--no-progress", action="store_true", help="no progress bars")
-    add("--low-memory", **switch, help="return freed memory to the system at once (glibc's mmap threshold fixed): a "
-                                       "lower peak on the CPU at full size, steps a quarter slower")
+    add("--low-memory", **switch, help="return freed memory to the system at once (glibc's mmap threshold fixed) "
+                                       "instead of keeping it for reuse: a lower peak on the CPU at full size, steps "
+                                       "a quarter slower")
 
     add = parser.add_argument_group("data").add_argument
     add("--data-root", type=Path, metavar="DIR",

@@ -161,24 +161,42 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
-def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """--low-memory: fix glibc's mmap threshold at ``nbytes`` for this process and its loader workers, as glibc raises
-    it to every freed mapped block and the heap then fragments (a full-size step peaked at 2.29 GB by the third step
-    instead of 1.93 GB). Returns whether it took effect (False without glibc)."""
+# glibc malloc.h's parameter numbers for mallopt.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
+    """glibc's mallopt(parameter, value) for each of ``settings``, for this process and the workers it forks. Returns
+    whether every one took effect (False without glibc)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(-3, nbytes))  # -3: M_MMAP_THRESHOLD, glibc's malloc.h
+    return all([bool(mallopt(parameter, value)) for parameter, value in settings.items()])
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """--low-memory: fix glibc's mmap threshold at ``nbytes``, as glibc raises it to every freed mapped block and the
+    heap then fragments (a full-size step peaked at 2.29 GB by the third step instead of 1.93 GB)."""
+    return _mallopt({_M_MMAP_THRESHOLD: nbytes})
+
+
+def reuse_freed_memory() -> bool:
+    """Without --low-memory: glibc serves every block from its heap and keeps what is freed for the next one, instead
+    of mapping each large block afresh and page-faulting it in on first write (1-2.5 us per 4 KiB page on the 2-core
+    machine; docs/kernels.md, "Memory"). The process keeps its peak; steps are faster."""
+    return _mallopt({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1})
 
 
 @contextlib.contextmanager
 def session(args: argparse.Namespace) -> Iterator[DistEnv]:
-    """The process's part in the command: --low-memory, the process group (under torchrun) and the device; a value found
-    wrong on the way (UsageError) ends the program with one line and exit status 2."""
+    """The process's part in the command: the allocator (--low-memory or not), the process group (under torchrun) and
+    the device; a value found wrong on the way (UsageError) ends the program with one line and exit status 2."""
     if args.low_memory:
         pin_mmap_threshold()
+    else:
+        reuse_freed_memory()
     try:
         env = setup(args.device)
         if env.is_main and args.rgb_weights is None:

@@ -1,11 +1,12 @@
 """Reading RHD (Rendered Hand Pose Dataset, Zimmermann & Brox 2017) from its on-disk ``RHD_published_v2`` folder
-(its layout: docs/handpose.md, "Getting RHD and pointing at it"): ``read_frame`` decodes one raw frame, ``RHDDataset``
-makes the network's inputs and targets of frames.
+(its layout: docs/handpose.md, "Getting RHD and pointing at it"): ``read_frame`` decodes one raw frame, ``make_sample``
+makes the network's inputs and targets of one, ``RHDDataset`` of a split's frames.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,12 +148,41 @@ def _crop_image(color: np.ndarray, centre: np.ndarray, half_size: float, crop_si
     return np.asarray(resized, dtype=np.uint8)
 
 
+def make_sample(frame: Frame, index: int, crop_size: int, num_points: int, seed: int,
+                where: str = "") -> dict[str, torch.Tensor]:
+    """``RHDDataset``'s item of sample ``index`` from its decoded ``frame`` (``where`` prefixes the error of a frame
+    whose scale is 0)."""
+    hand = choose_hand(frame.mask)
+    own = slice(21 * hand, 21 * hand + 21)
+    keypoints, uv, visible = frame.xyz[own], frame.uv_vis[own, :2], frame.uv_vis[own, 2] == 1
+    root = keypoints[ROOT_KEYPOINT]
+    scale = float(np.linalg.norm(keypoints[SCALE_KEYPOINTS[0]] - keypoints[SCALE_KEYPOINTS[1]]))
+    if not scale > 0:
+        raise ValueError(f"{where}sample {index}: keypoints 12 and 11 coincide: the scale is 0")
+
+    centre, half_size = crop_box(uv, visible)
+    crop = _crop_image(frame.color, centre, half_size, crop_size)
+    crop_K = crop_intrinsics(frame.K, centre, half_size, crop_size)
+    crop_uv = (uv - centre + half_size) * (crop_size / (2.0 * half_size)) - 0.5
+
+    points = backproject(frame.depth, frame.K, _hand_pixels(frame.mask, hand)).astype(np.float64)
+    points = points[np.linalg.norm(points - root, axis=1) < POINT_RADIUS_M]
+    points = resample_points((points - root) / scale, num_points, np.random.default_rng([seed, index]))
+
+    floats = {"points": points, "keypoints": (keypoints - root) / scale, "root": root, "uv": crop_uv, "K": crop_K}
+    return {"rgb": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0),
+            **{k: torch.from_numpy(v.astype(np.float32)) for k, v in floats.items()},
+            "scale": torch.tensor(scale, dtype=torch.float32), "visible": torch.from_numpy(visible),
+            "hand": torch.tensor(hand, dtype=torch.int64), "index": torch.tensor(index, dtype=torch.int64)}
+
+
 class RHDDataset(Dataset):
     """RHD samples as network inputs and targets.
 
     root: the ``RHD_published_v2`` folder; split: "training" or "evaluation"; crop_size: S, the side of the RGB crop;
     num_points: P; indices: the sample ids to use (default: every id of the split's pickle, ascending); seed: with the
-    sample id, fixes the point-cloud resampling, so an item is the same whenever it is read. An item (tensors):
+    sample id, fixes the point-cloud resampling, so an item is the same whenever it is read; samples: items already made
+    (``make_sample``) by sample id, returned instead of decoding their frames again. An item (tensors):
 
     - "rgb": float32 [3, S, S] in [0, 1], the crop; "points": float32 [P, 3], the hand's point cloud, normalised;
     - "keypoints": float32 [21, 3], the hand's 3-D keypoints, normalised (RHD order; keypoint 12 at the origin);
@@ -166,12 +196,14 @@ class RHDDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training", crop_size: int = 256, num_points: int = 1024,
-                 indices: list[int] | np.ndarray | None = None, seed: int = 0):
+                 indices: list[int] | np.ndarray | None = None, seed: int = 0,
+                 samples: Mapping[int, dict[str, torch.Tensor]] | None = None):
         for name, value, low in (("crop_size", crop_size, 1), ("num_points", num_points, 1), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.root, self.split, self.seed = Path(root), split, int(seed)
         self.crop_size, self.num_points = int(crop_size), int(num_points)
+        self.samples = samples or {}
         annotations = load_annotations(_annotation_path(root, split))
         if indices is None:
             self.indices = list(annotations)
@@ -191,26 +223,7 @@ class RHDDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         index = self.indices[item]
+        if index in self.samples:
+            return self.samples[index]
         frame = read_frame(self.root, self.split, index, {index: {name: f[item] for name, f in self._fields.items()}})
-        hand = choose_hand(frame.mask)
-        own = slice(21 * hand, 21 * hand + 21)
-        keypoints, uv, visible = frame.xyz[own], frame.uv_vis[own, :2], frame.uv_vis[own, 2] == 1
-        root = keypoints[ROOT_KEYPOINT]
-        scale = float(np.linalg.norm(keypoints[SCALE_KEYPOINTS[0]] - keypoints[SCALE_KEYPOINTS[1]]))
-        if not scale > 0:
-            raise ValueError(f"{self.root / self.split}: sample {index}: keypoints 12 and 11 coincide: the scale is 0")
-
-        centre, half_size = crop_box(uv, visible)
-        crop = _crop_image(frame.color, centre, half_size, self.crop_size)
-        crop_K = crop_intrinsics(frame.K, centre, half_size, self.crop_size)
-        crop_uv = (uv - centre + half_size) * (self.crop_size / (2.0 * half_size)) - 0.5
-
-        points = backproject(frame.depth, frame.K, _hand_pixels(frame.mask, hand)).astype(np.float64)
-        points = points[np.linalg.norm(points - root, axis=1) < POINT_RADIUS_M]
-        points = resample_points((points - root) / scale, self.num_points, np.random.default_rng([self.seed, index]))
-
-        floats = {"points": points, "keypoints": (keypoints - root) / scale, "root": root, "uv": crop_uv, "K": crop_K}
-        return {"rgb": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) / 255.0),
-                **{k: torch.from_numpy(v.astype(np.float32)) for k, v in floats.items()},
-                "scale": torch.tensor(scale, dtype=torch.float32), "visible": torch.from_numpy(visible),
-                "hand": torch.tensor(hand, dtype=torch.int64), "index": torch.tensor(index, dtype=torch.int64)}
+        return make_sample(frame, index, self.crop_size, self.num_points, self.seed, f"{self.root / self.split}: ")

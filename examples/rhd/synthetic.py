@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from common.data import build_once, ordered_map
 from rhd.annotations import load_annotations, save_annotations
-from rhd.dataset import Frame
+from rhd.dataset import Frame, decode_depth
 
 IMAGE_SIZE = 320
 DATASET_DIRNAME = "RHD_published_v2"
@@ -30,6 +32,8 @@ SPLITS = ("training", "evaluation")
 GENERATOR_VERSION = 1
 DEPTH_RANGE_M = 5.0
 PNG_COMPRESS_LEVEL = 1
+# Makes a dataset item of a decoded frame and its sample id (e.g. rhd.dataset.make_sample with its settings).
+Sample = Callable[[Frame, int], dict]
 
 # Right hand at rest, metres, wrist at the origin: +y along the fingers, +z out of the palm, thumb towards +x
 # (a left hand is its mirror image in x). Rows: index, middle, ring, pinky MCP joints.
@@ -319,12 +323,14 @@ def encode_depth(depth: np.ndarray) -> np.ndarray:
     return encoded
 
 
-def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm, reuse: Path | None = None) -> None:
+def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm, reuse: Path | None = None,
+                 sample: Sample | None = None) -> dict[int, dict]:
     """Frames 0..count-1 of one split; those that ``reuse`` (the split of a dataset of this generator and seed) holds
-    are hard-linked from it: frame i depends only on (seed, split, i), so they are the very same bytes."""
+    are hard-linked from it: frame i depends only on (seed, split, i), so they are the very same bytes. Returns
+    ``sample(frame, i)`` of every frame rendered here (none without ``sample``)."""
     for folder in ("color", "depth", "mask"):
         (split_dir / folder).mkdir(parents=True)
-    annotations = {}
+    annotations, samples = {}, {}
     if reuse is not None:
         old = load_annotations(reuse / f"anno_{reuse.name}.pickle")
         annotations = {index: entry for index, entry in old.items() if index < count}
@@ -332,20 +338,33 @@ def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: t
             for folder in ("color", "depth", "mask"):
                 _link_or_copy(reuse / folder / f"{index:05d}.png", split_dir / folder / f"{index:05d}.png")
             bar.update(1)
-    jobs = [(split_dir, split_code, seed, index) for index in range(len(annotations), count)]
-    for index, annotation in ordered_map(_write_frame, jobs):
+    jobs = [(split_dir, split_code, seed, index, sample) for index in range(len(annotations), count)]
+    for index, annotation, made in ordered_map(_write_frame, jobs):
         annotations[index] = annotation
+        if sample is not None:
+            samples[index] = {key: torch.from_numpy(value) for key, value in made.items()}
         bar.update(1)
     save_annotations(split_dir / f"anno_{split_dir.name}.pickle", annotations)
+    return samples
 
 
-def _write_frame(job: tuple[Path, int, int, int]) -> tuple[int, dict[str, np.ndarray]]:
-    """Render frame ``index`` of a split and write its three PNGs; returns (index, its annotation)."""
-    split_dir, split_code, seed, index = job
+def _write_frame(job: tuple[Path, int, int, int, Sample | None]) -> tuple[int, dict[str, np.ndarray], dict | None]:
+    """Render frame ``index`` of a split and write its three PNGs; returns (index, its annotation, ``sample`` of the
+    frame as ``read_frame`` will decode it, its tensors as arrays, or None)."""
+    split_dir, split_code, seed, index, sample = job
     frame = synthesize_frame(np.random.default_rng([seed, split_code, index]))
-    for folder, pixels in (("color", frame.color), ("depth", encode_depth(frame.depth)), ("mask", frame.mask)):
+    depth = encode_depth(frame.depth)
+    for folder, pixels in (("color", frame.color), ("depth", depth), ("mask", frame.mask)):
         Image.fromarray(pixels).save(split_dir / folder / f"{index:05d}.png", compress_level=PNG_COMPRESS_LEVEL)
-    return index, {"xyz": frame.xyz, "uv_vis": frame.uv_vis, "K": frame.K}
+    annotation = {"xyz": frame.xyz, "uv_vis": frame.uv_vis, "K": frame.K}
+    if sample is None:
+        return index, annotation, None
+    # What the files hold: depth quantised to 16 bits; annotations float32 (save_annotations), read back as float64.
+    read = {name: value.astype(np.float32).astype(np.float64) for name, value in annotation.items()}
+    made = sample(Frame(frame.color, decode_depth(depth), frame.mask, **read), index)
+    # As arrays: a tensor leaving a worker process is shared through a file descriptor of its own, and a split's worth
+    # of them exceeds the limit on open files.
+    return index, annotation, {key: value.numpy() for key, value in made.items()}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -356,10 +375,13 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
-                 progress: bool = True, reuse: str | os.PathLike | None = None) -> Path:
+                 progress: bool = True, reuse: str | os.PathLike | None = None, sample: Sample | None = None,
+                 samples: dict[str, dict[int, dict]] | None = None) -> Path:
     """Write a synthetic dataset in the RHD layout (ids 0..n-1 per split) under ``root``, never into an existing one,
     and return ``root/RHD_published_v2``. reuse: such a folder of this generator and seed, whose frames are linked from
-    it instead of being drawn again (the same bytes)."""
+    it instead of being drawn again (the same bytes). sample, samples: ``samples[split][i] = sample(frame, i)`` for
+    every frame rendered here, made by the rendering process from the frame in memory, as it will be read from the
+    files: a first run need not decode again what it has just written."""
     for name, value in (("num_training", num_training), ("num_evaluation", num_evaluation)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -368,8 +390,10 @@ def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int
         raise FileExistsError(f"{dataset} already exists; generate_rhd writes a fresh dataset only")
     with tqdm(total=num_training + num_evaluation, desc="built-in RHD", unit="frame", disable=not progress) as bar:
         for split_code, (split, count) in enumerate(zip(SPLITS, (num_training, num_evaluation))):
-            _write_split(dataset / split, split_code, int(count), seed, bar,
-                         None if reuse is None else Path(reuse) / split)
+            made = _write_split(dataset / split, split_code, int(count), seed, bar,
+                                None if reuse is None else Path(reuse) / split, sample)
+            if samples is not None:
+                samples[split] = made
     return dataset
 
 
@@ -385,10 +409,12 @@ def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
 
 
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, sample: Sample | None = None,
+                       samples: dict[str, dict[int, dict]] | None = None) -> Path:
     """The ``RHD_published_v2`` folder of a built-in dataset under ``cache_dir`` with at least ``num_training`` and
     ``num_evaluation`` frames: the smallest cached one that has them (a dataset's first n frames are those of one of n),
-    else a new one (``data.build_once``) linking the largest cached one's frames. None is changed or deleted.
+    else a new one (``data.build_once``) linking the largest cached one's frames. None is changed or deleted. sample,
+    samples: as ``generate_rhd``'s, when it generates.
     """
     cache_dir, seed = Path(cache_dir), int(seed)
     cached = {f: sizes for f in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(f, seed))}
@@ -401,7 +427,7 @@ def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_eval
 
     def generate(staging: Path) -> None:
         generate_rhd(staging, *sizes, seed=seed, progress=progress,
-                     reuse=None if largest is None else largest / DATASET_DIRNAME)
+                     reuse=None if largest is None else largest / DATASET_DIRNAME, sample=sample, samples=samples)
         manifest = {"generator_version": GENERATOR_VERSION, "num_training": sizes[0], "num_evaluation": sizes[1],
                     "seed": seed}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
