@@ -110,6 +110,14 @@ def cuda_arch_macro(arch_list: str) -> str:
     return ",".join(names)
 
 
+def cuda_flags(arch_list: str) -> tuple[list[tuple[str, str | None]], dict[str, list[str]]]:
+    """What a CUDA build for ``arch_list`` adds: the macros every compiler gets, and the flags per compiler.
+    GPOE_CUDA_ARCHS goes to the C++ compiler only (ops.cpp reports it): nvcc splits a -D value at its commas and
+    defines each architecture after the first as a macro of its own (sm_90 as 1), which breaks CUDA's headers."""
+    return [("WITH_CUDA", None)], {"cxx": [f"-DGPOE_CUDA_ARCHS={cuda_arch_macro(arch_list)}"],
+                                   "nvcc": ["-O3", "-lineinfo"]}
+
+
 def _isas() -> list[tuple[str, list[str]]]:
     return X86_ISAS if platform.machine().lower() in ("x86_64", "amd64") else X86_ISAS[:1]
 
@@ -194,8 +202,9 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list = cuda_arch_list(torch)
         _log(f"building CPU ({isas}) + CUDA kernels (torch {torch.__version__}, CUDA_HOME={cuda_home}, "
              f"TORCH_CUDA_ARCH_LIST={arch_list})")
-        extra["nvcc"] = ["-O3", "-lineinfo"]
-        macros += [("WITH_CUDA", None), ("GPOE_CUDA_ARCHS", cuda_arch_macro(arch_list))]
+        cuda_macros, flags = cuda_flags(arch_list)
+        macros += cuda_macros
+        extra = {"cxx": extra["cxx"] + flags["cxx"], "nvcc": flags["nvcc"]}
         ext = CUDAExtension("gpoe_fusion._C", sources + cuda_sources, extra_compile_args=extra, define_macros=macros,
                             **options)
     else:

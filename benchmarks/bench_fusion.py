@@ -120,6 +120,17 @@ def clock(device: str, fn) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. "AMD EPYC" or "Intel(R) Xeon(R) ...": the kernel's prefetching
+    differs by vendor (docs/kernels.md), so the rows of one machine say which it was."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown"
+
+
 def copy_bandwidth(device: str, nbytes: int) -> float:
     """GB/s of a device-to-device copy into a preallocated buffer (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -521,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-           "cpu_capability": ops.cpu_capability(), "machine": platform.machine(), "quick": args.quick,
+           "cpu_capability": ops.cpu_capability(), "machine": platform.machine(), "cpu_model": cpu_model(),
+           "quick": args.quick,
            "copy_gbps": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "malloc": os.environ.get("GLIBC_TUNABLES") or "default"}
     if "cuda" in devices:

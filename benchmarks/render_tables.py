@@ -103,7 +103,7 @@ def describe(env: dict) -> str:
     parts = [f"torch {env['torch']}"]
     if env.get("gpu"):
         parts.insert(0, env["gpu"])
-    parts.append(f"{env['cpu_threads']} CPU threads")
+    parts.append(f"{env['cpu_threads']} CPU threads" + (f" ({env['cpu_model']})" if env.get("cpu_model") else ""))
     if env.get("malloc"):
         parts.append(f"malloc: {env['malloc']}")
     rates = [f"{device} copy {gbps:.0f} GB/s" if device == "cuda" else f"{device} copy {gbps:.1f} GB/s"

@@ -7,6 +7,7 @@ The aborting library is a real op library whose error escapes the C++ runtime's 
 does in such a build; each probe library compiles in a few seconds against torch's headers.
 """
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -121,3 +122,23 @@ def test_without_an_arch_list_the_build_follows_torch_and_adds_ptx(setup_py, mon
     assert setup_py.cuda_arch_list(torch) == "8.6;12.0+PTX"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     assert setup_py.cuda_arch_list(torch) == "9.0"
+
+
+def test_nvcc_compiles_with_the_flags_of_a_build_for_several_architectures(setup_py, tmp_path):
+    """nvcc splits a -D value at its commas: the architectures' macro would define sm_90 (and every other after
+    the first) as 1, and CUDA's own headers, which name them, would not compile."""
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    nvcc = shutil.which("nvcc", path=os.path.join(cuda_home, "bin")) or shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    macros, flags = setup_py.cuda_flags("8.0;9.0+PTX")
+    assert any("sm_80,sm_90,compute_90" in flag for flag in flags["cxx"])
+    source = tmp_path / "probe.cu"
+    source.write_text("#include <nv/target>\n"
+                      "__global__ void k(float* x) { NV_IF_TARGET(NV_PROVIDES_SM_90, (x[0] = 1.f;)); }\n")
+    # As torch's BuildExtension hands them to nvcc: each macro as -DNAME[=VALUE], then the nvcc flags.
+    defines = [f"-D{name}" if value is None else f"-D{name}={value}" for name, value in macros]
+    proc = subprocess.run([nvcc, "-c", str(source), "-o", str(tmp_path / "probe.o"), *defines, *flags["nvcc"],
+                           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -53,7 +53,8 @@ def bench_file(bench) -> dict:
         ("F.gpoe", "forward", 9.61), ("F.gpoe validate=False", "forward", 9.0), ("PoE", "forward+backward", 10.0),
         ("PoE torch", "forward+backward", 40.04))]
     layers = {"rows": [asdict(r) for r in layer_rows], "targets": bench.layer_ratios(layer_rows)}
-    environment = {"torch": "2.14.1", "cpu_threads": 16, "gpu": "NVIDIA H200", "started": "2026-12-02 10:00:00",
+    environment = {"torch": "2.14.1", "cpu_threads": 16, "cpu_model": "AMD EPYC", "gpu": "NVIDIA H200",
+                   "started": "2026-12-02 10:00:00",
                    "seconds": 41.6, "malloc": "default", "copy_gbps": {"cuda": 4212.6, "cpu": 38.85},
                    "exp_per_s": 2.99e9, "truncated": True}
     return {"environment": environment, "rows": rows, "layers": {"cpu": layers, "cuda": layers}}
@@ -85,9 +86,9 @@ def test_older_file_without_layers_gives_the_documented_gpu_tables(render):
 def test_file_with_layers_and_both_devices(render, bench):
     lines = render.render(bench_file(bench), "bench.json").splitlines()
     assert lines[0] == "<!-- rendered by benchmarks/render_tables.py from bench.json -->"
-    assert lines[2] == ("Run 2026-12-02 10:00:00 (42 s): NVIDIA H200, torch 2.14.1, 16 CPU threads, malloc: default; "
-                        "cuda copy 4213 GB/s, cpu copy 38.9 GB/s, CPU torch.exp 2.99 G elements/s. The time limit was "
-                        "reached: later configurations were not measured.")
+    assert lines[2] == ("Run 2026-12-02 10:00:00 (42 s): NVIDIA H200, torch 2.14.1, 16 CPU threads (AMD EPYC), malloc: "
+                        "default; cuda copy 4213 GB/s, cpu copy 38.9 GB/s, CPU torch.exp 2.99 G elements/s. The time "
+                        "limit was reached: later configurations were not measured.")
     # CPU rows: milliseconds to 0.1, kernel time over the larger floor and which; CUDA rows: to the microsecond,
     # % of copy.
     assert "| float32 | 4 | 16384 | 256 | forward | 1.2 | 6.5 | 3.2 | 5.3 | 2.6 | 870.1 | 0.62 (exp) |" in lines

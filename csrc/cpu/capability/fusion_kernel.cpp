@@ -17,6 +17,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "cpu/fusion_cpu_kernels.h"
 #include "dispatch.h"
 #include "fusion_math.h"
@@ -198,15 +202,34 @@ GPOE_HD void store_vec(scalar_t* p, const Vec<acc_t>& v, int64_t count) {
 //   overwritten (a third of a backward's traffic) and the stores wait on no read. Written in
 //   place, the loads of every output line compete with the inputs' (and with 16-bit outputs, half
 //   lines streamed out directly would leave the write-combining buffers partly filled).
-// - Beyond the 32 streams the L2 hardware prefetcher follows (Intel's optimisation manual), each
-//   load also asks for the same positions of the next row. Below it, that only costs time.
+// - Where the call reads more streams than the L2 hardware prefetcher follows, each load also asks
+//   for the positions kPrefetchBytes further on (in the next row where this one ends). Intel's
+//   cores follow 32 streams (Intel's optimisation manual), and below that prefetching only costs
+//   time; on AMD's Zen 4 it gained 10-35 % from 12 streams up and lost up to 0.3 ms in the
+//   smallest calls, so there it is always on. Rows longer than kPrefetchBytes are not prefetched a whole row ahead:
+//   a row of 4 KiB would put every prefetched line in the L1 set of the line being read, where the
+//   experts' streams already compete whenever N D times the element size is a multiple of 4 KiB;
+//   at M = 13, D = 1024 the forward then took 2.4x as long as with 512 bytes (docs/kernels.md).
 
 // Bytes written per call above which the outputs are streamed past the caches.
 constexpr int64_t kStreamingBytes = int64_t{32} << 20;
 // The bytes of OutputRows' buffer (two thirds of a 48 KiB L1 data cache).
 constexpr int64_t kTileBytes = int64_t{32} << 10;
-// Input streams beyond which the loads prefetch the next row.
-constexpr int64_t kPrefetcherStreams = 32;
+// How far ahead of a load its prefetch asks, at most (whole rows, where they are shorter).
+constexpr int64_t kPrefetchBytes = 512;
+
+// Input streams beyond which the loads prefetch (see "Memory traffic"): 32 on Intel, 0 on AMD.
+inline int64_t prefetcher_streams() {
+  static const int64_t streams = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool amd = __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && ecx == 0x444d4163;  // AuthenticAMD
+    if (amd) return int64_t{0};
+#endif
+    return int64_t{32};
+  }();
+  return streams;
+}
 
 // n bytes from src to dst, the whole cache lines of dst with non-temporal stores.
 inline void stream_copy(void* dst, const void* src, int64_t n) {
@@ -292,7 +315,7 @@ class OutputRows {
 // Whether a call whose inputs are `per_element_inputs` [M, N, D] operands and `rows` [N, D] ones
 // reads more streams than the hardware prefetcher follows.
 inline bool many_streams(const FuseArgs& a, int64_t per_element_inputs, int64_t rows = 0) {
-  return rows + per_element_inputs * a.m > kPrefetcherStreams;
+  return rows + per_element_inputs * a.m > prefetcher_streams();
 }
 
 // Asks for the cache line at p now: see "Memory traffic" above.
@@ -352,14 +375,15 @@ struct Experts {
 
 // One row n of the inputs (and with kWeightGrad the weights' incoming gradient), and the loads of
 // one vector of it; with `ahead` (the call reads many streams, and row n + 1 is the chunk's), each
-// load also asks for the same positions of row n + 1.
+// load also asks for the positions `distance` further on: of this row, or past its end of row n + 1.
 template <class scalar_t>
 struct RowInputs {
   RowInputs(const FuseArgs& a, int64_t n, bool ahead, const Operand& grad_weights = Operand{})
       : a(a), n(n), ahead(ahead), mu(a.mu.row<scalar_t>(n)), logvar(a.logvar.row<scalar_t>(n)),
         logits(a.logits.row<scalar_t>(n)), weight_grad(grad_weights.row<scalar_t>(n)),
         next{a.mu.row<scalar_t>(n + ahead), a.logvar.row<scalar_t>(n + ahead), a.logits.row<scalar_t>(n + ahead),
-             grad_weights.row<scalar_t>(n + ahead)} {}
+             grad_weights.row<scalar_t>(n + ahead)},
+        distance(std::min<int64_t>(a.d, std::max<int64_t>(1, kPrefetchBytes / int64_t{sizeof(scalar_t)}))) {}
 
   template <class E>
   void load_presence(E& e) const {
@@ -379,10 +403,13 @@ struct RowInputs {
       if constexpr (kLogits) e.logit_[i] = load_vec(logits.at(i, d0), logits.broadcast_d(), count);
       if constexpr (kWeightGrad) e.weight_grad_[i] = load_vec(weight_grad.at(i, d0), false, count);
       if (ahead) {
-        prefetch(next[0].at(i, d0));
-        prefetch(next[1].at(i, d0));
-        if constexpr (kLogits) prefetch(next[2].at(i, d0));
-        if constexpr (kWeightGrad) prefetch(next[3].at(i, d0));
+        const int64_t d = d0 + distance;
+        const bool same_row = d < a.d;
+        const int64_t at_d = same_row ? d : d - a.d;
+        prefetch((same_row ? mu : next[0]).at(i, at_d));
+        prefetch((same_row ? logvar : next[1]).at(i, at_d));
+        if constexpr (kLogits) prefetch((same_row ? logits : next[2]).at(i, at_d));
+        if constexpr (kWeightGrad) prefetch((same_row ? weight_grad : next[3]).at(i, at_d));
       }
     }
   }
@@ -392,6 +419,7 @@ struct RowInputs {
   bool ahead;
   OperandRow<scalar_t> mu, logvar, logits, weight_grad;
   OperandRow<scalar_t> next[4];  // the same of row n + 1, with `ahead`
+  int64_t distance;  // elements between a load and its prefetch
 };
 
 // Stores the experts' weights of one vector of positions [n, d0, d0 + count) into the [M, N, D] output.
