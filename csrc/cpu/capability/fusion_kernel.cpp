@@ -206,10 +206,11 @@ GPOE_HD void store_vec(scalar_t* p, const Vec<acc_t>& v, int64_t count) {
 //   for the positions kPrefetchBytes further on (in the next row where this one ends). Intel's
 //   cores follow 32 streams (Intel's optimisation manual), and below that prefetching only costs
 //   time; on AMD's Zen 4 it gained 10-35 % from 12 streams up and lost up to 0.3 ms in the
-//   smallest calls, so there it is always on. Rows longer than kPrefetchBytes are not prefetched a whole row ahead:
-//   a row of 4 KiB would put every prefetched line in the L1 set of the line being read, where the
-//   experts' streams already compete whenever N D times the element size is a multiple of 4 KiB;
-//   at M = 13, D = 1024 the forward then took 2.4x as long as with 512 bytes (docs/kernels.md).
+//   smallest calls, so there it is always on. Rows longer than kPrefetchBytes are not prefetched a
+//   whole row ahead: a row of 4 KiB would put every prefetched line in the L1 set of the line being
+//   read, where the experts' streams already compete whenever N D times the element size is a
+//   multiple of 4 KiB; at M = 13, D = 1024 the forward then took 2.4x as long as with 512 bytes
+//   (docs/kernels.md).
 
 // Bytes written per call above which the outputs are streamed past the caches.
 constexpr int64_t kStreamingBytes = int64_t{32} << 20;
@@ -223,8 +224,8 @@ inline int64_t prefetcher_streams() {
   static const int64_t streams = [] {
 #if defined(__x86_64__) || defined(__i386__)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    const bool amd = __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && ecx == 0x444d4163;  // AuthenticAMD
-    if (amd) return int64_t{0};
+    // The vendor string "AuthenticAMD": "Auth" in ebx, "cAMD" in ecx.
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && ecx == 0x444d4163) return int64_t{0};
 #endif
     return int64_t{32};
   }();
@@ -395,6 +396,13 @@ struct RowInputs {
   // The inputs of one vector of positions; with kWeightGrad also the weights' incoming gradient.
   template <bool kLogits, bool kWeightGrad = false, class E>
   void load(E& e, int64_t d0, int64_t count) const {
+    // The positions this vector's loads prefetch: `distance` on, in this row or row n + 1.
+    const bool same_row = d0 + distance < a.d;
+    const int64_t ahead_d = same_row ? d0 + distance : d0 + distance - a.d;
+    const OperandRow<scalar_t>& ahead_mu = same_row ? mu : next[0];
+    const OperandRow<scalar_t>& ahead_logvar = same_row ? logvar : next[1];
+    const OperandRow<scalar_t>& ahead_logits = same_row ? logits : next[2];
+    const OperandRow<scalar_t>& ahead_weight_grad = same_row ? weight_grad : next[3];
     for (int i = 0; i < e.count(); ++i) {
       // Masked experts are not read: they may hold anything, NaN included.
       if (!e.present(i)) continue;
@@ -403,13 +411,10 @@ struct RowInputs {
       if constexpr (kLogits) e.logit_[i] = load_vec(logits.at(i, d0), logits.broadcast_d(), count);
       if constexpr (kWeightGrad) e.weight_grad_[i] = load_vec(weight_grad.at(i, d0), false, count);
       if (ahead) {
-        const int64_t d = d0 + distance;
-        const bool same_row = d < a.d;
-        const int64_t at_d = same_row ? d : d - a.d;
-        prefetch((same_row ? mu : next[0]).at(i, at_d));
-        prefetch((same_row ? logvar : next[1]).at(i, at_d));
-        if constexpr (kLogits) prefetch((same_row ? logits : next[2]).at(i, at_d));
-        if constexpr (kWeightGrad) prefetch((same_row ? weight_grad : next[3]).at(i, at_d));
+        prefetch(ahead_mu.at(i, ahead_d));
+        prefetch(ahead_logvar.at(i, ahead_d));
+        if constexpr (kLogits) prefetch(ahead_logits.at(i, ahead_d));
+        if constexpr (kWeightGrad) prefetch(ahead_weight_grad.at(i, ahead_d));
       }
     }
   }
