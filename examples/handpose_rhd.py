@@ -14,8 +14,6 @@ joint inference. The script reads top to bottom: options, data, model, evaluatio
     python examples/handpose_rhd.py --export-onnx         # the demo's run (its --out) to ONNX, checked in ONNX Runtime
 """
 
-from __future__ import annotations
-
 import argparse
 import functools
 import pickle

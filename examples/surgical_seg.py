@@ -12,8 +12,6 @@ views; at test time the mask from RGB alone and from joint inference is scored b
     python examples/surgical_seg.py --export-onnx         # the demo's run (its --out) to ONNX, checked in ONNX Runtime
 """
 
-from __future__ import annotations
-
 import argparse
 import functools
 import itertools

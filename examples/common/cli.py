@@ -3,8 +3,6 @@ command line, which win), their checks, where each value comes from, and a run's
 one line on stderr and exit status 2 (argparse's errors, and UsageError for a value found wrong once it is used).
 """
 
-from __future__ import annotations
-
 import argparse
 import hashlib
 import os

@@ -3,8 +3,6 @@ memory (``materialize``), the same dict of tensors either way; the experiments' 
 helpers of the datasets and generators.
 """
 
-from __future__ import annotations
-
 import argparse
 import fcntl
 import functools

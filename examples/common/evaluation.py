@@ -1,8 +1,6 @@
 """What both pipelines measure of a trained model: the task's scores of its predictions under test corruption
 (``predictions``) and whether the fusion trusts a corrupted modality less (``credibility``)."""
 
-from __future__ import annotations
-
 import argparse
 import math
 from collections import defaultdict

@@ -4,8 +4,6 @@
 the joint's mean); both are compared with eager PyTorch on the clean evaluation samples. See docs/deploy.md.
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import json

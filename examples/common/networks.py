@@ -3,8 +3,6 @@ train. Encoders return ``(mu, logvar, features)``: the posterior [B, D] and the 
 which gPoE's credibility network reads (paper Fig. 2).
 """
 
-from __future__ import annotations
-
 import argparse
 import math
 from collections.abc import Callable, Mapping

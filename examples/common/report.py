@@ -3,8 +3,6 @@ study's results (``{fusion: {"metrics": {str(level): {metric: value}}, ...}}``) 
 (a cell: mean ± 95 % CI half-width; a point: that error bar).
 """
 
-from __future__ import annotations
-
 import argparse
 import itertools
 import math

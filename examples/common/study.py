@@ -4,8 +4,6 @@ fraction of --corruption-sweep, each a run into its own folder (--out, then ``co
 noise and initial weights of the parts they share, so the spread they share cancels in their difference); the sweep.
 """
 
-from __future__ import annotations
-
 import argparse
 import itertools
 import json

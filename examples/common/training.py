@@ -3,8 +3,6 @@ run of either pipeline (``runner``). The ranks train as one process with their g
 all randomness is a function of (seed, epoch), so a resumed run continues as the uninterrupted one did.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import ctypes

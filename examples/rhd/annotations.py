@@ -4,8 +4,6 @@ containers and scalars and the functions numpy's own pickles name (``numpy.core.
 numpy's).
 """
 
-from __future__ import annotations
-
 import builtins
 import codecs
 import io

@@ -3,8 +3,6 @@
 makes the network's inputs and targets of one, ``RHDDataset`` of a split's frames.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass

@@ -5,8 +5,6 @@ per keypoint over the samples where it counts, then averaged over keypoints; the
 ``linspace(0, 50, 20)`` from 21.05 to 50 mm (the last 12 points), trapezoids, divided by that span.
 """
 
-from __future__ import annotations
-
 import numpy as np
 import torch
 

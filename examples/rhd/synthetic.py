@@ -7,8 +7,6 @@ so that pose is learnable from small crops, every finger has its own hue. Frame 
 ``(seed, split, i)``: equal arguments give byte-identical files.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import shutil

@@ -3,8 +3,6 @@ made where the dataset documents no geometry (z-depth, pinhole intrinsics, the c
 normalisation): docs/surgical.md, "Getting the real dataset".
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Sequence
 from pathlib import Path

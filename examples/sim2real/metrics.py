@@ -3,8 +3,6 @@ over the classes present, torchmetrics' ``average="macro"``) and pixel accuracy 
 their averaging"). Pixels whose target is ``ignore_index`` are dropped.
 """
 
-from __future__ import annotations
-
 import torch
 
 

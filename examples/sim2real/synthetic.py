@@ -10,8 +10,6 @@ Scene k is drawn from ``np.random.default_rng([seed, k])``, its view N from ``[s
 how many are generated, and a seed writes byte-identical files (same numpy, Pillow, zlib, OpenEXR).
 """
 
-from __future__ import annotations
-
 import json
 import zlib
 from functools import lru_cache
@@ -138,7 +136,7 @@ class _CameraPose:
         self.matrix = ((c, -s), (s, c))
 
     @classmethod
-    def draw(cls, rng: np.random.Generator) -> _CameraPose:
+    def draw(cls, rng: np.random.Generator) -> "_CameraPose":
         """A random pose (the distributions are described at _PAN, _ROLL and _DISTANCE)."""
         radius, angle = float(rng.exponential()), _uniform(rng, 0.0, 2.0 * np.pi)
         target = (_PAN[0] * radius * float(np.cos(angle)), _PAN[1] * radius * float(np.sin(angle)))
