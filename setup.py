@@ -1,10 +1,8 @@
-"""Builds the fused C++ (always) and CUDA (when possible) kernels as ``gpoe_fusion._C``, against the torch
-already installed: ``pip install --no-build-isolation -e .``. Switches: FORCE_CUDA=1, GPOE_FUSION_NO_CUDA=1,
-TORCH_CUDA_ARCH_LIST (default: the visible GPUs', else every architecture this torch was built for; PTX of the
-newest either way), MAX_JOBS. The CPU kernel is compiled once per x86 instruction set (baseline, AVX2, AVX512), as
-ATen compiles its own, and picked at run time. After linking, one op of the library must raise a C++ error into
-Python in a fresh process; a toolchain linking libstdc++ statically aborts instead, and the build says which
-compiler to use (docs/kernels.md).
+"""Builds the fused C++ (always) and CUDA (when possible) kernels as ``gpoe_fusion._C`` against the installed torch:
+``pip install --no-build-isolation -e .``. Switches: FORCE_CUDA=1, GPOE_FUSION_NO_CUDA=1, TORCH_CUDA_ARCH_LIST
+(``cuda_arch_list``), MAX_JOBS. The CPU kernel is compiled once per x86 instruction set, as ATen compiles its own, and
+picked at run time. The built library must raise a C++ error into Python in a fresh process; a toolchain linking
+libstdc++ statically aborts instead, and the build names the compiler to use (docs/kernels.md).
 """
 
 import glob
@@ -20,9 +18,8 @@ from setuptools.errors import PlatformError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_KERNEL = os.path.join("csrc", "cpu", "capability", "fusion_kernel.cpp")
-# Instruction sets of the CPU kernel copies: (name, compiler flags); the names are ATen's.
-# DEFAULT comes first: the linker keeps the first copy of any inline function the copies
-# share, and that copy must not use wider instructions than the machine may have.
+# Instruction sets of the CPU kernel copies: (ATen's name, compiler flags). DEFAULT comes first: the linker keeps the
+# first copy of any inline function the copies share, which must not use wider instructions than the machine has.
 X86_ISAS = [
     ("DEFAULT", []),
     ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
@@ -48,43 +45,38 @@ def _log(message: str) -> None:
     print(f"[gpoe_fusion build] {message}", file=sys.stderr)
 
 
-def _static_runtime_message(library: str) -> str:
-    cxx = os.environ.get("CXX", "the default c++")
-    return (
-        f"gpoe_fusion: a C++ error raised inside the freshly built {library} aborted the process instead of\n"
-        f"reaching Python. The compiler ({cxx}) links libstdc++ statically, so the extension carries its own C++\n"
-        "runtime, whose exceptions torch cannot catch: every shape or dtype error would kill the program.\n"
-        "Build with a compiler that links libstdc++ dynamically (and without -static-libstdc++ in LDFLAGS), e.g.:\n"
-        f"  CC=/usr/bin/gcc CXX={SYSTEM_CXX} pip install --no-build-isolation -e ."
-    )
-
-
 def check_exceptions_reach_python(library: str, script: str = EXCEPTION_CHECK) -> None:
-    """Raise PlatformError (and remove ``library``) unless a C++ error raised in one of its ops
-    reaches Python as an exception, checked by running ``script`` with ``library`` in a fresh process."""
+    """Raise PlatformError (and remove ``library``) unless a C++ error raised in one of its ops reaches Python as an
+    exception, checked by running ``script`` with ``library`` in a fresh process."""
     proc = subprocess.run([sys.executable, "-c", script, library], capture_output=True, text=True)
     if proc.returncode == 0:
         _log(f"C++ errors in {os.path.basename(library)} reach Python as exceptions")
         return
     os.remove(library)  # a library that aborts on its first error must not stay installed
     if proc.returncode == -signal.SIGABRT:
-        raise PlatformError(_static_runtime_message(library))
+        cxx = os.environ.get("CXX", "the default c++")
+        raise PlatformError(
+            f"gpoe_fusion: a C++ error raised inside the freshly built {library} aborted the process instead of\n"
+            f"reaching Python. The compiler ({cxx}) links libstdc++ statically, so the extension carries its own C++\n"
+            "runtime, whose exceptions torch cannot catch: every shape or dtype error would kill the program.\n"
+            "Build with a compiler that links libstdc++ dynamically (and without -static-libstdc++ in LDFLAGS), e.g.:\n"
+            f"  CC=/usr/bin/gcc CXX={SYSTEM_CXX} pip install --no-build-isolation -e .")
     raise PlatformError(f"gpoe_fusion: the built {library} failed its check (exit status {proc.returncode}):\n"
                         f"{proc.stderr.strip()}")
 
 
 def _cuda_home() -> str | None:
-    # torch.utils.cpp_extension reads CUDA_HOME when it is imported, and /usr/local/bin/nvcc may be a
-    # shim, so point it at the real toolkit before that import.
+    # torch.utils.cpp_extension reads CUDA_HOME when imported, and /usr/local/bin/nvcc may be a shim: point it at the
+    # real toolkit before that import.
     if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
     return os.environ.get("CUDA_HOME") or None
 
 
 def cuda_arch_list(torch) -> str:
-    """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs' architectures (capped at the newest this
-    torch was built for, as torch's own default is), or with no GPU visible every architecture this
-    torch was built for; PTX of the newest added, so that a newer GPU compiles it when loading."""
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs' architectures (capped at the newest this torch was built for,
+    as torch's own default is), or with no GPU visible every architecture this torch was built for; PTX of the newest
+    added, so that a newer GPU compiles it when loading."""
     given = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if given and given != "native":
         return given
@@ -98,16 +90,11 @@ def cuda_arch_list(torch) -> str:
 
 
 def cuda_arch_macro(arch_list: str) -> str:
-    """The architectures of a TORCH_CUDA_ARCH_LIST as the extension records them (GPOE_CUDA_ARCHS):
-    machine code "sm_XY" for each, and "compute_XY" (PTX) for those with +PTX; comma-separated."""
-    names = []
-    for arch in arch_list.replace(" ", ";").split(";"):
-        if arch:
-            number = arch.removesuffix("+PTX").replace(".", "")
-            names.append(f"sm_{number}")
-            if arch.endswith("+PTX"):
-                names.append(f"compute_{number}")
-    return ",".join(names)
+    """The architectures of a TORCH_CUDA_ARCH_LIST as the extension records them (GPOE_CUDA_ARCHS): machine code
+    "sm_XY" for each, and "compute_XY" (PTX) for those with +PTX; comma-separated."""
+    archs = [arch for arch in arch_list.replace(" ", ";").split(";") if arch]
+    return ",".join(f"{kind}_{arch.removesuffix('+PTX').replace('.', '')}" for arch in archs
+                    for kind in ("sm", "compute") if kind == "sm" or arch.endswith("+PTX"))
 
 
 def cuda_flags(arch_list: str) -> tuple[list[tuple[str, str | None]], dict[str, list[str]]]:
@@ -123,8 +110,7 @@ def _isas() -> list[tuple[str, list[str]]]:
 
 
 def _build_ext_class(base):
-    """``base`` (torch's BuildExtension) plus the per-instruction-set copies of the CPU kernel and
-    the exception check of the built library."""
+    """``base`` (torch's BuildExtension) plus the CPU kernel's per-instruction-set copies and the exception check."""
 
     class BuildExtensionWithIsaCopies(base):
         def build_extension(self, ext):
@@ -150,9 +136,8 @@ def _build_ext_class(base):
 
 
 def _in_isolated_build_env() -> bool:
-    """Whether this runs in the throw-away environment of pip's build isolation (pip puts its
-    ``pip-build-env-*`` folder on sys.path; ``python -m build`` makes a ``build-env-*`` venv), which
-    hides the packages installed in the environment the install was started from."""
+    """Whether this runs in the throw-away environment of build isolation, which hides the installed packages (pip puts
+    its ``pip-build-env-*`` folder on sys.path; ``python -m build`` makes a ``build-env-*`` venv)."""
     parts = (part for entry in [sys.prefix, *sys.path] for part in os.path.normpath(entry).split(os.sep))
     return any(part.startswith(("pip-build-env-", "build-env-")) for part in parts)
 
@@ -160,14 +145,12 @@ def _in_isolated_build_env() -> bool:
 def _missing_torch_message(exc: ImportError) -> str:
     """What to do when ``import torch`` fails in this build (``exc``: why it failed)."""
     if _in_isolated_build_env():
-        return (
-            "gpoe_fusion: pip's build isolation hides the installed torch from this build (the kernels are\n"
-            "compiled against the torch you run with, so torch is deliberately not a build requirement).\n"
-            "Install without build isolation:\n"
-            "  pip install --no-build-isolation -e .    (editable)\n"
-            "  pip install --no-build-isolation .\n"
-            "If torch is not installed yet, first: pip install torch==2.14.1 torchvision==0.29.1"
-        )
+        return ("gpoe_fusion: pip's build isolation hides the installed torch from this build (the kernels are\n"
+                "compiled against the torch you run with, so torch is deliberately not a build requirement).\n"
+                "Install without build isolation:\n"
+                "  pip install --no-build-isolation -e .    (editable)\n"
+                "  pip install --no-build-isolation .\n"
+                "If torch is not installed yet, first: pip install torch==2.14.1 torchvision==0.29.1")
     missing = isinstance(exc, ModuleNotFoundError) and exc.name == "torch"
     problem = "torch is not installed" if missing else f"torch is installed but does not import ({type(exc).__name__}: {exc})"
     return (f"gpoe_fusion: {problem}; the kernels are compiled against it. Install torch, then this package:\n"
@@ -185,8 +168,7 @@ def _extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    # Decide from the torch build and the toolkit, never from torch.cuda.is_available(): build
-    # machines have no GPU.
+    # Decide from the torch build and the toolkit, never from torch.cuda.is_available(): build machines have no GPU.
     force = os.environ.get("FORCE_CUDA") == "1"
     disabled = os.environ.get("GPOE_FUSION_NO_CUDA") == "1"
     with_cuda = bool(cuda_sources) and not disabled and (force or (torch.version.cuda is not None and cuda_home is not None))

@@ -8,10 +8,8 @@ joint inference. The script reads top to bottom: options, data, model, evaluatio
     python examples/handpose_rhd.py                       # demo: built-in data, gPoE, about 2 min on 2 CPU cores
     python examples/handpose_rhd.py --compare             # MoE vs PoE vs gPoE (paper Table 3, Figs. 4-5)
     python examples/handpose_rhd.py --preset study        # the comparison over 6 seeds: means, CIs, paired differences
-    python examples/handpose_rhd.py --compare --corruption-sweep 0 0.25 0.5 0.75   # paper Fig. 4, first panel
     python examples/handpose_rhd.py --preset full --data-root /data/RHD_published_v2 --rgb-weights resnet18-f37072fd.pth
-    torchrun --nproc_per_node 2 examples/handpose_rhd.py  # data-parallel (gloo on CPU, nccl on GPU)
-    python examples/handpose_rhd.py --export-onnx         # the demo's run (its --out) to ONNX, checked in ONNX Runtime
+    torchrun --nproc_per_node 2 examples/handpose_rhd.py  # data-parallel, gloo on CPU, nccl on GPU (docs/handpose.md)
 """
 
 import argparse
@@ -155,9 +153,8 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
     figure (first seed) in --out; returns the tables."""
     out, results, statistics, kind = Path(args.out), runs.results, runs.statistics, args.corruption_kind
     summary = study.write_summary(args, TASK, runs)
-    tables = (f"Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is "
-              f"better){report.spread(runs.seeds)}.\n\n"
-              f"{report.fusion_table(results, COLUMNS, '.3f', statistics, kind=kind)}\n"
+    tables = ("Pose from RGB alone; mean EPE in mm (lower is better), AUC of PCK over 20-50 mm (higher is better)"
+              f"{report.spread(runs.seeds)}.\n\n{report.fusion_table(results, COLUMNS, '.3f', statistics, kind=kind)}\n"
               f"{report.differences_markdown(statistics, COLUMNS, '.3f', kind=kind)}\n"
               f"{report.joint_markdown(results, statistics, COLUMNS, '.3f', kind)}\n"
               f"{report.credibility_markdown(results, statistics)}")
@@ -169,9 +166,8 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
     for f, r in results.items():
         report.line_plot(next(iter(r["metrics"].values()))["pck_thresholds_mm"],
                          {f"{float(lv):.0%}": m["pck_curve"] for lv, m in r["metrics"].items()}, out / f"pck_{f}.png",
-                         "error threshold (mm)", "3D PCK",
-                         f"{FUSION_LABELS[f]}: PCK under pixel corruption{report.first_seed(runs.seeds)}",
-                         markers=False)
+                         "error threshold (mm)", "3D PCK", markers=False,
+                         title=f"{FUSION_LABELS[f]}: PCK under pixel corruption{report.first_seed(runs.seeds)}")
     qualitative_figure(runs.models(build_model), eval_set, args, out / "qualitative.png")
     return tables
 

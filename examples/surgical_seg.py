@@ -8,15 +8,13 @@ views; at test time the mask from RGB alone and from joint inference is scored b
     python examples/surgical_seg.py --compare             # MoE vs PoE vs gPoE (paper Tables 1 and 4, Fig. 6)
     python examples/surgical_seg.py --preset study        # the comparison over 6 seeds: means, CIs, paired differences
     python examples/surgical_seg.py --preset full --data-root /data/sim2real --rgb-weights resnet18-f37072fd.pth
-    torchrun --nproc_per_node 2 examples/surgical_seg.py  # data-parallel (gloo on CPU, nccl on GPU)
-    python examples/surgical_seg.py --export-onnx         # the demo's run (its --out) to ONNX, checked in ONNX Runtime
+    torchrun --nproc_per_node 2 examples/surgical_seg.py  # data-parallel, gloo on CPU, nccl on GPU (docs/surgical.md)
 """
 
 import argparse
 import functools
 import itertools
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,6 @@ from common import evaluation, export, report, study, training
 from common.cli import Parser, UsageError, positive_float, positive_int
 from common.data import Fields, load_splits, test_corruption
 from common.networks import CrossModalVAE, DCGANDecoder, cross_modal_vae
-from common.report import FUSION_LABELS
 from gpoe_fusion.likelihoods import cross_entropy
 from sim2real.dataset import (CLASS_COLORS, CLASS_NAMES, DEFAULT_HFOV_DEG, IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES,
                               SPLITS, Sim2RealDataset, classes_to_colors, default_intrinsics)
@@ -51,20 +48,16 @@ PRESETS = {
 # The demo's settings, MoE, PoE and gPoE at several seeds: intervals and paired differences (docs/surgical.md).
 PRESETS["study"] = dict(PRESETS["demo"], compare=True, seeds=6)
 # The settings of each preset that the paper publishes, and where; the others are our choices (results.json).
-FROM_PAPER = {"demo": {}, "study": {}, "full": {
-    "image_size": "Section 4.2: RGB centre-cropped and resized to 256x256",
-    "num_train": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)",
-    "num_eval": "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)"}}
+_PAPER_VIEWS = "Section 4.1: the 21000 random views of 7 scenes (the split by scene is our choice)"
+FROM_PAPER = {"demo": {}, "study": {}, "full": {"image_size": "Section 4.2: RGB centre-cropped and resized to 256x256",
+                                                "num_train": _PAPER_VIEWS, "num_eval": _PAPER_VIEWS}}
 IGNORE_INDEX = 255
 TRAIN_SPLIT, EVAL_SPLIT, UNSEEN_SPLIT = "train", "test", "unseen"
-# --split random: the views' permutation, whatever --seed is, so that every seed of a study tests on the same views.
-RANDOM_SPLIT_SEED = 0
+RANDOM_SPLIT_SEED = 0  # --split random's permutation, whatever --seed is: every seed of a study tests the same views
 ALL_SCENES = tuple(range(1, 8))
 FIELDS = ("rgb", "mask", "points")  # what training and evaluation read of a view
-# The real dataset's views per scene: the built-in data's size when a whole split is asked for.
-VIEWS_PER_SCENE = 3000
-# Paper Table 1 compares PoE and gPoE at these test pixel-corruption levels.
-TABLE1_LEVELS = (0.0, 0.5, 0.7)
+VIEWS_PER_SCENE = 3000  # the real dataset's: the built-in data's size when a whole split is asked for
+TABLE1_LEVELS = (0.0, 0.5, 0.7)  # the test pixel-corruption levels at which paper Table 1 compares PoE and gPoE
 TASK = report.Task("surgical_seg", "Surgical segmentation on Sim2Real", "Sim2Real", PRESETS, FROM_PAPER,
                    ("iou", "IoU (macro)"), ".4f")
 EXPORT_TOLERANCE = 0.001  # how far --export-onnx's IoU in ONNX Runtime may be from results.json's
@@ -85,20 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--intrinsics", type=positive_float, nargs=4, metavar=("FX", "FY", "CX", "CY"),
         help="pinhole intrinsics of the full 512x256 views in pixels: the random views store none (default: "
              "assumed, a 90 degree horizontal field of view: 256 256 255.5 127.5)")
-    add("--split", choices=("scene", "random"),
-        help="scene: train on scenes 1-4, test on scene 7, an anatomy never seen in training; random: a seeded random "
-             "split of the views of all 7 scenes, test views from the anatomies seen in training (--num-eval of them, "
-             "default a tenth)")
+    add("--split", choices=("scene", "random"), help="scene: train on scenes 1-4, test on scene 7, an anatomy never "
+        "seen in training; random: a seeded random split of the views of all 7 scenes, test views from the anatomies "
+        "seen in training (--num-eval of them, default a tenth)")
     add("--unseen-scenes", type=int, nargs="+", choices=ALL_SCENES, default=[], metavar="K",
         help="with --split random: scenes left out of its views and tested on as well (--num-eval views, evenly "
              "spaced), anatomies never seen in training (metric groups <group>_unseen) (default: none)")
-    add("--unknown-colors", choices=("error", "ignore"), default="error",
-        help=f"a segmentation colour that is no class: an error, or ignored (label {IGNORE_INDEX}, left out of loss "
-             f"and metrics)")
-    args = parser.parse(argv, PRESETS, "surgical",
-                        num_train="demo 1200, full every view of scenes 1-4 (with --split random: of the views that do "
-                                  "not test)", num_eval="demo 200, full every view of scene 7 (with --split random: a "
-                                                        "tenth of the views)")
+    add("--unknown-colors", choices=("error", "ignore"), default="error", help="a segmentation colour that is no "
+        f"class: an error, or ignored (label {IGNORE_INDEX}, left out of loss and metrics)")
+    args = parser.parse(argv, PRESETS, "surgical", num_train="demo 1200, full every view of scenes 1-4 (with --split "
+                        "random: of the views that do not test)",
+                        num_eval="demo 200, full every view of scene 7 (with --split random: a tenth of the views)")
     if args.unseen_scenes and (args.split != "random" or len(set(args.unseen_scenes)) == len(ALL_SCENES)):
         parser.error("argument --unseen-scenes: expected some of the 7 scenes with --split random (--split scene tests "
                      f"on an unseen scene already), got {args.unseen_scenes} with --split {args.split}")
@@ -137,17 +127,15 @@ def builtin_views_per_scene(args: argparse.Namespace) -> int:
     if args.split == "random":
         unseen = math.ceil(args.num_eval / len(args.unseen_scenes)) if args.unseen_scenes else 0
         return max(math.ceil((args.num_train + args.num_eval) / len(seen_scenes(args))), unseen)
-    return max(math.ceil(count / len(SPLITS[split]))
-               for split, count in ((TRAIN_SPLIT, args.num_train), (EVAL_SPLIT, args.num_eval)))
+    return max(math.ceil(args.num_train / len(SPLITS[TRAIN_SPLIT])), math.ceil(args.num_eval / len(SPLITS[EVAL_SPLIT])))
 
 
 def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """--split random: the positions of the test and the training views among ``size`` views of its scenes, each sorted.
-    A permutation from RANDOM_SPLIT_SEED: its first --num-eval views (default a tenth) are the test views, the next
-    --num-train (default all others) the training views."""
+    """--split random: the sorted positions of the test and training views among ``size`` views of its scenes: in a
+    permutation from RANDOM_SPLIT_SEED, the first --num-eval (default a tenth), then --num-train (default the rest)."""
     order = np.random.default_rng(RANDOM_SPLIT_SEED).permutation(size)
     num_eval = size // 10 if args.num_eval is None else args.num_eval
-    scenes = f"the {len(seen_scenes(args))} scenes" if args.unseen_scenes else "the 7 scenes"
+    scenes = f"the {len(seen_scenes(args))} scenes"
     if num_eval > size:
         raise UsageError("--num-eval", f"{num_eval} views requested, but {scenes} have {size}")
     rest = size - num_eval
@@ -159,24 +147,21 @@ def split_indices(size: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
 
 
 def load_data(args: argparse.Namespace, env) -> list[Dataset]:
-    """The training and test views of --split of --data-root or the built-in data: scenes 1-4 and scene 7 (a smaller
-    count takes views evenly spaced), or a seeded random split of the scenes but --unseen-scenes, and the test views of
-    --unseen-scenes, if any; streamed or (--in-memory) decoded once. A folder that is no Sim2Real raises
-    UsageError naming --data-root."""
+    """The training and test views (--split) of --data-root or the built-in data: scenes 1-4 and 7 (a smaller count
+    takes views evenly spaced), or a seeded random split of all scenes but --unseen-scenes, then the test views of
+    --unseen-scenes; streamed or (--in-memory) decoded once. No Sim2Real folder: UsageError naming --data-root."""
     root = args.data_root or training.builtin_root(
         lambda progress: ensure_builtin_sim2real(args.cache_dir, builtin_views_per_scene(args), progress=progress),
         not args.no_progress, env)
-
-    def views_of(scenes: Sequence[int]) -> Sim2RealDataset:
-        return Sim2RealDataset(root, scenes=scenes, image_size=args.image_size, num_points=args.num_points,
-                               intrinsics=intrinsics_matrix(args), unknown_colors=args.unknown_colors,
-                               ignore_index=IGNORE_INDEX, seed=args.seed)
+    views_of = functools.partial(Sim2RealDataset, root, image_size=args.image_size, num_points=args.num_points,
+                                 intrinsics=intrinsics_matrix(args), unknown_colors=args.unknown_colors,
+                                 ignore_index=IGNORE_INDEX, seed=args.seed)
 
     def split_of(split: str, count: int | None, option: str) -> Dataset:
         if args.split == "random" and split != UNSEEN_SPLIT:
-            every = views_of(seen_scenes(args))
+            every = views_of(scenes=seen_scenes(args))
             return Fields(every, split_indices(len(every), args)[split].tolist(), FIELDS)
-        full = views_of(args.unseen_scenes if split == UNSEEN_SPLIT else SPLITS[split])
+        full = views_of(scenes=args.unseen_scenes if split == UNSEEN_SPLIT else SPLITS[split])
         count = len(full) if count is None else count
         if count > len(full):
             raise UsageError(option, f"{count} views requested, but the {split} split (scenes "
@@ -198,17 +183,15 @@ def splits_record(args: argparse.Namespace) -> dict:
 
 
 def build_model(args: argparse.Namespace) -> CrossModalVAE:
-    """RGB and point-cloud encoders, --fusion, and the segmentation decoder (per-pixel cross-entropy, ignore index 255)
-    besides the point-cloud one (``networks.cross_modal_vae``)."""
+    """``networks.cross_modal_vae`` with the segmentation decoder (per-pixel cross-entropy, ignore index 255)."""
     return cross_modal_vae(args, lambda: {"mask": DCGANDecoder(args.latent_dim, NUM_CLASSES, out_size=args.image_size,
                                                                base=args.seg_base, min_channels=args.seg_min_channels)},
                            {"mask": functools.partial(cross_entropy, ignore_index=IGNORE_INDEX)})
 
 
 class MaskScore:
-    """``SegmentationEvaluator``'s scores of per-class logits [B, C, S, S] against a batch's masks (``iou``, ``f1``
-    macro-averaged, ``pixel_accuracy``, per class with None for a class absent from both, ``support``, ``pixels``), and
-    ``num_samples``."""
+    """``SegmentationEvaluator``'s scores of logits [B, C, S, S] against a batch's masks (``iou``, ``f1`` macro,
+    ``pixel_accuracy``, per class (None: absent from both), ``support``, ``pixels``) and ``num_samples``."""
 
     def __init__(self):
         self.evaluator, self.samples = SegmentationEvaluator(NUM_CLASSES, ignore_index=IGNORE_INDEX), 0
@@ -226,8 +209,7 @@ class MaskScore:
 
 def evaluate(model: CrossModalVAE, eval_set: Dataset, args: argparse.Namespace, device: torch.device,
              unseen: Dataset | None = None) -> dict:
-    """The run's metric groups (``evaluation.evaluate``, those of the ``unseen`` scenes' views too), the masks'
-    ``MaskScore`` per test level."""
+    """The run's metric groups (``evaluation.evaluate``, also of the ``unseen`` scenes' views), ``MaskScore``'s."""
     return evaluation.evaluate(model, eval_set, args, device, "mask", MaskScore, unseen)
 
 
@@ -237,11 +219,10 @@ def table_rows(runs: study.Study, fusions: list[str], levels: list[str]) -> list
     for lv, f in itertools.product(levels, fusions):
         row = {"corruption": float(lv), "fusion": f}
         for _, key in COLUMNS:
-            if runs.statistics is None:
-                row[key] = runs.results[f]["metrics"][lv][key]
-            else:
-                summary = runs.statistics["metrics"][f][lv][key]
-                row.update({key: summary["mean"], f"{key}_ci95": summary["ci95"], "seeds": summary["n"]})
+            summary = report.metric_summary(runs.results, runs.statistics, f, lv, key)
+            row[key] = summary["mean"]
+            if runs.statistics is not None:
+                row.update({f"{key}_ci95": summary["ci95"], "seeds": summary["n"]})
         rows.append(row)
     return rows
 
@@ -251,7 +232,7 @@ def per_class_table(results: dict) -> str:
     def pair(iou: float | None, f1: float | None) -> str:
         return "n/a" if iou is None else f"{iou:.3f} / {f1:.3f}"
 
-    rows = [[FUSION_LABELS[f], f"{float(lv):.0%}"] + list(map(pair, m["iou_per_class"], m["f1_per_class"]))
+    rows = [[report.FUSION_LABELS[f], f"{float(lv):.0%}"] + list(map(pair, m["iou_per_class"], m["f1_per_class"]))
             for f, r in results.items() for lv, m in r["metrics"].items()]
     return report.markdown_table(["Fusion", "Corruption"] + [f"{name} IoU / F1" for name in CLASS_NAMES], rows)
 
@@ -265,12 +246,11 @@ def qualitative_figure(models: dict[str, CrossModalVAE], eval_set: Dataset, args
     for i in range(min(samples, len(eval_set))):
         inputs = torch.stack([test_corruption(eval_set, level, args.seed, kind=args.corruption_kind)[i]["rgb"]
                               for level in args.test_corruption])
-        truth = classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)
         rows += [[(x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in inputs],
-                 [truth] * len(inputs),
+                 [classes_to_colors(eval_set[i]["mask"].numpy(), IGNORE_INDEX)] * len(inputs),
                  *([classes_to_colors(p) for p in m.predict(inputs, "mask").argmax(1).numpy()]
                    for m in models.values())]
-        labels += [f"#{i} input", f"#{i} ground truth"] + [f"#{i} {FUSION_LABELS[name]}" for name in models]
+        labels += [f"#{i} input", f"#{i} ground truth"] + [f"#{i} {report.FUSION_LABELS[name]}" for name in models]
     key = dict(zip(CLASS_NAMES, CLASS_COLORS))
     if args.unknown_colors == "ignore":
         key["not a class (ignored)"] = (0, 0, 0)
@@ -303,17 +283,17 @@ def write_report(args: argparse.Namespace, runs: study.Study, eval_set: Dataset)
     levels = report.corruption_levels(results)
     table4 = report.fusion_table(results, COLUMNS, ".4f", statistics, kind=kind)
     training.write_json(out / "table4.json", {"layout": "paper Table 4", "averaging": AVERAGING,
-                                     "rows": table_rows(runs, runs.fusions, levels)})
+                                              "rows": table_rows(runs, runs.fusions, levels)})
     (out / "table4.md").write_text(table4)
     tables = f"Paper Table 4 layout: IoU and F1 (macro) from RGB alone{report.spread(runs.seeds)}.\n\n{table4}"
     table1_levels = [lv for lv in levels if float(lv) in TABLE1_LEVELS]
     if {"poe", "gpoe"} <= set(runs.fusions) and kind == "pixels":  # paper Table 1: PoE and gPoE at its levels
         table1 = report.markdown_table(["Pixel corruption", "Method", "IoU", "F1"], [
-            [f"{float(lv):.0%}" if i == 0 else "", FUSION_LABELS[f]]
+            [f"{float(lv):.0%}" if i == 0 else "", report.FUSION_LABELS[f]]
             + [report.metric_cell(results, statistics, f, lv, key, ".4f") for _, key in COLUMNS]
             for lv in table1_levels for i, f in enumerate(("poe", "gpoe"))])
         training.write_json(out / "table1.json", {"layout": "paper Table 1", "averaging": AVERAGING,
-                                         "rows": table_rows(runs, ["poe", "gpoe"], table1_levels)})
+                                                  "rows": table_rows(runs, ["poe", "gpoe"], table1_levels)})
         (out / "table1.md").write_text(table1)
         tables += f"\nPaper Table 1 layout: PoE vs gPoE.\n\n{table1}"
     tables += (f"\n{report.differences_markdown(statistics, COLUMNS, '.4f', kind=kind)}\n"
@@ -346,8 +326,7 @@ def main(argv: list[str] | None = None) -> study.Study | list[study.Study] | dic
         train_set, eval_set, *unseen = load_data(args, env)
         run_one = training.runner(build_model, functools.partial(evaluate, unseen=next(iter(unseen), None)), train_set,
                                   eval_set, env)
-        return study.run(args, env, TASK, run_one,
-                         functools.partial(write_report, eval_set=eval_set))
+        return study.run(args, env, TASK, run_one, functools.partial(write_report, eval_set=eval_set))
 
 
 if __name__ == "__main__":

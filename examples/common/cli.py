@@ -1,7 +1,6 @@
 """The command line both pipelines share: the options, the presets that fill them (``args.given``: those given on the
 command line, which win), their checks, where each value comes from, and a run's signature. A bad invocation ends with
-one line on stderr and exit status 2 (argparse's errors, and UsageError for a value found wrong once it is used).
-"""
+one line on stderr and exit status 2 (argparse's errors, and UsageError for a value found wrong once it is used)."""
 
 import argparse
 import hashlib
@@ -20,10 +19,9 @@ from .networks import FUSIONS, load_resnet18_state
 COMPARED = ("moe", "poe", "gpoe")  # what --compare trains unless --fusions says otherwise: the paper's comparison
 TEST_CORRUPTION = (0.0, 0.25, 0.5, 0.7)  # the paper's test pixel-corruption levels
 TEST_CORRUPTION_SOURCE = "paper: Table 3 (0, 25, 50 percent), Table 1 and Fig. 4 (0, 50, 70 percent)"
-# The test noise levels of the point cloud (std, normalised units): up to the presets' training --point-noise, 1.
-TEST_POINT_NOISE = (0.0, 0.25, 0.5, 1.0)
-# The options of the test levels (not in a preset; in results.json's provenance: the paper gives the pixel levels).
-TEST_LEVELS = ("test_corruption", "test_point_noise")
+TEST_POINT_NOISE = (0.0, 0.25, 0.5, 1.0)  # std, normalised units: up to the presets' training --point-noise, 1
+TEST_LEVELS = ("test_corruption", "test_point_noise")  # options not in a preset, but in results.json's provenance
+Presets = Mapping[str, Mapping[str, object]]  # preset name -> option -> value
 # Options of how a run executes or reports or which runs a study makes, not of its model: other values, the same run.
 NOT_IN_SIGNATURE = {"out", "resume", "compare", "fusions", "seeds", "corruption_sweep", "no_progress", "low_memory",
                     "device", "cache_dir", "workers", "in_memory", "eval_batch_size", "test_corruption", "given",
@@ -86,10 +84,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", type=Path, metavar="DIR", help="output folder: results.json, results.md, plots, checkpoint.pt")
     add("--resume", action="store_true",
         help="continue a killed run from the checkpoint in --out (it must be of the same configuration)")
-    add("--export-onnx", action="store_true",
-        help="train nothing: export the finished run in --out (its checkpoint and results.json) to ONNX, the RGB-only "
-             "predictor and the fused model, next to its checkpoint, and check that ONNX Runtime gives back its "
-             "results.json metric (docs/deploy.md)")
+    add("--export-onnx", action="store_true", help="train nothing: export the finished run in --out (its checkpoint "
+        "and results.json) to ONNX, the RGB-only predictor and the fused model, next to its checkpoint, and check that "
+        "ONNX Runtime gives back its results.json metric (docs/deploy.md)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available, else CPU")
     add("--seed", **natural, default=0, help="initial weights, batch order, training noise and test corruption")
     add("--seeds", **count, help="train each fusion at the seeds --seed ... --seed + N - 1 (into seed<k>/; a finished "
@@ -97,8 +94,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-amp", action="store_true", help="train in float32 on GPU instead of bf16 autocast")
     add("--no-progress", action="store_true", help="no progress bars")
     add("--low-memory", **switch, help="return freed memory to the system at once (glibc's mmap threshold fixed) "
-                                       "instead of keeping it for reuse: a lower peak on the CPU at full size, steps "
-                                       "a quarter slower")
+        "instead of keeping it for reuse: a lower peak on the CPU at full size, steps a quarter slower")
 
     add = parser.add_argument_group("data").add_argument
     add("--data-root", type=Path, metavar="DIR",
@@ -167,8 +163,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         exit_with(f"{message} (see --help)", self.prog)
 
-    def parse(self, argv: list[str] | None, presets: Mapping[str, Mapping[str, object]], runs: str,
-              **notes: str) -> argparse.Namespace:
+    def parse(self, argv: list[str] | None, presets: Presets, runs: str, **notes: str) -> argparse.Namespace:
         """The options of ``argv`` (``finish_help``, ``apply_preset``); --out defaults to
         ``runs/<runs>_<preset>_<fusion>`` (``_compare`` with --compare)."""
         finish_help(self, presets, out=f"runs/{runs}_<preset>_<fusion>, or runs/{runs}_<preset>_compare", **notes)
@@ -183,7 +178,7 @@ def _shown(value: object) -> str:
     return " ".join(map(_shown, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, object]], **notes: str) -> None:
+def finish_help(parser: argparse.ArgumentParser, presets: Presets, **notes: str) -> None:
     """End every option's help with its default: each preset's value, the fixed one, or words (``notes[dest]``)."""
     notes = {"test_corruption": f"{_shown(TEST_CORRUPTION)}, the paper's levels",
              "test_point_noise": f"{_shown(TEST_POINT_NOISE)}, up to the presets' training noise",
@@ -202,15 +197,12 @@ def finish_help(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[s
         action.help = f"{action.help} (default: {default})".replace("%", "%%")
 
 
-def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                 presets: Mapping[str, Mapping[str, object]]) -> argparse.Namespace:
+def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace, presets: Presets) -> argparse.Namespace:
     """Fill every option left unset from the chosen preset, then check the values together (``parser.error``). Records
     ``args.given`` and ``args.rgb_weights_sha256`` (None: random weights)."""
     preset = presets[args.preset]
     args.given = sorted(key for key in [*preset, *TEST_LEVELS] if getattr(args, key, None) is not None)
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in preset.items() if getattr(args, key, None) is None})
     args.compare = bool(args.compare)
     args.test_corruption = args.test_corruption or list(TEST_CORRUPTION)
     args.test_point_noise = args.test_point_noise or list(TEST_POINT_NOISE)
@@ -238,13 +230,11 @@ def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace,
             load_resnet18_state(args.rgb_weights)
         except (OSError, ValueError) as error:
             parser.error(f"argument --rgb-weights: {error}")
-        with open(args.rgb_weights, "rb") as f:
-            args.rgb_weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        args.rgb_weights_sha256 = hashlib.sha256(args.rgb_weights.read_bytes()).hexdigest()
     return args
 
 
-def provenance(args: argparse.Namespace, presets: Mapping[str, Mapping[str, object]],
-               from_paper: Mapping[str, str]) -> dict:
+def provenance(args: argparse.Namespace, presets: Presets, from_paper: Mapping[str, str]) -> dict:
     """Where each setting comes from: ``{"paper": {setting: where}, "command_line": [...], "project_choice": [...],
     "rgb_init": ...}``, every preset setting and test level in exactly one of the three."""
     keys, given = [*presets[args.preset], *TEST_LEVELS], set(args.given)

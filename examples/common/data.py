@@ -1,7 +1,5 @@
-"""How both pipelines get their data: built-in data cached once; the splits streamed from disk or decoded once into
-memory (``materialize``), the same dict of tensors either way; the experiments' corruptions; point-cloud and parallel
-helpers of the datasets and generators.
-"""
+"""How both pipelines get their data: built-in data cached once; splits streamed from disk or decoded once into memory
+(``materialize``), the same dict of tensors either way; the corruptions; point-cloud and parallel helpers."""
 
 import argparse
 import fcntl
@@ -27,17 +25,14 @@ from .cli import UsageError
 
 def backproject(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Camera-frame points [P, 3] float32 ``z * K^-1 [u, v, 1]`` of the (masked) pixels with depth > 0 of a z-depth map
-    [H, W] through pinhole intrinsics K [3, 3]; pixel (u, v) at integer coordinates, as in RHD's
-    ``uv = (xyz @ K.T)[:, :2] / z``."""
-    keep = depth > 0 if mask is None else (depth > 0) & mask
-    v, u = np.nonzero(keep)
+    [H, W], K [3, 3]; pixel (u, v) at integer coordinates, as RHD's ``uv = (xyz @ K.T)[:, :2] / z``."""
+    v, u = np.nonzero(depth > 0 if mask is None else (depth > 0) & mask)
     z = depth[v, u].astype(np.float64)
     return np.stack([(u - K[0, 2]) * z / K[0, 0], (v - K[1, 2]) * z / K[1, 1], z], axis=1).astype(np.float32)
 
 
 def resample_points(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Exactly ``count`` of ``points`` [P, 3]: a random subset when there are more, all of them plus random repeats when
-    there are fewer; an empty cloud becomes ``count`` points at the origin."""
+    """``count`` of ``points`` [P, 3]: a random subset, or all plus random repeats; none: ``count`` at the origin."""
     n = len(points)
     if n == 0:
         return np.zeros((count, 3), dtype=points.dtype)
@@ -52,8 +47,7 @@ def default_workers() -> int:
 
 
 def ordered_map(function: Callable, jobs: Iterable, workers: int | None = None, chunksize: int = 8) -> Iterator:
-    """``function(job)`` (a module-level function) for every job, in the jobs' order, computed by ``workers`` processes
-    (default: one per core; 1 runs them here)."""
+    """``function(job)`` (module-level) of each job in order, on ``workers`` processes (default: per core; 1: here)."""
     workers = default_workers() if workers is None else workers
     if workers <= 1:
         yield from map(function, jobs)
@@ -65,9 +59,8 @@ def ordered_map(function: Callable, jobs: Iterable, workers: int | None = None, 
 
 
 def build_once(folder: Path, generate: Callable[[Path], None]) -> Path:
-    """``folder``, written by ``generate(staging)`` unless it exists, into a temporary sibling renamed into place once
-    complete (an interrupted run leaves nothing that passes for it), under a lock that concurrent callers (torchrun
-    ranks) wait on. The generators' cache: a finished folder is never changed or deleted (a job may be reading it)."""
+    """``folder``, made unless it exists by ``generate(staging)`` in a sibling renamed into place once complete, under a
+    lock that torchrun ranks wait on; a finished folder is never changed (a job may be reading it)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "a") as lock:
@@ -110,21 +103,17 @@ def _stack_fields(names: Sequence[str], items: list[dict]) -> dict[str, Tensor]:
     return {name: torch.stack([item[name] for item in items]) for name in names}
 
 
-# Items a loader worker hands back at once while materializing: each handover puts every field into shared memory,
-# which costs about as much per tensor as decoding a hand-pose frame does.
-MATERIALIZE_BATCH = 64
+MATERIALIZE_BATCH = 64  # items per handover of a materializing worker: sharing a tensor costs about a frame's decoding
 
 
 def materialize(dataset: Dataset, desc: str = "loading", progress: bool = True,
                 workers: int | None = None) -> StackDataset:
-    """Every item of ``dataset`` (dicts; their tensor entries are kept) read once into one tensor per field
-    (``datasets``), allocated up front from the first item, so the peak memory is the result's size. workers: processes
-    decoding items (default: one per core; 0 decodes here), in order."""
+    """Every item of ``dataset`` (dicts; tensor entries kept) read once into a tensor per field (``datasets``) allocated
+    from the first item: the peak memory is the result's. workers: decoding processes (default: per core; 0: here)."""
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
     first = dataset[0]
-    tensors = {k: torch.empty((len(dataset), *v.shape), dtype=v.dtype) for k, v in first.items()
-               if isinstance(v, Tensor)}
+    tensors = {k: v.new_empty((len(dataset), *v.shape)) for k, v in first.items() if isinstance(v, Tensor)}
     workers = default_workers() if workers is None else workers
     # Worker processes pay off only beyond a few batches (each costs a fork).
     rest = DataLoader(Subset(dataset, range(1, len(dataset))), batch_size=MATERIALIZE_BATCH,
@@ -164,8 +153,7 @@ def eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
 
 # The corruptions of the experiments (paper Section 4.3), each drawn from its own stream of the run's seed.
 _SEED_RGB, _SEED_POINTS, _SEED_TEST, _SEED_CREDIBILITY_RGB, _SEED_CREDIBILITY_POINTS, _SEED_TEST_POINTS = range(1, 7)
-# The share of the credibility set's samples with a modality corrupted: equal groups, which an AUROC compares best.
-CREDIBILITY_FRACTION = 0.5
+CREDIBILITY_FRACTION = 0.5  # share of the credibility set with a modality corrupted: equal groups, best for an AUROC
 
 
 def corruption(modality: str, strength: float, kind: str) -> object:
@@ -182,20 +170,17 @@ def training_noise(dataset: Dataset, args: argparse.Namespace) -> Dataset:
     ``corrupted_rgb`` / ``corrupted_points``."""
     if args.data_corruption <= 0:
         return dataset
-    redraw = args.training_noise == "fresh"
-    dataset = CorruptedDataset(dataset, "rgb", args.data_corruption,
-                               corruption("rgb", args.train_pixel_corruption, args.corruption_kind),
+    fraction, kind, redraw = args.data_corruption, args.corruption_kind, args.training_noise == "fresh"
+    dataset = CorruptedDataset(dataset, "rgb", fraction, corruption("rgb", args.train_pixel_corruption, kind),
                                seed=args.seed * 10 + _SEED_RGB, redraw=redraw)
-    if args.point_noise > 0 or args.corruption_kind == "desync":
-        dataset = CorruptedDataset(dataset, "points", args.data_corruption,
-                                   corruption("points", args.point_noise, args.corruption_kind),
+    if args.point_noise > 0 or kind == "desync":
+        dataset = CorruptedDataset(dataset, "points", fraction, corruption("points", args.point_noise, kind),
                                    seed=args.seed * 10 + _SEED_POINTS, redraw=redraw)
     return dataset
 
 
 def test_corruption(dataset: Dataset, level: float, seed: int, modality: str = "rgb", kind: str = "pixels") -> Dataset:
-    """``modality`` corrupted at the test ``level`` (seeded): every sample at strength ``level``, or with desync a
-    fraction ``level`` of them."""
+    """``modality`` at test ``level`` (seeded): every sample at strength ``level``, or with desync a share ``level``."""
     if level <= 0:
         return dataset
     return CorruptedDataset(dataset, modality, level if kind == "desync" else 1.0, corruption(modality, level, kind),

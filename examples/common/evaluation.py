@@ -17,14 +17,12 @@ from gpoe_fusion.diagnostics import credibility_report
 from .data import credibility_set, eval_loader, test_corruption
 from .networks import CrossModalVAE
 
-# A run's metric groups: name -> (what is decoded, the modality corrupted at its test levels; the other is clean).
-# "metrics" (z_rgb, the RGB corrupted) is the paper's protocol (Section 4.4); "joint" decodes the fused posterior's
-# mean; "oracle" the same with the flagged modality's weight set to 0, a bound only, as no fusion sees the flags.
+# A run's metric groups: name -> (what is decoded, the modality corrupted at its test levels, the other clean).
+# "metrics": the paper's protocol (4.4); "oracle": "joint" without the flagged modality, a bound (no fusion sees flags).
 PREDICTIONS = {"metrics": ("rgb", "rgb"), "metrics_joint": ("joint", "rgb"), "metrics_oracle": ("oracle", "rgb"),
                "metrics_aux": ("points", "points"), "metrics_joint_aux_corrupted": ("joint", "points"),
                "metrics_oracle_aux_corrupted": ("oracle", "points")}
-# The suffix of a metric group measured on the views of scenes never seen in training (surgical --unseen-scenes).
-UNSEEN = "_unseen"
+UNSEEN = "_unseen"  # the suffix of a metric group of the views of scenes never seen in training (--unseen-scenes)
 
 
 def base_group(group: str) -> str:
@@ -41,8 +39,7 @@ class Score(Protocol):
 
 
 def modality_levels(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Each modality's test levels: the RGB's --test-corruption; the points' --test-point-noise, or with
-    --corruption-kind desync --test-corruption too (the fractions of the samples desynchronised)."""
+    """Each modality's test levels: the RGB's --test-corruption; the points' --test-point-noise (desync: the RGB's)."""
     points = args.test_corruption if args.corruption_kind == "desync" else args.test_point_noise
     return {"rgb": list(args.test_corruption), "points": list(points)}
 
@@ -70,14 +67,12 @@ def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
     for corrupted, level in passes:
         groups = [g for g, (_, m) in PREDICTIONS.items() if corrupted in (None, m) and level in levels[g]]
         measure_alpha = isinstance(fusion, gf.GPoE) and corrupted in (None, "rgb") and level in args.test_corruption
-        data = dataset if corrupted is None else test_corruption(dataset, level, args.seed, corrupted,
-                                                                  args.corruption_kind)
+        data = test_corruption(dataset, level, args.seed, corrupted, args.corruption_kind) if corrupted else dataset
         for i, batch in enumerate(eval_loader(data, args)):
+            fresh = {m: model.encoders[m](batch[m].to(device)) for m in (names if corrupted is None else [corrupted])}
             if corrupted is None:
-                clean.append({m: model.encoders[m](batch[m].to(device)) for m in names})
-                encoded = clean[i]
-            else:
-                encoded = {**clean[i], corrupted: model.encoders[corrupted](batch[corrupted].to(device))}
+                clean.append(fresh)
+            encoded = {**clean[i], **fresh}
             mu, logvar = (torch.stack([encoded[m][part] for m in names]) for part in (0, 1))
             features = [encoded[m][2] for m in names]
             joint, weights = fusion(mu, logvar, None, features, return_weights=True)
@@ -89,12 +84,10 @@ def predictions(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
             for group in groups:
                 what = PREDICTIONS[group][0]
                 if what not in decoded_once:
-                    if what == "joint":
-                        z = joint.mean
-                    elif what == "oracle":
+                    if what == "oracle":
                         z = fusion(mu, logvar, ~flags, features).mean
                     else:
-                        z = encoded[what][0]
+                        z = joint.mean if what == "joint" else encoded[what][0]
                     decoded_once[what] = decoder(z)
                 scores[group, level].update(decoded_once[what], batch)
     result = {group: {str(level): scores[group, level].compute() for level in at} for group, at in levels.items()}
@@ -125,8 +118,7 @@ def credibility(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
     model.eval()
 
     def measure(data: Dataset, flag: str) -> dict[str, torch.Tensor]:
-        """Over ``data``: the fusion's own weights, gPoE's alpha (uniform for the other fusions: a product of experts is
-        gPoE with uniform alpha) and the experts' logvar, [M, N, D] each, and the item's ``flag`` [N]."""
+        """Fusion weights, alpha (uniform but in gPoE: PoE is gPoE with uniform alpha), logvar: [M, N, D]; flag [N]."""
         parts = []
         for batch in eval_loader(data, args):
             posteriors, features = model.encode({m: batch[m].to(device) for m in model.modalities})
@@ -151,8 +143,7 @@ def credibility(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace
 
 def evaluate(model: CrossModalVAE, dataset: Dataset, args: argparse.Namespace, device: torch.device, decoded: str,
              score: Callable[[], Score], unseen: Dataset | None = None) -> dict:
-    """A run's metric groups: ``predictions`` and ``credibility``; with ``unseen`` (test views of scenes never seen in
-    training) its ``predictions`` as well, each group named with the suffix UNSEEN."""
+    """``predictions`` and ``credibility``; with ``unseen`` (unseen scenes' views) its predictions, suffixed UNSEEN."""
     result = {**predictions(model, dataset, args, device, decoded, score), **credibility(model, dataset, args, device)}
     if unseen is not None:
         measured = predictions(model, unseen, args, device, decoded, score)

@@ -1,8 +1,6 @@
-"""--export-onnx: a finished run of either pipeline in ONNX (dynamic batch), checked in ONNX Runtime:
-``rgb_predictor.onnx`` (rgb -> z_rgb's mean -> the task decoder), scored by the pipeline's own evaluation
-(``evaluation.rgb_metrics``) against results.json, and ``fused_model.onnx`` (every encoder, the fusion, the decoder on
-the joint's mean); both are compared with eager PyTorch on the clean evaluation samples. See docs/deploy.md.
-"""
+"""--export-onnx: a finished run in ONNX (dynamic batch), checked in ONNX Runtime: ``rgb_predictor.onnx`` (rgb ->
+z_rgb's mean -> decoder), scored by ``evaluation.rgb_metrics`` against results.json, and ``fused_model.onnx`` (encoders,
+fusion, decoder on the joint's mean); both compared with eager PyTorch on clean samples. See docs/deploy.md."""
 
 import argparse
 import importlib.util
@@ -11,8 +9,8 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,10 +31,8 @@ DEPLOY_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the optional extra "d
 EAGER_TOLERANCE = 1e-5
 
 
-@dataclass(frozen=True)
-class Pipeline:
-    """What --export-onnx needs of a pipeline: its task (``Task.metric`` is compared), model, data, the score its
-    evaluation computes of the decoded modality ``decoded``, and the metric's tolerance."""
+class Pipeline(NamedTuple):
+    """What --export-onnx needs: the pipeline's task (metric compared), model, data, ``decoded``'s score, tolerance."""
 
     task: Task
     build_model: Callable[[argparse.Namespace], CrossModalVAE]
@@ -96,9 +92,8 @@ def session_signature(session) -> str:
 
 
 def trained_run(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, dict]:
-    """The finished run in --out (a single run's folder): its arguments (the checkpoint's signature; results.json's test
-    levels, cache and evaluation batch; data streamed), checkpoint and result. A folder without both files, or whose
-    files are of different runs, raises UsageError naming --out."""
+    """The finished run in --out: its arguments (the checkpoint's signature; results.json's test levels, cache and
+    evaluation batch; data streamed), checkpoint and result; UsageError (--out) unless both files are of one run."""
     out = Path(args.out)
     try:
         state = load_checkpoint(out / CHECKPOINT)
@@ -142,16 +137,14 @@ def largest_differences(modules: Mapping[str, tuple[nn.Module, list[str]]],
             module, names = modules[name]
             inputs = tuple(batch[n] for n in names)
             eager = module(*inputs)
-            difference = (predict(*inputs) - eager).abs()
-            found[name]["max_abs_difference"] = max(found[name]["max_abs_difference"], difference.max().item())
-            found[name]["max_abs"] = max(found[name]["max_abs"], eager.abs().max().item())
+            for key, value in (("max_abs_difference", predict(*inputs) - eager), ("max_abs", eager)):
+                found[name][key] = max(found[name][key], value.abs().max().item())
     return found
 
 
 def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
-    """--export-onnx of the run in --out; returns ``{"models": {file: {"bytes", "export_seconds", "max_abs_difference",
-    "max_abs"}}, "metric", "levels": {level: {"results_json", "onnx_runtime"}}, "tolerance"}``. A metric or output out
-    of tolerance exits with status 1, a bad --out with status 2."""
+    """Exports --out's run: ``{"models": {file: {"bytes", "export_seconds", "max_abs_difference", "max_abs"}}, "metric",
+    "levels": {level: {"results_json", "onnx_runtime"}}, "tolerance"}``; exits 1 out of tolerance, 2 on a bad --out."""
     try:
         missing = [name for name in DEPLOY_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
@@ -173,7 +166,6 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
         seconds = export_onnx(module, tuple(example[name] for name in names), names, pipeline.decoded, run.out / file)
         models[file] = {"bytes": (run.out / file).stat().st_size, "export_seconds": seconds}
     import onnxruntime
-
     sessions = {file: onnxruntime.InferenceSession(str(run.out / file), providers=["CPUExecutionProvider"])
                 for file in models}
     exported = {file: session_predictor(session) for file, session in sessions.items()}
@@ -183,11 +175,10 @@ def export_run(args: argparse.Namespace, pipeline: Pipeline) -> dict:
     (key, label), tolerance = pipeline.task.metric, pipeline.tolerance
     levels = {level: {"results_json": result["metrics"][level][key], "onnx_runtime": measured[level][key]}
               for level in result["metrics"]}
+    rows = [[file, session_signature(sessions[file]), m["bytes"] / 1e6, m["export_seconds"],
+             f"{m['max_abs_difference']:.2e}", f"{m['max_abs']:.3g}"] for file, m in models.items()]
     print(markdown_table(["File", "Inputs -> output", "Size (MB)", "Export (s)", "Largest difference from eager",
-                          "Largest eager output (absolute)"],
-                         [[file, session_signature(sessions[file]), m["bytes"] / 1e6, m["export_seconds"],
-                           f"{m['max_abs_difference']:.2e}", f"{m['max_abs']:.3g}"] for file, m in models.items()],
-                         ".2f"))
+                          "Largest eager output (absolute)"], rows, ".2f"))
     print(markdown_table(["Test corruption", f"{label}, results.json", f"{label}, ONNX Runtime", "Difference"],
                          [[f"{float(level):.0%}", v["results_json"], v["onnx_runtime"],
                            f"{v['onnx_runtime'] - v['results_json']:.2e}"] for level, v in levels.items()], ".6f"))

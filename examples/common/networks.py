@@ -1,7 +1,5 @@
-"""The networks of the paper (Section 4.5) and the cross-modal VAE around the library's objective that both pipelines
-train. Encoders return ``(mu, logvar, features)``: the posterior [B, D] and the features [B, F] it was computed from,
-which gPoE's credibility network reads (paper Fig. 2).
-"""
+"""The paper's networks (Section 4.5) and the cross-modal VAE both pipelines train. Encoders return ``(mu, logvar,
+features)``: the posterior [B, D] and the features [B, F] it came from, read by gPoE's credibility (Fig. 2)."""
 
 import argparse
 import math
@@ -15,8 +13,7 @@ from torch import Tensor, nn
 import gpoe_fusion as gf
 from gpoe_fusion.likelihoods import chamfer_distance
 
-# The fusion layers the pipelines compare; everything around them stays the same (paper Section 5.3).
-FUSIONS = ("moe", "poe", "gpoe", "mopoe")
+FUSIONS = ("moe", "poe", "gpoe", "mopoe")  # the fusion layers compared, all around them alike (paper Section 5.3)
 
 
 class GaussianHead(nn.Module):
@@ -33,9 +30,8 @@ class GaussianHead(nn.Module):
 
 
 def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
-    """The ResNet-18 weights in a local file (torchvision's ``resnet18-f37072fd.pth``, the ImageNet weights, or any
-    ResNet-18 state dict), loaded with ``weights_only=True`` (a file of tensors only cannot run code). FileNotFoundError
-    for a missing file, ValueError naming the file for one that is no such state dict."""
+    """A ResNet-18 state dict from a local file (e.g. torchvision's ImageNet ``resnet18-f37072fd.pth``), loaded
+    ``weights_only`` (cannot run code). FileNotFoundError for a missing file, ValueError naming any other bad one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -50,12 +46,8 @@ def load_resnet18_state(path: str | Path) -> dict[str, Tensor]:
 
 class ResNet18Encoder(nn.Module):
     """RGB encoder: a ResNet-18 trunk + Gaussian heads. rgb [B, 3, H, W] in [0, 1]. width: channels of the first stage
-    (stages of 1, 2, 4, 8 times width; 64 with ``stem_pool`` is torchvision's ResNet-18; compute falls with width
-    squared); stem_pool: the max-pool after the stem; weights: a local ResNet-18 file (``load_resnet18_state``), width
-    64 with stem_pool only; nothing is downloaded."""
-
-    MEAN = (0.485, 0.456, 0.406)
-    STD = (0.229, 0.224, 0.225)
+    (then 2, 4, 8 times it; 64 with ``stem_pool`` is torchvision's ResNet-18; compute falls with width squared);
+    weights: a local ResNet-18 file (``load_resnet18_state``), width 64 with stem_pool only; nothing is downloaded."""
 
     def __init__(self, latent_dim: int, weights: str | Path | None = None, width: int = 64, stem_pool: bool = True):
         super().__init__()
@@ -80,11 +72,11 @@ class ResNet18Encoder(nn.Module):
         if not stem_pool:
             trunk.maxpool = nn.Identity()
         trunk.fc = nn.Identity()
-        self.trunk = trunk
-        self.feature_dim = 8 * width
+        self.trunk, self.feature_dim = trunk, 8 * width
         self.head = GaussianHead(self.feature_dim, latent_dim)
-        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+        # ImageNet's normalisation, as torchvision's weights expect.
+        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, rgb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         features = self.trunk((rgb - self.mean) / self.std)
@@ -128,19 +120,16 @@ class ResPELEncoder(nn.Module):
         self.head = GaussianHead(width, latent_dim)
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h = self.blocks(self.lift(points))
-        features = torch.relu(self.norm(h)).amax(dim=1)
+        features = torch.relu(self.norm(self.blocks(self.lift(points)))).amax(dim=1)
         return (*self.head(features), features)
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(dims[:-2], dims[1:-1]):
-        # In place (a Linear's backward needs its input, not its output): FoldingNet's hidden layers on 3 latents x B x
-        # 1024 points, the largest activations of a full-size step, are kept once instead of twice.
+        # In place (a Linear's backward needs only its input): FoldingNet's activations, a step's largest, kept once.
         layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1]))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1]))
 
 
 class FoldingNetDecoder(nn.Module):
@@ -150,8 +139,7 @@ class FoldingNetDecoder(nn.Module):
     def __init__(self, latent_dim: int, grid_size: int = 32, hidden: int = 512):
         super().__init__()
         axis = torch.linspace(-1.0, 1.0, grid_size)
-        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
-        self.register_buffer("grid", grid, persistent=False)
+        self.register_buffer("grid", torch.cartesian_prod(axis, axis), persistent=False)  # [grid_size**2, 2]
         self.fold1 = _mlp([latent_dim + 2, hidden, hidden, 3])
         self.fold2 = _mlp([latent_dim + 3, hidden, hidden, 3])
 
@@ -186,8 +174,7 @@ class DCGANDecoder(nn.Module):
     transposed convolutions up to out_size (a power of two >= 8), channels halving from ``base`` to ``min_channels``, BN
     + ReLU after all but the last (more layers at full resolution cost the demo half its time for no IoU)."""
 
-    def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256,
-                 min_channels: int = 32):
+    def __init__(self, latent_dim: int, num_classes: int, out_size: int = 256, base: int = 256, min_channels: int = 32):
         super().__init__()
         ups = int(math.log2(out_size)) - 2
         if 2 ** (ups + 2) != out_size or ups < 1:
@@ -196,30 +183,24 @@ class DCGANDecoder(nn.Module):
             raise ValueError(f"min_channels: expected a positive count, got {min_channels}")
         self.base = base
         self.project = nn.Sequential(nn.Linear(latent_dim, base * 16), nn.ReLU())
+        channels = [base, *(max(min_channels, base // 2**i) for i in range(1, ups))]
         layers: list[nn.Module] = []
-        channels = base
-        for _ in range(ups - 1):
-            nxt = max(min_channels, channels // 2)
-            layers += [nn.ConvTranspose2d(channels, nxt, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(nxt), nn.ReLU()]
-            channels = nxt
-        layers.append(nn.ConvTranspose2d(channels, num_classes, 4, stride=2, padding=1))
-        self.net = nn.Sequential(*layers)
+        for a, b in zip(channels[:-1], channels[1:]):
+            layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(channels[-1], num_classes, 4, stride=2, padding=1))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(self.project(z).view(z.shape[0], self.base, 4, 4))
 
 
 class CrossModalVAE(nn.Module):
-    """encoders: encoded modality name -> module giving (mu, logvar, features); the first one is the input modality used
-    alone at test time. objective: the library's CrossModalObjective, whose decoders name the decoded modalities.
-    Batches are mappings of modality name -> tensor."""
+    """encoders: modality -> module giving (mu, logvar, features), the first the input used alone at test time;
+    objective: the library's CrossModalObjective, whose decoders name the decoded ones. Batches: name -> tensor."""
 
     def __init__(self, encoders: Mapping[str, nn.Module], objective: gf.CrossModalObjective):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
-        self.objective = objective
-        self.modalities = list(encoders)
+        self.objective, self.modalities = objective, list(encoders)
         # oneDNN's and cuDNN's preferred layout: a demo training step on 2 CPU cores takes 109 ms instead of 157.
         self.to(memory_format=torch.channels_last)
 
@@ -252,9 +233,8 @@ class CrossModalVAE(nn.Module):
 
 def cross_modal_vae(args: argparse.Namespace, task_decoders: Callable[[], Mapping[str, nn.Module]],
                     likelihoods: Mapping[str, Callable[[Tensor, Tensor], Tensor]]) -> CrossModalVAE:
-    """The paper's model: RGB (ResNet-18) and point-cloud (ResPEL) encoders, --fusion, and the objective over the task's
-    decoders (``task_decoders()``, ``likelihoods``) and a FoldingNet; all but the fusion built first from --seed, so
-    every fusion starts from the same weights."""
+    """The paper's model: ResNet-18 (RGB) and ResPEL (points) encoders, --fusion, the objective over ``task_decoders()``
+    (``likelihoods``) and a FoldingNet; all but the fusion built first from --seed (so every fusion starts alike)."""
     torch.manual_seed(args.seed)
     rgb = ResNet18Encoder(args.latent_dim, weights=args.rgb_weights, width=args.rgb_width, stem_pool=args.rgb_stem_pool)
     points = ResPELEncoder(args.latent_dim, width=args.pel_width)

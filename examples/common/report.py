@@ -1,44 +1,37 @@
-"""Readable results both pipelines write: results.json's header, markdown tables and matplotlib figures (PNG) of a
-study's results (``{fusion: {"metrics": {str(level): {metric: value}}, ...}}``) and, over seeds, its ``statistics``
-(a cell: mean ± 95 % CI half-width; a point: that error bar).
-"""
+"""Both pipelines' results.json header, markdown tables and PNG figures of a study's results (``{fusion: {"metrics":
+{str(level): {metric: value}}, ...}}``) and its ``statistics`` over seeds (cells, error bars: mean ± 95 % CI)."""
 
 import argparse
 import itertools
 import math
-import os
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import gpoe_fusion as gf
 
-import gpoe_fusion as gf  # noqa: E402
+from .training import CHECKPOINT
+from .cli import provenance
+from .data import describe_size
+from .evaluation import PREDICTIONS, base_group
 
-from .training import CHECKPOINT  # noqa: E402
-from .cli import provenance  # noqa: E402
-from .data import describe_size  # noqa: E402
-from .evaluation import PREDICTIONS, base_group  # noqa: E402
+plt.switch_backend("Agg")
 
 FUSION_LABELS = {"moe": "MoE", "poe": "PoE", "gpoe": "gPoE", "mopoe": "MoPoE"}
 # What each fusion's own weight of a modality is (``CrossModalObjective.fusion_weights``).
 FUSION_WEIGHTS = {"moe": "mixture weight", "poe": "precision share", "gpoe": "alpha", "mopoe": "subsets' weight"}
-# How the test levels of a corrupted modality are shown, per --corruption-kind: (a table's cell, a plot's axis, the
-# axis' scale, what the corruption does).
+# Per (corrupted modality, --corruption-kind): a test level as a table's cell, a plot's axis, its scale, the corruption.
 _LEVELS = {("rgb", "pixels"): (lambda lv: f"{lv:.0%}", "test pixel corruption (%)", 100.0, "pixel-corrupted"),
            ("points", "pixels"): (lambda lv: f"σ {lv:g}", "test noise of the points (std, normalised units)", 1.0,
                                   "noised"),
-           ("rgb", "desync"): (lambda lv: f"{lv:.0%} desync", "test samples with the RGB desynchronised (%)", 100.0,
-                               "desynchronised"),
-           ("points", "desync"): (lambda lv: f"{lv:.0%} desync", "test samples with the points desynchronised (%)",
-                                  100.0, "desynchronised")}
+           **{(m, "desync"): (lambda lv: f"{lv:.0%} desync", f"test samples with the {name} desynchronised (%)", 100.0,
+                              "desynchronised") for m, name in (("rgb", "RGB"), ("points", "points"))}}
 # The tables and plots of joint inference: per corrupted modality, its metric groups and their rows' labels.
 JOINT_GROUPS = {"rgb": {"metrics_joint": "joint", "metrics_oracle": "oracle"},
                 "points": {"metrics_joint_aux_corrupted": "joint", "metrics_aux": "points alone",
@@ -47,8 +40,7 @@ _CREDIBILITY_COLUMNS = (("AUROC", "auroc"), ("AUROC of the share", "auroc_share"
                         ("weight corrupted", "weight_corrupted"))
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
     """What a pipeline's reports say of it: results.json's ``task``, results.md's ``title``, the built-in data's label,
     its presets and what the paper gives of them, the main metric (key, label: a sweep's) and the tables' format."""
 
@@ -62,8 +54,7 @@ class Task:
 
 
 def header(args: argparse.Namespace, task: Task, seconds: float) -> dict:
-    """What every results.json of a command begins with: the task, preset, seed, data, time, machine, the full config
-    and where each setting comes from (``cli.provenance``)."""
+    """results.json's start: task, preset, seed, data, time, machine, config, each setting's source (cli.provenance)."""
     data = str(args.data_root) if args.data_root is not None else f"built-in synthetic {task.dataset}"
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
     return {"task": task.name, "preset": args.preset, "seed": args.seed, "data": data, "seconds": seconds,
@@ -91,7 +82,7 @@ def describe_checkpoints(out: str | Path) -> str:
     paths = sorted(Path(out).rglob(CHECKPOINT))
     if len(paths) <= 3:
         return "; ".join(f"{path} {describe_size(path)}" for path in paths)
-    return f"{len(paths)} checkpoints under {out} ({sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB)"
+    return f"{len(paths)} checkpoints under {out} ({sum(p.stat().st_size for p in paths) / 1e6:.0f} MB)"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floatfmt: str = ".4f") -> str:
@@ -101,7 +92,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], floa
     return "\n".join([lines[0], "|" + "|".join(["---"] * len(header)) + "|", *lines[1:]]) + "\n"
 
 
-def _save(fig: plt.Figure, path: str | Path) -> None:
+def _save(fig: plt.Figure, path: str | Path, **layout: object) -> None:
+    fig.tight_layout(**layout)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -109,10 +101,8 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
 
 def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str,
               title: str = "", markers: bool = True, errors: Mapping[str, Sequence[float]] | None = None,
-              ylim: tuple[float, float] | None = None,
-              styles: Mapping[str, Mapping[str, object]] | None = None) -> None:
-    """One line per entry of ``series`` over ``x``, saved to ``path``; errors, styles: label -> error bars' half-widths,
-    matplotlib line properties."""
+              ylim: tuple[float, float] | None = None, styles: Mapping[str, dict] | None = None) -> None:
+    """A line per entry of ``series`` over ``x``; errors, styles: label -> error bars' half-widths, line properties."""
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for label, ys in series.items():
         ax.errorbar(x, ys, yerr=(errors or {}).get(label), marker="o" if markers else None, markersize=4, capsize=3,
@@ -121,15 +111,13 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     _save(fig, path)
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_labels: Sequence[str] = (),
                col_labels: Sequence[str] = (), cell: float = 1.6,
                legend: Mapping[str, Sequence[int]] | None = None) -> None:
-    """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]) with optional labels; legend: label -> RGB colour
-    (0..255), patches below the grid."""
+    """A grid of RGB images (uint8 [H, W, 3] or float in [0, 1]); legend: label -> RGB colour (0..255), shown below."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     width, strip, columns = cell * n_cols, 0.0, 1
     if legend:
@@ -149,8 +137,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, row_label
     if legend:
         fig.legend(handles=[Patch(color=np.asarray(colour) / 255.0, label=label) for label, colour in legend.items()],
                    loc="lower center", ncol=columns, fontsize=8, frameon=False, handlelength=1.2, columnspacing=1.0)
-    fig.tight_layout(rect=(0, strip / height, 1, 1))
-    _save(fig, path)
+    _save(fig, path, rect=(0, strip / height, 1, 1))
 
 
 def corruption_levels(results: Mapping[str, Mapping], group: str = "metrics") -> list[str]:
@@ -164,8 +151,7 @@ def level_labels(args: argparse.Namespace) -> list[str]:
 
 
 def level_label(group: str, level: str, kind: str = "pixels") -> str:
-    """A test level of the metric group ``group`` under --corruption-kind ``kind`` as a table shows it: "50%" of the
-    pixels, "σ 0.5" of the points' noise, "50% desync" of the samples."""
+    """A test level of ``group`` under --corruption-kind ``kind`` in a table: "50%", "σ 0.5" (points), "50% desync"."""
     return _LEVELS[PREDICTIONS[base_group(group)][1], kind][0](float(level))
 
 
@@ -176,8 +162,7 @@ def fusions_title(what: str, fusions: Sequence[str], seeds: int = 1) -> str:
 
 
 def interval_cell(summary: Mapping, floatfmt: str, brackets: bool = False) -> str:
-    """A ``study.t_interval`` as ``mean ± half-width`` (``brackets``: ``mean [low, high]``), the mean alone with one
-    value, n/a with none."""
+    """``study.t_interval`` as ``mean ± half-width`` (``brackets``: ``mean [low, high]``), else the mean or n/a."""
     if summary["mean"] is None or summary["half_width"] is None:
         return "n/a" if summary["mean"] is None else format(summary["mean"], floatfmt)
     if brackets:
@@ -188,11 +173,9 @@ def interval_cell(summary: Mapping, floatfmt: str, brackets: bool = False) -> st
 
 def metric_summary(results: Mapping[str, Mapping], statistics: Mapping | None, fusion: str, level: str, key: str,
                    group: str = "metrics") -> Mapping:
-    """One fusion's ``key`` of the metric group ``group`` at ``level``: its ``study.t_interval`` over seeds, or the
-    value of its single run as ``{"mean": value, "half_width": None}``."""
-    if statistics is None:
-        return {"mean": results[fusion][group][level][key], "half_width": None}
-    return statistics[group][fusion][level][key]
+    """``key`` of ``group`` at ``level``: its ``t_interval`` over seeds, or ``{"mean": value, "half_width": None}``."""
+    return (statistics[group][fusion][level][key] if statistics is not None
+            else {"mean": results[fusion][group][level][key], "half_width": None})
 
 
 def metric_cell(results: Mapping[str, Mapping], statistics: Mapping | None, fusion: str, level: str, key: str,
@@ -239,13 +222,11 @@ def corruption_plot(results: Mapping[str, Mapping], metric: str, path: str | Pat
 
 def joint_plots(results: Mapping[str, Mapping], metric: str, out: str | Path, ylabel: str,
                 statistics: Mapping | None = None, kind: str = "pixels") -> None:
-    """``joint_vs_rgb_corruption.png`` (the joint and the oracle, the points clean) and
-    ``joint_vs_points_corruption.png`` (the joint and the points alone, the RGB clean) of ``metric``."""
-    corruption_plot(results, metric, Path(out) / "joint_vs_rgb_corruption.png", ylabel,
-                    "Joint inference, RGB corrupted", statistics, JOINT_GROUPS["rgb"], kind)
-    corruption_plot(results, metric, Path(out) / "joint_vs_points_corruption.png", ylabel,
-                    "Joint inference, points corrupted", statistics,
-                    {"metrics_joint_aux_corrupted": "joint", "metrics_aux": "points alone"}, kind)
+    """``joint_vs_rgb_corruption.png`` (joint, oracle) and ``joint_vs_points_corruption.png`` (joint, points alone)."""
+    points_corrupted = {"metrics_joint_aux_corrupted": "joint", "metrics_aux": "points alone"}
+    for corrupted, groups in (("RGB", JOINT_GROUPS["rgb"]), ("points", points_corrupted)):
+        corruption_plot(results, metric, Path(out) / f"joint_vs_{corrupted.lower()}_corruption.png", ylabel,
+                        f"Joint inference, {corrupted} corrupted", statistics, groups, kind)
 
 
 def alpha_plots(results: Mapping[str, Mapping], out_dir: str | Path, kind: str = "pixels") -> None:
@@ -281,13 +262,11 @@ def credibility_plots(results: Mapping[str, Mapping], out_dir: str | Path) -> No
             ax.grid(alpha=0.3, axis="y")
         axes[0][0].set_ylabel(f"{FUSION_WEIGHTS[f]} of the modality")
         fig.suptitle(f"{FUSION_LABELS[f]}: {FUSION_WEIGHTS[f]} on held-out samples", fontsize=9)
-        fig.tight_layout()
         _save(fig, Path(out_dir) / f"credibility_{f}.png")
 
 
 def difference_label(name: str) -> str:
-    a, b = name.split("-")
-    return f"{FUSION_LABELS[a]} − {FUSION_LABELS[b]}"
+    return " − ".join(FUSION_LABELS[f] for f in name.split("-"))
 
 
 def differences_table(statistics: Mapping, part: str, cells: Sequence[tuple[str, str, str]], floatfmt: str) -> str:
@@ -295,13 +274,11 @@ def differences_table(statistics: Mapping, part: str, cells: Sequence[tuple[str,
     column header) each, as ``mean [95 % paired-t interval]``, and a line naming those whose interval excludes 0."""
     rows, found = [], []
     for name, difference in statistics["differences"].items():
-        rows.append([difference_label(name)] + [interval_cell(difference[part][o][i], floatfmt, True)
-                                                for o, i, _ in cells])
-        for outer, inner, label in cells:
-            d = difference[part][outer][inner]
-            if d["excludes_zero"]:
-                found.append(f"{difference_label(name)} in {label} ({interval_cell(d, floatfmt, True)}: "
-                             f"{FUSION_LABELS[name.split('-')[0]]} {'higher' if d['mean'] > 0 else 'lower'})")
+        measured = [(difference[part][outer][inner], label) for outer, inner, label in cells]
+        rows.append([difference_label(name)] + [interval_cell(d, floatfmt, True) for d, _ in measured])
+        found += [f"{difference_label(name)} in {label} ({interval_cell(d, floatfmt, True)}: "
+                  f"{FUSION_LABELS[name.split('-')[0]]} {'higher' if d['mean'] > 0 else 'lower'})"
+                  for d, label in measured if d["excludes_zero"]]
     table = markdown_table(["Difference"] + [label for _, _, label in cells], rows)
     return (f"{table}\n" + ("95 % intervals that exclude 0: " + "; ".join(found) + ".\n" if found
                            else "No paired difference's 95 % interval excludes 0.\n"))
@@ -322,19 +299,17 @@ def differences_markdown(statistics: Mapping | None, columns: Sequence[tuple[str
 
 def joint_markdown(results: Mapping[str, Mapping], statistics: Mapping | None, columns: Sequence[tuple[str, str]],
                    floatfmt: str, kind: str = "pixels") -> str:
-    """Joint inference's tables of ``columns`` (header, key), the RGB or the points corrupted (JOINT_GROUPS), each over
-    seeds with the paired differences of the joint."""
+    """Joint inference's tables of ``columns`` (header, key), RGB or points corrupted, with the joint's differences."""
     seeds = spread(statistics["seeds"]) if statistics else ""
     masked = ("as every test sample is corrupted, above level 0 it is the other modality alone" if kind == "pixels"
               else "it masks the modality of the desynchronised samples only")
     text = ("Joint inference: the fused posterior of both modalities decoded (MoE and MoPoE: the mixture's mean); "
             "oracle: the same with the corrupted modality's weight set to 0 from the corruption flags (for measurement "
             f"only: no fusion sees them; {masked}).\n\n")
-    for modality, other in (("rgb", "points"), ("points", "RGB")):
-        groups = JOINT_GROUPS[modality]
-        what = f"{'RGB' if modality == 'rgb' else 'Points'} {_LEVELS[modality, kind][3]}, {other} clean{seeds}"
-        text += f"{what}.\n\n{fusion_table(results, columns, floatfmt, statistics, groups, kind)}\n"
-        joint = next(g for g, label in groups.items() if label == "joint")
+    for modality, name, other in (("rgb", "RGB", "points"), ("points", "Points", "RGB")):
+        what = f"{name} {_LEVELS[modality, kind][3]}, {other} clean{seeds}"
+        text += f"{what}.\n\n{fusion_table(results, columns, floatfmt, statistics, JOINT_GROUPS[modality], kind)}\n"
+        joint = next(g for g, label in JOINT_GROUPS[modality].items() if label == "joint")
         text += differences_markdown(statistics, columns, floatfmt, joint, " of the joint", kind) + "\n"
     return text
 
@@ -347,15 +322,9 @@ def credibility_markdown(results: Mapping[str, Mapping], statistics: Mapping | N
     corruption = ", ".join(f"{m}: " + ("desynchronised" if first[m].get("desync") else ", ".join(
         f"{k.replace('_', ' ')} {v:g}" for k, v in first[m].items() if k in ("pixel_corruption", "point_noise")))
         for m in first)
-
-    def cell(fusion: str, modality: str, measure: str) -> float | str:
-        if statistics is not None:
-            return interval_cell(statistics["credibility"][fusion][modality][measure], floatfmt)
-        value = results[fusion]["credibility"][modality][measure]
-        return "n/a" if value is None else value
-
     rows = [[f"{FUSION_LABELS[f]} ({FUSION_WEIGHTS[f]})"]
-            + [cell(f, m, key) for m in first for _, key in _CREDIBILITY_COLUMNS] for f in results]
+            + [metric_cell(results, statistics, f, m, key, floatfmt, "credibility") for m in first
+               for _, key in _CREDIBILITY_COLUMNS] for f in results]
     header = ["Fusion (its weight)"] + [f"{m} {h}" for m in first for h, _ in _CREDIBILITY_COLUMNS]
     text = (f"Credibility on held-out samples: for each modality, the evaluation samples with a seeded half of them "
             f"corrupted in that modality as in training ({corruption}), the other modality clean. AUROC that the "

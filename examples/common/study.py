@@ -1,8 +1,7 @@
 """Studies, a layer above a pipeline's run: every fusion of --fusions (--compare) at every seed of --seeds, at every
 fraction of --corruption-sweep, each a run into its own folder (--out, then ``corruption<X>/``, ``<fusion>/``,
 ``seed<k>/``); finished runs reused, not trained again; the statistics over seeds, whose runs are paired (the same data,
-noise and initial weights of the parts they share, so the spread they share cancels in their difference); the sweep.
-"""
+noise and initial weights of the parts they share, so the spread they share cancels in their difference); the sweep."""
 
 import argparse
 import itertools
@@ -24,14 +23,11 @@ from .evaluation import PREDICTIONS, base_group, group_levels
 from .report import FUSION_LABELS, Task
 
 CONFIDENCE = 0.95
-# The paired differences reported, as (minuend, subtrahend): the paper's claim is gPoE against each.
-DIFFERENCES = (("gpoe", "poe"), ("gpoe", "moe"))
+DIFFERENCES = (("gpoe", "poe"), ("gpoe", "moe"))  # (minuend, subtrahend): the paper's claim is gPoE against each
 # The held-out credibility measures summarised over seeds.
 CREDIBILITY_MEASURES = ("auroc", "auroc_alpha", "auroc_share", "weight_clean", "weight_corrupted", "effective_experts")
-# The test levels the sweep's figure shows (paper Fig. 4, first panel: clean and 50 % corrupted).
-SWEEP_LEVELS = (0.0, 0.5)
-# What a run's own results.json holds that its study's does not: its settings (the study's config says them) and the
-# per-sample credibility weights (only the figure needs them).
+SWEEP_LEVELS = (0.0, 0.5)  # the test levels of the sweep's figure (paper Fig. 4, first panel: clean, 50 % corrupted)
+# What a run's results.json holds that its study's does not: settings (in its config), per-sample weights (for figures).
 _RUN_ONLY = ("signature", "credibility_samples")
 
 
@@ -53,8 +49,7 @@ def t_interval(values: Sequence[float | None]) -> dict:
 
 
 def paired_difference(a: Sequence[float | None], b: Sequence[float | None]) -> dict:
-    """The paired differences ``a[i] - b[i]`` (``per_seed``, None where either is missing), their ``t_interval`` (the
-    paired t interval) and ``excludes_zero``: whether it lies above or below 0."""
+    """The differences ``a[i] - b[i]`` (None if one is missing) as ``{"per_seed", **t_interval, "excludes_zero"}``."""
     if len(a) != len(b):
         raise ValueError(f"b: expected {len(a)} values to pair with a's, got {len(b)}")
     per_seed = [x - y if _present(x) and _present(y) else None for x, y in zip(a, b)]
@@ -126,10 +121,9 @@ class Study:
 
     def models(self, build_model: Callable[[argparse.Namespace], nn.Module]) -> dict[str, nn.Module]:
         """fusion -> its first seed's trained model, loaded from the run's checkpoint (on the CPU)."""
-        models = {}
-        for fusion, args in self.first.items():
-            models[fusion] = build_model(args)
-            models[fusion].load_state_dict(load_checkpoint(Path(args.out) / CHECKPOINT)["model"])
+        models = {fusion: build_model(args) for fusion, args in self.first.items()}
+        for fusion, model in models.items():
+            model.load_state_dict(load_checkpoint(Path(self.first[fusion].out) / CHECKPOINT)["model"])
         return {f: m.eval() for f, m in models.items()}
 
 
@@ -179,12 +173,10 @@ def _run_point(args: argparse.Namespace, env: DistEnv, run_one: Callable[[argpar
 def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[argparse.Namespace], dict | None],
         write_report: Callable[[argparse.Namespace, Study], str]) -> Study | list[Study] | None:
     """The command's runs, ``run_one(args)`` each, then on the main process each study's ``write_report(args, study)``
-    (returns its tables) and weight figures, a sweep's report, the tables printed. Returns the study (a sweep: one per
-    fraction), None on the other processes."""
+    (its tables) and weight figures, a sweep's report; prints the tables. Returns the study (a sweep's list) or None."""
     began = time.perf_counter()
-    fractions = args.corruption_sweep or [None]
     studies = []
-    for fraction in fractions:
+    for fraction in args.corruption_sweep or [None]:
         point = args if fraction is None else _with(args, data_corruption=fraction, given=sorted(
             {*args.given, "data_corruption"}), out=Path(args.out) / f"corruption{fraction:g}")
         heading = "" if fraction is None else f"training corruption {fraction:.0%}: "
@@ -211,15 +203,12 @@ def write_summary(args: argparse.Namespace, task: Task, study: Study, **extra: o
 
 def write_sweep_report(args: argparse.Namespace, task: Task, studies: list[Study], seconds: float) -> str:
     """The sweep's results.json (``sweep``: ``{"metric", "fractions", "points": {str(fraction): {"out", **record}}}``),
-    results.md (the metric per fraction, fusion and level; paired differences) and ``training_corruption_sweep.png``
-    (at SWEEP_LEVELS). Returns the table."""
+    results.md (metric per fraction, fusion, level; differences), training_corruption_sweep.png; returns the table."""
     out, (key, label), fractions = Path(args.out), task.metric, args.corruption_sweep
     head = report.header(args, task, seconds)
-    write_json(out / "results.json", {**head, "sweep": {
-        "metric": key, "fractions": fractions,
-        "points": {str(f): {"out": str(out / f"corruption{f:g}"), **s.record()} for f, s in zip(fractions, studies)}}})
-    first = studies[0]
-    levels = report.corruption_levels(first.results)
+    write_json(out / "results.json", {**head, "sweep": {"metric": key, "fractions": fractions, "points": {
+        str(f): {"out": str(out / f"corruption{f:g}"), **s.record()} for f, s in zip(fractions, studies)}}})
+    first, levels = studies[0], report.corruption_levels(studies[0].results)
     rows = []
     for fraction, study in zip(fractions, studies):
         rows += [[f"{fraction:.0%}", FUSION_LABELS[f]]

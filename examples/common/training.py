@@ -1,11 +1,9 @@
 """The engine: the process group under torchrun, checkpoints and results written atomically and loaded safely, and one
 run of either pipeline (``runner``). The ranks train as one process with their global batch (``match_single_process``);
-all randomness is a function of (seed, epoch), so a resumed run continues as the uninterrupted one did.
-"""
+all randomness is a function of (seed, epoch), so a resumed run continues as the uninterrupted one did."""
 
 import argparse
 import contextlib
-import ctypes
 import ctypes.util
 import gc
 import itertools
@@ -23,9 +21,7 @@ from typing import Any, BinaryIO
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import gpoe_fusion as gf
@@ -107,10 +103,9 @@ def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            os.unlink(tmp)  # still there only if the block raised
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -131,9 +126,8 @@ def _unsafe_reason(exc: Exception) -> str:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The state saved at ``path`` by ``save_checkpoint``, or None if there is none yet. Loaded with
-    ``weights_only=True``, so a tampered or foreign file cannot run code: anything but tensors and plain values (another
-    kind of file, a truncated one, a pickle of other objects) is a RuntimeError naming it."""
+    """The state ``save_checkpoint`` wrote at ``path``, or None if there is none yet. Loaded ``weights_only``, so a
+    tampered or foreign file cannot run code: anything but tensors and plain values is a RuntimeError naming it."""
     path = Path(path)
     if not path.exists():
         return None
@@ -159,13 +153,11 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
-# glibc malloc.h's parameter numbers for mallopt.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc malloc.h's parameter numbers for mallopt
 
 
 def _mallopt(settings: dict[int, int]) -> bool:
-    """glibc's mallopt(parameter, value) for each of ``settings``, for this process and the workers it forks. Returns
-    whether every one took effect (False without glibc)."""
+    """glibc's mallopt(parameter, value) for each of ``settings``, also for forked workers: whether all took effect."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
@@ -181,9 +173,8 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
 
 
 def reuse_freed_memory() -> bool:
-    """Without --low-memory: glibc serves every block from its heap and keeps what is freed for the next one, instead
-    of mapping each large block afresh and page-faulting it in on first write (1-2.5 us per 4 KiB page on the 2-core
-    machine; docs/kernels.md, "Memory"). The process keeps its peak; steps are faster."""
+    """Without --low-memory: glibc keeps freed blocks in its heap for reuse, not mapping each large block afresh and
+    page-faulting it in on first write (1-2.5 us per 4 KiB page; docs/kernels.md, "Memory"): faster, peak kept."""
     return _mallopt({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1})
 
 
@@ -191,10 +182,7 @@ def reuse_freed_memory() -> bool:
 def session(args: argparse.Namespace) -> Iterator[DistEnv]:
     """The process's part in the command: the allocator (--low-memory or not), the process group (under torchrun) and
     the device; a value found wrong on the way (UsageError) ends the program with one line and exit status 2."""
-    if args.low_memory:
-        pin_mmap_threshold()
-    else:
-        reuse_freed_memory()
+    (pin_mmap_threshold if args.low_memory else reuse_freed_memory)()
     try:
         env = setup(args.device)
         if env.is_main and args.rgb_weights is None:
@@ -224,13 +212,13 @@ def start_epoch(loader: DataLoader, epoch: int) -> None:
 
 
 def _schedule(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate factor of each step: a linear warm-up over --warmup-epochs, then a cosine decay to 0."""
     total, warmup = max(1, args.epochs * steps_per_epoch), max(1, int(args.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
     return factor
 
 
@@ -266,7 +254,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     """One pass over ``loader`` (its first ``steps`` batches if given), a clipped AdamW step per batch. Returns the
     epoch means of the objective's terms and, for gPoE, of alpha per modality and corruption flag."""
     model.train()
-    core = model.module if isinstance(model, DistributedDataParallel) else model
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     log_alpha = isinstance(core.objective.fusion, gf.GPoE)
     use_amp = not args.no_amp and env.device.type == "cuda"
     steps = len(loader) if steps is None else min(steps, len(loader))
@@ -331,12 +319,11 @@ def train(model: nn.Module, train_set: Dataset, args: argparse.Namespace, env: D
     model = match_single_process(model, env.rank, env.world_size, env.device).to(env.device)
     path = Path(args.out) / CHECKPOINT
     loader = make_loader(train_set, args, env)
-    # fused: one kernel over all parameters instead of about ten ops per tensor (2.5-3 ms of a 60-80 ms demo step on
-    # 2 CPU cores).
+    # fused: one kernel over all parameters, not ten ops per tensor (2.5-3 ms of a 60-80 ms demo step on 2 CPU cores).
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args, len(loader)))
     history, start = _resume(path, model, optimizer, scheduler, args, env, log) if args.resume else ([], 0)
-    ddp = DistributedDataParallel(model) if env.distributed else model
+    ddp = nn.parallel.DistributedDataParallel(model) if env.distributed else model
     # Forked loader workers share this process's pages until written; the garbage collector writes to every object
     # it visits, so unfrozen the workers soon copy the heap (two workers added 240 MB at full size; frozen, 50-100).
     gc.collect()
@@ -381,5 +368,4 @@ def runner(build_model: Callable[[argparse.Namespace], nn.Module], evaluate: Cal
                   "signature": run_signature(args)}
         write_json(Path(args.out) / "results.json", result)
         return result
-
     return run

@@ -1,8 +1,6 @@
 """RHD's annotation pickle (``anno_<split>.pickle``, written by Python 2: read with ``encoding="latin1"``), read without
 trusting it: a pickle can call any importable function while it loads, so ``RestrictedUnpickler`` resolves only builtin
-containers and scalars and the functions numpy's own pickles name (``numpy.core.*`` or ``numpy._core.*``, the running
-numpy's).
-"""
+containers, scalars and the running numpy's functions that numpy pickles name (``numpy.core.*``, ``numpy._core.*``)."""
 
 import builtins
 import codecs
@@ -13,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 
 NUM_KEYPOINTS = 42
 _ENTRY_SHAPES = {"xyz": (NUM_KEYPOINTS, 3), "uv_vis": (NUM_KEYPOINTS, 3), "K": (3, 3)}
@@ -28,8 +25,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """What protocol-2 pickles written by Python 3 call (as ``_codecs.encode``) to rebuild a ``bytes`` object; only the
-    latin-1 codec is admitted, so the call cannot reach any other codec."""
+    """``_codecs.encode`` as Python 3's protocol-2 pickles call it to rebuild ``bytes``, restricted to latin-1."""
     if codecs.lookup(encoding).name != "iso8859-1":
         raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not admitted")
     return text.encode("latin1")
@@ -37,22 +33,18 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     # From numpy's own reductions, not private modules by name: the running numpy's functions, whichever wrote the file.
-    reconstruct = np.zeros(1).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
-    scalar = np.float64(0).__reduce__()[0]
+    reconstruct, scalar = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
     table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for core in ("numpy.core", "numpy._core"):
-        table[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        table[(f"{core}.multiarray", "scalar")] = scalar
-        table[(f"{core}.numeric", "_frombuffer")] = frombuffer
+        table.update({(f"{core}.multiarray", "_reconstruct"): reconstruct, (f"{core}.multiarray", "scalar"): scalar,
+                      (f"{core}.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0]})
     return table
 
 
 _BUILTIN_NAMES = ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool")
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     **{(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in _BUILTIN_NAMES},
-    ("_codecs", "encode"): _latin1_bytes,
-    **_numpy_globals(),
+    ("_codecs", "encode"): _latin1_bytes, **_numpy_globals(),
 }
 
 

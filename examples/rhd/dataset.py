@@ -1,12 +1,11 @@
 """Reading RHD (Rendered Hand Pose Dataset, Zimmermann & Brox 2017) from its on-disk ``RHD_published_v2`` folder
 (its layout: docs/handpose.md, "Getting RHD and pointing at it"): ``read_frame`` decodes one raw frame, ``make_sample``
-makes the network's inputs and targets of one, ``RHDDataset`` of a split's frames.
-"""
+makes the network's inputs and targets of one, ``RHDDataset`` of a split's frames."""
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,21 +23,10 @@ CROP_MARGIN = 1.3
 MIN_CROP_HALF_SIZE = 8.0  # pixels; keeps the crop finite when the visible keypoints all sit on the root
 POINT_RADIUS_M = 0.2
 DEPTH_RANGE_M = 5.0
-LEFT_IDS = (2, 17)  # inclusive mask-id ranges of each hand
-RIGHT_IDS = (18, 33)
-
-
-@dataclass
-class Frame:
-    """One raw RHD frame: color uint8 [H, W, 3]; depth float32 [H, W] metres; mask uint8 [H, W] ids; xyz [42, 3]
-    metres, camera frame; uv_vis [42, 3]; K [3, 3] (keypoints 0..20 left hand, 21..41 right hand)."""
-
-    color: np.ndarray
-    depth: np.ndarray
-    mask: np.ndarray
-    xyz: np.ndarray
-    uv_vis: np.ndarray
-    K: np.ndarray
+LEFT_IDS, RIGHT_IDS = (2, 17), (18, 33)  # inclusive mask-id ranges of each hand
+# One raw RHD frame: color uint8 [H, W, 3]; depth float32 [H, W] metres; mask uint8 [H, W] ids; xyz [42, 3] metres,
+# camera frame; uv_vis [42, 3]; K [3, 3] (keypoints 0..20 left hand, 21..41 right hand).
+Frame = NamedTuple("Frame", [(field, np.ndarray) for field in ("color", "depth", "mask", "xyz", "uv_vis", "K")])
 
 
 def _read_png(path: Path, modes: tuple[str, ...], what: str) -> np.ndarray:
@@ -65,17 +53,12 @@ def decode_depth(encoded: np.ndarray) -> np.ndarray:
 def _split_dir(root: str | os.PathLike, split: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(root)
-    folder = root / split
+    folder = Path(root) / split
     if not folder.is_dir():
-        nested = root / "RHD_published_v2"
+        nested = Path(root) / "RHD_published_v2"
         hint = f" (did you mean root={nested}?)" if (nested / split).is_dir() else ""
         raise FileNotFoundError(f"RHD split folder not found: {folder}; root must be the RHD_published_v2 folder{hint}")
     return folder
-
-
-def _annotation_path(root: str | os.PathLike, split: str) -> Path:
-    return _split_dir(root, split) / f"anno_{split}.pickle"
 
 
 def read_frame(root: str | os.PathLike, split: str, index: int,
@@ -84,7 +67,7 @@ def read_frame(root: str | os.PathLike, split: str, index: int,
     the pickle. Missing or undecodable files raise errors naming the file."""
     folder = _split_dir(root, split)
     if annotations is None:
-        annotations = load_annotations(_annotation_path(root, split))
+        annotations = load_annotations(folder / f"anno_{split}.pickle")
     if index not in annotations:
         raise KeyError(f"sample {index} is not in the annotations of {folder}")
     name = f"{index:05d}.png"
@@ -95,8 +78,7 @@ def read_frame(root: str | os.PathLike, split: str, index: int,
     if not (color.shape[:2] == depth.shape == mask.shape):
         raise ValueError(f"{folder}/*/{name}: colour {color.shape[:2]}, depth {depth.shape} "
                          f"and mask {mask.shape} sizes differ")
-    entry = annotations[index]
-    return Frame(color, depth, mask, entry["xyz"], entry["uv_vis"], entry["K"])
+    return Frame(color, depth, mask, **annotations[index])
 
 
 def _hand_pixels(mask: np.ndarray, hand: int) -> np.ndarray:
@@ -105,15 +87,13 @@ def _hand_pixels(mask: np.ndarray, hand: int) -> np.ndarray:
 
 
 def choose_hand(mask: np.ndarray) -> int:
-    """The hand with more mask pixels: 0 left (ids 2..17), 1 right (ids 18..33). A tie goes to the right hand, as in the
-    reference RHD code (left is kept only when it has strictly more pixels)."""
+    """The hand with more mask pixels: 0 left (ids 2..17), 1 right (ids 18..33), also on a tie (as RHD's code does)."""
     return 0 if _hand_pixels(mask, 0).sum() > _hand_pixels(mask, 1).sum() else 1
 
 
 def crop_box(uv: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, float]:
-    """Square crop around the root keypoint: centre = uv of keypoint 12, half-size = 1.3 x the largest Euclidean
-    distance of a visible keypoint from the centre (all keypoints when none is visible), at least ``MIN_CROP_HALF_SIZE``
-    pixels. uv: [21, 2]; visible: bool [21]. Returns (centre [2], half_size)."""
+    """Square crop centred on keypoint 12 (the root), half-size = 1.3 x its largest distance to a visible keypoint (to
+    any when none is), >= ``MIN_CROP_HALF_SIZE`` pixels. uv: [21, 2]; visible: bool [21] -> (centre [2], half_size)."""
     centre = uv[ROOT_KEYPOINT].astype(np.float64)
     counted = uv[visible] if visible.any() else uv
     reach = np.linalg.norm(counted - centre, axis=1).max()
@@ -121,9 +101,8 @@ def crop_box(uv: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def crop_intrinsics(K: np.ndarray, centre: np.ndarray, half_size: float, crop_size: int) -> np.ndarray:
-    """Intrinsics of the crop: with pixel centres at integer coordinates, the box [centre - h, centre + h] (edges of the
-    output's outer pixels) maps to [-0.5, S - 0.5], i.e. ``u' = s (u - c_u + h) - 0.5`` with ``s = S / 2h``; returns ``A
-    @ K`` for that affine map A. K: [3, 3]; returns float64 [3, 3]."""
+    """The crop's intrinsics ``A @ K``, float64 [3, 3] (K: [3, 3]): A maps the box [centre - h, centre + h] (the outer
+    pixels' edges) to [-0.5, S - 0.5] (pixel centres at integers): ``u' = s (u - c_u + h) - 0.5``, ``s = S / 2h``."""
     s = crop_size / (2.0 * half_size)
     affine = np.array([[s, 0.0, s * (half_size - centre[0]) - 0.5],
                        [0.0, s, s * (half_size - centre[1]) - 0.5],
@@ -139,17 +118,14 @@ def _crop_image(color: np.ndarray, centre: np.ndarray, half_size: float, crop_si
     left, top = centre[0] - half_size + 0.5, centre[1] - half_size + 0.5
     right, bottom = centre[0] + half_size + 0.5, centre[1] + half_size + 0.5
     pad = int(np.ceil(max(0.0, -left, -top, right - width, bottom - height))) + 1
-    padded = np.full((height + 2 * pad, width + 2 * pad, 3), CROP_PAD_VALUE, dtype=np.uint8)
-    padded[pad:pad + height, pad:pad + width] = color
+    padded = np.pad(color, ((pad, pad), (pad, pad), (0, 0)), constant_values=CROP_PAD_VALUE)
     box = (left + pad, top + pad, right + pad, bottom + pad)
-    resized = Image.fromarray(padded).resize((crop_size, crop_size), Image.BILINEAR, box=box)
-    return np.asarray(resized, dtype=np.uint8)
+    return np.asarray(Image.fromarray(padded).resize((crop_size, crop_size), Image.BILINEAR, box=box), dtype=np.uint8)
 
 
 def make_sample(frame: Frame, index: int, crop_size: int, num_points: int, seed: int,
                 where: str = "") -> dict[str, torch.Tensor]:
-    """``RHDDataset``'s item of sample ``index`` from its decoded ``frame`` (``where`` prefixes the error of a frame
-    whose scale is 0)."""
+    """``RHDDataset``'s item of sample ``index`` from its decoded ``frame``; ``where`` prefixes a zero scale's error."""
     hand = choose_hand(frame.mask)
     own = slice(21 * hand, 21 * hand + 21)
     keypoints, uv, visible = frame.xyz[own], frame.uv_vis[own, :2], frame.uv_vis[own, 2] == 1
@@ -175,23 +151,19 @@ def make_sample(frame: Frame, index: int, crop_size: int, num_points: int, seed:
 
 
 class RHDDataset(Dataset):
-    """RHD samples as network inputs and targets.
-
-    root: the ``RHD_published_v2`` folder; split: "training" or "evaluation"; crop_size: S, the side of the RGB crop;
-    num_points: P; indices: the sample ids to use (default: every id of the split's pickle, ascending); seed: with the
-    sample id, fixes the point-cloud resampling, so an item is the same whenever it is read; samples: items already made
-    (``make_sample``) by sample id, returned instead of decoding their frames again. An item (tensors):
+    """RHD samples as network inputs and targets. root: the ``RHD_published_v2`` folder; split: "training" or
+    "evaluation"; crop_size: S, the side of the RGB crop; num_points: P; indices: the sample ids to use (default: every
+    id of the split's pickle, ascending); seed: with the sample id, fixes the point-cloud resampling, so an item is the
+    same whenever it is read; samples: items already made (``make_sample``) by sample id, returned instead of decoding
+    their frames again. Which hand, the normalisation, the crop and the points: docs/handpose.md, "Getting RHD and
+    pointing at it" (a hand without points gives P copies of the origin). An item (tensors):
 
     - "rgb": float32 [3, S, S] in [0, 1], the crop; "points": float32 [P, 3], the hand's point cloud, normalised;
     - "keypoints": float32 [21, 3], the hand's 3-D keypoints, normalised (RHD order; keypoint 12 at the origin);
-    - "scale": float32 [] metres; "root": float32 [3] metres, camera frame;
+      "scale": float32 [] metres; "root": float32 [3] metres, camera frame;
     - "uv": float32 [21, 2], keypoints in crop pixels (integer = pixel centre); "visible": bool [21] (uv_vis == 1);
-    - "K": float32 [3, 3], the crop's intrinsics: K @ (keypoints * scale + root) projects onto "uv";
-    - "hand": int64 [], 0 left, 1 right; "index": int64 [], the sample id.
-
-    Which hand, the normalisation, the crop and the points: docs/handpose.md, "Getting RHD and pointing at it" (a hand
-    without points gives P copies of the origin).
-    """
+      "K": float32 [3, 3], the crop's intrinsics: K @ (keypoints * scale + root) projects onto "uv";
+    - "hand": int64 [], 0 left, 1 right; "index": int64 [], the sample id."""
 
     def __init__(self, root: str | os.PathLike, split: str = "training", crop_size: int = 256, num_points: int = 1024,
                  indices: list[int] | np.ndarray | None = None, seed: int = 0,
@@ -200,17 +172,13 @@ class RHDDataset(Dataset):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.root, self.split, self.seed = Path(root), split, int(seed)
-        self.crop_size, self.num_points = int(crop_size), int(num_points)
-        self.samples = samples or {}
-        annotations = load_annotations(_annotation_path(root, split))
-        if indices is None:
-            self.indices = list(annotations)
-        else:
-            self.indices = [int(i) for i in indices]
-            missing = [i for i in self.indices if i not in annotations]
-            if missing:
-                raise ValueError(f"indices not in {_annotation_path(root, split)}: {missing[:10]}"
-                                 + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        self.crop_size, self.num_points, self.samples = int(crop_size), int(num_points), samples or {}
+        path = _split_dir(root, split) / f"anno_{split}.pickle"
+        annotations = load_annotations(path)
+        self.indices = list(annotations) if indices is None else [int(i) for i in indices]
+        if missing := [i for i in self.indices if i not in annotations]:
+            raise ValueError(f"indices not in {path}: {missing[:10]}"
+                             + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
         # One array per field, row i for self.indices[i]: a dict of 41258 small arrays is 110 MB of Python objects
         # that every forked DataLoader worker slowly copies (reference counting writes to them); arrays stay shared.
         self._fields = {name: np.stack([annotations[i][name] for i in self.indices]) if self.indices else

@@ -2,25 +2,24 @@
 Keypoint k's error is ``||pred_k - gt_k|| * scale`` in mm, both normalised root-relative (``(xyz - root) / scale``) and
 de-normalised with the ground-truth scale. As the common evaluation code (``EvalUtil``), every statistic is computed
 per keypoint over the samples where it counts, then averaged over keypoints; the AUC over 20-50 mm takes the curve on
-``linspace(0, 50, 20)`` from 21.05 to 50 mm (the last 12 points), trapezoids, divided by that span.
-"""
+``linspace(0, 50, 20)`` from 21.05 to 50 mm (the last 12 points), trapezoids, divided by that span."""
 
 import numpy as np
 import torch
 
 PCK_THRESHOLDS_MM = np.linspace(0.0, 50.0, 20)
 AUC_RANGE_MM = (20.0, 50.0)
+Array = np.ndarray | torch.Tensor
 
 
-def _as_numpy(value) -> np.ndarray:
+def _as_numpy(value: Array) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         dtype = torch.float64 if value.is_floating_point() else value.dtype  # numpy has no bfloat16
         value = value.detach().to(device="cpu", dtype=dtype).numpy()
     return np.asarray(value)
 
 
-def keypoint_errors_mm(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor,
-                       scale: np.ndarray | torch.Tensor) -> np.ndarray:
+def keypoint_errors_mm(pred: Array, gt: Array, scale: Array) -> np.ndarray:
     """Per-keypoint Euclidean errors in mm. pred, gt: [N, K, 3] normalised root-relative keypoints; scale: [N]
     ground-truth scales in metres. Returns float64 [N, K]."""
     pred, gt = _as_numpy(pred).astype(np.float64), _as_numpy(gt).astype(np.float64)
@@ -54,22 +53,17 @@ class KeypointEvaluator:
         self._errors: list[np.ndarray] = []
         self._counted: list[np.ndarray] = []
 
-    def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor,
-               visible: np.ndarray | torch.Tensor | None = None) -> None:
-        """Add a batch. pred, gt: [N, K, 3] normalised root-relative keypoints; scale: [N] metres (ground truth);
-        visible: bool [N, K], required when ``visible_only``."""
+    def update(self, pred: Array, gt: Array, scale: Array, visible: Array | None = None) -> None:
+        """Add a batch: pred, gt, scale as in keypoint_errors_mm; visible: bool [N, K], required if ``visible_only``."""
         errors = keypoint_errors_mm(pred, gt, scale)
         if self._errors and errors.shape[1] != self._errors[0].shape[1]:
             raise ValueError(f"every batch must have the same number of keypoints: got {errors.shape[1]}, "
                              f"earlier {self._errors[0].shape[1]}")
-        if self.visible_only:
-            if visible is None:
-                raise ValueError("visible is required when visible_only=True")
-            counted = _as_numpy(visible).astype(bool)
-            if counted.shape != errors.shape:
-                raise ValueError(f"visible must be [N, K] = {errors.shape}, got {counted.shape}")
-        else:
-            counted = np.ones(errors.shape, dtype=bool)
+        if self.visible_only and visible is None:
+            raise ValueError("visible is required when visible_only=True")
+        counted = _as_numpy(visible).astype(bool) if self.visible_only else np.ones(errors.shape, dtype=bool)
+        if counted.shape != errors.shape:
+            raise ValueError(f"visible must be [N, K] = {errors.shape}, got {counted.shape}")
         self._errors.append(errors)
         self._counted.append(counted)
 
@@ -84,22 +78,16 @@ class KeypointEvaluator:
         return np.concatenate(self._counted) if self._counted else np.zeros((0, 0), dtype=bool)
 
     def compute(self) -> dict:
-        """Scores over everything fed so far: mean_epe_mm, median_epe_mm; per_keypoint_mean_epe_mm (K floats, NaN where
-        a keypoint never counts); pck_thresholds_mm and pck_curve (in [0, 1]); auc_20_50; num_samples;
-        num_keypoints_counted."""
+        """Scores over everything fed so far: mean_epe_mm, median_epe_mm, per_keypoint_mean_epe_mm (K floats, NaN
+        where none counts), pck_thresholds_mm, pck_curve (in [0, 1]), auc_20_50, num_samples, num_keypoints_counted."""
         errors, counted = self.errors_mm, self.counted
         if errors.size == 0 or not counted.any():
             raise ValueError("no keypoint errors to evaluate: call update() with at least one counted keypoint")
-        per_keypoint_mean, medians, curves = [], [], []
-        for k in range(errors.shape[1]):
-            values = errors[counted[:, k], k]
-            if len(values) == 0:
-                per_keypoint_mean.append(float("nan"))
-                continue
-            per_keypoint_mean.append(float(values.mean()))
-            medians.append(float(np.median(values)))
-            curves.append((values[:, None] <= self.thresholds_mm[None, :]).mean(axis=0))
-        curve = np.mean(curves, axis=0)
+        per_keypoint = [errors[counted[:, k], k] for k in range(errors.shape[1])]  # each keypoint's counted errors
+        per_keypoint_mean = [float(values.mean()) if len(values) else float("nan") for values in per_keypoint]
+        scored = [values for values in per_keypoint if len(values)]  # the statistics below skip uncounted keypoints
+        medians = [np.median(values) for values in scored]
+        curve = np.mean([(values[:, None] <= self.thresholds_mm[None, :]).mean(axis=0) for values in scored], axis=0)
         in_range = (self.thresholds_mm >= AUC_RANGE_MM[0]) & (self.thresholds_mm <= AUC_RANGE_MM[1])
         if in_range.sum() < 2:
             raise ValueError(f"fewer than 2 thresholds lie within {AUC_RANGE_MM} mm, so auc_20_50 is undefined")

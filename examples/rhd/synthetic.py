@@ -1,18 +1,17 @@
-"""The built-in hand-pose data: procedural articulated hands written in exactly the RHD on-disk format
-(``generate_rhd``), read by the code that reads the real release; ``ensure_builtin_rhd`` generates once into a cache.
+"""The built-in hand-pose data: procedural articulated hands in exactly the RHD on-disk format (``generate_rhd``), read
+by the code that reads the real release; ``ensure_builtin_rhd`` generates once into a cache.
 
 A frame holds two hands: a dominant one, left or right, near the image centre 0.3-0.8 m away, and a farther one towards
 the border, each a kinematic skeleton within joint limits drawn as ray-traced Lambert-shaded capsules with a forearm;
-so that pose is learnable from small crops, every finger has its own hue. Frame ``i`` of a split depends only on
-``(seed, split, i)``: equal arguments give byte-identical files.
-"""
+every finger has its own hue, so that pose is learnable from small crops. Frame ``i`` of a split depends only on
+``(seed, split, i)``: equal arguments give byte-identical files."""
 
 import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,14 +20,11 @@ from tqdm import tqdm
 
 from common.data import build_once, ordered_map
 from rhd.annotations import load_annotations, save_annotations
-from rhd.dataset import Frame, decode_depth
+from rhd.dataset import DEPTH_RANGE_M, SPLITS, Frame, decode_depth
 
 IMAGE_SIZE = 320
 DATASET_DIRNAME = "RHD_published_v2"
-SPLITS = ("training", "evaluation")
-# Bump whenever the frames change, so that cached built-in datasets are regenerated.
-GENERATOR_VERSION = 1
-DEPTH_RANGE_M = 5.0
+GENERATOR_VERSION = 1  # bump whenever the frames change, so that cached built-in datasets are regenerated
 PNG_COMPRESS_LEVEL = 1
 # Makes a dataset item of a decoded frame and its sample id (e.g. rhd.dataset.make_sample with its settings).
 Sample = Callable[[Frame, int], dict]
@@ -43,17 +39,13 @@ _FINGER_SPREAD_DEG = np.array([9.0, 0.0, -8.0, -17.0])
 _THUMB_CMC_REST = np.array([0.020, 0.025, 0.008])
 _THUMB_BONES = np.array([0.042, 0.032, 0.026])  # CMC->MCP, MCP->IP, IP->tip
 _FINGER_RADIUS = np.array([0.0085, 0.0088, 0.0083, 0.0074])
-_THUMB_RADIUS = 0.0100
-_PALM_RADIUS = 0.0150
-_FOREARM_RADIUS = 0.026
-_FOREARM_LENGTH = 0.22
-
+_THUMB_RADIUS, _PALM_RADIUS = 0.0100, 0.0150
+_FOREARM_RADIUS, _FOREARM_LENGTH = 0.026, 0.22
 # Per-finger hues (thumb, index, middle, ring, pinky) blended into the skin tone.
 _FINGER_HUES = np.array([[0.95, 0.15, 0.10], [0.95, 0.85, 0.10], [0.15, 0.80, 0.20],
                          [0.10, 0.45, 0.95], [0.80, 0.20, 0.85]])
 _SKIN_TONES = np.array([[0.98, 0.84, 0.72], [0.90, 0.72, 0.58], [0.78, 0.57, 0.42],
                         [0.60, 0.42, 0.30], [0.42, 0.29, 0.20]])
-
 # Palm capsules between RHD keypoints: wrist to the thumb CMC and each MCP, across the knuckles, two diagonals.
 _PALM_BONES = ((0, 4), (0, 8), (0, 12), (0, 16), (0, 20), (4, 8), (8, 12), (12, 16), (16, 20), (4, 16), (4, 20))
 
@@ -80,11 +72,9 @@ def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, floa
     def jitter(count: int) -> np.ndarray:  # per-bone (and per-joint-position) variation of +-5 %
         return rng.uniform(0.95, 1.05, size=count)
 
-    keypoints = np.zeros((21, 3))
-    radii = np.zeros(21)
+    keypoints, radii = np.zeros((21, 3)), np.zeros(21)
     palm_normal = np.array([0.0, 0.0, 1.0])
-    grip = rng.uniform(0.0, 1.0)
-    spread = rng.uniform(0.0, 1.0)
+    grip, spread = rng.uniform(0.0, 1.0), rng.uniform(0.0, 1.0)
     for finger in range(4):
         mcp = _FINGER_MCP_REST[finger] * size * jitter(3)
         curl = np.clip(grip + rng.uniform(-0.4, 0.4), 0.0, 1.0)
@@ -93,8 +83,7 @@ def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, floa
         flex_mcp = np.clip(-15.0 + 100.0 * curl + rng.normal(0.0, 8.0), -20.0, 90.0)
         flex_pip = np.clip(105.0 * curl + rng.normal(0.0, 10.0), 0.0, 110.0)
         flex_dip = np.clip(0.67 * flex_pip + rng.normal(0.0, 8.0), 0.0, 80.0)
-        rest = mcp / np.linalg.norm(mcp)
-        forward = _rotation(palm_normal, -abduction) @ rest
+        forward = _rotation(palm_normal, -abduction) @ (mcp / np.linalg.norm(mcp))
         joints = _finger_chain(mcp, forward, palm_normal, _FINGER_PHALANGES[finger] * size * jitter(3),
                                np.deg2rad([flex_mcp, flex_pip, flex_dip]))
         first = 5 + 4 * finger
@@ -104,8 +93,7 @@ def _sample_hand(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, floa
     # Thumb: the metacarpal leaves the CMC abducted in the palm plane and opposed towards the palm; the MCP and IP
     # joints bend it across the palm (towards the pinky side and out of the palm).
     cmc = _THUMB_CMC_REST * size * jitter(3)
-    abduction = np.deg2rad(rng.uniform(15.0, 60.0))
-    opposition = np.deg2rad(rng.uniform(0.0, 50.0))
+    abduction, opposition = np.deg2rad(rng.uniform(15.0, 60.0)), np.deg2rad(rng.uniform(0.0, 50.0))
     in_plane = np.array([np.sin(abduction), np.cos(abduction), 0.0])
     forward = np.cos(opposition) * in_plane + np.sin(opposition) * palm_normal
     bend = palm_normal - 0.6 * np.array([1.0, 0.0, 0.0])
@@ -129,13 +117,9 @@ def _sample_orientation(rng: np.random.Generator) -> np.ndarray:
     return roll @ tilt @ palm_to_camera @ flip
 
 
-@dataclass
-class _Capsule:
-    a: np.ndarray  # [3] endpoint, camera frame
-    b: np.ndarray  # [3]
-    radius: float
-    mask_id: int
-    color: np.ndarray  # [3] albedo in [0, 1]
+# A capsule to draw: endpoints a, b [3] (camera frame), its radius, mask id and albedo colour [3] in [0, 1].
+_Capsule = NamedTuple("_Capsule", [("a", np.ndarray), ("b", np.ndarray), ("radius", float), ("mask_id", int),
+                                   ("color", np.ndarray)])
 
 
 class _Canvas:
@@ -146,10 +130,8 @@ class _Canvas:
                  ambient: float):
         # Ray through pixel (u, v) (integer coordinates are pixel centres): d = (x[u], x[v], 1), so t is the z-depth.
         self.x = ((np.arange(IMAGE_SIZE) - center) / focal).astype(np.float32)
-        self.focal, self.center = focal, center
-        self.color, self.depth = color, depth
-        self.mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-        self.light, self.ambient = light, ambient
+        self.focal, self.center, self.light, self.ambient = focal, center, light, ambient
+        self.color, self.depth, self.mask = color, depth, np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
 
     def _bounds(self, a: tuple[float, ...], b: tuple[float, ...], r: float) -> tuple[int, int, int, int] | None:
         if min(a[2], b[2]) - r <= 1e-3:
@@ -164,16 +146,13 @@ class _Canvas:
         u1 = min(int(np.ceil(self.focal * max(us) + self.center)) + 2, IMAGE_SIZE)
         v0 = max(int(np.floor(self.focal * min(vs) + self.center)) - 1, 0)
         v1 = min(int(np.ceil(self.focal * max(vs) + self.center)) + 2, IMAGE_SIZE)
-        if u0 >= u1 or v0 >= v1:
-            return None
-        return u0, u1, v0, v1
+        return None if u0 >= u1 or v0 >= v1 else (u0, u1, v0, v1)
 
     def draw(self, capsule: _Capsule, palm_normal: np.ndarray | None) -> None:
         """Z-buffer one capsule; ``palm_normal`` (camera frame) lightens surface facing the palm side."""
         # Python floats keep the per-pixel arithmetic in float32 (numpy scalars would promote it).
         a, b, r = tuple(map(float, capsule.a)), tuple(map(float, capsule.b)), float(capsule.radius)
-        box = self._bounds(a, b, r)
-        if box is None:
+        if (box := self._bounds(a, b, r)) is None:
             return
         u0, u1, v0, v1 = box
         window = (slice(v0, v1), slice(u0, u1))
@@ -232,10 +211,8 @@ def _hand_capsules(keypoints: np.ndarray, radii: np.ndarray, side: int, skin: np
             capsules.append(_Capsule(keypoints[first + segment], keypoints[first + segment + 1],
                                      float(min(radii[first + segment], radii[first + segment + 1])),
                                      id_base + 3 * finger + segment, np.clip(finger_color * tint, 0.0, 1.0)))
-    palm_radius = float(radii[0])
-    for i, j in _PALM_BONES:
-        capsules.append(_Capsule(keypoints[i], keypoints[j], palm_radius, id_base + 15, skin))
-    return capsules
+    return capsules + [_Capsule(keypoints[i], keypoints[j], float(radii[0]), id_base + 15, skin)
+                       for i, j in _PALM_BONES]
 
 
 def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -249,8 +226,7 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     coarse = 0.6 * rng.uniform(0.0, 1.0, size=(cells, cells, 3)) + 0.4 * ((1 - mix) * colour_a + mix * colour_b)
     coarse_u8 = np.rint(coarse * 255).astype(np.uint8)
     color = np.array(Image.fromarray(coarse_u8).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
-    z0 = rng.uniform(1.5, 4.0)
-    slope = rng.uniform(-0.25, 0.25, size=2)
+    z0, slope = rng.uniform(1.5, 4.0), rng.uniform(-0.25, 0.25, size=2)
     pixel_ramp = np.linspace(-1.0, 1.0, IMAGE_SIZE, dtype=np.float32)
     depth = np.float32(z0) * (1.0 + float(slope[0]) * pixel_ramp[None, :] + float(slope[1]) * pixel_ramp[:, None])
     return color, np.clip(depth, 1.0, DEPTH_RANGE_M - 0.05)
@@ -258,27 +234,23 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 def synthesize_frame(rng: np.random.Generator) -> Frame:
     """Render one random frame (see the module docstring for what varies), in float32 and uint8 [320, 320]."""
-    focal = rng.uniform(263.0, 306.0)
-    center = IMAGE_SIZE / 2
+    focal, center = rng.uniform(263.0, 306.0), IMAGE_SIZE / 2
     K = np.array([[focal, 0.0, center], [0.0, focal, center], [0.0, 0.0, 1.0]], dtype=np.float32)
     dominant = int(rng.integers(2))
     color, depth = _background(rng)
     light = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0), -rng.uniform(0.6, 1.6)])
     canvas = _Canvas(focal, center, color, depth, light / np.linalg.norm(light), rng.uniform(0.25, 0.4))
     skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.9, 1.1, size=3)
-    hue_weight = rng.uniform(0.45, 0.75)
-    sleeve = rng.uniform(0.1, 0.9, size=3)
+    hue_weight, sleeve = rng.uniform(0.45, 0.75), rng.uniform(0.1, 0.9, size=3)
 
-    xyz = np.zeros((42, 3))
-    joint_radius = np.zeros(42)
+    xyz, joint_radius = np.zeros((42, 3)), np.zeros(42)
     dominant_depth = rng.uniform(0.3, 0.8)
-    for role in ("dominant", "other"):
-        side = dominant if role == "dominant" else 1 - dominant
+    for side in (dominant, 1 - dominant):
         local, radii, size = _sample_hand(rng)
         if side == 0:
             local = local * np.array([-1.0, 1.0, 1.0])
         rotation = _sample_orientation(rng)
-        if role == "dominant":
+        if side == dominant:
             z = dominant_depth
             u, v = center + rng.uniform(-50.0, 50.0, size=2)
         else:
@@ -312,20 +284,16 @@ def synthesize_frame(rng: np.random.Generator) -> Frame:
 
 
 def encode_depth(depth: np.ndarray) -> np.ndarray:
-    """RHD's depth PNG pixels: metres -> uint8 [H, W, 3] with the top byte of round(d / 5 * 65535) in R, the bottom byte
-    in G and B = 0 (depth: [H, W] metres, clipped to [0, 5])."""
+    """RHD's depth PNG pixels: metres [H, W] (clipped to [0, 5]) -> uint8 [H, W, 3] with the top byte of
+    round(d / 5 * 65535) in R, the bottom byte in G and B = 0."""
     code = np.rint(np.clip(depth, 0.0, DEPTH_RANGE_M) / DEPTH_RANGE_M * 65535.0).astype(np.uint16)
-    encoded = np.zeros(depth.shape + (3,), dtype=np.uint8)
-    encoded[..., 0] = code >> 8
-    encoded[..., 1] = code & 0xFF
-    return encoded
+    return np.stack([code >> 8, code & 0xFF, np.zeros_like(code)], axis=-1).astype(np.uint8)
 
 
 def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: tqdm, reuse: Path | None = None,
                  sample: Sample | None = None) -> dict[int, dict]:
-    """Frames 0..count-1 of one split; those that ``reuse`` (the split of a dataset of this generator and seed) holds
-    are hard-linked from it: frame i depends only on (seed, split, i), so they are the very same bytes. Returns
-    ``sample(frame, i)`` of every frame rendered here (none without ``sample``)."""
+    """Frames 0..count-1 of one split, those that ``reuse`` (a split of this generator and seed) holds hard-linked from
+    it (frame i depends only on (seed, split, i): the same bytes); returns ``sample(frame, i)`` of those rendered."""
     for folder in ("color", "depth", "mask"):
         (split_dir / folder).mkdir(parents=True)
     annotations, samples = {}, {}
@@ -334,7 +302,11 @@ def _write_split(split_dir: Path, split_code: int, count: int, seed: int, bar: t
         annotations = {index: entry for index, entry in old.items() if index < count}
         for index in annotations:
             for folder in ("color", "depth", "mask"):
-                _link_or_copy(reuse / folder / f"{index:05d}.png", split_dir / folder / f"{index:05d}.png")
+                source, target = reuse / folder / f"{index:05d}.png", split_dir / folder / f"{index:05d}.png"
+                try:
+                    os.link(source, target)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(source, target)
             bar.update(1)
     jobs = [(split_dir, split_code, seed, index, sample) for index in range(len(annotations), count)]
     for index, annotation, made in ordered_map(_write_frame, jobs):
@@ -360,26 +332,17 @@ def _write_frame(job: tuple[Path, int, int, int, Sample | None]) -> tuple[int, d
     # What the files hold: depth quantised to 16 bits; annotations float32 (save_annotations), read back as float64.
     read = {name: value.astype(np.float32).astype(np.float64) for name, value in annotation.items()}
     made = sample(Frame(frame.color, decode_depth(depth), frame.mask, **read), index)
-    # As arrays: a tensor leaving a worker process is shared through a file descriptor of its own, and a split's worth
-    # of them exceeds the limit on open files.
+    # As arrays: each tensor leaving a worker process holds a file descriptor, and a split's worth exceeds the limit.
     return index, annotation, {key: value.numpy() for key, value in made.items()}
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # a file system without hard links
-        shutil.copyfile(source, target)
 
 
 def generate_rhd(root: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
                  progress: bool = True, reuse: str | os.PathLike | None = None, sample: Sample | None = None,
                  samples: dict[str, dict[int, dict]] | None = None) -> Path:
     """Write a synthetic dataset in the RHD layout (ids 0..n-1 per split) under ``root``, never into an existing one,
-    and return ``root/RHD_published_v2``. reuse: such a folder of this generator and seed, whose frames are linked from
-    it instead of being drawn again (the same bytes). sample, samples: ``samples[split][i] = sample(frame, i)`` for
-    every frame rendered here, made by the rendering process from the frame in memory, as it will be read from the
-    files: a first run need not decode again what it has just written."""
+    and return ``root/RHD_published_v2``. reuse: such a folder of this generator and seed, whose frames are linked
+    instead of drawn again (the same bytes). sample, samples: ``samples[split][i] = sample(frame, i)`` for every frame
+    rendered here, made from the frame in memory as the files will read: no need to decode what was just written."""
     for name, value in (("num_training", num_training), ("num_evaluation", num_evaluation)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -401,9 +364,9 @@ def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
         found = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if found.get("generator_version") != GENERATOR_VERSION or found.get("seed") != seed:
-        return None
-    return found["num_training"], found["num_evaluation"]
+    if found.get("generator_version") == GENERATOR_VERSION and found.get("seed") == seed:
+        return found["num_training"], found["num_evaluation"]
+    return None
 
 
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
@@ -412,12 +375,10 @@ def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_eval
     """The ``RHD_published_v2`` folder of a built-in dataset under ``cache_dir`` with at least ``num_training`` and
     ``num_evaluation`` frames: the smallest cached one that has them (a dataset's first n frames are those of one of n),
     else a new one (``data.build_once``) linking the largest cached one's frames. None is changed or deleted. sample,
-    samples: as ``generate_rhd``'s, when it generates.
-    """
+    samples: as ``generate_rhd``'s, when it generates."""
     cache_dir, seed = Path(cache_dir), int(seed)
     cached = {f: sizes for f in sorted(cache_dir.glob("rhd_builtin*")) if (sizes := _cached_sizes(f, seed))}
-    serving = [folder for folder, (t, e) in cached.items() if t >= num_training and e >= num_evaluation]
-    if serving:
+    if serving := [folder for folder, (t, e) in cached.items() if t >= num_training and e >= num_evaluation]:
         return min(serving, key=lambda folder: sum(cached[folder])) / DATASET_DIRNAME
     largest = max(cached, key=lambda folder: sum(cached[folder]), default=None)
     have = cached[largest] if largest else (0, 0)
@@ -426,8 +387,7 @@ def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_eval
     def generate(staging: Path) -> None:
         generate_rhd(staging, *sizes, seed=seed, progress=progress,
                      reuse=None if largest is None else largest / DATASET_DIRNAME, sample=sample, samples=samples)
-        manifest = {"generator_version": GENERATOR_VERSION, "num_training": sizes[0], "num_evaluation": sizes[1],
-                    "seed": seed}
+        manifest = dict(generator_version=GENERATOR_VERSION, num_training=sizes[0], num_evaluation=sizes[1], seed=seed)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     folder = cache_dir / f"rhd_builtin_v{GENERATOR_VERSION}_seed{seed}_{sizes[0]}x{sizes[1]}"

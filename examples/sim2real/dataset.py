@@ -1,7 +1,6 @@
 """Loader for the Surgical Video-Sim2Real random views (Rivoir et al., ICCV 2021) on disk. The layout, and the choices
 made where the dataset documents no geometry (z-depth, pinhole intrinsics, the centre crop, the point cloud's
-normalisation): docs/surgical.md, "Getting the real dataset".
-"""
+normalisation): docs/surgical.md, "Getting the real dataset"."""
 
 import re
 from collections.abc import Sequence
@@ -68,30 +67,27 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 def colors_to_classes(rgb: np.ndarray, unknown_colors: str = "error", ignore_index: int = 255,
                       source: str = "segmentation") -> np.ndarray:
-    """Class ids int64 [H, W] of a colour-coded segmentation uint8 [H, W, 3], matched exactly against CLASS_COLORS. A
-    pixel of any other colour raises a ``ValueError`` naming ``source`` and the colours (``unknown_colors="error"``) or
-    becomes ``ignore_index`` (``"ignore"``); it never becomes a class."""
+    """Class ids int64 [H, W] of colours uint8 [H, W, 3], exactly CLASS_COLORS; another colour is a ValueError naming
+    ``source`` and the colours (``unknown_colors="error"``) or ``ignore_index`` ("ignore"), never a class."""
     if unknown_colors not in ("error", "ignore"):
         raise ValueError(f"unknown_colors must be 'error' or 'ignore', got {unknown_colors!r}")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"{source}: expected uint8 [H, W, 3] colours, got {rgb.dtype} {list(rgb.shape)}")
     if 0 <= ignore_index < NUM_CLASSES:
         raise ValueError(f"ignore_index must not be a class id (0..{NUM_CLASSES - 1}), got {ignore_index}")
-    rgb32 = rgb.astype(np.int32)
-    codes = (rgb32[..., 0] << 16) | (rgb32[..., 1] << 8) | rgb32[..., 2]
+    codes = rgb.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int32)  # 0xRRGGBB per pixel
     classes = np.full(codes.shape, -1, dtype=np.int64)
     for class_id, (r, g, b) in enumerate(CLASS_COLORS):
         classes[codes == ((r << 16) | (g << 8) | b)] = class_id
     unknown = classes < 0
-    if unknown.any():
-        if unknown_colors == "error":
-            found, counts = np.unique(codes[unknown], return_counts=True)
-            listed = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255}) x{n}" for c, n in zip(found[:5], counts[:5]))
-            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            raise ValueError(f"{source}: {int(unknown.sum())} pixels have colours that are not a Sim2Real class: "
-                             f"{listed}{more}; known colours are {dict(zip(CLASS_NAMES, CLASS_COLORS))} "
-                             "(pass unknown_colors='ignore' to map them to ignore_index)")
-        classes[unknown] = ignore_index
+    if unknown_colors == "error" and unknown.any():
+        found, counts = np.unique(codes[unknown], return_counts=True)
+        listed = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255}) x{n}" for c, n in zip(found[:5], counts[:5]))
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise ValueError(f"{source}: {int(unknown.sum())} pixels have colours that are not a Sim2Real class: "
+                         f"{listed}{more}; known colours are {dict(zip(CLASS_NAMES, CLASS_COLORS))} "
+                         "(pass unknown_colors='ignore' to map them to ignore_index)")
+    classes[unknown] = ignore_index
     return classes
 
 
@@ -99,12 +95,10 @@ def classes_to_colors(classes: np.ndarray, ignore_index: int = 255) -> np.ndarra
     """The colours uint8 [H, W, 3] of class ids [H, W]; ``ignore_index`` becomes black, other ids a ValueError."""
     classes = np.asarray(classes)
     valid = (classes >= 0) & (classes < NUM_CLASSES)
-    bad = ~valid & (classes != ignore_index)
-    if bad.any():
+    if (bad := ~valid & (classes != ignore_index)).any():
         raise ValueError(f"class ids must be in 0..{NUM_CLASSES - 1} or {ignore_index}, found "
                          f"{np.unique(classes[bad])}")
-    palette = np.array(CLASS_COLORS + ((0, 0, 0),), dtype=np.uint8)
-    return palette[np.where(valid, classes, NUM_CLASSES)]
+    return np.array(CLASS_COLORS + ((0, 0, 0),), dtype=np.uint8)[np.where(valid, classes, NUM_CLASSES)]
 
 
 def read_segmentation(path: str | Path, unknown_colors: str = "error", ignore_index: int = 255) -> np.ndarray:
@@ -118,12 +112,11 @@ def read_depth_exr(path: str | Path) -> np.ndarray:
     try:
         with OpenEXR.File(str(path), separate_channels=True) as exr:
             channels = exr.channels()
-            names = sorted(channels)
             depth = np.asarray(channels["Y"].pixels) if "Y" in channels else None
     except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"cannot read depth EXR {path}: {error}") from error
     if depth is None:
-        raise ValueError(f"{path}: no depth channel 'Y' (channels: {names})")
+        raise ValueError(f"{path}: no depth channel 'Y' (channels: {sorted(channels)})")
     if depth.ndim != 2 or depth.dtype.kind != "f":
         raise ValueError(f"{path}: channel 'Y' must be 2-D float, got {depth.dtype} {list(depth.shape)}")
     return depth.astype(np.float32, copy=False)
@@ -134,15 +127,13 @@ def write_depth_exr(path: str | Path, depth: np.ndarray) -> None:
     depth = np.ascontiguousarray(depth, dtype=np.float32)
     if depth.ndim != 2:
         raise ValueError(f"depth must be [H, W], got shape {list(depth.shape)}")
-    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
-    with OpenEXR.File(header, {"Y": depth}) as exr:
+    with OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}, {"Y": depth}) as exr:
         exr.write(str(path))
 
 
 def depth_to_points(depth: np.ndarray, K: np.ndarray, num_points: int, rng: np.random.Generator) -> np.ndarray:
-    """Normalised point cloud float32 [num_points, 3] of a z-depth map [H, W]: every pixel with a finite depth > 0
-    back-projected through ``K`` [3, 3], centred on the centroid of them all, divided by POINT_SCALE, resampled with
-    ``rng``. ValueError when no pixel has a valid depth."""
+    """Point cloud float32 [num_points, 3] of z-depth [H, W]: the pixels of finite depth > 0 back-projected through
+    ``K`` [3, 3], centred on their centroid, over POINT_SCALE, resampled with ``rng`` (ValueError if none)."""
     points = backproject(depth, K, mask=np.isfinite(depth))
     if len(points) == 0:
         raise ValueError("depth map has no finite depth > 0")
@@ -151,17 +142,13 @@ def depth_to_points(depth: np.ndarray, K: np.ndarray, num_points: int, rng: np.r
 
 
 class Sim2RealDataset(torch.utils.data.Dataset):
-    """Sim2Real views of whole scenes as RGB, segmentation mask and depth point cloud.
-
-    root: the folder holding ``translation_random_views/``, ``segmentation_random_views/`` and ``depth_random_views/``;
-    split: ``"train"``, ``"val"`` or ``"test"``, the scenes of SPLITS, unless ``scenes`` names them; image_size: side S
-    of the square RGB and mask; num_points: P; intrinsics: [3, 3] of the full image (None: ``default_intrinsics``);
-    unknown_colors, ignore_index: as ``colors_to_classes``; seed: view (scene, N) resamples its points with
-    ``np.random.default_rng([seed, scene, N])``. ``views``: (scene, digits of N) in dataset order. A sample: "rgb"
-    float32 [3, S, S] in [0, 1], the square crop resized bilinearly; "mask" int64 [S, S], the same crop resized nearest;
-    "points" float32 [P, 3], ``depth_to_points`` of the crop's depth and intrinsics; "scene" and "index" (N), ints. A
-    missing file (checked for every view here) is a FileNotFoundError, an unreadable one a ValueError, naming the file.
-    """
+    """Sim2Real views as RGB, mask and point cloud. root: the folder of ``*_random_views/``; split: a key of SPLITS,
+    unless ``scenes`` names the scenes; image_size: S; num_points: P; intrinsics: [3, 3] of the full image (None:
+    ``default_intrinsics``); unknown_colors, ignore_index: as ``colors_to_classes``; seed: view (scene, N) resamples its
+    points with ``np.random.default_rng([seed, scene, N])``. ``views``: (scene, digits of N) in dataset order. A sample:
+    "rgb" float32 [3, S, S] in [0, 1], the centred square crop resized bilinearly; "mask" int64 [S, S], the crop resized
+    nearest; "points" float32 [P, 3], ``depth_to_points`` of the crop's depth and intrinsics; "scene", "index" (N):
+    ints. Missing files (all checked here): FileNotFoundError, unreadable ones ValueError, naming the file."""
 
     def __init__(self, root: str | Path, split: str | None = "train", scenes: Sequence[int] | None = None,
                  image_size: int = 256, num_points: int = 1024, intrinsics: np.ndarray | None = None,
@@ -189,24 +176,20 @@ class Sim2RealDataset(torch.utils.data.Dataset):
 
     def _scene_views(self, scene: int) -> list[str]:
         """The view digits of one scene, ordered by N; every sample modality must have every view."""
-        found = {}
+        first_paths, found = sample_paths(self.root, scene, 0), {}
         for name in _SAMPLE_MODALITIES:
-            directory = sample_paths(self.root, scene, 0)[name].parent
+            directory = first_paths[name].parent
             if not directory.is_dir():
                 raise FileNotFoundError(f"Sim2Real folder missing: {directory}")
             _, _, prefix, suffix = _MODALITIES[name]
             pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
             found[name] = {m.group(1) for m in map(pattern.fullmatch, (p.name for p in directory.iterdir())) if m}
-        views = found["translation"]
-        if not views:
-            raise FileNotFoundError(f"no translation*.png views in "
-                                    f"{sample_paths(self.root, scene, 0)['translation'].parent}")
+        if not (views := found["translation"]):
+            raise FileNotFoundError(f"no translation*.png views in {first_paths['translation'].parent}")
         for name in _SAMPLE_MODALITIES[1:]:
-            missing = sorted(views - found[name], key=int)
-            if missing:
-                first = sample_paths(self.root, scene, missing[0])[name]
-                raise FileNotFoundError(f"Sim2Real file missing: {first} ({len(missing)} {name} files of scene "
-                                        f"{scene} missing)")
+            if missing := sorted(views - found[name], key=int):
+                raise FileNotFoundError(f"Sim2Real file missing: {sample_paths(self.root, scene, missing[0])[name]} "
+                                        f"({len(missing)} {name} files of scene {scene} missing)")
         return sorted(views, key=int)
 
     def __len__(self) -> int:
@@ -223,7 +206,6 @@ class Sim2RealDataset(torch.utils.data.Dataset):
             if shape != (height, width):
                 raise ValueError(f"{paths[name]}: size {shape[1]} x {shape[0]} differs from its RGB image "
                                  f"{paths['translation']} ({width} x {height})")
-
         side = min(width, height)  # the largest centred square: for 512 x 256, columns 128..383
         left, top = (width - side) // 2, (height - side) // 2
         box = (left, top, left + side, top + side)
@@ -231,7 +213,6 @@ class Sim2RealDataset(torch.utils.data.Dataset):
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, box=box))
         # Class ids resized as an int32 image: Pillow's nearest sampling on the RGB's pixel grid, for any ignore_index.
         mask = np.asarray(Image.fromarray(classes.astype(np.int32)).resize(size, Image.Resampling.NEAREST, box=box))
-
         K = np.array(self.intrinsics if self.intrinsics is not None else default_intrinsics(width, height))
         K[:2, 2] -= (left, top)  # the crop's intrinsics: the principal point moves
         rng = np.random.default_rng([self.seed, scene, int(digits)])

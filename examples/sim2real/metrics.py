@@ -1,16 +1,14 @@
 """Segmentation metrics from one confusion matrix accumulated over every evaluated pixel of the test set: IoU, F1 (macro
 over the classes present, torchmetrics' ``average="macro"``) and pixel accuracy (docs/surgical.md, "The metrics and
-their averaging"). Pixels whose target is ``ignore_index`` are dropped.
-"""
+their averaging"). Pixels whose target is ``ignore_index`` are dropped."""
 
 import torch
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = 255) -> torch.Tensor:
-    """Counts int64 [C, C]: entry (t, p) is the number of pixels of target class t predicted as p. pred, target:
-    integer tensors of the same shape. Target pixels equal to ``ignore_index`` are skipped; any other value outside
-    0..C-1, in either tensor, is an error."""
+    """Counts int64 [C, C]: (t, p) counts the pixels of target class t predicted as p; pred, target: integer tensors of
+    one shape. Target pixels equal to ``ignore_index`` are skipped, other labels outside 0..C-1 an error."""
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {list(pred.shape)} and {list(target.shape)}")
     if pred.dtype.is_floating_point or target.dtype.is_floating_point:
@@ -24,28 +22,22 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
             bad = kept[(kept < 0) | (kept >= num_classes)][0].item()
             allowed = f"0..{num_classes - 1}" + (f" or ignore_index {ignore_index}" if name == "target" else "")
             raise ValueError(f"{name} contains label {bad}; expected {allowed}")
-    # Ignored pixels are counted in one extra bin, then dropped: selecting the kept pixels instead copies them, and
-    # took most of an evaluation's scoring time.
+    # Ignored pixels go to an extra bin, then are dropped: copying out the kept pixels took most of the scoring time.
     cells = num_classes * num_classes
     index = target * num_classes + pred if keep is None else torch.where(keep, target * num_classes + pred, cells)
     return torch.bincount(index, minlength=cells + 1)[:cells].reshape(num_classes, num_classes)
 
 
 def scores_from_confusion(confusion: torch.Tensor) -> dict:
-    """Scores of a confusion matrix [C, C] (rows: target): ``"iou"``, ``"f1"`` (macro over classes present),
-    ``"pixel_accuracy"``, ``"iou_per_class"``, ``"f1_per_class"`` (C floats, NaN if absent), ``"support"`` and
-    ``"pixels"``. ValueError when it counts no pixel."""
+    """Scores of ``confusion`` [C, C] (rows: target): ``iou``, ``f1`` (macro over classes present), ``pixel_accuracy``,
+    ``iou_per_class``, ``f1_per_class`` (C floats, NaN if absent), ``support``, ``pixels``; ValueError if all 0."""
     confusion = confusion.detach().to("cpu", torch.float64)
-    total = confusion.sum()
-    if total == 0:
+    if (total := confusion.sum()) == 0:
         raise ValueError("no pixels were evaluated (empty confusion matrix, or every target pixel ignored)")
     tp = confusion.diagonal()
-    fp = confusion.sum(dim=0) - tp
-    fn = confusion.sum(dim=1) - tp
+    fp, fn = confusion.sum(dim=0) - tp, confusion.sum(dim=1) - tp
     present = (tp + fp + fn) > 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-    iou = torch.where(present, tp / (tp + fp + fn).clamp(min=1), nan)
-    f1 = torch.where(present, 2 * tp / (2 * tp + fp + fn).clamp(min=1), nan)
+    iou, f1 = tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)  # NaN (0 / 0) for a class absent from both
     return {"iou": iou[present].mean().item(), "f1": f1[present].mean().item(),
             "pixel_accuracy": (tp.sum() / total).item(), "iou_per_class": iou.tolist(), "f1_per_class": f1.tolist(),
             "support": [int(n) for n in confusion.sum(dim=1).tolist()], "pixels": int(total.item())}
@@ -64,7 +56,6 @@ class SegmentationEvaluator:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything accumulated."""
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
     @torch.no_grad()
