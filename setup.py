@@ -92,9 +92,11 @@ def cuda_arch_list(torch) -> str:
 def cuda_arch_macro(arch_list: str) -> str:
     """The architectures of a TORCH_CUDA_ARCH_LIST as the extension records them (GPOE_CUDA_ARCHS): machine code
     "sm_XY" for each, and "compute_XY" (PTX) for those with +PTX; comma-separated."""
-    archs = [arch for arch in arch_list.replace(" ", ";").split(";") if arch]
-    return ",".join(f"{kind}_{arch.removesuffix('+PTX').replace('.', '')}" for arch in archs
-                    for kind in ("sm", "compute") if kind == "sm" or arch.endswith("+PTX"))
+    names = []
+    for arch in filter(None, arch_list.replace(" ", ";").split(";")):
+        number = arch.removesuffix("+PTX").replace(".", "")
+        names += [f"sm_{number}"] + ([f"compute_{number}"] if arch.endswith("+PTX") else [])
+    return ",".join(names)
 
 
 def cuda_flags(arch_list: str) -> tuple[list[tuple[str, str | None]], dict[str, list[str]]]:
