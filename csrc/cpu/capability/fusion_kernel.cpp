@@ -48,32 +48,43 @@ inline constexpr bool kNarrowType = sizeof(scalar_t) == 2;
 // 1.4x faster here). Both are within ~1.5 ulp of the exact value on the arguments the fusion
 // produces: exp on x <= 88.3 (here always x <= 0), log on x >= 0.
 
-// exp: x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two so k ln2 is exact), exp(r) by its
-// Taylor series to r^7 (truncation error < 6e-9, under half an ulp), times 2^k built in the
-// exponent bits. Results below 2^-126 flush to zero: every exp here is a term of a sum that
-// holds a 1 (the largest term), so a subnormal one is below the sum's resolution. kNarrow: for
-// 16-bit inputs, whose outputs keep 8 or 11 bits, the series stops at r^5 (truncation < 2.5e-6,
-// a 200th of float16's half ulp), two multiply-adds fewer.
+// exp: x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two so k ln2 is exact), exp(r) by a
+// polynomial, times 2^k built in the exponent bits. k comes from one multiply-add: adding
+// kExpShift = 1.5 2^23 + 127 rounds x log2(e) to the nearest integer k and leaves 127 + k in the
+// low mantissa bits, which shifted by 23 are the exponent field of 2^k (no rounding or conversion
+// instruction). The polynomial is 1 + r + r^2 q(r), q fitted for least maximum relative error on
+// [-ln2/2, ln2/2] (a Lawson-weighted least-squares fit, the coefficients rounded to float): degree
+// 6 (relative error 6.1e-8 evaluated in float, about that of the Taylor series to r^7, with one
+// multiply-add fewer); kNarrow, for 16-bit inputs whose outputs keep 8 or 11 bits, degree 5 (1.6e-7,
+// a 3000th of float16's half ulp, so a result is rarely rounded differently from the exact value's
+// rounding: docs/kernels.md, "Cheaper exponentials"). Results below 2^-126
+// flush to zero: every exp here is a term of a sum that holds a 1 (the largest term), so a
+// subnormal one is below the sum's resolution.
+constexpr float kExpShift = 12583039.0f;  // 1.5 * 2^23 + 127
+
 template <bool kNarrow = false>
 GPOE_HD Vec<float> exp_f32(const Vec<float>& x) {
   using V = Vec<float>;
   // clamp_min keeps a NaN x (one instruction; maximum() spends three on NaN either side).
   const V clamped = at::vec::clamp_min(x, V(-88.0f));  // keeps k >= -127 (2^-127 -> the bits of 0)
-  const V k = (clamped * V(1.44269504088896341f)).round();
+  const V shifted = at::vec::fmadd(clamped, V(1.44269504088896341f), V(kExpShift));
+  const V k = shifted - V(kExpShift);
   V r = at::vec::fmadd(k, V(-0.693145751953125f), clamped);
   r = at::vec::fmadd(k, V(-1.428606820309417232e-06f), r);
-  V p(kNarrow ? 1.0f / 120.0f : 1.0f / 5040.0f);
-  if constexpr (!kNarrow) {
-    p = at::vec::fmadd(p, r, V(1.0f / 720.0f));
-    p = at::vec::fmadd(p, r, V(1.0f / 120.0f));
+  V p;
+  if constexpr (kNarrow) {
+    p = at::vec::fmadd(V(0.008312505669891834f), r, V(0.04189009591937065f));
+    p = at::vec::fmadd(p, r, V(0.16667114198207855f));
+    p = at::vec::fmadd(p, r, V(0.499992311000824f));
+  } else {
+    p = at::vec::fmadd(V(0.0013814592966809869f), r, V(0.008368708193302155f));
+    p = at::vec::fmadd(p, r, V(0.04166838899254799f));
+    p = at::vec::fmadd(p, r, V(0.1666652113199234f));
+    p = at::vec::fmadd(p, r, V(0.4999999403953552f));
   }
-  p = at::vec::fmadd(p, r, V(1.0f / 24.0f));
-  p = at::vec::fmadd(p, r, V(1.0f / 6.0f));
-  p = at::vec::fmadd(p, r, V(0.5f));
   p = at::vec::fmadd(p, r, V(1.0f));
   p = at::vec::fmadd(p, r, V(1.0f));
-  const auto bits = (at::vec::convert_to_int_of_same_size(k) + Vec<int32_t>(127)) << Vec<int32_t>(23);
-  return p * at::vec::cast<float>(bits);
+  return p * at::vec::cast<float>(at::vec::cast<int32_t>(shifted) << Vec<int32_t>(23));
 }
 
 // log: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(z), z = (m - 1) / (m + 1),
@@ -387,7 +398,7 @@ struct RowInputs {
         distance(std::min<int64_t>(a.d, std::max<int64_t>(1, kPrefetchBytes / int64_t{sizeof(scalar_t)}))) {}
 
   template <class E>
-  void load_presence(E& e) const {
+  GPOE_HD void load_presence(E& e) const {
     for (int i = 0; i < e.count(); ++i) {
       e.present_[i] = a.present(i, n);
     }
@@ -395,7 +406,7 @@ struct RowInputs {
 
   // The inputs of one vector of positions; with kWeightGrad also the weights' incoming gradient.
   template <bool kLogits, bool kWeightGrad = false, class E>
-  void load(E& e, int64_t d0, int64_t count) const {
+  GPOE_HD void load(E& e, int64_t d0, int64_t count) const {
     // The positions this vector's loads prefetch: `distance` on, in this row or row n + 1.
     const bool same_row = d0 + distance < a.d;
     const int64_t ahead_d = same_row ? d0 + distance : d0 + distance - a.d;
