@@ -363,6 +363,38 @@ def test_generator_is_deterministic(tmp_path):
         generate_rhd(tmp_path / "a", 1, 1, seed=11, progress=False)
 
 
+def _capsules(seed: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """A random colour and a flat depth background, and 12 random overlapping capsules with their palm normals (some
+    None); the last two repeat the first two under other mask ids, so that some pixels tie."""
+    rng = np.random.default_rng(seed)
+    color = rng.integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    capsules = []
+    for i in range(10):
+        a = np.array([*rng.uniform(-0.1, 0.1, size=2), rng.uniform(0.4, 0.9)])
+        b = a + rng.uniform(-0.1, 0.1, size=3)
+        palm = None if i % 3 == 0 else rng.normal(size=3)
+        capsules.append((synthetic._Capsule(a, b, float(rng.uniform(0.005, 0.04)), 2 + i, rng.uniform(size=3)), palm))
+    capsules += [(capsule._replace(mask_id=20 + i), palm) for i, (capsule, palm) in enumerate(capsules[:2])]
+    return color, np.full((IMAGE_SIZE, IMAGE_SIZE), 1.0, dtype=np.float32), capsules
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_capsules_drawn_together_equal_capsules_drawn_one_at_a_time(seed):
+    camera = (280.0, IMAGE_SIZE / 2, np.array([0.3, -0.2, -0.93]), 0.3)
+    color, depth, capsules = _capsules(seed)
+    mask = synthetic._draw(capsules, color, depth, *camera)
+    color_in_turn, depth_in_turn, _ = _capsules(seed)
+    mask_in_turn = np.zeros_like(mask)
+    for capsule in capsules:  # a z-buffer with a strict depth test: a tie keeps the earlier capsule
+        drawn = synthetic._draw([capsule], color_in_turn, depth_in_turn, *camera)
+        mask_in_turn = np.where(drawn > 0, drawn, mask_in_turn)
+    np.testing.assert_array_equal(color, color_in_turn)
+    np.testing.assert_array_equal(depth, depth_in_turn)
+    np.testing.assert_array_equal(mask, mask_in_turn)
+    assert {2, 3} <= set(np.unique(mask)) and not {20, 21} & set(np.unique(mask))
+    assert (mask > 0).sum() > 2000  # the capsules cover a good part of the image
+
+
 def test_ensure_builtin_rhd_caches_and_regenerates(tmp_path, monkeypatch):
     calls = []
     real_generate = synthetic.generate_rhd
@@ -372,13 +404,14 @@ def test_ensure_builtin_rhd_caches_and_regenerates(tmp_path, monkeypatch):
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(synthetic, "generate_rhd", counting_generate)
+    small, large = (f"rhd_builtin_v{synthetic.GENERATOR_VERSION}_seed0_{n}x1" for n in (2, 3))
     path = ensure_builtin_rhd(tmp_path, 2, 1, seed=0, progress=False)
-    assert path == tmp_path / "rhd_builtin_v1_seed0_2x1" / "RHD_published_v2"
+    assert path == tmp_path / small / "RHD_published_v2"
     assert len(list((path / "training" / "color").iterdir())) == 2
     assert ensure_builtin_rhd(tmp_path, 2, 1, seed=0, progress=False) == path
     assert calls == [(2, 1)]
     larger = ensure_builtin_rhd(tmp_path, 3, 1, seed=0, progress=False)
-    assert calls == [(2, 1), (3, 1)] and larger == tmp_path / "rhd_builtin_v1_seed0_3x1" / "RHD_published_v2"
+    assert calls == [(2, 1), (3, 1)] and larger == tmp_path / large / "RHD_published_v2"
     assert len(RHDDataset(larger, "training", crop_size=16, num_points=4)) == 3
     assert len(list((path / "training" / "color").iterdir())) == 2  # the smaller one is left as it was
 
@@ -390,7 +423,7 @@ def test_ensure_builtin_rhd_caches_and_regenerates(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ensure_builtin_rhd(tmp_path, 2, 2, seed=5, progress=False)
     # The finished datasets are untouched and no partial folder is left behind.
-    assert sorted(os.listdir(tmp_path)) == [".lock", "rhd_builtin_v1_seed0_2x1", "rhd_builtin_v1_seed0_3x1"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", small, large]
     assert len(list((larger / "training" / "color").iterdir())) == 3
 
 

@@ -31,15 +31,11 @@ DEPLOY_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the optional extra "d
 EAGER_TOLERANCE = 1e-5
 
 
-class Pipeline(NamedTuple):
-    """What --export-onnx needs: the pipeline's task (metric compared), model, data, ``decoded``'s score, tolerance."""
-
-    task: Task
-    build_model: Callable[[argparse.Namespace], CrossModalVAE]
-    load_data: Callable[[argparse.Namespace, DistEnv], Sequence[Dataset]]  # the training and test sets first
-    score: Callable[[], Score]
-    decoded: str
-    tolerance: float
+# What --export-onnx needs: the pipeline's task (metric compared), model, data (the training and test sets first),
+# ``decoded``'s score and the tolerance.
+Pipeline = NamedTuple("Pipeline", [("task", Task), ("build_model", Callable[[argparse.Namespace], CrossModalVAE]),
+                                   ("load_data", Callable[[argparse.Namespace, DistEnv], Sequence[Dataset]]),
+                                   ("score", Callable[[], Score]), ("decoded", str), ("tolerance", float)])
 
 
 class RGBPredictor(nn.Module):

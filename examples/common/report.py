@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 import gpoe_fusion as gf
 
 from .training import CHECKPOINT
-from .cli import provenance
+from .cli import Presets, provenance
 from .data import describe_size
 from .evaluation import PREDICTIONS, base_group
 
@@ -40,17 +40,11 @@ _CREDIBILITY_COLUMNS = (("AUROC", "auroc"), ("AUROC of the share", "auroc_share"
                         ("weight corrupted", "weight_corrupted"))
 
 
-class Task(NamedTuple):
-    """What a pipeline's reports say of it: results.json's ``task``, results.md's ``title``, the built-in data's label,
-    its presets and what the paper gives of them, the main metric (key, label: a sweep's) and the tables' format."""
-
-    name: str
-    title: str
-    dataset: str
-    presets: Mapping[str, Mapping[str, object]]
-    from_paper: Mapping[str, Mapping[str, str]]
-    metric: tuple[str, str]
-    floatfmt: str
+# What a pipeline's reports say of it: results.json's task, results.md's title, the built-in data's label, its presets
+# and what the paper gives of them, the main metric (key, label: a sweep's) and the tables' format.
+Task = NamedTuple("Task", [("name", str), ("title", str), ("dataset", str), ("presets", Presets),
+                           ("from_paper", Mapping[str, Mapping[str, str]]), ("metric", tuple[str, str]),
+                           ("floatfmt", str)])
 
 
 def header(args: argparse.Namespace, task: Task, seconds: float) -> dict:
