@@ -440,6 +440,41 @@ def test_narrower_instruction_sets(isa):
     assert result.stdout.split()[0] == isa
 
 
+_BFLOAT16_SCRIPT = """
+import sys
+import torch
+from gpoe_fusion import ops
+g = torch.Generator().manual_seed(0)
+results = []
+for m, d in ((2, 64), (4, 37), (5, 64), (8, 256), (13, 48)):
+    inputs = [(torch.randn(m, 9, d, generator=g) * 3).bfloat16().requires_grad_() for _ in range(3)]
+    mask = torch.rand(m, 9, generator=g) > 0.3
+    mask[0] = True
+    outputs = ops.fuse(*inputs, mask, True)
+    sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outputs).backward()
+    results += [o.detach() for o in outputs] + [t.grad for t in inputs]
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_bfloat16_conversion_paths_agree(tmp_path):
+    """bfloat16 outputs rounded by AVX512-BF16's one instruction (where the CPU has it) and by ATen's conversion
+    (GPOE_FUSION_NO_AVX512_BF16 set) are the same bits: both round to nearest even, and nothing here is subnormal."""
+    if ops.cpu_capability() != "AVX512":
+        pytest.skip("the AVX512 kernels are not in use here")
+    runs = []
+    for extra in ({}, {"GPOE_FUSION_NO_AVX512_BF16": "1"}):
+        env = {k: v for k, v in os.environ.items() if k != "GPOE_FUSION_NO_AVX512_BF16"} | extra
+        path = tmp_path / f"run{len(runs)}.pt"
+        result = subprocess.run([sys.executable, "-c", _BFLOAT16_SCRIPT, str(path)], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(torch.load(path))
+    assert len(runs[0]) == len(runs[1]) == 5 * 5  # per case: the joint mean and log-variance, three gradients
+    for i, (one, other) in enumerate(zip(*runs)):
+        assert one.dtype == torch.bfloat16 and torch.equal(one, other), f"tensor {i}"
+
+
 def test_require_extension_env_makes_missing_extension_an_error(tmp_path):
     """GPOE_FUSION_REQUIRE_EXTENSION=1: importing a package without the built kernels fails."""
     shutil.copytree(ROOT / "gpoe_fusion", tmp_path / "gpoe_fusion",

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
@@ -170,13 +171,37 @@ GPOE_HD Vec<acc_t> load_vec(const scalar_t* p, bool broadcast, int64_t count) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Whether to convert with AVX512-BF16 (CPUID leaf 7, subleaf 1, eax bit 5: Intel since Cooper
+// Lake, AMD since Zen 4): where the CPU has it, unless GPOE_FUSION_NO_AVX512_BF16 is set (the
+// tests compare both paths on one machine).
+const bool kHasAvx512Bf16 = [] {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1u) &&
+         std::getenv("GPOE_FUSION_NO_AVX512_BF16") == nullptr;
+}();
+
+// 16 floats rounded to bfloat16, to nearest even. With AVX512-BF16 one instruction, written by its
+// mnemonic: compiling this file with -mavx512bf16 would let the compiler use the extension
+// anywhere, and the file must run on every AVX512 CPU. It differs from c10's rounding only in
+// flushing float subnormals (below 2^-126) to zero and in a NaN's payload. Without it, ATen's
+// conversion: eight instructions (docs/kernels.md, "One instruction per bfloat16 conversion").
+GPOE_HD __m256i float_to_bfloat16(const Vec<float>& v) {
+  if (!kHasAvx512Bf16) return at::vec::cvtfp32_bf16(v);
+  __m256i bits;
+  const __m512 floats = v;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(bits) : "v"(floats));
+  return bits;
+}
+#endif
+
 // A whole vector of float rounded to the 16-bit type (to nearest even, as c10's conversions) and
 // stored at p.
 template <class scalar_t>
 GPOE_HD void store_narrowed(scalar_t* p, const Vec<float>& v) {
   constexpr bool kBFloat16 = std::is_same_v<scalar_t, c10::BFloat16>;
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m256i bits = kBFloat16 ? at::vec::cvtfp32_bf16(v) : at::vec::cvtfp32_fp16(v);
+  const __m256i bits = kBFloat16 ? float_to_bfloat16(v) : at::vec::cvtfp32_fp16(v);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m128i bits = kBFloat16 ? at::vec::cvtfp32_bf16(v) : at::vec::cvtfp32_fp16(v);
