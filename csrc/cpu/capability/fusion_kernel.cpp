@@ -185,7 +185,8 @@ const bool kHasAvx512Bf16 = [] {
 // mnemonic: compiling this file with -mavx512bf16 would let the compiler use the extension
 // anywhere, and the file must run on every AVX512 CPU. It differs from c10's rounding only in
 // flushing float subnormals (below 2^-126) to zero and in a NaN's payload. Without it, ATen's
-// conversion: eight instructions (docs/kernels.md, "One instruction per bfloat16 conversion").
+// conversion: eight instructions (docs/kernels.md, "The full table on the Intel machine, and one
+// instruction per bfloat16 conversion").
 GPOE_HD __m256i float_to_bfloat16(const Vec<float>& v) {
   if (!kHasAvx512Bf16) return at::vec::cvtfp32_bf16(v);
   __m256i bits;
