@@ -3,13 +3,17 @@ FoldingNet's factorised first layer, and the parallel generation and decoding of
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
 from torch.utils.data import StackDataset
 
 from common import data
-from common.data import credibility_set, materialize, ordered_map, training_noise
+from common.data import credibility_set, materialize, ordered_map, training_noise, write_png
 from common.networks import FoldingNetDecoder, ResNet18Encoder
 
 
@@ -53,6 +57,24 @@ def test_foldingnet_is_its_two_mlps_on_the_concatenated_code_and_points():
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(torch.autograd.grad(got.square().sum(), z)[0],
                                torch.autograd.grad(expected.square().sum(), z)[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.sampled_from(["L", "RGB", "P"]), st.integers(1, 256),
+       st.integers(0, 2**32 - 1))
+def test_write_png_decodes_to_its_pixels(tmp_path_factory, height, width, mode, colours, seed):
+    """Grey, RGB and palette images of random pixels: Pillow reads back the mode, the values and the colours."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256 if mode != "P" else colours, (height, width, 3) if mode == "RGB" else (height, width),
+                          np.uint8)
+    palette = rng.integers(0, 256, (colours, 3), np.uint8) if mode == "P" else None
+    path = tmp_path_factory.mktemp("png") / "image.png"
+    write_png(path, pixels, palette)
+    with Image.open(path) as image:
+        assert image.mode == mode
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+        if palette is not None:
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), palette[pixels])
 
 
 def _square(x: int) -> int:

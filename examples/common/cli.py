@@ -173,9 +173,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _shown(value: object) -> str:
-    if value is None:
-        return "none"
-    return " ".join(map(_shown, value)) if isinstance(value, (list, tuple)) else str(value)
+    return "none" if value is None else " ".join(map(_shown, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def finish_help(parser: argparse.ArgumentParser, presets: Presets, **notes: str) -> None:

@@ -8,7 +8,9 @@ import itertools
 import multiprocessing
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -39,6 +41,19 @@ def resample_points(points: np.ndarray, count: int, rng: np.random.Generator) ->
     if n >= count:
         return points[rng.choice(n, size=count, replace=False)]
     return points[np.concatenate([np.arange(n), rng.choice(n, size=count - n, replace=True)])]
+
+
+def write_png(path: str | Path, pixels: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """pixels uint8 [H, W] (grey; with palette uint8 [<= 256, 3] its indices) or [H, W, 3] (RGB) as an 8-bit PNG, rows
+    "Up"-filtered (minus the row above) at zlib level 1: as small as Pillow's, in half its time (it tries 5 filters)."""
+    rows = np.ascontiguousarray(pixels).reshape(pixels.shape[0], -1)
+    filtered = np.concatenate([np.full((len(rows), 1), 2, np.uint8), np.diff(rows, axis=0, prepend=np.uint8(0))], 1)
+    colour_type = 2 if pixels.ndim == 3 else 0 if palette is None else 3
+    chunks = [(b"IHDR", struct.pack(">IIBBBBB", *pixels.shape[1::-1], 8, colour_type, 0, 0, 0)),
+              *([] if palette is None else [(b"PLTE", np.asarray(palette, np.uint8).tobytes())]),
+              (b"IDAT", zlib.compress(filtered.tobytes(), 1)), (b"IEND", b"")]
+    framed = (struct.pack(">I", len(d)) + kind + d + struct.pack(">I", zlib.crc32(kind + d)) for kind, d in chunks)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(framed))
 
 
 def default_workers() -> int:

@@ -74,12 +74,12 @@ class ResNet18Encoder(nn.Module):
         trunk.fc = nn.Identity()
         self.trunk, self.feature_dim = trunk, 8 * width
         self.head = GaussianHead(self.feature_dim, latent_dim)
-        # ImageNet's normalisation, as torchvision's weights expect.
+        # ImageNet's normalisation (torchvision's weights expect it); forward() makes it channels-last: 1 copy, not 2.
         self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, rgb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        features = self.trunk((rgb - self.mean) / self.std)
+        features = self.trunk(((rgb - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
         return (*self.head(features), features)
 
 
@@ -150,7 +150,8 @@ class FoldingNetDecoder(nn.Module):
         first, d = mlp[0], z.shape[1]
         hidden = (nn.functional.linear(z, first.weight[:, :d], first.bias).unsqueeze(1)
                   + nn.functional.linear(points, first.weight[:, d:]))
-        return mlp[1:](hidden)
+        # On rows [B * P, hidden]: a 3-D input's Linear returns a view, whose in-place ReLU costs 4 copies (CopySlices).
+        return mlp[2:](mlp[1](hidden).flatten(0, 1)).view(*hidden.shape[:2], -1)
 
     def forward(self, z: Tensor) -> Tensor:
         folded = self._fold(self.fold1, z, self.grid.to(z.dtype).unsqueeze(0))

@@ -174,8 +174,7 @@ def run(args: argparse.Namespace, env: DistEnv, task: Task, run_one: Callable[[a
         write_report: Callable[[argparse.Namespace, Study], str]) -> Study | list[Study] | None:
     """The command's runs, ``run_one(args)`` each, then on the main process each study's ``write_report(args, study)``
     (its tables) and weight figures, a sweep's report; prints the tables. Returns the study (a sweep's list) or None."""
-    began = time.perf_counter()
-    studies = []
+    began, studies = time.perf_counter(), []
     for fraction in args.corruption_sweep or [None]:
         point = args if fraction is None else _with(args, data_corruption=fraction, given=sorted(
             {*args.given, "data_corruption"}), out=Path(args.out) / f"corruption{fraction:g}")

@@ -18,14 +18,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common.data import build_once, ordered_map
+from common.data import build_once, ordered_map, write_png
 from rhd.annotations import load_annotations, save_annotations
 from rhd.dataset import DEPTH_RANGE_M, SPLITS, Frame, decode_depth
 
 IMAGE_SIZE = 320
 DATASET_DIRNAME = "RHD_published_v2"
-GENERATOR_VERSION = 2  # bump whenever the frames change, so that cached built-in datasets are regenerated
-PNG_COMPRESS_LEVEL = 1
+GENERATOR_VERSION = 3  # bump whenever the files change, so that cached built-in datasets are regenerated
 # Makes a dataset item of a decoded frame and its sample id (e.g. rhd.dataset.make_sample with its settings).
 Sample = Callable[[Frame, int], dict]
 
@@ -337,7 +336,7 @@ def _write_frame(job: tuple[Path, int, int, int, Sample | None]) -> tuple[int, d
     frame = synthesize_frame(np.random.default_rng([seed, split_code, index]))
     depth = encode_depth(frame.depth)
     for folder, pixels in (("color", frame.color), ("depth", depth), ("mask", frame.mask)):
-        Image.fromarray(pixels).save(split_dir / folder / f"{index:05d}.png", compress_level=PNG_COMPRESS_LEVEL)
+        write_png(split_dir / folder / f"{index:05d}.png", pixels)
     annotation = {"xyz": frame.xyz, "uv_vis": frame.uv_vis, "K": frame.K}
     if sample is None:
         return index, annotation, None
@@ -376,9 +375,8 @@ def _cached_sizes(folder: Path, seed: int) -> tuple[int, int] | None:
         found = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if found.get("generator_version") == GENERATOR_VERSION and found.get("seed") == seed:
-        return found["num_training"], found["num_evaluation"]
-    return None
+    same = found.get("generator_version") == GENERATOR_VERSION and found.get("seed") == seed
+    return (found["num_training"], found["num_evaluation"]) if same else None
 
 
 def ensure_builtin_rhd(cache_dir: str | os.PathLike, num_training: int, num_evaluation: int, seed: int = 0,
